@@ -1,0 +1,40 @@
+"""The project's exceptions.
+
+Every expected failure (bad input, missing weights, unsupported model, cancelled work) raises one of
+these, with a message that tells the user what to do next. The widget shows the message as a
+notification and the CLI prints it as one line; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MaskClipError(Exception):
+    """Base class of every error napari-maskclip raises on purpose."""
+
+
+class InvalidInputError(MaskClipError, ValueError):
+    """The image, class list or a setting cannot be used as given."""
+
+
+class ModelLoadError(MaskClipError):
+    """The model name, config or checkpoint cannot be turned into a CLIP model."""
+
+
+class WeightsUnavailableError(ModelLoadError):
+    """Pretrained weights are neither cached locally nor downloadable (e.g. offline)."""
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A checkpoint needs arbitrary code to load (a full pickle) and was refused."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model family or an option does not support MaskCLIP's dense read-out."""
+
+
+class DatasetError(MaskClipError):
+    """An export or a dataset on disk is inconsistent (classes differ, sample exists...)."""
+
+
+class Cancelled(MaskClipError):
+    """Long work was stopped by the user; nothing partial was kept."""
