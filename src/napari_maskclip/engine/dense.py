@@ -1,0 +1,272 @@
+"""Dense CLIP features: one joint image-text embedding per patch (MaskCLIP, paper section 3.2).
+
+CLIP's image encoder ends in an attention pooling whose output is the global image embedding.
+MaskCLIP keeps every weight frozen and only changes how the last layer is read, so that each
+spatial position yields an embedding comparable with text embeddings by cosine similarity.
+
+ViT (open_clip ``VisionTransformer``), last block, per ``mode``:
+
+* ``maskclip`` (default): the value path. ``v = out_proj(W_v ln_1(x) + b_v)``, residual and MLP
+  kept: ``z = x + v; z = z + mlp(ln_2(z))``. No token mixing in the last layer.
+* ``sclip``: attention ``softmax(q q^T s) + softmax(k k^T s)``; residual and MLP kept.
+* ``clearclip``: attention ``softmax(q q^T s)``; residual and MLP removed.
+* ``naclip``: attention ``softmax(k k^T s + G)``, G a Gaussian of patch distance (sigma 5
+  patches, zero for the class token); residual and MLP removed.
+* ``naive``: the unmodified last block (the baseline MaskCLIP improves on).
+
+then ``feat = ln_post(z[:, 1:]) @ proj``, L2-normalised; the class token is dropped. Positional
+embeddings are resized bicubically to the input's patch grid, so any input size works (inputs
+must be padded to a multiple of the patch size by the caller).
+
+ResNet (open_clip ``ModifiedResNet``): ``feat = c_proj(v_proj(layer4))`` per position, i.e. the
+attention pool's value path applied as 1x1 convolutions (paper eq. 3); only ``maskclip`` applies.
+
+Keys for key smoothing are the last layer's keys of the patches (``W_k ln_1(x) + b_k`` for ViT,
+``k_proj(layer4)`` for ResNet), L2-normalised over channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidInputError, UnsupportedModelError
+
+__all__ = [
+    "MODES",
+    "VIT_ONLY_MODES",
+    "DenseOutput",
+    "dense_features",
+    "interpolate_pos_embed",
+    "attnpool_value_features",
+    "naclip_gaussian",
+    "NACLIP_SIGMA",
+]
+
+MODES = ("maskclip", "sclip", "clearclip", "naclip", "naive")
+VIT_ONLY_MODES = ("sclip", "clearclip", "naclip", "naive")
+NACLIP_SIGMA = 5.0
+
+# Attention rows are computed in chunks so that a block of scores stays below this many floats.
+_ATTN_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class DenseOutput:
+    """Dense features ``B x D x h x w`` (float32, unit norm over D) and optional keys ``B x N x C``."""
+
+    features: torch.Tensor
+    keys: Optional[torch.Tensor] = None
+
+
+def interpolate_pos_embed(
+    pos: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize a ViT positional embedding (class row + native grid) to ``grid``, bicubically.
+
+    At the native grid it is returned unchanged (the identity, exactly).
+    """
+    if tuple(grid) == tuple(native_grid):
+        return pos
+    width = pos.shape[-1]
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    gh0, gw0 = native_grid
+    patch_pos = patch_pos.reshape(1, gh0, gw0, width).permute(0, 3, 1, 2).float()
+    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(-1, width).to(pos.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def naclip_gaussian(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, *, device=None,
+                    dtype=torch.float32, rows: Optional[slice] = None) -> torch.Tensor:
+    """NACLIP's additive attention bias over ``1 + gh*gw`` tokens (zero row/column for the class).
+
+    ``G[i, j] = exp(-|p_i - p_j|^2 / (2 sigma^2))`` for patches i, j at grid positions p.
+    ``rows`` selects a block of query rows (token indices) to bound memory.
+    """
+    gh, gw = grid
+    n = gh * gw
+    ys = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
+    xs = torch.arange(gw, device=device, dtype=torch.float32).repeat(gh)
+    rows = rows or slice(0, n + 1)
+    token_rows = torch.arange(n + 1, device=device)[rows]
+    out = torch.zeros(len(token_rows), n + 1, device=device, dtype=torch.float32)
+    patch_rows = token_rows >= 1
+    if patch_rows.any():
+        idx = token_rows[patch_rows] - 1
+        d2 = (ys[idx, None] - ys[None, :]) ** 2 + (xs[idx, None] - xs[None, :]) ** 2
+        out[patch_rows, 1:] = torch.exp(-d2 / (2.0 * sigma * sigma))
+    return out.to(dtype)
+
+
+def attnpool_value_features(attnpool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """ResNet attention pool read densely: ``c_proj(v_proj(tokens))`` for ``... x C`` tokens."""
+    v = F.linear(tokens, attnpool.v_proj.weight, attnpool.v_proj.bias)
+    return F.linear(v, attnpool.c_proj.weight, attnpool.c_proj.bias)
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, width = t.shape
+    return t.reshape(b, n, heads, width // heads).transpose(1, 2)  # B H N hd
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * hd)
+
+
+def _chunked_attention(
+    weights_for_rows: Callable[[slice], torch.Tensor], v: torch.Tensor
+) -> torch.Tensor:
+    """``A @ v`` with A produced block-of-rows by block-of-rows (memory stays bounded)."""
+    b, h, n, hd = v.shape
+    rows_per_block = max(1, _ATTN_BLOCK_ELEMENTS // max(1, b * h * n))
+    out = torch.empty_like(v)
+    for start in range(0, n, rows_per_block):
+        rows = slice(start, min(n, start + rows_per_block))
+        out[:, :, rows] = weights_for_rows(rows) @ v
+    return out
+
+
+def _custom_last_attention(
+    block: nn.Module, y: torch.Tensor, mode: str, grid: tuple[int, int]
+) -> torch.Tensor:
+    """The last block's attention output (before the residual) under a training-free mode."""
+    attn: nn.MultiheadAttention = block.attn
+    heads = attn.num_heads
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (_split_heads(t, heads) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+
+    if mode == "sclip":
+        def rows_fn(rows: slice) -> torch.Tensor:
+            qq = (q[:, :, rows] @ q.transpose(-1, -2)) * scale
+            kk = (k[:, :, rows] @ k.transpose(-1, -2)) * scale
+            return qq.softmax(dim=-1) + kk.softmax(dim=-1)
+    elif mode == "clearclip":
+        def rows_fn(rows: slice) -> torch.Tensor:
+            return ((q[:, :, rows] @ q.transpose(-1, -2)) * scale).softmax(dim=-1)
+    elif mode == "naclip":
+        def rows_fn(rows: slice) -> torch.Tensor:
+            bias = naclip_gaussian(grid, device=y.device, dtype=y.dtype, rows=rows)
+            return ((k[:, :, rows] @ k.transpose(-1, -2)) * scale + bias).softmax(dim=-1)
+    else:  # pragma: no cover - guarded by the caller
+        raise InvalidInputError(f"Unknown attention mode {mode!r}.")
+    mixed = _merge_heads(_chunked_attention(rows_fn, v))
+    return attn.out_proj(mixed)
+
+
+def _vit_embed(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    x = visual.conv1(pixels)
+    b, width, gh, gw = x.shape
+    x = x.reshape(b, width, gh * gw).permute(0, 2, 1)
+    cls = visual.class_embedding.reshape(1, 1, -1).expand(b, -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1)
+    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (gh, gw))
+    x = x + pos.to(x.dtype)
+    x = visual.ln_pre(x)
+    return x, (gh, gw)
+
+
+def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool) -> DenseOutput:
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
+    if pixels.shape[-2] % patch or pixels.shape[-1] % patch:
+        raise InvalidInputError(
+            f"Input {tuple(pixels.shape[-2:])} is not a multiple of the patch size {patch}; pad it."
+        )
+    x, grid = _vit_embed(visual, pixels)
+    transformer = visual.transformer
+    batch_first = getattr(transformer, "batch_first", True)
+    blocks = transformer.resblocks
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for block in blocks[:-1]:
+        x = block(x)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    last = blocks[-1]
+
+    keys = None
+    if mode == "naive":
+        z = last(x if batch_first else x.transpose(0, 1))
+        z = z if batch_first else z.transpose(0, 1)
+        z = z[:, 1:]
+        y = last.ln_1(x) if with_keys else None
+    else:
+        y = last.ln_1(x)
+        if mode == "maskclip":
+            width = y.shape[-1]
+            w_v = last.attn.in_proj_weight[2 * width:]
+            b_v = last.attn.in_proj_bias[2 * width:] if last.attn.in_proj_bias is not None else None
+            v = last.attn.out_proj(F.linear(y[:, 1:], w_v, b_v))
+            z = x[:, 1:] + last.ls_1(v)
+            z = z + last.ls_2(last.mlp(last.ln_2(z)))
+        elif mode == "sclip":
+            z = x + last.ls_1(_custom_last_attention(last, y, mode, grid))
+            z = z + last.ls_2(last.mlp(last.ln_2(z)))
+            z = z[:, 1:]
+        else:  # clearclip, naclip: attention output only
+            z = _custom_last_attention(last, y, mode, grid)[:, 1:]
+    if with_keys:
+        width = y.shape[-1]
+        w_k = last.attn.in_proj_weight[width:2 * width]
+        b_k = last.attn.in_proj_bias[width:2 * width] if last.attn.in_proj_bias is not None else None
+        keys = F.normalize(F.linear(y[:, 1:], w_k, b_k).float(), dim=-1)
+
+    feat = visual.ln_post(z) @ visual.proj
+    feat = F.normalize(feat.float(), dim=-1)
+    b = feat.shape[0]
+    feat = feat.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+    return DenseOutput(features=feat, keys=keys)
+
+
+def _resnet_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool) -> DenseOutput:
+    if mode != "maskclip":
+        raise UnsupportedModelError(
+            f"Attention mode {mode!r} needs a ViT; ResNet CLIP models support only 'maskclip'."
+        )
+    x = visual.stem(pixels)
+    x = visual.layer1(x)
+    x = visual.layer2(x)
+    x = visual.layer3(x)
+    x = visual.layer4(x)
+    b, _, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # B N C
+    pool = visual.attnpool
+    feat = F.normalize(attnpool_value_features(pool, tokens).float(), dim=-1)
+    feat = feat.transpose(1, 2).reshape(b, -1, h, w)
+    keys = None
+    if with_keys:
+        keys = F.normalize(F.linear(tokens, pool.k_proj.weight, pool.k_proj.bias).float(), dim=-1)
+    return DenseOutput(features=feat, keys=keys)
+
+
+@torch.no_grad()
+def dense_features(
+    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False
+) -> DenseOutput:
+    """Dense, L2-normalised embeddings of ``pixels`` (B x 3 x H x W, normalised, padded).
+
+    ``mode`` is one of :data:`MODES`; ``with_keys`` also returns the last layer's patch keys
+    (for key smoothing).
+    """
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if mode not in MODES:
+        raise InvalidInputError(f"Unknown attention mode {mode!r}: use one of {', '.join(MODES)}.")
+    if isinstance(visual, VisionTransformer):
+        return _vit_dense(visual, pixels, mode, with_keys)
+    if isinstance(visual, ModifiedResNet):
+        return _resnet_dense(visual, pixels, mode, with_keys)
+    raise UnsupportedModelError(f"Vision tower {type(visual).__name__} is not supported.")
+
+
+def grid_from_pixels(size: int, patch: int) -> int:
+    """Number of cells covering ``size`` pixels (the input is padded up to a multiple)."""
+    return int(math.ceil(size / patch))

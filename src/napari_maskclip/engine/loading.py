@@ -1,0 +1,486 @@
+"""Loading a frozen CLIP model from open_clip, by name, config file or checkpoint file.
+
+``model`` is an open_clip model name (``ViT-B-16``, ``RN50``...), the path of an open_clip
+model-config JSON (custom and small models), or ``"demo"`` (the tiny model shipped with the
+package, which runs offline). ``pretrained`` is an open_clip pretrained tag (downloaded once into
+open_clip's usual cache), a local checkpoint file, or ``"random"`` (explicitly random weights, for
+tests and benchmarks).
+
+What the reference code gets wrong and this module does not: OpenAI weights get QuickGELU (without
+it the model silently degrades); weights that do not match the architecture are an error, never a
+silently random backbone; checkpoints load without running pickled code; and missing weights
+offline raise an error that says how to work offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, UnsupportedModelError, WeightsUnavailableError
+from .cache_dir import weights_cache_hint
+from .checkpoints import CHECKPOINT_SUFFIXES, file_digest, read_state_dict
+from .device import resolve_device, resolve_dtype
+
+__all__ = ["LoadedModel", "load_clip", "wrap_model", "DEMO_MODEL", "RANDOM_WEIGHTS"]
+
+DEMO_MODEL = "demo"
+RANDOM_WEIGHTS = "random"
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LoadedModel:
+    """A frozen open_clip model with what MaskCLIP needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+    pretrained: Optional[str]
+    identity: str
+    device: torch.device
+    dtype: torch.dtype
+    mean: tuple[float, float, float] = _OPENAI_MEAN
+    std: tuple[float, float, float] = _OPENAI_STD
+    quick_gelu: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def kind(self) -> str:
+        """``"vit"`` or ``"resnet"``."""
+        return _vision_kind(self.visual)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per output cell: the ViT patch, or the ResNet's total stride (32)."""
+        if self.kind == "vit":
+            return int(_pair(self.visual.patch_size)[0])
+        return 32
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        """The feature grid at the resolution the model was trained at."""
+        if self.kind == "vit":
+            return tuple(int(g) for g in self.visual.grid_size)  # type: ignore[return-value]
+        size = _pair(self.visual.image_size)
+        return (size[0] // 32, size[1] // 32)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in _pair(self.visual.image_size))  # type: ignore[return-value]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.output_dim)
+
+    def describe(self) -> str:
+        weights = self.pretrained or "no weights"
+        return f"{self.name} ({weights}) on {self.device.type}"
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def _vision_kind(visual: nn.Module) -> str:
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    return type(visual).__name__
+
+
+def _check_supported(visual: nn.Module, name: str) -> None:
+    """MaskCLIP reads the last attention block or the attention pool: check both exist as expected."""
+    kind = _vision_kind(visual)
+    if kind == "vit":
+        if getattr(visual, "attn_pool", None) is not None:
+            raise UnsupportedModelError(
+                f"{name}: ViTs with an attentional pooler (CoCa-style) have no single last "
+                "attention block to read dense features from; use a plain CLIP ViT (e.g. ViT-B-16)."
+            )
+        last = visual.transformer.resblocks[-1]
+        if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention):
+            raise UnsupportedModelError(
+                f"{name}: its transformer blocks use a custom attention (qk-norm, scaled cosine...) "
+                "that MaskCLIP's read-out does not support; use a standard CLIP ViT or ResNet."
+            )
+        if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
+            raise UnsupportedModelError(
+                f"{name}: this ViT pools by averaging, not by a class token; MaskCLIP's read-out "
+                "expects CLIP's class-token ViTs."
+            )
+        return
+    if kind == "resnet":
+        return
+    raise UnsupportedModelError(
+        f"{name}: vision tower {kind} (e.g. a timm backbone) is not supported; MaskCLIP needs "
+        "open_clip's own ViT or modified ResNet (ViT-B-16, ViT-L-14, RN50, ...)."
+    )
+
+
+def _quiet_open_clip():
+    """open_clip logs a warning for every random init we do on purpose; keep it out of the way."""
+    logger = logging.getLogger()
+    previous = logger.level
+
+    @contextlib.contextmanager
+    def ctx():
+        logger.setLevel(max(previous, logging.ERROR))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+                yield
+        finally:
+            logger.setLevel(previous)
+
+    return ctx()
+
+
+def _demo_files() -> tuple[Path, Path]:
+    base = resources.files("napari_maskclip") / "demo"
+    config = Path(str(base / "toy_clip.json"))
+    weights = Path(str(base / "toy_clip.safetensors"))
+    if not config.is_file() or not weights.is_file():
+        raise ModelLoadError(
+            "The demo model files are missing from this installation "
+            f"(expected {config} and {weights}); reinstall napari-maskclip."
+        )
+    return config, weights
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read an open_clip model config JSON (plain, or HF-style with model_cfg/preprocess_cfg)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read model config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"Model config {path} must be a JSON object.")
+    cfg = raw.get("model_cfg", raw)
+    preprocess = raw.get("preprocess_cfg", {})
+    if "vision_cfg" not in cfg or "text_cfg" not in cfg or "embed_dim" not in cfg:
+        raise ModelLoadError(
+            f"{path} is not an open_clip model config: it needs embed_dim, vision_cfg and text_cfg."
+        )
+    return cfg, preprocess
+
+
+def _build_from_config(cfg: dict[str, Any], quick_gelu: Optional[bool]) -> nn.Module:
+    import open_clip
+
+    cfg = json.loads(json.dumps(cfg))  # deep copy
+    if quick_gelu is not None:
+        cfg["quick_gelu"] = bool(quick_gelu)
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    for key in ("multimodal_cfg",):
+        if key in cfg:
+            raise UnsupportedModelError("CoCa-style multimodal configs are not supported.")
+    model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    try:
+        return model_class(**cfg)
+    except TypeError as exc:
+        raise ModelLoadError(f"Invalid model config: {exc}") from exc
+
+
+def _load_weights(model: nn.Module, path: Path, name: str) -> str:
+    """Load a checkpoint into ``model`` strictly; returns the checkpoint's format."""
+    import open_clip.model as oc_model
+
+    state, fmt = read_state_dict(path)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = oc_model.convert_to_custom_text_state_dict(state)
+    if "logit_scale" in state and hasattr(model, "logit_scale"):
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    if getattr(model, "logit_bias", None) is None:
+        state.pop("logit_bias", None)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
+    if missing or result.unexpected_keys:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
+        if result.unexpected_keys:
+            detail.append(
+                f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})"
+            )
+        raise ModelLoadError(
+            f"Checkpoint {path} does not fit model {name}: {'; '.join(detail)}. Pass the model "
+            "name or config the checkpoint was trained with (e.g. --model ViT-B-16)."
+        )
+    return fmt
+
+
+def _params_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _identity(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def _finish(
+    model: nn.Module,
+    *,
+    name: str,
+    pretrained: Optional[str],
+    identity: str,
+    tokenizer: Callable[..., torch.Tensor],
+    device: str | torch.device,
+    precision: str,
+    mean: Any = None,
+    std: Any = None,
+    quick_gelu: bool = False,
+) -> LoadedModel:
+    _check_supported(model.visual, name)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dev, precision)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.to(device=dev, dtype=dtype)
+    if mean is None or std is None:
+        import open_clip
+
+        pp = open_clip.get_model_preprocess_cfg(model)
+        mean = mean or pp.get("mean") or _OPENAI_MEAN
+        std = std or pp.get("std") or _OPENAI_STD
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        pretrained=pretrained,
+        identity=identity,
+        device=dev,
+        dtype=dtype,
+        mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
+        std=tuple(float(s) for s in std),  # type: ignore[arg-type]
+        quick_gelu=quick_gelu,
+    )
+
+
+def wrap_model(
+    model: nn.Module,
+    *,
+    name: str = "custom",
+    tokenizer: Optional[Callable[..., torch.Tensor]] = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> LoadedModel:
+    """Use an open_clip model already in memory (tests, notebooks, a model you trained).
+
+    Its identity (for the text-embedding cache) is a hash of its weights, so two models never
+    share cached embeddings by accident.
+    """
+    import open_clip
+
+    if tokenizer is None:
+        context = int(getattr(model, "context_length", 77) or 77)
+        tokenizer = open_clip.SimpleTokenizer(context_length=context)
+    identity = _identity("in-memory", _params_digest(model))
+    return _finish(
+        model,
+        name=name,
+        pretrained=None,
+        identity=identity,
+        tokenizer=tokenizer,
+        device=device,
+        precision=precision,
+        quick_gelu=False,
+    )
+
+
+def load_clip(
+    model: str = "ViT-B-16",
+    pretrained: Optional[str] = "openai",
+    *,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    quick_gelu: Optional[bool] = None,
+    cache_dir: Optional[str] = None,
+) -> LoadedModel:
+    """Load a frozen CLIP model for MaskCLIP.
+
+    Args:
+        model: open_clip model name, path of a model-config JSON, or ``"demo"``.
+        pretrained: open_clip pretrained tag, local checkpoint path, ``"random"``, or ``None``
+            (only for ``"demo"``, which carries its own weights).
+        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        precision: ``auto`` (fp16 on GPU, fp32 on CPU), ``fp32``, ``fp16``, ``bf16``.
+        quick_gelu: force QuickGELU on or off; by default it is on for OpenAI weights.
+        cache_dir: where open_clip downloads pretrained weights (its default if None).
+    """
+    import open_clip
+
+    if not model or not str(model).strip():
+        raise ModelLoadError("No model given: use an open_clip name such as ViT-B-16, or 'demo'.")
+    model = str(model).strip()
+    pretrained = str(pretrained).strip() if pretrained not in (None, "") else None
+
+    # 1. The shipped demo model: config and weights inside the package.
+    if model == DEMO_MODEL:
+        config_path, weights_path = _demo_files()
+        if pretrained not in (None, RANDOM_WEIGHTS) and Path(pretrained).is_file():
+            weights_path = Path(pretrained)
+        model_name = str(config_path)
+        cfg, preprocess = _read_config(config_path)
+        with _quiet_open_clip():
+            net = _build_from_config(cfg, quick_gelu)
+        _load_weights(net, weights_path, "demo")
+        tokenizer = open_clip.SimpleTokenizer(
+            context_length=int(cfg["text_cfg"].get("context_length", 77))
+        )
+        identity = _identity("demo", json.dumps(cfg, sort_keys=True), file_digest(weights_path))
+        return _finish(
+            net, name=DEMO_MODEL, pretrained=str(weights_path.name), identity=identity,
+            tokenizer=tokenizer, device=device, precision=precision,
+            mean=preprocess.get("mean"), std=preprocess.get("std"),
+            quick_gelu=bool(cfg.get("quick_gelu", False)),
+        )
+
+    # 2. A model-config JSON file.
+    if model.lower().endswith(".json") or Path(model).expanduser().is_file():
+        config_path = Path(model).expanduser()
+        if not config_path.is_file():
+            raise ModelLoadError(
+                f"Model config file not found: {config_path}. Give an open_clip model name "
+                f"(e.g. ViT-B-16, RN50) or the path of an existing config JSON."
+            )
+        cfg, preprocess = _read_config(config_path)
+        weights_path = _resolve_local_weights(pretrained, model)
+        qg = quick_gelu
+        if qg is None and weights_path is not None and _is_openai_format(weights_path):
+            qg = True
+        with _quiet_open_clip():
+            net = _build_from_config(cfg, qg)
+        if weights_path is None:
+            identity = _identity("config", json.dumps(cfg, sort_keys=True), _params_digest(net))
+        else:
+            _load_weights(net, weights_path, config_path.name)
+            identity = _identity("config", json.dumps(cfg, sort_keys=True), file_digest(weights_path))
+        text_cfg = cfg["text_cfg"]
+        if text_cfg.get("hf_tokenizer_name"):
+            tokenizer = open_clip.get_tokenizer(f"hf-hub:{text_cfg['hf_tokenizer_name']}")
+        else:
+            tokenizer = open_clip.SimpleTokenizer(
+                context_length=int(text_cfg.get("context_length", 77))
+            )
+        return _finish(
+            net, name=config_path.stem, pretrained=str(weights_path) if weights_path else RANDOM_WEIGHTS,
+            identity=identity, tokenizer=tokenizer, device=device, precision=precision,
+            mean=preprocess.get("mean"), std=preprocess.get("std"),
+            quick_gelu=bool(qg if qg is not None else cfg.get("quick_gelu", False)),
+        )
+
+    # 3. A built-in open_clip model name.
+    name = model.replace("/", "-")
+    if open_clip.get_model_config(name) is None:
+        known = [m for m in open_clip.list_models() if "ViT" in m or m.startswith("RN")]
+        raise ModelLoadError(
+            f"Unknown model {model!r}. Use an open_clip model name (e.g. {', '.join(known[:6])}, "
+            "... see open_clip.list_models()), 'demo', or the path of a model-config JSON."
+        )
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained is None:
+        hint = f"available tags: {', '.join(tags)}" if tags else "this model has no published tags"
+        raise ModelLoadError(
+            f"No weights given for {name} ({hint}). Pass --pretrained TAG or a checkpoint file; "
+            "'random' runs it with random weights (for testing only)."
+        )
+    if pretrained in tags:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        qg = quick_gelu if quick_gelu is not None else bool(tag_cfg.get("quick_gelu", False))
+        if pretrained.startswith("openai"):
+            qg = True if quick_gelu is None else quick_gelu
+        try:
+            with _quiet_open_clip():
+                net = open_clip.create_model(
+                    name, pretrained=pretrained, force_quick_gelu=qg, cache_dir=cache_dir,
+                    device="cpu", weights_only=True,
+                )
+        except Exception as exc:  # network errors come in many types; all mean "not available"
+            raise WeightsUnavailableError(
+                f"Could not get the '{pretrained}' weights of {name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}). open_clip downloads them once into its cache "
+                f"({cache_dir or weights_cache_hint()}); offline, copy that cache from a machine "
+                "with internet, or download the checkpoint file elsewhere and pass its path: "
+                f"--pretrained /path/to/{name}.bin (open_clip state dict, .safetensors, or "
+                "OpenAI's original .pt)."
+            ) from exc
+        tokenizer = open_clip.get_tokenizer(name)
+        return _finish(
+            net, name=name, pretrained=pretrained,
+            identity=_identity("tag", name, pretrained, f"qg={qg}"),
+            tokenizer=tokenizer, device=device, precision=precision, quick_gelu=qg,
+        )
+    weights_path = _resolve_local_weights(pretrained, name, tags)
+    qg = quick_gelu
+    if qg is None and weights_path is not None and _is_openai_format(weights_path):
+        qg = True
+    with _quiet_open_clip():
+        net = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(qg), device="cpu")
+    if weights_path is None:
+        identity = _identity("random", name, _params_digest(net))
+    else:
+        _load_weights(net, weights_path, name)
+        identity = _identity("file", name, f"qg={qg}", file_digest(weights_path))
+    return _finish(
+        net, name=name, pretrained=str(weights_path) if weights_path else RANDOM_WEIGHTS,
+        identity=identity, tokenizer=open_clip.get_tokenizer(name), device=device,
+        precision=precision, quick_gelu=bool(qg) or name.endswith("quickgelu"),
+    )
+
+
+def _is_openai_format(path: Path) -> bool:
+    from .checkpoints import is_torchscript_archive
+
+    return is_torchscript_archive(path)
+
+
+def _resolve_local_weights(
+    pretrained: Optional[str], model: str, tags: Optional[list[str]] = None
+) -> Optional[Path]:
+    """``None`` for random weights, else the checkpoint path (which must exist)."""
+    if pretrained is None or pretrained == RANDOM_WEIGHTS:
+        if pretrained is None and tags is not None:
+            raise ModelLoadError(f"No weights given for {model}.")
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    looks_like_file = path.suffix.lower() in CHECKPOINT_SUFFIXES or os.path.sep in pretrained
+    if looks_like_file:
+        raise ModelLoadError(
+            f"Checkpoint file not found: {path}. Check the path, or use a pretrained tag."
+        )
+    known = f" Known tags for {model}: {', '.join(tags)}." if tags else ""
+    raise ModelLoadError(
+        f"{pretrained!r} is neither a pretrained tag of {model} nor an existing checkpoint file."
+        + known
+    )
