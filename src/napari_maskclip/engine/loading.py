@@ -401,10 +401,10 @@ def load_clip(
     # 3. A built-in open_clip model name.
     name = model.replace("/", "-")
     if open_clip.get_model_config(name) is None:
-        known = [m for m in open_clip.list_models() if "ViT" in m or m.startswith("RN")]
         raise ModelLoadError(
-            f"Unknown model {model!r}. Use an open_clip model name (e.g. {', '.join(known[:6])}, "
-            "... see open_clip.list_models()), 'demo', or the path of a model-config JSON."
+            f"Unknown model {model!r}. Use an open_clip model name (e.g. ViT-B-16, ViT-B-32, "
+            "ViT-L-14, RN50, RN101; see open_clip.list_models()), 'demo', or the path of a "
+            "model-config JSON."
         )
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained is None:
