@@ -137,12 +137,14 @@ def progress_bar(desc: str, disable: bool = False):
     from tqdm import tqdm
 
     bar = tqdm(total=0, desc=desc, unit="win", file=sys.stderr, disable=disable, leave=False)
+    shown = {"stage": None}
 
     def update(step) -> None:
-        label = f"{desc} {step.stage}"
-        if bar.desc != label:
-            bar.set_description(label)
-        if bar.total != step.total:
+        if disable:
+            return
+        if shown["stage"] != step.stage:
+            shown["stage"] = step.stage
+            bar.set_description(f"{desc} {step.stage}")
             bar.reset(total=step.total)
         bar.n = step.done
         bar.refresh()
