@@ -237,7 +237,10 @@ def _params_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        data = tensor.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.float()
+        digest.update(memoryview(data.numpy()).cast("B"))  # no copy of the bytes
     return digest.hexdigest()
 
 

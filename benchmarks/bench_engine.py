@@ -1,0 +1,176 @@
+"""Engine benchmark: MaskCLIP's costs, as ratios measured in one run (machines are noisy).
+
+Uses ViT-B-16's real architecture with random weights (no download). Measures:
+
+* dense_overhead: dense features vs plain ``encode_image`` at the same token count;
+* requery: a cold run (image encoder + text encoder, empty caches) vs a re-query with cached
+  image features and cached text, 10 classes on a 1024x1024 image;
+* text_speedup: truncated vs full 77-token text encoding, 20 classes x 85 templates;
+* peak_rss_gib: peak resident memory of segmenting a 4096x4096 image with sliding windows and
+  key smoothing (in a fresh subprocess, so nothing else counts).
+
+Prints a table, then one JSON object as the last line. ``--quick`` shrinks every size for a smoke
+run (figures then mean little).
+
+    python benchmarks/bench_engine.py [--quick] [--model ViT-B-16] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from napari_maskclip.engine import Segmenter, TextEmbeddingCache, load_clip
+from napari_maskclip.engine.dense import dense_features
+from napari_maskclip.engine.templates import maskclip_templates
+
+CLASSES_10 = ["cat", "dog", "person", "car", "tree", "sky", "road", "building", "grass", "water"]
+CLASSES_20 = CLASSES_10 + ["bird", "boat", "bottle", "chair", "cow", "horse", "sheep", "sofa",
+                           "train", "tv monitor"]
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_dense(loaded, batch: int, repeats: int) -> dict:
+    size = loaded.native_size
+    x = torch.randn(batch, 3, *size)
+    with torch.no_grad():
+        t_plain = timed(lambda: loaded.model.encode_image(x), repeats)
+        t_dense = timed(lambda: dense_features(loaded.visual, x, "maskclip"), repeats)
+    return {"plain_s": t_plain, "dense_s": t_dense, "dense_overhead": t_dense / t_plain,
+            "tokens": (size[0] // loaded.patch_size) * (size[1] // loaded.patch_size), "batch": batch}
+
+
+def bench_requery(loaded, size: int, classes: list[str]) -> dict:
+    rng = np.random.default_rng(0)
+    image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    seg = Segmenter(loaded, text_cache=TextEmbeddingCache(None))
+    start = time.perf_counter()
+    features = seg.encode(image)
+    result = seg.segment(features, classes)
+    cold = time.perf_counter() - start
+    calls = seg.image_encoder_calls
+    # Re-query: cached features (the Segmenter's cache) and cached text embeddings.
+    requery_times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        feats = seg.encode(image)
+        result = seg.segment(feats, classes)
+        requery_times.append(time.perf_counter() - start)
+    assert seg.image_encoder_calls == calls, "re-query ran the image encoder"
+    requery = statistics.median(requery_times)
+    return {"cold_s": cold, "requery_s": requery, "requery_speedup": cold / requery,
+            "labels_shape": list(result.labels.shape)}
+
+
+def bench_text(loaded, classes: list[str], repeats: int) -> dict:
+    from napari_maskclip.engine.text import TextEncoder
+
+    templates = maskclip_templates()
+    prompts = [t.format(c) for c in classes for t in templates]
+    encoder = TextEncoder(loaded, cache=None)
+    t_trunc = timed(lambda: encoder.encode_prompts(prompts, truncate=True), repeats)
+    tokens = loaded.tokenizer(prompts)
+
+    def full():
+        with torch.no_grad():
+            for start in range(0, len(prompts), 256):
+                loaded.model.encode_text(tokens[start:start + 256])
+
+    t_full = timed(full, repeats)
+    return {"prompts": len(prompts), "truncated_s": t_trunc, "full_s": t_full,
+            "text_speedup": t_full / t_trunc}
+
+
+_RSS_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from napari_maskclip.engine import Segmenter, TextEmbeddingCache, load_clip
+model, size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import torch
+torch.set_num_threads(threads)
+loaded = load_clip(model, "random", device="cpu")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rng = np.random.default_rng(0)
+image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+seg = Segmenter(loaded, text_cache=TextEmbeddingCache(None), key_smoothing=True,
+                window=448, stride=224, templates="single")
+start = time.perf_counter()
+result = seg(image, "cat, dog, person, car, background")
+elapsed = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kib": peak, "after_load_kib": base, "seconds": elapsed,
+                  "windows": seg.image_encoder_calls, "shape": list(result.labels.shape)}))
+"""
+
+
+def bench_rss(model: str, size: int, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, model, str(size), str(threads)],
+                          capture_output=True, text=True, check=True)
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["peak_rss_gib"] = data["peak_kib"] / 2**20
+    data["after_load_gib"] = data["after_load_kib"] / 2**20
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("NAPARI_MASKCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="maskclip-bench-"))
+
+    loaded = load_clip(args.model, "random", device="cpu")
+    quick = args.quick
+    dense = bench_dense(loaded, batch=2 if quick else 8, repeats=1 if quick else 3)
+    requery = bench_requery(loaded, 256 if quick else 1024, CLASSES_10)
+    text = bench_text(loaded, CLASSES_20[:4] if quick else CLASSES_20, repeats=1 if quick else 2)
+    rss = bench_rss(args.model, 896 if quick else 4096, args.threads)
+
+    rows = [
+        ("dense features vs encode_image (same tokens)", f"{dense['dense_s']:.3f}s vs {dense['plain_s']:.3f}s",
+         f"{dense['dense_overhead']:.2f}x", "<= 1.15x"),
+        (f"re-query vs cold, 10 classes, {requery['labels_shape'][0]}^2",
+         f"{requery['requery_s']:.3f}s vs {requery['cold_s']:.1f}s",
+         f"{requery['requery_speedup']:.0f}x faster", ">= 20x and < 0.3 s"),
+        (f"truncated vs full text, {text['prompts']} prompts",
+         f"{text['truncated_s']:.2f}s vs {text['full_s']:.2f}s", f"{text['text_speedup']:.1f}x faster", ">= 3x"),
+        (f"peak RSS, {rss['shape'][0]}^2, sliding + KS ({rss['windows']} windows, {rss['seconds']:.0f}s)",
+         f"{rss['after_load_gib']:.2f} GiB after load", f"{rss['peak_rss_gib']:.2f} GiB", "< 4 GiB"),
+    ]
+    print(f"model {args.model} (random weights), {args.threads} threads, torch {torch.__version__}")
+    print(f"| measure | times | result | target |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(json.dumps({
+        "dense_overhead": round(dense["dense_overhead"], 4),
+        "requery_speedup": round(requery["requery_speedup"], 2),
+        "requery_seconds": round(requery["requery_s"], 4),
+        "text_speedup": round(text["text_speedup"], 3),
+        "peak_rss_gib": round(rss["peak_rss_gib"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
