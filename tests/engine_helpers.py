@@ -1,0 +1,324 @@
+"""Independent references for the engine tests.
+
+Everything here is written from ``../shared/method.md`` and the MaskCLIP paper, from the raw
+weights of open_clip modules (explicit matmuls, ``F.layer_norm`` with the block's own weight and
+bias), in float64, and never calls the engine's helpers: the tests compare the engine against
+these, so a shared mistake would hide a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DATA = Path(__file__).parent / "data"
+
+REF_DTYPE = torch.float64
+NACLIP_SIGMA = 5.0  # method.md section 5: sigma = 5 patches
+
+
+# ---- tiny models --------------------------------------------------------------------------
+def tiny_config(name: str) -> dict:
+    """A copy of one of the test configs in ``tests/data`` (``tiny_vit`` / ``tiny_resnet``)."""
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def build_clip(cfg: dict, seed: int = 0) -> nn.Module:
+    """A random open_clip CLIP from ``cfg``, every tensor non-zero (as the conftest fixtures)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.dtype.is_floating_point and tensor.abs().sum() == 0 and "running" not in name:
+                tensor.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def save_safetensors(model: nn.Module, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+# ---- counting image-encoder passes independently of the engine ------------------------------
+class EncoderCalls:
+    """Counts forward passes through the vision tower's first conv (``visual.conv1``).
+
+    ``visual.conv1`` is the patch embedding of a ViT and the first stem conv of a ResNet, so
+    every image-encoder pass goes through it exactly once per batch.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        self.count = 0
+        self.inputs: list[torch.Tensor] = []
+        self._handle = visual.conv1.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.count += 1
+        self.inputs.append(args[0].detach().clone())
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def __enter__(self) -> "EncoderCalls":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- images -------------------------------------------------------------------------------
+def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def blocky_rgb(height: int, width: int, seed: int = 0, block: int = 16) -> np.ndarray:
+    """A random image made of flat ``block``-pixel squares (gives the tiny model some structure)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (math.ceil(height / block), math.ceil(width / block), 3),
+                         dtype=np.uint8)
+    return np.repeat(np.repeat(small, block, axis=0), block, axis=1)[:height, :width].copy()
+
+
+# ---- ViT reference (method.md section 1 and 5) ---------------------------------------------
+def _w(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().to(REF_DTYPE)
+
+
+def _layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, _w(ln.weight), _w(ln.bias), ln.eps)
+
+
+def _activation(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from open_clip.transformer import QuickGELU
+
+    if isinstance(act, QuickGELU):
+        return x * torch.sigmoid(1.702 * x)
+    if isinstance(act, nn.GELU):
+        if act.approximate == "tanh":
+            return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    raise AssertionError(f"unexpected activation {type(act).__name__}")
+
+
+def _mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = x @ _w(block.mlp.c_fc.weight).T + _w(block.mlp.c_fc.bias)
+    h = _activation(block.mlp.gelu, h)
+    return h @ _w(block.mlp.c_proj.weight).T + _w(block.mlp.c_proj.bias)
+
+
+def qkv(block: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``y`` (already ``ln_1``-normalised): the three thirds of ``in_proj``."""
+    w, b = _w(block.attn.in_proj_weight), _w(block.attn.in_proj_bias)
+    width = y.shape[-1]
+    q = y @ w[:width].T + b[:width]
+    k = y @ w[width:2 * width].T + b[width:2 * width]
+    v = y @ w[2 * width:].T + b[2 * width:]
+    return q, k, v
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, width = t.shape
+    return t.reshape(b, n, heads, width // heads).permute(0, 2, 1, 3)
+
+
+def _unheads(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.permute(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def _out_proj(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x @ _w(block.attn.out_proj.weight).T + _w(block.attn.out_proj.bias)
+
+
+def naclip_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA) -> torch.Tensor:
+    """NACLIP's Gaussian, brute force: ``(1+N) x (1+N)``, zero row and column for the class."""
+    gh, gw = grid
+    n = gh * gw
+    g = torch.zeros(n + 1, n + 1, dtype=REF_DTYPE)
+    for i in range(n):
+        yi, xi = divmod(i, gw)
+        for j in range(n):
+            yj, xj = divmod(j, gw)
+            g[i + 1, j + 1] = math.exp(-((yi - yj) ** 2 + (xi - xj) ** 2) / (2 * sigma * sigma))
+    return g
+
+
+def _attend(block: nn.Module, y: torch.Tensor, kind: str, grid: tuple[int, int]) -> torch.Tensor:
+    """The attention branch's output (after out_proj) with the given attention matrix."""
+    heads = block.attn.num_heads
+    q, k, v = (_heads(t, heads) for t in qkv(block, y))
+    scale = q.shape[-1] ** -0.5
+    if kind == "standard":
+        a = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    elif kind == "sclip":
+        a = (torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
+             + torch.softmax(k @ k.transpose(-1, -2) * scale, dim=-1))
+    elif kind == "clearclip":
+        a = torch.softmax(q @ q.transpose(-1, -2) * scale, dim=-1)
+    elif kind == "naclip":
+        a = torch.softmax(k @ k.transpose(-1, -2) * scale + naclip_bias(grid), dim=-1)
+    else:
+        raise AssertionError(kind)
+    return _out_proj(block, _unheads(a @ v))
+
+
+def _check_plain_block(block: nn.Module) -> None:
+    assert isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity)
+    assert block.attn.in_proj_bias is not None
+
+
+def reference_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An unmodified CLIP residual attention block (pre-norm), batch-first."""
+    _check_plain_block(block)
+    x = x + _attend(block, _layer_norm(x, block.ln_1), "standard", (0, 0))
+    return x + _mlp(block, _layer_norm(x, block.ln_2))
+
+
+def reference_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """Class position kept; the patch grid resized bicubically (align_corners=False)."""
+    pos = _w(visual.positional_embedding)
+    native = tuple(int(g) for g in visual.grid_size)
+    if tuple(grid) == native:
+        return pos
+    width = pos.shape[-1]
+    patch = pos[1:].reshape(1, native[0], native[1], width).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(-1, width)])
+
+
+def reference_vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens entering the last block (B x (1+N) x width), from raw weights."""
+    p = int(visual.patch_size[0])
+    x = pixels.to(REF_DTYPE)
+    b, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
+    width = visual.conv1.weight.shape[0]
+    assert visual.conv1.bias is None
+    tokens = patches @ _w(visual.conv1.weight).reshape(width, -1).T
+    cls = _w(visual.class_embedding).reshape(1, 1, width).expand(b, 1, width)
+    tokens = torch.cat([cls, tokens], dim=1) + reference_pos_embed(visual, (gh, gw))
+    tokens = _layer_norm(tokens, visual.ln_pre)
+    for block in visual.transformer.resblocks[:-1]:
+        tokens = reference_block(block, tokens)
+    return tokens, (gh, gw)
+
+
+def reference_vit_dense(
+    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features B x D x gh x gw, keys B x N x width), both L2-normalised, float64.
+
+    ``pixels`` must already be normalised and a multiple of the patch size.
+    """
+    x, grid = reference_vit_tokens(visual, pixels)
+    last = visual.transformer.resblocks[-1]
+    _check_plain_block(last)
+    y = _layer_norm(x, last.ln_1)
+    _, k, v = qkv(last, y)
+    if mode == "maskclip":
+        z = x + _out_proj(last, v)  # value path, no token mixing
+        z = z + _mlp(last, _layer_norm(z, last.ln_2))
+    elif mode == "naive":
+        z = reference_block(last, x)
+    elif mode == "sclip":
+        z = x + _attend(last, y, "sclip", grid)
+        z = z + _mlp(last, _layer_norm(z, last.ln_2))
+    elif mode in ("clearclip", "naclip"):
+        z = _attend(last, y, mode, grid)  # residual and MLP removed
+    else:
+        raise AssertionError(mode)
+    feat = _layer_norm(z[:, 1:], visual.ln_post) @ _w(visual.proj)
+    feat = feat / feat.norm(dim=-1, keepdim=True)
+    b = feat.shape[0]
+    feat = feat.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
+    keys = k[:, 1:]
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    return feat, keys
+
+
+def reference_vit_global(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The ordinary CLIP image embedding from the reference tokens (checks the reference itself)."""
+    x, _ = reference_vit_tokens(visual, pixels)
+    x = reference_block(visual.transformer.resblocks[-1], x)
+    return _layer_norm(x[:, 0], visual.ln_post) @ _w(visual.proj)
+
+
+# ---- ResNet reference ----------------------------------------------------------------------
+def reference_resnet_value(pool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``c_proj(v_proj(tokens))`` with explicit matmuls (the value path as 1x1 convs)."""
+    t = tokens.to(REF_DTYPE)
+    v = t @ _w(pool.v_proj.weight).T + _w(pool.v_proj.bias)
+    return v @ _w(pool.c_proj.weight).T + _w(pool.c_proj.bias)
+
+
+# ---- pipeline references -------------------------------------------------------------------
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalise_pixels(unit_rgb: np.ndarray) -> torch.Tensor:
+    """0..1 H x W x 3 -> 1 x 3 x H x W with OpenAI CLIP's mean/std (float64)."""
+    x = torch.from_numpy(np.asarray(unit_rgb, dtype=np.float64)).permute(2, 0, 1)[None]
+    mean = torch.tensor(OPENAI_MEAN, dtype=REF_DTYPE).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, dtype=REF_DTYPE).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, (-w) % patch, 0, (-h) % patch))
+
+
+def text_embeddings(model: nn.Module, tokenizer, names: list[str], templates: list[str]) -> torch.Tensor:
+    """Per name: every template encoded by open_clip's own ``encode_text`` on the full tokens,
+    each L2-normalised, averaged, normalised again (method.md section 2). float64, N x D."""
+    out = []
+    with torch.no_grad():
+        for name in names:
+            tokens = tokenizer([t.format(name) for t in templates])
+            emb = model.encode_text(tokens).to(REF_DTYPE)
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(dim=0)
+            out.append(mean / mean.norm())
+    return torch.stack(out)
+
+
+def key_smoothing_bruteforce(probs: np.ndarray, keys: np.ndarray, threshold: float = 1.0) -> np.ndarray:
+    """The documented key smoothing, one position at a time (O(N^2) Python loops).
+
+    ``probs`` K x N, ``keys`` N x C (any norm). For each position i whose max probability is below
+    ``threshold``: w_ij = max(0, cos(k_i, k_j)) over the channel axis; new p_i = sum_j w_ij p_j /
+    sum_j w_ij. Other positions are unchanged.
+    """
+    k_count, n = probs.shape
+    out = probs.astype(np.float64).copy()
+    norms = [math.sqrt(sum(float(c) * float(c) for c in keys[i])) for i in range(n)]
+    for i in range(n):
+        if probs[:, i].max() >= threshold:
+            continue
+        total = 0.0
+        acc = np.zeros(k_count)
+        for j in range(n):
+            cos = float(np.dot(keys[i].astype(np.float64), keys[j].astype(np.float64))) / (norms[i] * norms[j])
+            w = max(0.0, cos)
+            total += w
+            acc += w * probs[:, j]
+        out[:, i] = acc / total
+    return out
