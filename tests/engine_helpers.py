@@ -322,3 +322,42 @@ def key_smoothing_bruteforce(probs: np.ndarray, keys: np.ndarray, threshold: flo
             acc += w * probs[:, j]
         out[:, i] = acc / total
     return out
+
+
+def upsample_crop(grid_scores: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """Q x gh x gw cell scores -> Q x height x width pixels: bilinear (align_corners=False) to the
+    padded size the cells cover, then cropped to the unpadded crop."""
+    q, gh, gw = grid_scores.shape
+    up = F.interpolate(grid_scores[None], size=(gh * patch, gw * patch), mode="bilinear",
+                       align_corners=False)[0]
+    return up[:, :height, :width]
+
+
+def reference_logits(loaded, unit_rgb: np.ndarray, text: torch.Tensor, mode: str = "maskclip"):
+    """Whole-image MaskCLIP on a 0..1 RGB image (no resizing): prompt cosines per pixel
+    (Q x H x W), plus the cell-level cosines (Q x gh x gw) and keys (N x C), all float64."""
+    h, w = unit_rgb.shape[:2]
+    patch = loaded.patch_size
+    pixels = pad_to_patch(normalise_pixels(unit_rgb), patch)
+    if loaded.kind == "vit":
+        feat, keys = reference_vit_dense(loaded.visual, pixels, mode)
+    else:
+        raise AssertionError("reference pipeline is for ViTs")
+    cells = torch.einsum("dhw,qd->qhw", feat[0], text.to(REF_DTYPE))
+    return upsample_crop(cells, patch, h, w), cells, keys[0]
+
+
+def class_probs(logits: torch.Tensor, groups: list[list[int]], scale: float) -> torch.Tensor:
+    """softmax(scale * cosine) over all prompts, max over each class's synonyms (dim 0)."""
+    p = torch.softmax(logits * scale, dim=0)
+    return torch.stack([p[g].max(dim=0).values for g in groups])
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Crops every ``stride`` px, the last one shifted back to end at the edge (one if it fits)."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
