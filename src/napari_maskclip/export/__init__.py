@@ -9,12 +9,20 @@ all go through this package: :func:`read_dataset` is the single reader of the fo
 from .class_table import DatasetClasses, read_class_table
 from .layout import CLASSES_JSON, DATASET_JSON, ignore_index, mask_dtype, safe_sample_name
 from .reader import Dataset, DatasetSample, is_dataset, read_dataset
+from .remap import ClassMapping, plan_class_mapping
+from .writer import ExportReport, export_result, export_sample, export_sample_iter
 
 __all__ = [
     "Dataset",
     "DatasetSample",
     "DatasetClasses",
     "read_dataset",
+    "export_sample",
+    "export_sample_iter",
+    "export_result",
+    "ExportReport",
+    "ClassMapping",
+    "plan_class_mapping",
     "is_dataset",
     "read_class_table",
     "safe_sample_name",
