@@ -361,3 +361,28 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     if starts[-1] + window < size:
         starts.append(size - window)
     return starts
+
+
+def reference_window_logits(loaded, unit_rgb: np.ndarray, text: torch.Tensor, window: int,
+                            stride: int, mode: str = "maskclip") -> torch.Tensor:
+    """Sliding-window MaskCLIP: each crop read whole, pixel scores averaged where crops overlap."""
+    h, w = unit_rgb.shape[:2]
+    acc = torch.zeros(text.shape[0], h, w, dtype=REF_DTYPE)
+    count = torch.zeros(h, w, dtype=REF_DTYPE)
+    for y in window_starts(h, window, stride):
+        for x in window_starts(w, window, stride):
+            crop = unit_rgb[y:y + window, x:x + window]
+            logits, _, _ = reference_logits(loaded, crop, text, mode)
+            acc[:, y:y + crop.shape[0], x:x + crop.shape[1]] += logits
+            count[y:y + crop.shape[0], x:x + crop.shape[1]] += 1
+    assert count.min() >= 1
+    return acc / count
+
+
+#: A ViT with 32-px patches and one layer: cheap enough for 4096 x 4096 images on a CPU.
+COARSE_VIT = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "head_width": 32, "patch_size": 32,
+                   "mlp_ratio": 1.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
