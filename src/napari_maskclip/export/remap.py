@@ -105,8 +105,8 @@ def plan_class_mapping(
         raise DatasetError(
             f"The dataset's classes are {_describe(existing.names)} but this export's are "
             f"{_describe(new.names)} (names and order must match). Export with the dataset's "
-            "class list, or remap by name (Python: remap=True; CLI: --remap; widget: 'remap "
-            "classes'), adding classes the dataset lacks only if you also allow it "
+            "class list, or remap by name (Python: remap=True; CLI: --remap; widget: the Export "
+            "remap option), adding classes the dataset lacks only if you also allow it "
             "(add_classes=True / --add-classes)."
         )
     targets = list(existing.classes)
