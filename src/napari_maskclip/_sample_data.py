@@ -1,0 +1,58 @@
+"""Sample images for the File > Open Sample menu, each with class names worth trying.
+
+Natural photos shipped with scikit-image (no download). Each layer carries suggested class names
+in ``metadata["napari_maskclip"]``; the MaskCLIP widget fills them in when its class box is empty,
+so a first run is one click. Imports neither torch nor Qt.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["SAMPLES", "astronaut", "cat", "coffee", "rocket"]
+
+LayerData = list[tuple[np.ndarray, dict[str, Any]]]
+
+#: name -> (scikit-image loader, suggested classes, suggested background, description)
+SAMPLES: dict[str, tuple[str, str, str, str]] = {
+    "cat": ("chelsea", "cat, eye, nose", "background; wall",
+            "Chelsea the cat (scikit-image), 451x300 RGB"),
+    "astronaut": ("astronaut", "astronaut; person, flag, rocket", "background; sky",
+                  "Eileen Collins (NASA, via scikit-image), 512x512 RGB"),
+    "coffee": ("coffee", "coffee cup; mug, saucer; plate, spoon", "wooden table; table",
+               "A cup of coffee (scikit-image), 600x400 RGB"),
+    "rocket": ("rocket", "rocket, launch tower; tower, lights", "sky; night sky",
+               "A rocket on its launch pad (SpaceX, via scikit-image), 640x427 RGB"),
+}
+
+
+def _sample(name: str) -> LayerData:
+    import skimage.data
+
+    loader, classes, background, description = SAMPLES[name]
+    image: np.ndarray = getattr(skimage.data, loader)()
+    meta = {
+        "napari_maskclip": {
+            "suggested_classes": classes,
+            "suggested_background": background,
+            "description": description,
+        }
+    }
+    return [(image, {"name": name, "rgb": True, "metadata": meta})]
+
+
+def _make(name: str) -> Callable[[], LayerData]:
+    def load() -> LayerData:
+        return _sample(name)
+
+    load.__name__ = name
+    load.__doc__ = f"{SAMPLES[name][3]}; suggested classes: {SAMPLES[name][1]}."
+    return load
+
+
+cat = _make("cat")
+astronaut = _make("astronaut")
+coffee = _make("coffee")
+rocket = _make("rocket")

@@ -1,0 +1,316 @@
+"""The MaskCLIP dock widget: type class names, get editable labels and per-class confidence maps.
+
+A thin layer over the engine. It gathers the choices of its sections (:mod:`._widget_sections`),
+runs :func:`._widget_job.segmentation_job` in a napari worker thread with a napari progress bar,
+and turns the result into layers with :func:`._widget_layers.apply_result`, which never overwrites
+labels the user edited. Models stay loaded in a :class:`._widget_models.SegmenterPool`, so asking
+the same image for other class names reuses the cached image features and text embeddings: the
+status line says whether the image encoder ran.
+
+Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
+napari notification with the engine's message; anything else is a bug and is shown with its
+traceback. Opening the widget imports no torch; the first run does, in the worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+
+from ._widget_job import JobControl, JobOutcome, segmentation_job
+from ._widget_layers import EDIT_POLICY, Geometry, apply_result
+from ._widget_models import SegmenterPool
+from ._widget_sections import ClassesSection, ImageSection, ModelSection, SettingsSection
+from ._widget_settings import WidgetPreferences
+from ._widget_stack import StackRequest
+from .classes import parse_classes
+from .errors import MaskClipError
+from .progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["MaskClipWidget"]
+
+_BAR_STEPS = 1000
+
+
+class MaskClipWidget(QWidget):
+    """Dock widget: image + class names -> Labels layer and confidence maps."""
+
+    #: Emitted when a run ends: "done", "cancelled" or "error" (for scripts, tests, next panels).
+    run_finished = Signal(str)
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.pool = SegmenterPool()
+        self.prefs = WidgetPreferences.load()
+        self.worker: Any = None
+        self.last_outcome: Optional[JobOutcome] = None
+        self.last_report: Any = None
+        self._control: Optional[JobControl] = None
+        self._pbar: Any = None
+        self._pending: dict[str, Any] = {}
+
+        self.image = ImageSection()
+        self.classes = ClassesSection(self.prefs)
+        self.model = ModelSection(self.prefs)
+        self.settings = SettingsSection()
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip(
+            "Segment the image into the class names. Re-running with other names reuses the "
+            "encoded image (instant).\n" + EDIT_POLICY
+        )
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the current window; nothing is changed.")
+        self.cancel_button.setEnabled(False)
+        self.status = QLabel("Ready.")
+        self.status.setWordWrap(True)
+
+        body = QWidget()
+        column = QVBoxLayout(body)
+        for section in (self.image, self.classes, self.model, self.settings):
+            column.addWidget(section)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        column.addLayout(buttons)
+        column.addWidget(self.status)
+        column.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.image.layer_changed.connect(self._on_layer_changed)
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.moved):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ---- layers --------------------------------------------------------------------------
+    def _refresh_layers(self, event: Any = None) -> None:
+        for layer in self.viewer.layers:
+            name_event = layer.events.name
+            name_event.disconnect(self._refresh_layers)  # no-op when not connected
+            name_event.connect(self._refresh_layers)
+        self.image.refresh(self.viewer.layers)
+
+    def _on_layer_changed(self) -> None:
+        layer = self.image.current_layer()
+        if layer is not None:
+            self.classes.suggest(layer)
+
+    # ---- running -------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def run(self) -> Any:
+        """Start a run; returns the napari worker, or None (with a notification) if refused."""
+        if self.running:
+            self._notify("A run is in progress: wait for it or press Cancel.", error=False)
+            return None
+        try:
+            job = self._prepare()
+        except MaskClipError as exc:
+            self._show_error(exc)
+            self.run_finished.emit("error")
+            return None
+        return self._start(job)
+
+    def _prepare(self) -> dict[str, Any]:
+        """Read every choice on the main thread; raise MaskClipError on anything unusable."""
+        layer = self.image.current_layer()
+        layout = self.image.layout()
+        classes = self.classes.classes_text()
+        background = self.classes.background_text()
+        fg = parse_classes(classes)  # instant message on an empty or duplicated list
+        if background:
+            parse_classes(fg + parse_classes(background, allow_empty=True))
+        choice = self.model.choice()
+        if self.image.all_slices() or not layout.loop_axes:
+            slices = layout.all_slices()
+        else:
+            slices = [layout.slice_at(layer.world_to_data(self.viewer.dims.point))]
+        scale, translate = layout.output_scale_translate(layer.scale, layer.translate)
+        geometry = Geometry(
+            scale=tuple(scale),
+            translate=tuple(translate),
+            axis_labels=tuple(layout.output_values(layer.axis_labels)),
+            units=tuple(layout.output_values(layer.units)),
+        )
+        request = StackRequest(
+            data=self.image.layer_data(layer),
+            layout=layout,
+            slices=slices,
+            classes=classes,
+            background=background,
+            channels=self.image.channel_indices(),
+            keep_confidence=self.settings.keep_confidence(),
+        )
+        what = layout.describe_slice(slices[0]) if len(slices) == 1 else f"{len(slices)} slices"
+        return {
+            "layer": layer,
+            "choice": choice,
+            "request": request,
+            "settings": self.settings.overrides(),
+            "geometry": geometry,
+            "what": what,
+            "classes": classes,
+            "background": background,
+        }
+
+    def _start(self, job: dict[str, Any]) -> Any:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self._pending = job
+        self._control = JobControl()
+        worker = create_worker(
+            segmentation_job,
+            self.pool,
+            job["choice"],
+            job["request"],
+            job["settings"],
+            self._control,
+            _start_thread=False,
+            _connect={"errored": self._on_errored},
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._pbar = progress(total=0, desc="MaskCLIP")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self._set_status(f"Segmenting {job['what']} of '{job['layer'].name}'...")
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Stop the run after the current window; no layer is added or changed."""
+        if self._control is not None:
+            self._control.cancel.set()
+            self._set_status("Cancelling...")
+
+    # ---- worker signals (main thread) -------------------------------------------------------
+    def _on_progress(self, step: Progress) -> None:
+        pbar = self._pbar  # local: updating the bar may process events, incl. `finished`
+        if pbar is None or self.worker is None:
+            return
+        fraction = step.info.get("fraction") if step.stage != "load" else None
+        if step.message:
+            pbar.set_description(f"MaskCLIP: {step.message}")
+            self._set_status(step.message)
+        if fraction is not None:
+            if pbar.total != _BAR_STEPS:
+                pbar.total = _BAR_STEPS
+            target = int(round(float(fraction) * _BAR_STEPS))
+            if target > pbar.n:
+                pbar.update(target - pbar.n)
+
+    def _on_returned(self, outcome: JobOutcome) -> None:
+        self.last_outcome = outcome
+        job = self._pending
+        if outcome.cancelled:
+            self._set_status("Cancelled: no layer was added or changed.")
+            self.run_finished.emit("cancelled")
+            return
+        if outcome.error is not None:
+            self._show_error(outcome.error)
+            self.run_finished.emit("error")
+            return
+        result = outcome.result
+        layer = job["layer"]
+        report = apply_result(
+            self.viewer,
+            result,
+            source_id=str(layer.unique_id),
+            source_name=layer.name,
+            geometry=job["geometry"],
+            run_info={
+                "class_texts": result.class_texts,
+                "background": result.background,
+                "settings": result.settings,
+            },
+        )
+        self.last_report = report
+        self._set_status(self._summary(outcome, job, report))
+        self.prefs.remember_run(
+            job["classes"], job["background"], self.model.model.currentText(),
+            self.model.pretrained.currentText(),
+        )
+        self.prefs.save()
+        self.classes.set_recent(self.prefs)
+        self.run_finished.emit("done")
+
+    def _on_aborted(self) -> None:  # napari's own task manager can abort the worker too
+        self._set_status("Cancelled: no layer was added or changed.")
+        self.run_finished.emit("cancelled")
+
+    def _on_errored(self, exc: BaseException) -> None:  # only reached by bugs (see _widget_job)
+        self._show_error(exc)
+        self.run_finished.emit("error")
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+        self._pbar = None
+        self.worker = None
+        self._control = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    # ---- messages ------------------------------------------------------------------------
+    @staticmethod
+    def _summary(outcome: JobOutcome, job: dict[str, Any], report: Any) -> str:
+        result = outcome.result
+        n = len(result.slices)
+        if result.encoded_slices == 0:
+            encoder = "re-query: cached image features (no image-encoder pass)"
+        elif n > 1:
+            encoder = f"image encoder ran on {result.encoded_slices} of {n} slices"
+        else:
+            encoder = "image encoded"
+        text = "cached class embeddings" if outcome.text_calls == 0 else "class names encoded"
+        parts = [
+            f"Done in {outcome.seconds:.2f} s ({job['what']}, {outcome.model}): {encoder}; {text}.",
+            _capitalised(report.describe()) + ".",
+        ]
+        if result.removed_classes:
+            parts.append(
+                "Not found (prompt denoising): " + ", ".join(result.removed_classes) + "."
+            )
+        return " ".join(parts)
+
+    def _set_status(self, text: str) -> None:
+        self.status.setText(text)
+
+    def _show_error(self, exc: BaseException) -> None:
+        if isinstance(exc, MaskClipError):
+            self._set_status(f"Error: {exc}")
+            self._notify(str(exc), error=True)
+        else:
+            from napari.utils.notifications import notification_manager
+
+            self._set_status(f"Unexpected error ({type(exc).__name__}): {exc}")
+            notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+
+    @staticmethod
+    def _notify(message: str, *, error: bool) -> None:
+        from napari.utils.notifications import show_error, show_warning
+
+        (show_error if error else show_warning)(message)
+
+
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]

@@ -1,0 +1,391 @@
+"""Results -> napari layers, and re-runs that never lose what the user painted.
+
+:func:`result_layer_data` turns any result with ``labels``, ``probabilities``, ``class_names`` and
+``colors`` (an engine :class:`~napari_maskclip.engine.SegmentationResult` or a stack result) into
+napari layer-data tuples: one Labels layer with the class names as ``features`` (shown in the
+status bar on hover) and a stable colour per class name, and one translucent float32 confidence
+Image per class, only the top few visible.
+
+:func:`apply_result` puts a run into the viewer. The plugin's layers are found by their metadata
+(``layer.metadata["napari_maskclip"]``), not by name. The Labels layer remembers a fingerprint
+(hash) of every slice the plugin wrote. On a re-run:
+
+* **same class names, and none of the slices being written was edited**: the run's slices are
+  written into the existing layers in place (other slices keep their content, edited or not);
+  this is how "current slice" runs fill a stack slice by slice;
+* **other class names, nothing edited anywhere**: the layers are replaced in place;
+* **otherwise** (an edit would be overwritten, or its label values would change meaning): the
+  edited Labels layer is left exactly as it is and no longer managed by the plugin, and the
+  result goes into a **new** Labels layer. Nothing the user painted is ever overwritten.
+
+Uses public napari API only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "EDIT_POLICY",
+    "META_KEY",
+    "ApplyReport",
+    "Geometry",
+    "apply_result",
+    "confidence_layer_name",
+    "labels_layer_name",
+    "managed_layers",
+    "result_layer_data",
+    "slice_fingerprint",
+]
+
+META_KEY = "napari_maskclip"
+#: The re-run rule in one sentence, for tooltips and docs.
+EDIT_POLICY = (
+    "Re-running never overwrites labels you edited: with the same class names, only the slices "
+    "you have not edited are rewritten; otherwise your edited Labels layer is kept as it is and "
+    "the result goes into a new Labels layer."
+)
+#: Confidence maps visible after a run (the classes covering most pixels); the others are hidden.
+VISIBLE_CONFIDENCE = 3
+_UNLISTED_LABEL_COLOR = (0.6, 0.6, 0.6, 1.0)  # values the user paints beyond the class list
+_CONFIDENCE_OPACITY = 0.6
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where outputs sit in the world: copied from the source layer's (output) axes."""
+
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    axis_labels: Optional[tuple[str, ...]] = None
+    units: Optional[tuple[Any, ...]] = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"scale": list(self.scale), "translate": list(self.translate)}
+        if self.axis_labels is not None:
+            out["axis_labels"] = list(self.axis_labels)
+        if self.units is not None:
+            out["units"] = list(self.units)
+        return out
+
+
+def labels_layer_name(source_name: str) -> str:
+    return f"{source_name} [maskclip]"
+
+
+def confidence_layer_name(source_name: str, class_name: str) -> str:
+    return f"{source_name} [maskclip] {class_name}"
+
+
+def _labels_colormap(class_names: Sequence[str], colors: Sequence[Sequence[float]]) -> dict:
+    colormap: dict[Any, Any] = {None: _UNLISTED_LABEL_COLOR, 0: (0.0, 0.0, 0.0, 0.0)}
+    for k, color in enumerate(colors, start=1):
+        colormap[k] = tuple(float(c) for c in color)
+    return colormap
+
+
+def _labels_features(class_names: Sequence[str]) -> dict[str, list]:
+    return {"index": list(range(len(class_names) + 1)), "name": ["background", *class_names]}
+
+
+def _confidence_colormap(class_name: str, color: Sequence[float]):
+    from napari.utils.colormaps import Colormap
+
+    r, g, b = (float(c) for c in color[:3])
+    return Colormap(
+        colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"maskclip {class_name}",
+        display_name=f"{class_name} confidence",
+    )
+
+
+def _top_classes(result: Any, k: int) -> set[int]:
+    counts = result.class_pixel_counts() if hasattr(result, "class_pixel_counts") else [
+        int(np.count_nonzero(np.asarray(result.labels) == i + 1))
+        for i in range(len(result.class_names))
+    ]
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    return {i for i in order[:k] if counts[i] > 0}
+
+
+def result_layer_data(
+    result: Any,
+    *,
+    source_name: str,
+    geometry: Optional[Geometry] = None,
+    metadata: Optional[dict[str, Any]] = None,
+    visible_confidence: int = VISIBLE_CONFIDENCE,
+) -> list[tuple[Any, dict[str, Any], str]]:
+    """Layer-data tuples (confidence images first, labels last) for any segmentation result.
+
+    ``result`` needs ``labels``, ``probabilities`` (one map per class, iterable), ``class_names``
+    and ``colors``; ``metadata`` goes into the Labels layer's ``metadata[META_KEY]``.
+    """
+    geo = geometry.kwargs() if geometry is not None else {}
+    names = list(result.class_names)
+    colors = list(result.colors)
+    top = _top_classes(result, visible_confidence)
+    layers: list[tuple[Any, dict[str, Any], str]] = []
+    for k, prob in enumerate(result.probabilities):
+        layers.append((
+            prob,
+            {
+                "name": confidence_layer_name(source_name, names[k]),
+                "colormap": _confidence_colormap(names[k], colors[k]),
+                "blending": "translucent",
+                "opacity": _CONFIDENCE_OPACITY,
+                "contrast_limits": (0.0, 1.0),
+                "rgb": False,
+                "visible": k in top,
+                "metadata": {META_KEY: {"role": "confidence", "class_name": names[k],
+                                        **_source_meta(metadata)}},
+                **geo,
+            },
+            "image",
+        ))
+    labels_meta = {"role": "labels", "class_names": names, **(metadata or {})}
+    layers.append((
+        result.labels,
+        {
+            "name": labels_layer_name(source_name),
+            "colormap": _labels_colormap(names, colors),
+            "features": _labels_features(names),
+            "opacity": 0.6,
+            "metadata": {META_KEY: labels_meta},
+            **geo,
+        },
+        "labels",
+    ))
+    return layers
+
+
+def _source_meta(metadata: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in (metadata or {}).items() if k in ("source_id", "source_name")}
+
+
+# ---- fingerprints ------------------------------------------------------------------------------
+def slice_fingerprint(plane: np.ndarray) -> str:
+    """A content hash of one slice of labels (shape and dtype included)."""
+    data = np.ascontiguousarray(plane)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{data.shape}|{data.dtype}".encode())
+    digest.update(memoryview(data).cast("B"))
+    return digest.hexdigest()
+
+
+def _slice_key(index: Sequence[Any]) -> str:
+    """The fingerprint key of an output index: its leading (integer) part."""
+    return ",".join(str(int(i)) for i in index if not isinstance(i, slice))
+
+
+def _leading_indices(shape: Sequence[int]) -> Iterable[tuple[int, ...]]:
+    return np.ndindex(*shape[:-2]) if len(shape) > 2 else [()]
+
+
+def edited_slices(layer: Any) -> set[str]:
+    """Keys of the slices of a managed Labels layer that differ from what the plugin wrote.
+
+    A slice the plugin never wrote counts as edited as soon as it holds any non-zero label.
+    """
+    meta = layer.metadata.get(META_KEY, {})
+    prints: dict[str, str] = meta.get("fingerprints", {})
+    data = layer.data
+    if not isinstance(data, np.ndarray):
+        return {"*"}
+    edited = set()
+    for lead in _leading_indices(data.shape):
+        key = _slice_key(lead)
+        plane = data[lead] if lead else data
+        if key in prints:
+            if slice_fingerprint(plane) != prints[key]:
+                edited.add(key)
+        elif plane.any():
+            edited.add(key)
+    return edited
+
+
+# ---- finding the plugin's layers -----------------------------------------------------------------
+def managed_layers(viewer: Any, source_id: str) -> tuple[Any, dict[str, Any]]:
+    """The managed Labels layer (or None) and the confidence layers by class, for a source."""
+    labels = None
+    confidence: dict[str, Any] = {}
+    for layer in viewer.layers:
+        meta = getattr(layer, "metadata", {}).get(META_KEY)
+        if not isinstance(meta, dict) or meta.get("source_id") != source_id:
+            continue
+        if meta.get("role") == "labels" and meta.get("managed", True) and labels is None:
+            labels = layer
+        elif meta.get("role") == "confidence":
+            confidence[meta.get("class_name")] = layer
+    return labels, confidence
+
+
+# ---- applying a run ------------------------------------------------------------------------------
+@dataclass
+class ApplyReport:
+    """What :func:`apply_result` did, for the status line and tests."""
+
+    mode: str  # "new", "updated", "replaced", "kept-edited"
+    labels_layer: Any
+    confidence_layers: dict[str, Any] = field(default_factory=dict)
+    kept_layer_name: Optional[str] = None
+    edited: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        name = self.labels_layer.name
+        if self.mode == "new":
+            return f"added '{name}'"
+        if self.mode == "updated":
+            return f"updated '{name}' in place"
+        if self.mode == "replaced":
+            return f"replaced '{name}' in place"
+        return (
+            f"your edited labels stay untouched in '{self.kept_layer_name}'; "
+            f"the new result is in '{name}'"
+        )
+
+
+def _unique_name(viewer: Any, base: str) -> str:
+    names = {layer.name for layer in viewer.layers}
+    if base not in names:
+        return base
+    n = 2
+    while f"{base} ({n})" in names:
+        n += 1
+    return f"{base} ({n})"
+
+
+def _layer_from_tuple(data: Any, kwargs: dict[str, Any], kind: str) -> Any:
+    from napari.layers import Image, Labels
+
+    return (Labels if kind == "labels" else Image)(data, **kwargs)
+
+
+def apply_result(
+    viewer: Any,
+    result: Any,
+    *,
+    source_id: str,
+    source_name: str,
+    geometry: Geometry,
+    run_info: Optional[dict[str, Any]] = None,
+) -> ApplyReport:
+    """Show a stack result in ``viewer`` following the re-run rules in the module doc.
+
+    ``result`` is a :class:`~napari_maskclip._widget_stack.StackResult` (full-shape ``labels``,
+    one full-shape map per class, ``output_indices`` of the slices it computed).
+    """
+    names = list(result.class_names)
+    written = {_slice_key(idx): idx for idx in result.output_indices}
+    labels_layer, confidence = managed_layers(viewer, source_id)
+
+    mode = "new"
+    edited: set[str] = set()
+    if labels_layer is not None:
+        meta = labels_layer.metadata.get(META_KEY, {})
+        same_layout = (
+            isinstance(labels_layer.data, np.ndarray)
+            and labels_layer.data.flags.writeable
+            and labels_layer.data.shape == result.labels.shape
+            and labels_layer.data.dtype == result.labels.dtype
+        )
+        edited = edited_slices(labels_layer) if same_layout else {"*"}
+        same_classes = meta.get("class_names") == names
+        if same_layout and same_classes and not (edited & set(written)):
+            mode = "updated"
+        elif same_layout and not edited:
+            mode = "replaced"
+        else:
+            mode = "kept-edited"
+
+    meta_common = {"source_id": source_id, "source_name": source_name, **(run_info or {})}
+    tuples = result_layer_data(
+        result, source_name=source_name, geometry=geometry, metadata=meta_common
+    )
+    *conf_tuples, labels_tuple = tuples
+    report = ApplyReport(mode=mode, labels_layer=None, edited=sorted(edited))
+
+    if mode == "updated":
+        meta = dict(labels_layer.metadata.get(META_KEY, {}))
+        prints = dict(meta.get("fingerprints", {}))
+        for key, idx in written.items():
+            labels_layer.data[idx] = result.labels[idx]
+            prints[key] = slice_fingerprint(labels_layer.data[idx])
+        meta.update(meta_common, fingerprints=prints, class_names=names, managed=True)
+        labels_layer.metadata = {**labels_layer.metadata, META_KEY: meta}
+        labels_layer.refresh()
+        report.labels_layer = labels_layer
+    else:
+        prints = {key: slice_fingerprint(result.labels[idx]) for key, idx in written.items()}
+        data, kwargs, _ = labels_tuple
+        kwargs["metadata"][META_KEY].update(fingerprints=prints, managed=True)
+        if mode == "replaced":
+            labels_layer.data = data
+            labels_layer.colormap = kwargs["colormap"]
+            labels_layer.features = kwargs["features"]
+            labels_layer.metadata = {**labels_layer.metadata, META_KEY: kwargs["metadata"][META_KEY]}
+            report.labels_layer = labels_layer
+        else:
+            if mode == "kept-edited":
+                old_meta = dict(labels_layer.metadata.get(META_KEY, {}))
+                old_meta["managed"] = False
+                labels_layer.metadata = {**labels_layer.metadata, META_KEY: old_meta}
+                report.kept_layer_name = labels_layer.name
+                kwargs["name"] = _unique_name(viewer, kwargs["name"])
+            report.labels_layer = viewer.add_layer(_layer_from_tuple(data, kwargs, "labels"))
+
+    report.confidence_layers = _apply_confidence(
+        viewer, conf_tuples, confidence, written, report.labels_layer,
+        partial=(mode == "updated"), class_names=names,
+    )
+    return report
+
+
+def _apply_confidence(
+    viewer: Any,
+    conf_tuples: list[tuple[Any, dict[str, Any], str]],
+    existing: dict[str, Any],
+    written: dict[str, Any],
+    labels_layer: Any,
+    *,
+    partial: bool,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """Update, add or remove the per-class confidence layers (kept just below the labels).
+
+    Layers of classes that are gone are reused for new classes before any is added or removed:
+    adding and removing napari layers costs far more than a re-query itself.
+    """
+    layers: dict[str, Any] = {}
+    stale = [existing.pop(name) for name in list(existing) if name not in class_names]
+    for name, (data, kwargs, _) in zip(class_names, conf_tuples):
+        layer = existing.get(name)
+        if layer is None and stale and not partial:
+            layer = stale.pop(0)
+        usable = (
+            layer is not None and isinstance(layer.data, np.ndarray)
+            and layer.data.shape == data.shape and layer.data.flags.writeable
+        )
+        if usable and partial:
+            for idx in written.values():
+                layer.data[idx] = data[idx]
+            layer.refresh()
+        elif usable:
+            layer.data = data
+            layer.name = kwargs["name"]
+            layer.colormap = kwargs["colormap"]
+            layer.contrast_limits = (0.0, 1.0)
+            layer.visible = kwargs["visible"]
+            layer.metadata = kwargs["metadata"]
+        else:
+            if layer is not None:
+                viewer.layers.remove(layer)
+            layer = _layer_from_tuple(data, kwargs, "image")
+            viewer.layers.insert(viewer.layers.index(labels_layer), layer)
+        layers[name] = layer
+    for layer in stale:
+        viewer.layers.remove(layer)
+    return layers

@@ -1,0 +1,134 @@
+"""The models the widget has loaded, kept and reused so that re-queries are instant.
+
+One :class:`~napari_maskclip.engine.Segmenter` per (model, weights, device): its feature cache
+holds the encoded slices and its text cache the class embeddings, so asking the same image for
+other class names runs no image encoder. Loading happens inside the worker (first use of an
+open_clip tag downloads the weights), as a progress generator like every other long job.
+
+Qt-free; torch is imported only when a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Generator, Optional
+
+from .errors import ModelLoadError
+from .progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Segmenter
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEMO_MODEL", "ModelChoice", "SegmenterPool"]
+
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+DEMO_MODEL = "demo"  # same value as napari_maskclip.engine.DEMO_MODEL, without importing torch
+#: Encoded slices kept per model: enough for re-querying a typical stack without re-encoding
+#: (the engine also bounds the cache by memory, 2 GiB).
+FEATURE_CACHE_ITEMS = 256
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the user picked in the model section."""
+
+    model: str
+    pretrained: Optional[str]
+    device: str = "auto"
+
+    @classmethod
+    def from_fields(cls, model: str, pretrained: str, device: str) -> "ModelChoice":
+        model = model.strip()
+        if not model:
+            raise ModelLoadError(
+                f"No model given: type an open_clip name (e.g. {DEFAULT_MODEL}), pick '{DEMO_MODEL}', "
+                "or choose a model-config JSON."
+            )
+        weights = pretrained.strip() or None
+        if model == DEMO_MODEL:
+            weights = None
+        return cls(model=model, pretrained=weights, device=device.strip() or "auto")
+
+    @property
+    def may_download(self) -> bool:
+        """True when loading may download weights (an open_clip tag, not a file or 'random')."""
+        if self.model == DEMO_MODEL or self.pretrained in (None, "random"):
+            return False
+        return not Path(self.pretrained).expanduser().is_file()
+
+    def describe(self) -> str:
+        if self.model == DEMO_MODEL:
+            return "the demo model"
+        model = Path(self.model).name if self.model.lower().endswith(".json") else self.model
+        weights = self.pretrained or "no weights"
+        if weights not in ("random",) and Path(weights).expanduser().is_file():
+            weights = Path(weights).name
+        return f"{model} ({weights})"
+
+
+def _import_engine():
+    """Import the engine (torch, open_clip) into a running napari, safely.
+
+    On Linux, importing Triton (pulled in by torch's compiler stack via torchvision/open_clip)
+    after napari's canvas has loaded Mesa's LLVM (software rendering, AMD drivers) crashes the
+    process: both bring their own LLVM. The engine never uses Triton (no ``torch.compile``), so
+    when napari is running and Triton is not loaded yet, it is hidden from this process
+    (``torch`` then reports no Triton). Set ``NAPARI_MASKCLIP_ALLOW_TRITON=1`` to opt out.
+    """
+    if (
+        sys.platform.startswith("linux")
+        and "triton" not in sys.modules
+        and "vispy" in sys.modules
+        and not os.environ.get("NAPARI_MASKCLIP_ALLOW_TRITON")
+    ):
+        sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail
+    from . import engine
+
+    return engine
+
+
+class SegmenterPool:
+    """A small LRU of loaded segmenters (each model costs its weights in memory)."""
+
+    def __init__(self, max_models: int = 2, feature_cache_items: int = FEATURE_CACHE_ITEMS) -> None:
+        self.max_models = max_models
+        self.feature_cache_items = feature_cache_items
+        self._items: "OrderedDict[ModelChoice, Segmenter]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached(self, choice: ModelChoice) -> "Optional[Segmenter]":
+        with self._lock:
+            seg = self._items.get(choice)
+            if seg is not None:
+                self._items.move_to_end(choice)
+            return seg
+
+    def get_iter(self, choice: ModelChoice) -> Generator[Progress, None, "Segmenter"]:
+        """The segmenter for ``choice``, loading it (with a progress report) if needed."""
+        seg = self.cached(choice)
+        if seg is not None:
+            return seg
+        note = " (first use downloads the weights once)" if choice.may_download else ""
+        yield Progress("load", 0, 0, f"loading {choice.describe()}{note}...")
+        Segmenter = _import_engine().Segmenter
+        seg = Segmenter(
+            choice.model,
+            choice.pretrained,
+            device=choice.device,
+            feature_cache_items=self.feature_cache_items,
+        )
+        with self._lock:
+            self._items[choice] = seg
+            while len(self._items) > self.max_models:
+                self._items.popitem(last=False)
+        yield Progress("load", 1, 1, f"loaded {seg.loaded.describe()}")
+        return seg
+
+    def __len__(self) -> int:
+        return len(self._items)

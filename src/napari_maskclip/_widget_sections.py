@@ -1,0 +1,440 @@
+"""The sections of the MaskCLIP dock widget: image, classes, model, settings.
+
+Each section is a small Qt group box that owns its controls and turns them into plain values
+(a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, a dict of engine settings). The
+widget in :mod:`napari_maskclip._widget` assembles them and runs the work. Imports no torch: the
+engine's settings object is built in the worker, from the dict returned here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from ._widget_layers import META_KEY
+from ._widget_models import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, ModelChoice
+from ._widget_settings import WidgetPreferences
+from ._widget_stack import StackLayout
+from .errors import InvalidInputError
+
+__all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
+
+#: The engine's read-out modes (napari_maskclip.engine.MODES; listed here to keep torch unloaded).
+MODES = ("maskclip", "sclip", "clearclip", "naclip", "naive")
+MODE_TIPS = {
+    "maskclip": "MaskCLIP (paper): value path of the last attention block",
+    "sclip": "SCLIP: correlative self-attention (ViT only)",
+    "clearclip": "ClearCLIP: q-q attention, no residual, no FFN (ViT only)",
+    "naclip": "NACLIP: neighbourhood attention (ViT only)",
+    "naive": "the unmodified last layer (a baseline; ViT only)",
+}
+SLICE_CURRENT = "current slice"
+SLICE_ALL = "all slices"
+CHANNEL_NONE = "none"
+INFERENCE_AUTO = "auto"
+INFERENCE_WHOLE = "whole image"
+INFERENCE_SLIDING = "sliding window"
+KNOWN_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "RN50", "RN101", DEMO_MODEL)
+KNOWN_TAGS = ("openai", "laion2b_s34b_b88k", "laion400m_e32", "random")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _row(*widgets: QWidget) -> QWidget:
+    box = QWidget()
+    layout = QHBoxLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        layout.addWidget(w)
+    return box
+
+
+def _is_plugin_output(layer: Any) -> bool:
+    meta = getattr(layer, "metadata", {}) or {}
+    return isinstance(meta.get(META_KEY), dict) and "role" in meta[META_KEY]
+
+
+class ImageSection(QGroupBox):
+    """Which image layer, which channels, which slices."""
+
+    layer_changed = Signal()
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__("Image", parent)
+        self._layers: list[Any] = []
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("The image layer to segment (2D, RGB(A), stacks, time series).")
+        self.channel_axis = QComboBox()
+        self.channel_axis.setToolTip(
+            "The axis holding channels in a multichannel layer ('none' for gray and RGB images).\n"
+            "With 1 or 3 channels all are used; otherwise pick 1 or 3 below."
+        )
+        self.channels = QLineEdit()
+        self.channels.setPlaceholderText("all, or 1 or 3 indices: 0  or  0,1,2")
+        self.channels.setToolTip("Channels shown to CLIP: one (as gray) or three (as RGB).")
+        self.slices = QComboBox()
+        self.slices.addItems([SLICE_CURRENT, SLICE_ALL])
+        self.slices.setToolTip(
+            "Stacks and time series are segmented slice by slice: the slice the viewer shows, "
+            "or every slice (with per-slice progress)."
+        )
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        form = QFormLayout(self)
+        form.addRow("layer", self.layer_combo)
+        form.addRow("channel axis", self.channel_axis)
+        form.addRow("channels", self.channels)
+        form.addRow("slices", self.slices)
+        form.addRow(self.info)
+        self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
+        self.channel_axis.currentIndexChanged.connect(self._update_info)
+
+    # ---- layers ----------------------------------------------------------------------------
+    def refresh(self, layers: Any) -> None:
+        """Re-list the viewer's image layers, keeping the current choice if it still exists."""
+        from napari.layers import Image
+
+        current = self.current_layer()
+        self._layers = [
+            layer for layer in layers if isinstance(layer, Image) and not _is_plugin_output(layer)
+        ]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems([layer.name for layer in self._layers])
+        if current in self._layers:
+            self.layer_combo.setCurrentIndex(self._layers.index(current))
+        elif self._layers:
+            self.layer_combo.setCurrentIndex(len(self._layers) - 1)  # the top-most image
+        self.layer_combo.blockSignals(False)
+        if self.current_layer() is not current:
+            self._on_layer_changed()
+        else:
+            self._update_info()
+
+    def current_layer(self) -> Any:
+        i = self.layer_combo.currentIndex()
+        return self._layers[i] if 0 <= i < len(self._layers) else None
+
+    def select(self, layer: Any) -> None:
+        if layer in self._layers:
+            self.layer_combo.setCurrentIndex(self._layers.index(layer))
+
+    def _on_layer_changed(self) -> None:
+        layer = self.current_layer()
+        self.channel_axis.blockSignals(True)
+        self.channel_axis.clear()
+        self.channel_axis.addItem(CHANNEL_NONE)
+        if layer is not None and not layer.rgb:
+            self.channel_axis.addItems([str(ax) for ax in range(max(0, layer.ndim - 2))])
+        self.channel_axis.blockSignals(False)
+        self._update_info()
+        self.layer_changed.emit()
+
+    # ---- values ----------------------------------------------------------------------------
+    @staticmethod
+    def layer_data(layer: Any) -> Any:
+        """The full-resolution data of a layer (level 0 of a multiscale one); not loaded."""
+        return layer.data[0] if layer.multiscale else layer.data
+
+    def layout(self) -> StackLayout:
+        layer = self.current_layer()
+        if layer is None:
+            raise InvalidInputError("No image layer: open an image (File > Open, or a sample).")
+        axis_text = self.channel_axis.currentText()
+        axis = None if axis_text in ("", CHANNEL_NONE) else int(axis_text)
+        shape = tuple(int(s) for s in self.layer_data(layer).shape)
+        return StackLayout(shape, rgb=bool(layer.rgb), channel_axis=axis)
+
+    def channel_indices(self) -> Optional[tuple[int, ...]]:
+        text = self.channels.text().replace(";", ",").strip()
+        if not text or text.lower() == "all":
+            return None
+        try:
+            picks = tuple(int(part) for part in text.replace(" ", ",").split(",") if part.strip())
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"Channels {text!r}: type one or three channel numbers, e.g. 0 or 0,1,2."
+            ) from exc
+        return picks or None
+
+    def all_slices(self) -> bool:
+        return self.slices.currentText() == SLICE_ALL
+
+    def _update_info(self) -> None:
+        layer = self.current_layer()
+        if layer is None:
+            self.info.setText("No image layer yet.")
+            self.slices.setEnabled(False)
+            return
+        try:
+            layout = self.layout()
+        except InvalidInputError as exc:
+            self.info.setText(str(exc))
+            return
+        kind = "RGB" if layer.rgb else "gray"
+        if layout.channel_axis is not None:
+            kind = f"{layout.n_channels} channels"
+        h, w = layout.plane_shape
+        lazy = "" if type(self.layer_data(layer)).__module__.startswith("numpy") else ", lazy"
+        text = f"{w}x{h} px, {kind}{lazy}"
+        if layout.loop_axes:
+            text += f", {layout.n_slices} slices"
+        self.info.setText(text)
+        self.slices.setEnabled(bool(layout.loop_axes))
+        self.channels.setEnabled(layout.channel_axis is not None)
+
+
+class ClassesSection(QGroupBox):
+    """Class names (with synonyms), background names, and recently used lists."""
+
+    def __init__(self, prefs: WidgetPreferences, parent: Optional[QWidget] = None) -> None:
+        super().__init__("Classes", parent)
+        self.text = QPlainTextEdit()
+        self.text.setPlaceholderText("cat, dog; puppy, sofa")
+        self.text.setToolTip(
+            "Class names, separated by commas or new lines. ';' separates synonyms of one class "
+            "('dog; puppy'): the first is the name shown on the labels."
+        )
+        self.text.setFixedHeight(64)
+        self.recent = QComboBox()
+        self.recent.setToolTip("Class lists you used recently (remembered between sessions).")
+        self.background = QComboBox()
+        self.background.setEditable(True)
+        self.background.lineEdit().setPlaceholderText("optional: background; wall, floor")
+        self.background.setToolTip(
+            "Optional background names: they compete with your classes, and pixels they win are "
+            "label 0 (unlabelled). Same syntax as the classes."
+        )
+        form = QFormLayout(self)
+        form.addRow("names", self.text)
+        form.addRow("recent", self.recent)
+        form.addRow("background", self.background)
+        self.recent.activated.connect(self._use_recent)
+        self.set_recent(prefs)
+
+    def set_recent(self, prefs: WidgetPreferences) -> None:
+        self.recent.blockSignals(True)
+        self.recent.clear()
+        self.recent.addItem("recent lists..." if prefs.recent_classes else "(none yet)")
+        self.recent.addItems(prefs.recent_classes)
+        self.recent.blockSignals(False)
+        current = self.background.currentText()
+        self.background.blockSignals(True)
+        self.background.clear()
+        self.background.addItems(["", *prefs.recent_background])
+        self.background.setEditText(current)
+        self.background.blockSignals(False)
+
+    def _use_recent(self, index: int) -> None:
+        if index > 0:
+            self.text.setPlainText(self.recent.itemText(index))
+        self.recent.setCurrentIndex(0)
+
+    def classes_text(self) -> str:
+        return self.text.toPlainText().strip()
+
+    def background_text(self) -> str:
+        return self.background.currentText().strip()
+
+    def suggest(self, layer: Any) -> None:
+        """Fill in the class names a sample image suggests, if the user typed none yet."""
+        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
+        if not isinstance(meta, dict) or self.classes_text():
+            return
+        if meta.get("suggested_classes"):
+            self.text.setPlainText(str(meta["suggested_classes"]))
+            if meta.get("suggested_background") and not self.background_text():
+                self.background.setEditText(str(meta["suggested_background"]))
+
+
+class ModelSection(QGroupBox):
+    """open_clip model + pretrained tag, or local config/checkpoint files; device."""
+
+    def __init__(self, prefs: WidgetPreferences, parent: Optional[QWidget] = None) -> None:
+        super().__init__("Model", parent)
+        self.model = QComboBox()
+        self.model.setEditable(True)
+        self.model.addItems(KNOWN_MODELS)
+        self.model.setToolTip(
+            "An open_clip model name (ViT-B-16, ViT-L-14, RN50, ...), the path of an open_clip "
+            "model-config JSON (button), or 'demo': the tiny demo model shipped with the plugin, "
+            "which runs offline (trained on synthetic shapes, for trying the plugin only)."
+        )
+        self.model_file = QPushButton("...")
+        self.model_file.setToolTip("Choose an open_clip model-config JSON.")
+        self.pretrained = QComboBox()
+        self.pretrained.setEditable(True)
+        self.pretrained.addItems(KNOWN_TAGS)
+        self.pretrained.setToolTip(
+            "An open_clip pretrained tag (downloaded once into open_clip's cache on first use), "
+            "or a local checkpoint file (button): .safetensors, .pt, .pth, .bin. Offline, pick a "
+            "file. 'random' = random weights, for testing only."
+        )
+        self.pretrained_file = QPushButton("...")
+        self.pretrained_file.setToolTip("Choose a checkpoint file.")
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.device.setToolTip("auto = CUDA, then Apple MPS, then the CPU.")
+        self.hint = QLabel()
+        self.hint.setWordWrap(True)
+        form = QFormLayout(self)
+        form.addRow("model", _row(self.model, self.model_file))
+        form.addRow("weights", _row(self.pretrained, self.pretrained_file))
+        form.addRow("device", self.device)
+        form.addRow(self.hint)
+        self.model.setCurrentText(prefs.model or DEFAULT_MODEL)
+        self.pretrained.setCurrentText(prefs.pretrained or DEFAULT_PRETRAINED)
+        self.model.currentTextChanged.connect(self._update_hint)
+        self.model_file.clicked.connect(self._choose_model_file)
+        self.pretrained_file.clicked.connect(self._choose_checkpoint)
+        self._update_hint()
+
+    def _update_hint(self) -> None:
+        demo = self.model.currentText().strip() == DEMO_MODEL
+        self.pretrained.setEnabled(not demo)
+        self.pretrained_file.setEnabled(not demo)
+        self.hint.setText(
+            "Demo model: tiny, offline, trained on synthetic coloured shapes; it knows only "
+            "those (e.g. 'red circle, blue square'). Use a real CLIP for real images."
+            if demo else ""
+        )
+        self.hint.setVisible(demo)
+
+    def _choose_model_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "open_clip model config", "", "Model config (*.json);;All files (*)"
+        )
+        if path:
+            self.model.setCurrentText(path)
+
+    def _choose_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "CLIP checkpoint", "",
+            "Checkpoints (*.safetensors *.pt *.pth *.bin);;All files (*)",
+        )
+        if path:
+            self.pretrained.setCurrentText(path)
+
+    def choice(self) -> ModelChoice:
+        return ModelChoice.from_fields(
+            self.model.currentText(), self.pretrained.currentText(), self.device.currentText()
+        )
+
+
+class SettingsSection(QGroupBox):
+    """MaskCLIP's settings: read-out mode, refinements, windows, prompts."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__("Settings", parent)
+        self.mode = QComboBox()
+        for i, mode in enumerate(MODES):
+            self.mode.addItem(mode)
+            self.mode.setItemData(i, MODE_TIPS[mode], Qt.ToolTipRole)
+        self.mode.setToolTip("How the last attention layer is read out into dense features.")
+        self.denoise = QCheckBox("prompt denoising")
+        self.denoise.setChecked(True)
+        self.denoise.setToolTip(
+            "Drop classes whose best pixel stays below the threshold (paper section 3.3), so "
+            "absent classes do not take pixels."
+        )
+        self.denoise_threshold = self._unit_spin(0.5)
+        self.key_smoothing = QCheckBox("key smoothing")
+        self.key_smoothing.setToolTip(
+            "Smooth class probabilities between patches with similar attention keys (paper eq. 5). "
+            "Changing it re-encodes the image."
+        )
+        self.ks_threshold = self._unit_spin(1.0)
+        self.ks_threshold.setToolTip("Only pixels whose confidence is below this are smoothed.")
+        self.inference = QComboBox()
+        self.inference.addItems([INFERENCE_AUTO, INFERENCE_WHOLE, INFERENCE_SLIDING])
+        self.inference.setToolTip(
+            "auto: the whole image, or sliding windows when it exceeds about 1 megapixel "
+            "(bounded memory). Changing it re-encodes the image."
+        )
+        self.window = QSpinBox()
+        self.window.setRange(16, 8192)
+        self.window.setValue(448)
+        self.window.setSuffix(" px")
+        self.stride = QSpinBox()
+        self.stride.setRange(8, 8192)
+        self.stride.setValue(224)
+        self.stride.setSuffix(" px")
+        self.templates = QComboBox()
+        self.templates.addItems(["maskclip85", "single"])
+        self.templates.setToolTip(
+            "maskclip85: the 85 prompt templates of the paper (better); single: 'a photo of a {}.'"
+        )
+        self.min_confidence = self._unit_spin(0.0)
+        self.min_confidence.setToolTip(
+            "Pixels whose best class is less confident than this stay unlabelled (0 = off)."
+        )
+        self.confidence_maps = QCheckBox("confidence maps")
+        self.confidence_maps.setChecked(True)
+        self.confidence_maps.setToolTip("Add one confidence image (0..1) per class.")
+        form = QFormLayout(self)
+        form.addRow("mode", self.mode)
+        form.addRow(_row(self.denoise, self.denoise_threshold))
+        form.addRow(_row(self.key_smoothing, self.ks_threshold))
+        form.addRow("inference", self.inference)
+        form.addRow("window / stride", _row(self.window, self.stride))
+        form.addRow("templates", self.templates)
+        form.addRow("min confidence", self.min_confidence)
+        form.addRow(self.confidence_maps)
+        self.denoise.toggled.connect(self.denoise_threshold.setEnabled)
+        self.key_smoothing.toggled.connect(self.ks_threshold.setEnabled)
+        self.inference.currentTextChanged.connect(self._update_windows)
+        self.ks_threshold.setEnabled(False)
+        self._update_windows()
+
+    @staticmethod
+    def _unit_spin(value: float) -> QDoubleSpinBox:
+        spin = QDoubleSpinBox()
+        spin.setRange(0.0, 1.0)
+        spin.setSingleStep(0.05)
+        spin.setDecimals(2)
+        spin.setValue(value)
+        return spin
+
+    def _update_windows(self) -> None:
+        sliding = self.inference.currentText() == INFERENCE_SLIDING
+        self.window.setEnabled(sliding)
+        self.stride.setEnabled(sliding)
+
+    def overrides(self) -> dict[str, Any]:
+        """Keyword arguments for ``SegmentSettings.replace``."""
+        values: dict[str, Any] = {
+            "mode": self.mode.currentText(),
+            "denoise": self.denoise.isChecked(),
+            "denoise_threshold": float(self.denoise_threshold.value()),
+            "key_smoothing": self.key_smoothing.isChecked(),
+            "ks_threshold": float(self.ks_threshold.value()),
+            "templates": self.templates.currentText(),
+            "background_threshold": float(self.min_confidence.value()) or None,
+            "window": None,
+            "stride": None,
+        }
+        inference = self.inference.currentText()
+        if inference == INFERENCE_WHOLE:
+            values["max_whole_pixels"] = 1 << 62
+        elif inference == INFERENCE_SLIDING:
+            values["window"] = int(self.window.value())
+            values["stride"] = int(self.stride.value())
+        return values
+
+    def keep_confidence(self) -> bool:
+        return self.confidence_maps.isChecked()

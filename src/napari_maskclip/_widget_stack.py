@@ -1,0 +1,338 @@
+"""Stacks, time series and channel axes: napari layer data -> 2D planes for the engine, and back.
+
+The engine segments one 2D image at a time. A napari image layer may be a 2D photo, an RGB(A)
+image, a stack or time series with any number of leading axes, a layer with a channel axis, or a
+lazy dask/zarr array. :class:`StackLayout` says which axes are the plane (the last two non-RGB
+axes), which one holds channels, and which ones are looped over; :func:`segment_stack_iter` runs
+the engine slice by slice, reading **one slice at a time** (``np.asarray(data[index])``, so a
+dask or zarr array is never loaded whole), and assembles full-shape outputs.
+
+Output shape: the source's axes without RGB and channel axes, so the Labels layer overlays the
+image with the same scale and translate. A *leading* channel axis is dropped (napari aligns layers
+by their trailing axes). A channel axis *between* other axes (e.g. Z, C, Y, X) is kept with
+length 1 and stretched over all channels (see :meth:`StackLayout.output_geometry`), so the result
+shows at every channel and stays aligned.
+
+Memory: outputs are ``np.zeros`` arrays, whose pages the operating system commits only when
+written, so a "current slice" run on a long stack costs one slice of memory; "all slices" costs
+labels (1-2 bytes per pixel) plus 4 bytes per pixel per class for confidence maps, checked
+against :data:`MEMORY_BUDGET` before any work starts. Qt-free; torch is not imported here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generator, Optional, Sequence
+
+import numpy as np
+
+from .classes import class_colors, parse_classes
+from .errors import InvalidInputError
+from .progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Segmenter, SegmentSettings
+
+__all__ = [
+    "MEMORY_BUDGET",
+    "StackLayout",
+    "StackRequest",
+    "StackResult",
+    "segment_stack_iter",
+]
+
+#: Largest amount of output memory (labels + confidence maps) a run may commit.
+MEMORY_BUDGET = 4 << 30
+#: Share of a slice's progress bar given to encoding (the rest is the query).
+_ENCODE_SHARE = 0.85
+
+Index = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """How the axes of a layer's data map to 2D planes (see the module doc)."""
+
+    data_shape: tuple[int, ...]
+    rgb: bool = False
+    channel_axis: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        ndim = self.ndim
+        if ndim < 2:
+            raise InvalidInputError(
+                f"The layer's data has shape {self.data_shape}: segmenting needs at least 2 axes."
+            )
+        if self.rgb and self.data_shape[-1] not in (3, 4):
+            raise InvalidInputError(f"An RGB layer needs 3 or 4 colours, got {self.data_shape[-1]}.")
+        if self.channel_axis is not None:
+            if self.rgb:
+                raise InvalidInputError(
+                    "This layer is RGB: its colours already are the channels. Set the channel "
+                    "axis to 'none'."
+                )
+            if not 0 <= self.channel_axis < ndim - 2:
+                raise InvalidInputError(
+                    f"Channel axis {self.channel_axis} is not available: it must be one of the "
+                    f"leading axes 0..{ndim - 3} (the last two axes are the image plane)."
+                    if ndim > 2
+                    else "A 2D layer has no channel axis; set the channel axis to 'none'."
+                )
+        if min(self.plane_shape) < 1:
+            raise InvalidInputError(f"The layer is empty (shape {self.data_shape}).")
+
+    # ---- axes ------------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        """Number of non-RGB axes (napari's ``layer.ndim``)."""
+        return len(self.data_shape) - (1 if self.rgb else 0)
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return self.data_shape[self.ndim - 2], self.data_shape[self.ndim - 1]
+
+    @property
+    def loop_axes(self) -> tuple[int, ...]:
+        """Leading axes iterated slice by slice (stack, time...)."""
+        return tuple(ax for ax in range(self.ndim - 2) if ax != self.channel_axis)
+
+    @property
+    def n_channels(self) -> Optional[int]:
+        return None if self.channel_axis is None else self.data_shape[self.channel_axis]
+
+    @property
+    def output_axes(self) -> tuple[int, ...]:
+        """Data axis of each output axis (a leading channel axis is dropped)."""
+        return tuple(ax for ax in range(self.ndim) if not (ax == self.channel_axis == 0))
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(
+            1 if ax == self.channel_axis else self.data_shape[ax] for ax in self.output_axes
+        )
+
+    @property
+    def n_slices(self) -> int:
+        return int(np.prod([self.data_shape[ax] for ax in self.loop_axes], dtype=np.int64))
+
+    # ---- slices ----------------------------------------------------------------------------
+    def all_slices(self) -> list[Index]:
+        """Every loop index, in C order (time, then z...)."""
+        return [tuple(int(i) for i in idx) for idx in np.ndindex(*[self.data_shape[a] for a in self.loop_axes])]
+
+    def slice_at(self, data_point: Sequence[float]) -> Index:
+        """The loop index at a point in data coordinates (napari ``layer.world_to_data``)."""
+        point = list(data_point)[-self.ndim:] if len(data_point) >= self.ndim else (
+            [0.0] * (self.ndim - len(data_point)) + list(data_point)
+        )
+        index = []
+        for ax in self.loop_axes:
+            value = point[ax]
+            value = 0.0 if value is None or not math.isfinite(float(value)) else float(value)
+            index.append(int(min(max(round(value), 0), self.data_shape[ax] - 1)))
+        return tuple(index)
+
+    def describe_slice(self, index: Index) -> str:
+        if not index:
+            return "the image"
+        return "slice " + ", ".join(str(i) for i in index)
+
+    def read_plane(self, data: Any, index: Index) -> np.ndarray:
+        """Read one 2D plane (plus channels/colours) from ``data``; lazy arrays read only it."""
+        key: list[Any] = [slice(None)] * len(self.data_shape)
+        for ax, i in zip(self.loop_axes, index):
+            key[ax] = i
+        return np.asarray(data[tuple(key)])
+
+    @property
+    def plane_channel_axis(self) -> Optional[int]:
+        """The channel axis of a plane returned by :meth:`read_plane` (it comes first)."""
+        return 0 if self.channel_axis is not None else None
+
+    def output_index(self, index: Index) -> tuple[Any, ...]:
+        """Where the plane of loop ``index`` goes in the output arrays."""
+        loop = dict(zip(self.loop_axes, index))
+        key: list[Any] = []
+        for ax in self.output_axes:
+            if ax == self.channel_axis:
+                key.append(0)
+            elif ax in loop:
+                key.append(loop[ax])
+            else:
+                key.append(slice(None))
+        return tuple(key)
+
+    def output_values(self, values: Sequence[Any]) -> list[Any]:
+        """Per-output-axis copies of per-data-axis values (axis labels, units)."""
+        values = list(values)
+        return [values[ax] for ax in self.output_axes]
+
+    def output_scale_translate(
+        self, scale: Sequence[float], translate: Sequence[float]
+    ) -> tuple[list[float], list[float]]:
+        """The output layers' ``scale`` and ``translate``, from the source layer's.
+
+        Equal on every axis, except a kept (length-1) channel axis: its scale is multiplied by the
+        channel count and its translate moved to the channels' centre, so the one output plane
+        covers every channel position and shows whichever channel the viewer is on.
+        """
+        out_scale, out_translate = [], []
+        for ax in self.output_axes:
+            s, t = float(scale[ax]), float(translate[ax])
+            if ax == self.channel_axis:
+                n = self.data_shape[ax]
+                s, t = s * n, t + s * (n - 1) / 2
+            out_scale.append(s)
+            out_translate.append(t)
+        return out_scale, out_translate
+
+
+@dataclass
+class StackRequest:
+    """One run of the widget: which data, which slices, which classes, which settings."""
+
+    data: Any
+    layout: StackLayout
+    slices: list[Index]
+    classes: str
+    background: str = ""
+    channels: Optional[tuple[int, ...]] = None
+    settings: "Optional[SegmentSettings]" = None
+    keep_confidence: bool = True
+    memory_budget: int = MEMORY_BUDGET
+
+
+@dataclass
+class StackResult:
+    """Full-shape outputs of a run; only ``slices`` were computed (the rest is 0).
+
+    Shaped like :class:`~napari_maskclip.engine.SegmentationResult` where it matters (``labels``,
+    ``class_names``, ``colors``), so the layer code serves both.
+    """
+
+    labels: np.ndarray
+    probabilities: list[np.ndarray]
+    class_names: list[str]
+    class_texts: list[str]
+    background: str
+    slices: list[Index]
+    output_indices: list[tuple[Any, ...]]
+    removed_classes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    encoder_calls: int = 0
+    encoded_slices: int = 0
+    seconds: float = 0.0
+
+    @property
+    def colors(self) -> list[tuple[float, float, float, float]]:
+        return class_colors(self.class_names)
+
+    def class_pixel_counts(self) -> list[int]:
+        """Pixels of each class in the computed slices (for choosing which maps to show)."""
+        counts = np.zeros(len(self.class_names) + 1, dtype=np.int64)
+        for key in self.output_indices:
+            counts += np.bincount(self.labels[key].ravel(), minlength=counts.size)[: counts.size]
+        return [int(c) for c in counts[1:]]
+
+
+def _estimate_bytes(layout: StackLayout, n_slices: int, n_classes: int, keep_confidence: bool) -> int:
+    plane = layout.plane_shape[0] * layout.plane_shape[1]
+    label_bytes = 1 if n_classes <= 255 else 2
+    per_pixel = label_bytes + (4 * n_classes if keep_confidence else 0)
+    return n_slices * plane * per_pixel
+
+
+def _scaled(progress: Progress, i: int, n: int, start: float, share: float) -> Progress:
+    overall = (i + start + share * progress.fraction) / max(n, 1)
+    prefix = f"slice {i + 1}/{n}: " if n > 1 else ""
+    info = dict(progress.info)
+    info.update(fraction=overall, slice=i, slices=n, inner_stage=progress.stage)
+    return Progress("segment", i, n, prefix + progress.message, info)
+
+
+def segment_stack_iter(
+    segmenter: "Segmenter", request: StackRequest
+) -> Generator[Progress, None, StackResult]:
+    """Segment the requested slices one by one; yields progress (``info['fraction']`` overall).
+
+    Closing the generator stops at the next window; nothing partial is returned.
+    """
+    started = time.perf_counter()
+    layout = request.layout
+    fg = parse_classes(request.classes)  # fail fast on a bad class list
+    bg = parse_classes(request.background, allow_empty=True) if request.background.strip() else []
+    parse_classes(fg + bg)
+    if not request.slices:
+        raise InvalidInputError("No slice to segment.")
+    n = len(request.slices)
+    needed = _estimate_bytes(layout, n, len(fg), request.keep_confidence)
+    if needed > request.memory_budget:
+        raise InvalidInputError(
+            f"Segmenting {n} slices of {layout.plane_shape[1]}x{layout.plane_shape[0]} px into "
+            f"{len(fg)} classes needs about {needed / 2**30:.1f} GiB for the outputs (limit "
+            f"{request.memory_budget / 2**30:.1f} GiB). Segment the current slice, use fewer "
+            "classes, or turn off the confidence maps."
+        )
+    label_dtype = np.uint8 if len(fg) <= 255 else np.uint16
+    labels = np.zeros(layout.output_shape, dtype=label_dtype)
+    probabilities = (
+        [np.zeros(layout.output_shape, dtype=np.float32) for _ in fg]
+        if request.keep_confidence else []
+    )
+    settings = request.settings
+    calls_before = segmenter.image_encoder_calls
+    encoded = 0
+    removed: list[str] = []
+    record: dict[str, Any] = {}
+    out_indices: list[tuple[Any, ...]] = []
+    for i, index in enumerate(request.slices):
+        plane = layout.read_plane(request.data, index)
+        calls = segmenter.image_encoder_calls
+        encoder = segmenter.encode_iter(
+            plane,
+            channel_axis=layout.plane_channel_axis,
+            channels=request.channels,
+            settings=settings,
+        )
+        features = yield from _forward(encoder, i, n, 0.0, _ENCODE_SHARE)
+        encoded += segmenter.image_encoder_calls > calls
+        query = segmenter.segment_iter(
+            features, request.classes, background=request.background or None, settings=settings
+        )
+        result = yield from _forward(query, i, n, _ENCODE_SHARE, 1.0 - _ENCODE_SHARE)
+        key = layout.output_index(index)
+        out_indices.append(key)
+        labels[key] = result.labels
+        for k, prob in enumerate(probabilities):
+            prob[key] = result.probabilities[k]
+        removed.extend(name for name in result.removed_classes if name not in removed)
+        record = result.settings
+    return StackResult(
+        labels=labels,
+        probabilities=probabilities,
+        class_names=[spec.name for spec in fg],
+        class_texts=[spec.text for spec in fg],
+        background="; ".join(spec.text for spec in bg),
+        slices=list(request.slices),
+        output_indices=out_indices,
+        removed_classes=removed,
+        settings=record,
+        encoder_calls=segmenter.image_encoder_calls - calls_before,
+        encoded_slices=encoded,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _forward(gen, i: int, n: int, start: float, share: float):
+    """``yield from`` an engine generator, rescaling its progress into the whole run."""
+    try:
+        while True:
+            try:
+                step = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield _scaled(step, i, n, start, share)
+    finally:
+        gen.close()

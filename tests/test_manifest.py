@@ -1,0 +1,89 @@
+"""The npe2 manifest: valid, packaged from the single root file, and light to import."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    from npe2 import PluginManifest
+
+    return PluginManifest.from_distribution("napari-maskclip")
+
+
+def test_npe2_validate_passes():
+    out = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "napari-maskclip"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "valid" in out.stdout
+
+
+def test_packaged_manifest_is_the_root_file():
+    packaged = importlib.resources.files("napari_maskclip").joinpath("napari.yaml").read_text()
+    assert packaged == (ROOT / "napari.yaml").read_text(encoding="utf-8")
+
+
+def test_contributions(manifest):
+    contrib = manifest.contributions
+    commands = {c.id: c.python_name for c in contrib.commands}
+    widget = contrib.widgets[0]
+    assert commands[widget.command] == "napari_maskclip._widget:MaskClipWidget"
+    segment_menu = contrib.menus["napari/layers/segment"]
+    assert [item.command for item in segment_menu] == [widget.command]
+    from napari_maskclip._sample_data import SAMPLES
+
+    assert {s.key for s in contrib.sample_data} == set(SAMPLES)
+    writer = contrib.writers[0]
+    assert [str(t) for t in writer.layer_types] == ["labels"]
+    assert commands[writer.command] == "napari_maskclip._writer:write_labels_dataset"
+
+
+def _resolve(python_name: str):
+    module, attr = python_name.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def test_widget_and_sample_commands_resolve(manifest):
+    from napari_maskclip._widget import MaskClipWidget
+
+    names = [c.python_name for c in manifest.contributions.commands if "_writer" not in c.python_name]
+    resolved = [_resolve(name) for name in names]
+    assert MaskClipWidget in resolved
+    assert all(callable(obj) for obj in resolved)
+
+
+def test_writer_command_resolves(manifest):
+    writer = next(c for c in manifest.contributions.commands if "_writer" in c.python_name)
+    if importlib.util.find_spec("napari_maskclip._writer") is None:
+        pytest.skip("napari_maskclip._writer (the export issue) is not in this tree yet")
+    assert callable(_resolve(writer.python_name))
+
+
+@pytest.mark.parametrize(
+    "modules, forbidden",
+    [
+        (["napari_maskclip"], ["torch", "qtpy", "PyQt5", "napari"]),
+        (["napari_maskclip._sample_data", "napari_maskclip._widget_settings"], ["torch", "qtpy"]),
+        (["napari_maskclip._widget"], ["torch", "open_clip"]),
+    ],
+)
+def test_imports_stay_light(modules, forbidden):
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + f"print(sorted(m for m in {forbidden!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"{modules} imported {out.stdout.strip()}"
