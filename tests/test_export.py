@@ -85,6 +85,18 @@ def test_16_bit_gray_and_multichannel_images_keep_their_dtype(tmp_path, rng):
     np.testing.assert_array_equal(ds["f"].read_image(), five)
 
 
+@pytest.mark.parametrize("shape, dtype", [
+    ((12, 14, 1), np.uint8), ((12, 14, 2), np.uint8), ((12, 14, 4), np.uint16),
+    ((12, 14, 3), np.float64), ((12, 14), np.int32), ((12, 14), np.uint8), ((12, 14, 4), np.uint8),
+])
+def test_any_image_round_trips_exactly(tmp_path, rng, shape, dtype):
+    image = (rng.random(shape) * 200).astype(dtype)
+    export_sample(tmp_path, "x", image, np.zeros((12, 14), np.uint8), "cell")
+    back = read_dataset(tmp_path)["x"].read_image()
+    assert back.dtype == image.dtype and back.shape == image.shape
+    np.testing.assert_array_equal(back, image)
+
+
 def test_channel_first_image_is_stored_channels_last(tmp_path, rng):
     image = rng.integers(0, 256, (3, 16, 20), dtype=np.uint8)
     labels = np.ones((16, 20), np.uint8)

@@ -41,8 +41,11 @@ def write_image_file(path: Path, image: np.ndarray) -> None:
 
     photometric = "rgb" if image.ndim == 3 and image.shape[-1] in (3, 4) else "minisblack"
     extrasamples = {"extrasamples": ["unassalpha"]} if photometric == "rgb" and image.shape[-1] == 4 else {}
+    # Channels last and interleaved; a single trailing channel is kept as a shape (tifffile's
+    # shaped metadata restores it on reading).
+    contig = image.ndim == 3 and image.shape[-1] > 1
     tifffile.imwrite(path, np.ascontiguousarray(image), photometric=photometric,
-                     planarconfig="contig" if image.ndim == 3 else None,
+                     planarconfig="contig" if contig else None,
                      compression="zlib", **extrasamples)
 
 
