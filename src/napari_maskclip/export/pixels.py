@@ -40,23 +40,27 @@ class PixelStats:
         }
 
 
-def _with_background(probabilities: np.ndarray) -> np.ndarray:
-    """``(m+1) x H x W``: background mass first, then the class maps."""
-    p = np.asarray(probabilities, dtype=np.float32)
-    background = np.clip(1.0 - p.sum(axis=0), 0.0, 1.0)
-    return np.concatenate([background[None], p], axis=0)
+def _background_mass(p: np.ndarray) -> np.ndarray:
+    """``H x W``: the probability left to background, ``1 - sum(P)`` clipped to 0..1."""
+    return np.clip(1.0 - p.sum(axis=0, dtype=np.float32), 0.0, 1.0)
 
 
 def label_confidence(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """The probability of each pixel's own label (0 = background mass), ``H x W`` float32."""
-    full = _with_background(probabilities)
-    index = np.clip(labels, 0, full.shape[0] - 1).astype(np.intp)
-    return np.take_along_axis(full, index[None], axis=0)[0]
+    """The probability of each pixel's own label (0 = background mass), ``H x W`` float32.
+
+    Only ``H x W`` temporaries: no ``(C+1) x H x W`` copy, so large images stay cheap.
+    """
+    p = np.asarray(probabilities)
+    index = np.clip(labels.astype(np.intp) - 1, 0, p.shape[0] - 1)
+    own = np.take_along_axis(p, index[None], axis=0)[0].astype(np.float32)
+    return np.where(labels == 0, _background_mass(p), own)
 
 
 def model_choice(probabilities: np.ndarray) -> np.ndarray:
-    """The label the probabilities favour (0 when background mass beats every class)."""
-    return np.argmax(_with_background(probabilities), axis=0)
+    """The label the probabilities favour (0 when the background mass is at least every class's)."""
+    p = np.asarray(probabilities)
+    best = p.argmax(axis=0) + 1
+    return np.where(_background_mass(p) >= p.max(axis=0), 0, best)
 
 
 def prepare_mask(
