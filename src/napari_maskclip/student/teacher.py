@@ -1,0 +1,147 @@
+"""The frozen MaskCLIP teacher of a student: online pseudo-labels and the class embeddings.
+
+Pseudo-labels are computed on the very crops the student trains on (after scaling, cropping and
+flipping), as MaskCLIP+ does, so they match the student's input pixel for pixel. A whole batch of
+crops goes through the image encoder in one pass; the read-out is the engine's (dense features,
+cosine logits per prompt, softmax with the teacher's temperature, max over synonyms, prompt
+denoising and key smoothing per crop when the teacher's settings ask for them). Pixels whose
+winning probability is below an optional confidence threshold are ignored.
+
+The teacher also provides the student's frozen classifier: one text embedding per class (the
+normalised mean of its synonyms' embeddings, each averaged over the teacher's templates), with
+row 0 the background (its names, by default "background").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..classes import ClassSpec, parse_classes
+from ..engine.dense import dense_features
+from ..engine.loading import LoadedModel
+from ..engine.refine import class_probabilities, denoise_keep, key_smoothing
+from ..engine.settings import SegmentSettings
+from ..engine.templates import resolve_templates
+from ..engine.text import TextEmbeddingCache, TextEncoder
+from .data import IGNORE
+
+__all__ = ["Teacher"]
+
+
+class Teacher:
+    """MaskCLIP on a frozen CLIP, reading batches of crops into label maps."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        classes: list[ClassSpec],
+        background: list[ClassSpec],
+        settings: Optional[SegmentSettings] = None,
+        *,
+        confidence_threshold: Optional[float] = None,
+        text_cache: Optional[TextEmbeddingCache] | str = "default",
+        record: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.loaded = loaded
+        self.settings = (settings or SegmentSettings()).validate()
+        self.classes = list(classes)
+        self.background = list(background) or parse_classes("background")
+        self.confidence_threshold = confidence_threshold
+        self.text = TextEncoder(loaded, cache=text_cache)
+        #: How to load this teacher again (model and pretrained as the user gave them).
+        self._record = dict(record or {})
+        self.templates = resolve_templates(self.settings.templates)
+        specs = self.classes + self.background
+        prompts = [syn for spec in specs for syn in spec.synonyms]
+        self._groups: list[list[int]] = []
+        for spec in specs:
+            first = sum(len(g) for g in self._groups)
+            self._groups.append(list(range(first, first + len(spec.synonyms))))
+        self._prompt_embeddings = self.text.embed_texts(prompts, self.templates)  # Q x D
+        # Label value of each class: k + 1 for the user's classes, 0 for background names.
+        self._values = torch.tensor(
+            [k + 1 for k in range(len(self.classes))] + [0] * len(self.background), dtype=torch.long
+        )
+
+    # ---- the student's classifier ------------------------------------------------------------
+    def class_embeddings(self) -> torch.Tensor:
+        """``(K + 1) x D`` float32 on the CPU: row 0 background, row k class k (unit norm)."""
+        rows = []
+        bg = [i for spec_i in range(len(self.classes), len(self.classes) + len(self.background))
+              for i in self._groups[spec_i]]
+        rows.append(self._prompt_embeddings[bg].mean(dim=0))
+        for k in range(len(self.classes)):
+            rows.append(self._prompt_embeddings[self._groups[k]].mean(dim=0))
+        return F.normalize(torch.stack(rows).float(), dim=-1).cpu()
+
+    def record(self) -> dict[str, Any]:
+        """What the checkpoint stores about the teacher."""
+        out = {
+            "model": self.loaded.name,
+            "pretrained": self.loaded.pretrained,
+            "identity": self.loaded.identity,
+            "settings": self.settings.to_dict(),
+            "confidence_threshold": self.confidence_threshold,
+        }
+        out.update(self._record)
+        return out
+
+    # ---- pseudo-labels ---------------------------------------------------------------------
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` crops in 0..1 -> ``B x H x W`` labels (long, on the images' device):
+        0 background, k class k, :data:`~.data.IGNORE` below the confidence threshold."""
+        s = self.settings
+        loaded = self.loaded
+        out_device = images.device
+        height, width = images.shape[-2:]
+        patch = loaded.patch_size
+        mean = torch.tensor(loaded.mean, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
+        std = torch.tensor(loaded.std, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
+        x = (images.to(loaded.device, torch.float32) - mean) / std
+        ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
+        x = F.pad(x, (0, pw - width, 0, ph - height)).to(loaded.dtype)
+        dense = dense_features(loaded.visual, x, s.mode, with_keys=s.key_smoothing)
+        text = self._prompt_embeddings.to(dense.features.device)
+        labels = []
+        for b in range(images.shape[0]):
+            feat = dense.features[b].float()
+            logits = torch.einsum("dhw,qd->qhw", feat, text.float())
+            gh, gw = logits.shape[-2:]
+            groups = self._groups
+            active = list(range(len(groups)))
+            if s.denoise:
+                class_max = class_probabilities(logits.flatten(1), groups, s.logit_scale).amax(dim=1)
+                keep = denoise_keep(class_max.cpu(), s.denoise_threshold)
+                active = [k for k in active if bool(keep[k])]
+            prompt_index = [q for k in active for q in groups[k]]
+            active_groups: list[list[int]] = []
+            for k in active:
+                first = sum(len(g) for g in active_groups)
+                active_groups.append(list(range(first, first + len(groups[k]))))
+            logits = logits[prompt_index]
+            if s.key_smoothing:
+                probs = class_probabilities(logits.flatten(1), active_groups, s.logit_scale)
+                probs = key_smoothing(probs, dense.keys[b].float(), threshold=s.ks_threshold)
+                score = probs.reshape(-1, gh, gw)
+            else:
+                score = logits
+            up = F.interpolate(score[None], size=(gh * patch, gw * patch), mode="bilinear",
+                               align_corners=False)[0, :, :height, :width]
+            if s.key_smoothing:
+                probs = up / up.sum(dim=0, keepdim=True).clamp_min(1e-12)
+            else:
+                probs = class_probabilities(up, active_groups, s.logit_scale)
+            best_p, best = probs.max(dim=0)
+            values = self._values[active].to(best.device)
+            lab = values[best]
+            if s.background_threshold is not None:
+                lab = lab.masked_fill(best_p < s.background_threshold, 0)
+            if self.confidence_threshold is not None:
+                lab = lab.masked_fill(best_p < self.confidence_threshold, IGNORE)
+            labels.append(lab)
+        return torch.stack(labels).to(out_device)
