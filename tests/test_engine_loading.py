@@ -297,3 +297,19 @@ def test_gpu_segmentation_agrees_with_cpu(tiny_vit_files, precision):
     a, b = cpu(image, "cat, dog, tree", logit_scale=10.0), gpu(image, "cat, dog, tree", logit_scale=10.0)
     atol = 1e-4 if precision == "fp32" else 2e-2
     np.testing.assert_allclose(b.probabilities, a.probabilities, atol=atol, rtol=0)
+
+
+def test_demo_model_loads_offline_or_says_it_is_missing():
+    from importlib import resources
+
+    base = resources.files("napari_maskclip") / "demo"
+    present = (base / "toy_clip.json").is_file() and (base / "toy_clip.safetensors").is_file()
+    if not present:
+        with pytest.raises(ModelLoadError, match="demo"):
+            load_clip("demo", None, device="cpu")
+        return
+    loaded = load_clip("demo", None, device="cpu")
+    assert loaded.name == "demo" and loaded.kind in ("vit", "resnet")
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    result = Segmenter(loaded, text_cache=None, templates="single")(image, "cat, dog")
+    assert result.labels.shape == (64, 64)

@@ -173,3 +173,25 @@ def test_key_smoothing_needs_features_with_keys(tiny_vit):
     features = seg.encode(blocky_rgb(32, 32))
     with pytest.raises(InvalidInputError):
         seg.segment(features, "cat, dog", key_smoothing=True)
+
+
+def test_prompt_denoising_is_decided_over_all_windows(tiny_vit):
+    """With sliding windows, a class survives if it is confident anywhere in the image."""
+    from engine_helpers import window_starts
+
+    image = blocky_rgb(64, 96, seed=7)
+    names = ["cat", "dog", "tree", "road", "sky", "car"]
+    scale = 20.0
+    text = text_embeddings(tiny_vit.model, tiny_vit.tokenizer, names, SINGLE)
+    class_max = torch.zeros(len(names), dtype=REF_DTYPE)
+    for y in window_starts(64, 48, 24):
+        for x in window_starts(96, 48, 24):
+            _, cells, _ = reference_logits(tiny_vit, image[y:y + 48, x:x + 48] / 255.0, text)
+            probs = class_probs(cells.flatten(1), [[i] for i in range(len(names))], scale)
+            class_max = torch.maximum(class_max, probs.max(dim=1).values)
+    order = torch.sort(class_max, descending=True).values
+    threshold = float((order[2] + order[3]) / 2)
+    assert float(order[2] - order[3]) > 1e-3
+    seg = _segmenter(tiny_vit, denoise=True, denoise_threshold=threshold, logit_scale=scale)
+    result = seg(image, names, window=48, stride=24)
+    assert sorted(result.removed_classes) == sorted(n for n, m in zip(names, class_max) if m < threshold)

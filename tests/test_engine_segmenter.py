@@ -341,3 +341,42 @@ def test_short_side_resize_returns_outputs_at_the_original_size(seg, tiny_vit, s
     logits = upsample_crop(cells, 8, *proc)
     logits = F.interpolate(logits[None], size=(40, 60), mode="bilinear", align_corners=False)[0]
     _assert_matches(result, class_probs(logits, [[0], [1], [2]], 20.0))
+
+
+def test_feature_cache_is_bounded(tiny_vit):
+    seg = Segmenter(tiny_vit, templates="single", denoise=False, text_cache=None, feature_cache_items=2)
+    images = [blocky_rgb(32, 32, seed=30 + i) for i in range(3)]
+    with EncoderCalls(tiny_vit.visual) as calls:
+        for image in images:
+            seg.encode(image)
+        assert len(seg.features_cache) == 2
+        seg.encode(images[2])  # still cached
+        assert calls.count == 3
+        seg.encode(images[0])  # evicted: encoded again
+        assert calls.count == 4
+
+
+def test_cached_encode_reports_itself_done(seg):
+    image = blocky_rgb(64, 96, seed=19)
+    seg.encode(image, window=48, stride=24)
+    steps = list(_drain(seg.encode_iter(image, window=48, stride=24)))
+    assert steps and steps[-1].done == steps[-1].total == 6
+
+
+def _drain(gen):
+    while True:
+        try:
+            yield next(gen)
+        except StopIteration:
+            return
+
+
+def test_classes_table_describes_the_result(seg):
+    result = seg(blocky_rgb(32, 40, seed=20), "cat, dog; puppy", background="sky")
+    table = result.classes_table()
+    assert [c["index"] for c in table["classes"]] == [1, 2]
+    assert [c["name"] for c in table["classes"]] == ["cat", "dog"]
+    assert table["classes"][1]["synonyms"] == ["dog", "puppy"]
+    assert table["background"]["names"] == ["sky"]
+    assert len(result.colors) == 2 and all(len(c) == 4 for c in result.colors)
+    assert table["settings"]["model_identity"] == seg.loaded.identity

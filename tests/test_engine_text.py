@@ -236,3 +236,32 @@ def test_corrupt_disk_entry_is_recomputed(tiny_vit, tmp_path):
     second = TextEncoder(tiny_vit, cache=TextEmbeddingCache(tmp_path)).embed_texts(["cat"], t)
     torch.testing.assert_close(second, first, atol=1e-6, rtol=0)
     assert np.isfinite(second.numpy()).all()
+
+
+def test_small_batches_keep_prompt_order(tiny_vit):
+    """Prompts are batched by length internally; the output rows must still follow the input."""
+    enc = TextEncoder(tiny_vit, cache=None, batch_size=2)
+    out = enc.encode_prompts(PROMPTS, truncate=True)
+    assert enc.forward_calls == 3
+    with torch.no_grad():
+        full = tiny_vit.model.encode_text(tiny_vit.tokenizer(PROMPTS)).to(REF_DTYPE)
+    full = full / full.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out.to(REF_DTYPE), full, atol=1e-5, rtol=0)
+
+
+def test_segmenter_uses_the_85_templates_by_default(tiny_vit):
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from napari_maskclip.engine import Segmenter
+
+    templates = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] + [
+        "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+        "this is the {} in the scene.", "this is one {} in the scene."]
+    seg = Segmenter(tiny_vit, text_cache=None)
+    assert seg.settings.templates == "maskclip85"
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    result = seg(image, "cat, dog", denoise=False)
+    assert result.settings["n_templates"] == 85
+    got = seg.text.embed_texts(["cat", "dog"], resolve_templates("maskclip85"))
+    ref = text_embeddings(tiny_vit.model, tiny_vit.tokenizer, ["cat", "dog"], templates)
+    torch.testing.assert_close(got.to(REF_DTYPE), ref, atol=1e-5, rtol=0)
