@@ -157,6 +157,16 @@ def _run(args: argparse.Namespace) -> int:
 
     if bool(args.from_segment) == bool(args.images):
         raise InvalidInputError("Give either --images with --labels, or --from-segment (not both).")
+    if args.from_segment:
+        extra = [flag for flag, value in (("--labels", args.labels), ("--classes", args.classes),
+                                          ("--background", args.background),
+                                          ("--confidence", args.confidence),
+                                          ("--edited", args.edited)) if value]
+        if extra:
+            raise InvalidInputError(
+                f"{', '.join(extra)} cannot be used with --from-segment: the segment folder's "
+                "<stem>_classes.json files give the classes, labels and confidence."
+            )
     jobs = _jobs_from_segment(args) if args.from_segment else _jobs_from_files(args)
     names = [job["name"] for job in jobs]
     if len({n.casefold() for n in names}) != len(names):

@@ -353,6 +353,7 @@ def export_sample_iter(
             index.commit()
             _remove_stale(root, index, pending)
         report.cancelled = not completed
+    report.files = list(dict.fromkeys(report.files))  # dataset.json is committed more than once
     return report
 
 
