@@ -380,3 +380,15 @@ def test_classes_table_describes_the_result(seg):
     assert table["background"]["names"] == ["sky"]
     assert len(result.colors) == 2 and all(len(c) == 4 for c in result.colors)
     assert table["settings"]["model_identity"] == seg.loaded.identity
+
+
+def test_resnet_sliding_windows_with_key_smoothing(tiny_resnet):
+    seg = Segmenter(tiny_resnet, templates="single", denoise=False, text_cache=None)
+    image = blocky_rgb(96, 160, seed=21)
+    with EncoderCalls(tiny_resnet.visual) as calls:
+        result = seg(image, NAMES, window=64, stride=32, key_smoothing=True, logit_scale=10.0)
+    n_windows = len(window_starts(96, 64, 32)) * len(window_starts(160, 64, 32))
+    assert calls.count == n_windows
+    assert result.labels.shape == (96, 160) and result.settings["inference"] == "sliding"
+    np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
+    assert np.array_equal(result.labels, result.probabilities.argmax(0) + 1)
