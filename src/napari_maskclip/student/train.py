@@ -109,21 +109,6 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
 
-def _confusion(targets: torch.Tensor, pred: torch.Tensor, n: int) -> torch.Tensor:
-    keep = targets != IGNORE
-    index = targets[keep].long() * n + pred[keep].long()
-    return torch.bincount(index, minlength=n * n).reshape(n, n)
-
-
-def _miou(confusion: torch.Tensor) -> float:
-    """Mean IoU over classes present in the targets or the predictions."""
-    conf = confusion.double()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if bool(present.any()) else float("nan")
-
-
 def _load_data(data: DataLike, settings: TrainSettings) -> TrainingData:
     if isinstance(data, TrainingData):
         return data
@@ -166,24 +151,27 @@ def _teacher_settings(
 
 def _validate(net: StudentNet, samples: list[Sample], crop: int, device: torch.device) -> Optional[float]:
     """mIoU of the student on the trusted pixels of ``samples`` (None if there are none)."""
+    from ..evaluate import confusion_matrix, scores_from_confusion
+
     n = net.num_classes
-    confusion = torch.zeros(n, n, dtype=torch.int64)
+    confusion = np.zeros((n, n + 1), dtype=np.int64)
     was_training = net.training
     net.eval()
     try:
         for sample in samples:
-            targets = torch.from_numpy(np.where(sample.trusted_mask(), sample.labels, IGNORE))
-            if not bool((targets != IGNORE).any()):
+            targets = np.where(sample.trusted_mask(), sample.labels, IGNORE)
+            if not np.any(targets != IGNORE):
                 continue
             logits = run_to_completion(
                 predict_logits_iter(net, sample.image_float(), window=max(crop, 512), device=device)
             )
-            confusion += _confusion(targets, logits.argmax(dim=0), n)
+            pred = logits.argmax(dim=0).numpy()
+            confusion += confusion_matrix(pred, targets, n, ignore_index=IGNORE)
     finally:
         net.train(was_training)
     if int(confusion.sum()) == 0:
         return None
-    return _miou(confusion)
+    return scores_from_confusion(confusion).miou
 
 
 def _check_resume(ckpt: StudentCheckpoint, data: TrainingData, names: dict[str, list[str]]) -> None:
