@@ -380,6 +380,9 @@ def test_classes_table_describes_the_result(seg):
     assert table["background"]["names"] == ["sky"]
     assert len(result.colors) == 2 and all(len(c) == 4 for c in result.colors)
     assert table["settings"]["model_identity"] == seg.loaded.identity
+    import json
+
+    assert json.loads(json.dumps(table)) == table  # written as *_classes.json by the CLI
 
 
 def test_resnet_sliding_windows_with_key_smoothing(tiny_resnet):
