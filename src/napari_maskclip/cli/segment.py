@@ -60,7 +60,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The MaskCLIP settings, as options (shared by ``segment`` and ``demo``)."""
-    from ..engine.dense import MODES
+    from ..engine.modes import MODES
 
     group = parser.add_argument_group("MaskCLIP")
     group.add_argument("--mode", default="maskclip", choices=[m for m in MODES],

@@ -4,35 +4,50 @@ tiled inference and caches. Imports neither napari nor Qt.
 Typical use::
 
     from napari_maskclip.engine import Segmenter
-    seg = Segmenter("ViT-B-16", "openai")          # or Segmenter("demo") offline
+    seg = Segmenter("ViT-B-16", "openai")          # or Segmenter("demo", None) offline
     result = seg(image, "cat, dog; puppy", background="background")
     result.labels, result.probabilities, result.class_names
+
+Names are imported lazily: ``napari_maskclip.engine.settings``, ``.modes``, ``.preprocess``
+and ``.windows`` load without torch, so UIs and CLIs can list options and validate input
+before paying for torch.
 """
 
-from .dense import MODES, DenseOutput, dense_features
-from .features import ImageFeatures
-from .loading import DEMO_MODEL, RANDOM_WEIGHTS, LoadedModel, load_clip, wrap_model
-from .result import SegmentationResult
-from .segmenter import Segmenter
-from .settings import SegmentSettings
-from .templates import maskclip_templates, resolve_templates
-from .text import TextEmbeddingCache, TextEncoder
+from __future__ import annotations
 
-__all__ = [
-    "MODES",
-    "DEMO_MODEL",
-    "RANDOM_WEIGHTS",
-    "DenseOutput",
-    "ImageFeatures",
-    "LoadedModel",
-    "SegmentSettings",
-    "SegmentationResult",
-    "Segmenter",
-    "TextEmbeddingCache",
-    "TextEncoder",
-    "dense_features",
-    "load_clip",
-    "maskclip_templates",
-    "resolve_templates",
-    "wrap_model",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MODES": "modes",
+    "DEMO_MODEL": "loading",
+    "RANDOM_WEIGHTS": "loading",
+    "DenseOutput": "dense",
+    "ImageFeatures": "features",
+    "LoadedModel": "loading",
+    "SegmentSettings": "settings",
+    "SegmentationResult": "result",
+    "Segmenter": "segmenter",
+    "TextEmbeddingCache": "text",
+    "TextEncoder": "text",
+    "dense_features": "dense",
+    "load_clip": "loading",
+    "maskclip_templates": "templates",
+    "resolve_templates": "templates",
+    "wrap_model": "loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

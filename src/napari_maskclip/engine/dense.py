@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
+from .modes import MODES, VIT_ONLY_MODES
 
 __all__ = [
     "MODES",
@@ -48,8 +49,6 @@ __all__ = [
     "NACLIP_SIGMA",
 ]
 
-MODES = ("maskclip", "sclip", "clearclip", "naclip", "naive")
-VIT_ONLY_MODES = ("sclip", "clearclip", "naclip", "naive")
 NACLIP_SIGMA = 5.0
 
 # Attention rows are computed in chunks so that a block of scores stays below this many floats.

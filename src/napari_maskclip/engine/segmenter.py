@@ -30,7 +30,8 @@ from .. import __version__
 from ..classes import ClassesLike, ClassSpec, parse_classes
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..progress import Progress, run_to_completion
-from .dense import VIT_ONLY_MODES, dense_features
+from .dense import dense_features
+from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
 from .preprocess import prepare_image

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ..errors import InvalidInputError
-from .dense import MODES
+from .modes import MODES
 from .templates import TEMPLATE_SETS
 
 __all__ = ["SegmentSettings", "ENCODE_FIELDS"]
