@@ -204,14 +204,17 @@ class MaskClipWidget(QWidget):
 
     # ---- worker signals (main thread) -------------------------------------------------------
     def _on_progress(self, step: Progress) -> None:
-        pbar = self._pbar  # local: updating the bar may process events, incl. `finished`
+        pbar = self._pbar
         if pbar is None or self.worker is None:
             return
+        if step.message:
+            self._set_status(step.message)
+        # Updating napari's bar can process pending events, including the end of the run, so the
+        # status is written first and the bar is left alone once the run has ended.
         fraction = step.info.get("fraction") if step.stage != "load" else None
         if step.message:
             pbar.set_description(f"MaskCLIP: {step.message}")
-            self._set_status(step.message)
-        if fraction is not None:
+        if fraction is not None and self._pbar is pbar:
             if pbar.total != _BAR_STEPS:
                 pbar.total = _BAR_STEPS
             target = int(round(float(fraction) * _BAR_STEPS))

@@ -276,6 +276,7 @@ class ModelSection(QGroupBox):
             "which runs offline (trained on synthetic shapes, for trying the plugin only)."
         )
         self.model_file = QPushButton("...")
+        self.model_file.setFixedWidth(32)
         self.model_file.setToolTip("Choose an open_clip model-config JSON.")
         self.pretrained = QComboBox()
         self.pretrained.setEditable(True)
@@ -286,6 +287,7 @@ class ModelSection(QGroupBox):
             "file. 'random' = random weights, for testing only."
         )
         self.pretrained_file = QPushButton("...")
+        self.pretrained_file.setFixedWidth(32)
         self.pretrained_file.setToolTip("Choose a checkpoint file.")
         self.device = QComboBox()
         self.device.addItems(DEVICES)

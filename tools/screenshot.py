@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Render the README screenshot: napari with the MaskCLIP widget docked and a result shown.
+
+Runs offscreen under a virtual X server (no display needed)::
+
+    QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1600x1200x24" .venv/bin/python tools/screenshot.py
+
+Model choice (``--model auto``, the default): the shipped demo model on a synthetic scene of
+coloured shapes when its files exist in ``src/napari_maskclip/demo/``; otherwise the tiny random
+ViT of the tests (``tests/data/tiny_vit.json`` with a random checkpoint saved to a temporary
+folder) on the coffee sample, which shows the interface but not a meaningful segmentation. The
+script prints which one it used, for the README caption. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo_available() -> bool:
+    demo = ROOT / "src" / "napari_maskclip" / "demo"
+    return (demo / "toy_clip.json").is_file() and (demo / "toy_clip.safetensors").is_file()
+
+
+def _tiny_random_checkpoint(folder: Path) -> tuple[str, str]:
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    config = ROOT / "tests" / "data" / "tiny_vit.json"
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**json.loads(config.read_text()))
+    path = folder / "tiny_vit_random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(config), str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "napari-widget.png"))
+    parser.add_argument("--model", choices=["auto", "demo", "tiny"], default="auto")
+    parser.add_argument("--size", default="1400x1000", help="window size, WIDTHxHEIGHT")
+    args = parser.parse_args(argv)
+    use_demo = args.model == "demo" or (args.model == "auto" and _demo_available())
+
+    scratch = Path(tempfile.mkdtemp(prefix="maskclip-screenshot-"))
+    os.environ.setdefault("NAPARI_MASKCLIP_CONFIG_DIR", str(scratch / "config"))
+    os.environ.setdefault("NAPARI_MASKCLIP_CACHE_DIR", str(scratch / "cache"))
+    os.environ["NAPARI_CONFIG"] = str(scratch / "napari-settings.yaml")  # never the user's
+    import open_clip  # noqa: F401  (load torch's stack before the canvas; see _widget_models)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
+
+    import napari
+    import numpy as np
+    from qtpy.QtWidgets import QApplication
+
+    from napari_maskclip._widget import MaskClipWidget
+
+    from napari.settings import get_settings
+
+    get_settings().application.gui_notification_level = "error"  # no toasts over the picture
+    viewer = napari.Viewer(title="napari-maskclip")
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    viewer.window.resize(width, height)
+    if use_demo:
+        from napari_maskclip.synthetic import make_scene
+
+        scene = make_scene(3, size=(384, 512), n_objects=(4, 6))
+        viewer.add_image(scene.image, name="shapes", rgb=scene.image.ndim == 3)
+        names = sorted({name for name in scene.class_names})  # the classes in the scene
+        classes = ", ".join(names)
+        model, pretrained, caption = "demo", "", "the shipped demo model on a synthetic scene"
+    else:
+        viewer.open_sample("napari-maskclip", "coffee")
+        classes = "coffee cup; mug, saucer; plate, spoon"
+        model, pretrained = _tiny_random_checkpoint(scratch)
+        caption = "a tiny random-weight test model (interface only, not a real segmentation)"
+
+    widget = MaskClipWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MaskCLIP segmentation", area="right")
+    widget.model.model.setCurrentText(model)
+    widget.model.pretrained.setCurrentText(pretrained)
+    widget.model.device.setCurrentText("cpu")
+    widget.classes.text.setPlainText(classes)
+
+    finished: list[str] = []
+    widget.run_finished.connect(finished.append)
+    widget.run()
+    deadline = time.monotonic() + 600
+    while (not finished or widget.running) and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    if finished != ["done"]:
+        print(f"run did not finish: {finished} {widget.status.text()}", file=sys.stderr)
+        return 1
+    labels = widget.last_report.labels_layer
+    viewer.layers.selection.active = labels
+    for _ in range(20):  # let the canvas and the docks paint
+        QApplication.processEvents()
+        time.sleep(0.02)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = viewer.screenshot(canvas_only=False, flash=False)
+    import imageio.v3 as iio
+
+    from napari_maskclip.atomic import atomic_write
+
+    with atomic_write(out) as tmp:
+        iio.imwrite(tmp, np.asarray(image), extension=".png")
+    print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); model: {caption}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
