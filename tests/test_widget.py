@@ -87,6 +87,16 @@ def test_widget_is_discovered_through_npe2(make_napari_viewer):
     assert widget.model.pretrained.currentText() == "openai"
 
 
+def test_demo_model_is_marked_and_uses_its_template(make_napari_viewer):
+    widget = MaskClipWidget(make_napari_viewer())
+    assert not widget.model.hint.isVisibleTo(widget)
+    widget.model.model.setCurrentText("demo")
+    assert widget.model.hint.isVisibleTo(widget) and "Demo model" in widget.model.hint.text()
+    assert not widget.model.pretrained.isEnabled()
+    assert widget.settings.templates.currentText() == "single"
+    assert widget.model.choice().pretrained is None
+
+
 def test_sample_data_suggests_class_names(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = MaskClipWidget(viewer)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         scene = make_scene(3, size=(384, 512), n_objects=(4, 6))
         viewer.add_image(scene.image, name="shapes", rgb=scene.image.ndim == 3)
-        names = sorted({name for name in scene.class_names})  # the classes in the scene
+        names = sorted({obj.name for obj in scene.objects})  # the classes in the scene
         classes = ", ".join(names)
         model, pretrained, caption = "demo", "", "the shipped demo model on a synthetic scene"
     else:

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxL
 
 from ._widget_job import JobControl, JobOutcome, segmentation_job
 from ._widget_layers import EDIT_POLICY, Geometry, apply_result
-from ._widget_models import SegmenterPool
+from ._widget_models import DEMO_MODEL, SegmenterPool
 from ._widget_sections import ClassesSection, ImageSection, ModelSection, SettingsSection
 from ._widget_settings import WidgetPreferences
 from ._widget_stack import StackRequest
@@ -90,6 +90,7 @@ class MaskClipWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.image.layer_changed.connect(self._on_layer_changed)
+        self.model.model.currentTextChanged.connect(self._on_model_changed)
         events = self.viewer.layers.events
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
@@ -107,6 +108,14 @@ class MaskClipWidget(QWidget):
         layer = self.image.current_layer()
         if layer is not None:
             self.classes.suggest(layer)
+
+    def _on_model_changed(self, text: str) -> None:
+        if text.strip() == DEMO_MODEL:  # the demo model was trained with one prompt template
+            self.settings.templates.setCurrentText("single")
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        self.cancel()  # a closed widget must not receive the result of a run
+        super().closeEvent(event)
 
     # ---- running -------------------------------------------------------------------------
     @property

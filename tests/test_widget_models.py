@@ -1,0 +1,54 @@
+"""The widget's model choices and the pool that keeps loaded models (and their caches) alive."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from napari_maskclip._widget_models import ModelChoice, SegmenterPool
+from napari_maskclip.errors import ModelLoadError
+from napari_maskclip.progress import run_to_completion
+
+
+def test_choice_from_fields(tmp_path):
+    ckpt = tmp_path / "weights.safetensors"
+    ckpt.write_bytes(b"x")
+    assert ModelChoice.from_fields(" ViT-B-16 ", "openai", "").device == "auto"
+    assert ModelChoice.from_fields("ViT-B-16", "openai", "cpu").may_download
+    local = ModelChoice.from_fields("ViT-B-16", str(ckpt), "cpu")
+    assert not local.may_download and local.describe() == "ViT-B-16 (weights.safetensors)"
+    assert not ModelChoice.from_fields("ViT-B-16", "random", "cpu").may_download
+    demo = ModelChoice.from_fields("demo", "openai", "cpu")
+    assert demo.pretrained is None and not demo.may_download
+    with pytest.raises(ModelLoadError, match="No model given"):
+        ModelChoice.from_fields("  ", "openai", "cpu")
+
+
+def test_pool_reuses_models_and_evicts_the_oldest(tiny_vit_files, tiny_resnet_files):
+    pool = SegmenterPool(max_models=1)
+    vit = ModelChoice(str(tiny_vit_files[0]), str(tiny_vit_files[1]), "cpu")
+    steps = []
+    first = run_to_completion(pool.get_iter(vit), steps.append)
+    assert [s.stage for s in steps] == ["load", "load"]
+    assert run_to_completion(pool.get_iter(vit)) is first  # no reload, caches kept
+    assert pool.cached(vit) is first
+    resnet = ModelChoice(str(tiny_resnet_files[0]), str(tiny_resnet_files[1]), "cpu")
+    other = run_to_completion(pool.get_iter(resnet))
+    assert other is not first and len(pool) == 1 and pool.cached(vit) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard is Linux-only")
+def test_engine_import_hides_triton_inside_napari():
+    code = (
+        "import sys, vispy\n"  # stands for a running napari canvas
+        "from napari_maskclip._widget_models import _import_engine\n"
+        "engine = _import_engine()\n"
+        "engine.Segmenter\n"
+        "from torch.utils._triton import has_triton_package\n"
+        "print(sys.modules.get('triton', 'absent'), has_triton_package())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False"]
