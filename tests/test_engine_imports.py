@@ -6,25 +6,39 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 UI_PREFIXES = ("napari", "PyQt5", "PyQt6", "PySide2", "PySide6", "qtpy", "vispy", "magicgui",
                "superqt", "app_model")
 
+#: Every engine module, imported through the package's public names and directly.
+ENGINE_FULL_IMPORT = (
+    "napari_maskclip.engine; "
+    "from napari_maskclip.engine import *; "
+    "import pkgutil, importlib, napari_maskclip.engine as e; "
+    "[importlib.import_module('napari_maskclip.engine.' + m.name) "
+    "for m in pkgutil.iter_modules(e.__path__)]"
+)
 
-def _modules_after_import(module: str) -> list[str]:
-    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
+
+def _modules_after_import(statement: str) -> list[str]:
+    code = f"import json, sys; import {statement}; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _is_ui(name: str) -> bool:
-    top = name.split(".")[0]
-    return top in UI_PREFIXES
+    return name.split(".")[0] in UI_PREFIXES
 
 
 def test_engine_imports_no_napari_or_qt():
-    modules = _modules_after_import("napari_maskclip.engine")
-    assert "torch" in modules and "napari_maskclip.engine" in modules  # the probe works
+    modules = _modules_after_import(ENGINE_FULL_IMPORT)
+    # The probe really loaded the engine's heavy modules...
+    for name in ("torch", "napari_maskclip.engine.segmenter", "napari_maskclip.engine.dense",
+                 "napari_maskclip.engine.loading", "napari_maskclip.engine.text"):
+        assert name in modules, name
+    # ...and none of them pulled in a UI toolkit.
     ui = [m for m in modules if _is_ui(m)]
     assert ui == [], f"napari_maskclip.engine imported UI modules: {ui[:10]}"
 
@@ -34,6 +48,16 @@ def test_package_root_imports_no_torch():
     assert "napari_maskclip" in modules
     heavy = [m for m in modules if m.split(".")[0] in ("torch", "open_clip") or _is_ui(m)]
     assert heavy == [], f"import napari_maskclip loaded {heavy[:10]}"
+
+
+@pytest.mark.parametrize("module", ["napari_maskclip.engine", "napari_maskclip.engine.settings",
+                                    "napari_maskclip.engine.preprocess", "napari_maskclip.engine.windows"])
+def test_light_engine_modules_import_no_torch(module):
+    """Documented in engine/__init__: options and input checks load without torch."""
+    modules = _modules_after_import(module)
+    assert module in modules
+    heavy = [m for m in modules if m.split(".")[0] in ("torch", "open_clip") or _is_ui(m)]
+    assert heavy == [], f"import {module} loaded {heavy[:10]}"
 
 
 def test_probe_detects_ui_modules():
