@@ -336,3 +336,25 @@ def test_recent_class_lists_are_remembered(make_widget, qtbot):
     other.classes.recent.activated.emit(items.index("cat, dog; puppy"))
     assert other.classes.classes_text() == "cat, dog; puppy"
     assert other.model.pretrained.currentText() == widget.model.pretrained.currentText()
+
+
+# ---- the export seam -----------------------------------------------------------------------------
+def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
+    """What the layers carry is enough for napari's Save to write a dataset sample."""
+    from napari_maskclip.export import read_dataset
+
+    viewer, widget = make_widget((RGB, {"name": "photo", "rgb": True}))
+    widget.classes.text.setPlainText("cat, dog; puppy")
+    widget.classes.background.setEditText("sky, wall")
+    assert run_and_wait(qtbot, widget) == "done", widget.status.text()
+    labels = viewer.layers["photo [maskclip]"]
+    viewer.layers.selection = {labels}
+    assert viewer.layers.save(str(tmp_path / "ds"), selected=True, plugin="napari-maskclip")
+    dataset = read_dataset(tmp_path / "ds")
+    assert dataset.class_names[1:] == ["cat", "dog"]
+    sample = dataset["photo"]
+    np.testing.assert_array_equal(sample.read_mask(), labels.data)
+    np.testing.assert_array_equal(sample.read_image(), RGB)
+    confidence = sample.read_confidence()
+    assert confidence is not None and confidence.shape == (2, *RGB.shape[:2])
+    np.testing.assert_allclose(confidence[1], viewer.layers["photo [maskclip] dog"].data, atol=1e-3)

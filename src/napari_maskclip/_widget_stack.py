@@ -314,7 +314,7 @@ def segment_stack_iter(
         probabilities=probabilities,
         class_names=[spec.name for spec in fg],
         class_texts=[spec.text for spec in fg],
-        background="; ".join(spec.text for spec in bg),
+        background=", ".join(spec.text for spec in bg),
         slices=list(request.slices),
         output_indices=out_indices,
         removed_classes=removed,
