@@ -14,6 +14,7 @@ traceback. Opening the widget imports no torch; the first run does, in the worke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from qtpy.QtCore import Signal
@@ -21,7 +22,7 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxL
 
 from ._widget_job import JobControl, JobOutcome, segmentation_job
 from ._widget_layers import EDIT_POLICY, Geometry, apply_result
-from ._widget_models import DEMO_MODEL, SegmenterPool
+from ._widget_models import DEMO_MODEL, ModelChoice, SegmenterPool
 from ._widget_sections import ClassesSection, ImageSection, ModelSection, SettingsSection
 from ._widget_settings import WidgetPreferences
 from ._widget_stack import StackRequest
@@ -35,6 +36,20 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MaskClipWidget"]
 
 _BAR_STEPS = 1000
+
+
+@dataclass
+class _Run:
+    """Everything a run needs, read from the controls on the main thread before it starts."""
+
+    layer: Any
+    choice: ModelChoice
+    request: StackRequest
+    settings: dict[str, Any]
+    geometry: Geometry
+    what: str  # "the image", "slice 3", "12 slices"
+    classes: str
+    background: str
 
 
 class MaskClipWidget(QWidget):
@@ -53,7 +68,7 @@ class MaskClipWidget(QWidget):
         self.last_report: Any = None
         self._control: Optional[JobControl] = None
         self._pbar: Any = None
-        self._pending: dict[str, Any] = {}
+        self._pending: Optional[_Run] = None
 
         self.image = ImageSection()
         self.classes = ClassesSection(self.prefs)
@@ -135,7 +150,7 @@ class MaskClipWidget(QWidget):
             return None
         return self._start(job)
 
-    def _prepare(self) -> dict[str, Any]:
+    def _prepare(self) -> _Run:
         """Read every choice on the main thread; raise MaskClipError on anything unusable."""
         layer = self.image.current_layer()
         layout = self.image.layout()
@@ -166,18 +181,18 @@ class MaskClipWidget(QWidget):
             keep_confidence=self.settings.keep_confidence(),
         )
         what = layout.describe_slice(slices[0]) if len(slices) == 1 else f"{len(slices)} slices"
-        return {
-            "layer": layer,
-            "choice": choice,
-            "request": request,
-            "settings": self.settings.overrides(),
-            "geometry": geometry,
-            "what": what,
-            "classes": classes,
-            "background": background,
-        }
+        return _Run(
+            layer=layer,
+            choice=choice,
+            request=request,
+            settings=self.settings.overrides(),
+            geometry=geometry,
+            what=what,
+            classes=classes,
+            background=background,
+        )
 
-    def _start(self, job: dict[str, Any]) -> Any:
+    def _start(self, job: _Run) -> Any:
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
@@ -186,9 +201,9 @@ class MaskClipWidget(QWidget):
         worker = create_worker(
             segmentation_job,
             self.pool,
-            job["choice"],
-            job["request"],
-            job["settings"],
+            job.choice,
+            job.request,
+            job.settings,
             self._control,
             _start_thread=False,
             _connect={"errored": self._on_errored},
@@ -201,7 +216,7 @@ class MaskClipWidget(QWidget):
         self._pbar = progress(total=0, desc="MaskCLIP")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self._set_status(f"Segmenting {job['what']} of '{job['layer'].name}'...")
+        self._set_status(f"Segmenting {job.what} of '{job.layer.name}'...")
         worker.start()
         return worker
 
@@ -242,13 +257,13 @@ class MaskClipWidget(QWidget):
             self.run_finished.emit("error")
             return
         result = outcome.result
-        layer = job["layer"]
+        layer = job.layer
         report = apply_result(
             self.viewer,
             result,
             source_id=str(layer.unique_id),
             source_name=layer.name,
-            geometry=job["geometry"],
+            geometry=job.geometry,
             run_info={
                 "class_texts": result.class_texts,
                 "background": result.background,
@@ -258,7 +273,7 @@ class MaskClipWidget(QWidget):
         self.last_report = report
         self._set_status(self._summary(outcome, job, report))
         self.prefs.remember_run(
-            job["classes"], job["background"], self.model.model.currentText(),
+            job.classes, job.background, self.model.model.currentText(),
             self.model.pretrained.currentText(),
         )
         self.prefs.save()
@@ -284,7 +299,7 @@ class MaskClipWidget(QWidget):
 
     # ---- messages ------------------------------------------------------------------------
     @staticmethod
-    def _summary(outcome: JobOutcome, job: dict[str, Any], report: Any) -> str:
+    def _summary(outcome: JobOutcome, job: _Run, report: Any) -> str:
         result = outcome.result
         n = len(result.slices)
         if result.encoded_slices == 0:
@@ -295,7 +310,7 @@ class MaskClipWidget(QWidget):
             encoder = "image encoded"
         text = "cached class embeddings" if outcome.text_calls == 0 else "class names encoded"
         parts = [
-            f"Done in {outcome.seconds:.2f} s ({job['what']}, {outcome.model}): {encoder}; {text}.",
+            f"Done in {outcome.seconds:.2f} s ({job.what}, {outcome.model}): {encoder}; {text}.",
             _capitalised(report.describe()) + ".",
         ]
         if result.removed_classes:
