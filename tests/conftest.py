@@ -8,11 +8,17 @@ code, exactly as a user's local checkpoint would be.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+# The test models are tiny and the CI/dev machines small and shared: torch's intra-op threads only
+# wait on each other there (measured ~40x slower per op under load). One thread per test process,
+# set before torch is first imported; an explicit OMP_NUM_THREADS still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
