@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# Load torch's compiler stack (Triton, on Linux) at collection, before any napari canvas exists:
+# Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip._widget_models). This
+# keeps GUI tests independent of the order tests run in.
+import open_clip  # noqa: F401
+
 DATA = Path(__file__).parent / "data"
 
 # The test models are tiny and the CI/dev machines small and shared: torch's intra-op threads only

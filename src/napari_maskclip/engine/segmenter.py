@@ -150,10 +150,7 @@ class Segmenter:
         """Encode ``image`` into dense features, yielding progress per window (cached)."""
         s = self._resolve(settings, overrides)
         image = np.asarray(image)
-        unit = prepare_image(image, channel_axis=channel_axis, channels=channels)
-        height, width = unit.shape[:2]
-        proc = self._proc_shape(height, width, s)
-        plan = self._plan(proc, s)
+        # The cache is checked first: a re-query pays only for hashing the image.
         key = image_digest(
             image, f"{channel_axis}|{channels}|{self.loaded.identity}|{s.encode_key()}"
         )
@@ -162,6 +159,10 @@ class Segmenter:
             n = len(cached.windows)
             yield Progress("encode", n, n, "cached image features")
             return cached
+        unit = prepare_image(image, channel_axis=channel_axis, channels=channels)
+        height, width = unit.shape[:2]
+        proc = self._proc_shape(height, width, s)
+        plan = self._plan(proc, s)
 
         if plan["inference"] == "sliding":
             boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
@@ -352,6 +353,8 @@ class Segmenter:
         self, s: SegmentSettings, features: ImageFeatures, templates: Sequence[str]
     ) -> dict[str, Any]:
         record = s.to_dict()
+        # What the features were actually encoded with wins over the query's settings.
+        record.update(features.encode_settings)
         record.update(
             model=self.loaded.name,
             pretrained=self.loaded.pretrained,
