@@ -26,7 +26,6 @@ import time
 import numpy as np
 import torch
 
-from napari_maskclip.progress import run_to_completion
 from napari_maskclip.student import StudentSegmenter, TrainingData, TrainSettings, train_iter
 
 CLASSES = ["red", "green", "blue"]

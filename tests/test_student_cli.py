@@ -21,6 +21,9 @@ TINY = ["--backbone", "tiny", "--backbone-weights", "random", "--crop-size", "32
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
+    """One intra-op thread: tiny networks gain nothing from more, and on a busy small machine
+    threads spin against each other (measured 10x slower). conftest's OMP_NUM_THREADS=1 comes
+    too late when a pytest plugin has already loaded the OpenMP runtime, so set it here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -25,6 +25,9 @@ from test_student_train import COLOURS, random_embeddings, shapes_data
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
+    """One intra-op thread: tiny networks gain nothing from more, and on a busy small machine
+    threads spin against each other (measured 10x slower). conftest's OMP_NUM_THREADS=1 comes
+    too late when a pytest plugin has already loaded the OpenMP runtime, so set it here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -34,13 +37,15 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A tiny student trained for a few steps, saved as a checkpoint: (path, TrainResult)."""
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one
     path = tmp_path_factory.mktemp("student") / "student.safetensors"
     settings = TrainSettings(iterations=6, batch_size=4, crop_size=48, backbone="tiny",
                              backbone_weights="random", lr=0.05, val_fraction=0.2,
                              val_interval=0, save_interval=0)
     result = train(shapes_data(8, size=48), path, settings=settings,
                    class_embeddings=random_embeddings(4), device="cpu")
+    torch.set_num_threads(before)
     return path, result
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from skimage.draw import disk, rectangle
 
 from napari_maskclip.errors import InvalidInputError
-from napari_maskclip.progress import run_to_completion
 from napari_maskclip.student import (
     IGNORE,
     TrainingData,
@@ -27,15 +26,16 @@ from napari_maskclip.student.data import augment_batch, iteration_rng, labels_fr
 
 
 
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Tiny networks gain nothing from intra-op threads, and on a busy 2-core machine two
-    threads spin against each other (10x slower); restore the setting afterwards."""
+    """One intra-op thread: tiny networks gain nothing from more, and on a busy small machine
+    threads spin against each other (measured 10x slower). conftest's OMP_NUM_THREADS=1 comes
+    too late when a pytest plugin has already loaded the OpenMP runtime, so set it here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
 
