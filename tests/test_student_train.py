@@ -253,3 +253,27 @@ def test_settings_are_validated():
     with pytest.raises(InvalidInputError, match="class_embeddings"):
         train(shapes_data(3, size=32), None, settings=tiny_settings(iterations=1),
               class_embeddings=random_embeddings(2), device="cpu")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"denoise": False},
+    {"denoise": True, "denoise_threshold": 0.9},
+    {"denoise": False, "key_smoothing": True},
+])
+def test_teacher_labels_are_maskclip_labels_of_the_crop(tiny_vit, overrides):
+    """The online teacher gives the engine's MaskCLIP labels for each crop (same read-out)."""
+    from napari_maskclip.engine import Segmenter
+    from napari_maskclip.student.teacher import Teacher
+
+    seg = Segmenter(tiny_vit, templates="single", text_cache=None, **overrides)
+    classes = ["red", "green; lime", "blue"]
+    data = TrainingData.from_arrays([np.zeros((4, 4, 3), np.uint8)], [np.zeros((4, 4), np.uint8)],
+                                    classes, background="background; floor")
+    teacher = Teacher(tiny_vit, data.classes, data.background, seg.settings, text_cache=None)
+    rng = np.random.default_rng(7)
+    crops = [(rng.random((40, 44, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    batch = torch.stack([torch.from_numpy(c.astype(np.float32) / 255.0).permute(2, 0, 1) for c in crops])
+    pseudo = teacher.pseudo_labels(batch)
+    for crop, labels in zip(crops, pseudo):
+        expected = seg(crop, classes, background="background; floor").labels
+        assert np.mean(labels.numpy() == expected) > 0.999

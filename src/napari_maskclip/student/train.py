@@ -43,7 +43,7 @@ from ..engine.loading import LoadedModel, load_clip
 from ..engine.segmenter import Segmenter
 from ..engine.settings import SegmentSettings
 from ..engine.text import TextEmbeddingCache
-from ..errors import DatasetError, InvalidInputError
+from ..errors import DatasetError, InvalidInputError, ModelLoadError
 from ..progress import Progress, run_to_completion
 from .checkpoint import (
     StudentCheckpoint,
@@ -132,7 +132,15 @@ def _resolve_teacher_model(
                 "Which CLIP model is the teacher? The data does not say: pass --model and "
                 "--pretrained (the model that made the labels, e.g. ViT-B-16 openai, or demo)."
             )
-        teacher, pretrained = fallback["model"], fallback.get("pretrained")
+        model, weights = str(fallback["model"]), fallback.get("pretrained")
+        try:
+            loaded = load_clip(model, weights, device=device)
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"The recorded teacher (model {model!r}, weights {weights!r}) cannot be loaded "
+                f"({exc}); pass --model and --pretrained."
+            ) from exc
+        return loaded, None, {"model": model, "pretrained": weights}
     loaded = load_clip(str(teacher), pretrained, device=device)
     return loaded, None, {"model": str(teacher), "pretrained": pretrained}
 
