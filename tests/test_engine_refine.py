@@ -12,6 +12,7 @@ import torch
 
 from engine_helpers import (
     REF_DTYPE,
+    assert_labels,
     blocky_rgb,
     class_probs,
     key_smoothing_bruteforce,
@@ -91,7 +92,7 @@ def test_synonyms_merged_by_max_probability(tiny_vit):
     probs = class_probs(logits, [[0], [1, 2, 3], [4]], 30.0)
     assert result.class_names == ["cat", "dog", "tree"]
     np.testing.assert_allclose(result.probabilities, probs.numpy(), atol=1e-5, rtol=0)
-    assert np.array_equal(result.labels, probs.argmax(0).numpy() + 1)
+    assert_labels(result.labels, probs)
 
 
 def _class_max(tiny_vit, image, names, scale):
@@ -125,7 +126,7 @@ def test_prompt_denoising_in_the_pipeline_removes_exactly_the_weak_classes(tiny_
     logits, _, _ = reference_logits(tiny_vit, image / 255.0, text)
     probs = torch.softmax(scale * logits, dim=0).numpy()
     np.testing.assert_allclose(result.probabilities[kept], probs, atol=1e-5, rtol=0)
-    assert np.array_equal(result.labels, np.array(kept)[probs.argmax(0)] + 1)
+    assert_labels(result.labels, probs, values=np.array(kept) + 1)
 
 
 def test_prompt_denoising_never_removes_every_class(tiny_vit):
@@ -160,7 +161,7 @@ def test_key_smoothing_in_the_pipeline_matches_reference(tiny_vit, partial):
     pix = upsample_crop(torch.from_numpy(smoothed).reshape(k, gh, gw), 8, 40, 48)
     pix = pix / pix.sum(0, keepdim=True)
     np.testing.assert_allclose(result.probabilities, pix.numpy(), atol=1e-5, rtol=0)
-    assert np.array_equal(result.labels, pix.argmax(0).numpy() + 1)
+    assert_labels(result.labels, pix)
     # ...and it changed something (otherwise the comparison proves little).
     plain = _segmenter(tiny_vit, logit_scale=scale)(image, names)
     assert np.abs(plain.probabilities - result.probabilities).max() > 1e-3
