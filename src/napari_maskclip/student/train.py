@@ -146,14 +146,21 @@ def _resolve_teacher_model(
 
 
 def _teacher_settings(
-    settings: TrainSettings, recorded: Optional[dict[str, Any]], segmenter_settings: Optional[SegmentSettings]
+    settings: TrainSettings,
+    resumed: Optional[dict[str, Any]],
+    segmenter_settings: Optional[SegmentSettings],
+    dataset: Optional[dict[str, Any]],
 ) -> SegmentSettings:
-    if settings.teacher_settings is not None:
-        return SegmentSettings.from_dict(settings.teacher_settings).validate()
+    """The teacher's MaskCLIP settings: explicit training settings, else those of the run being
+    resumed (so it continues exactly), else the given Segmenter's, else the ones recorded in the
+    dataset (what made its labels), else the engine's defaults."""
+    for candidate in (settings.teacher_settings, resumed):
+        if candidate is not None:
+            return SegmentSettings.from_dict(candidate).validate()
     if segmenter_settings is not None:
         return segmenter_settings
-    if recorded:
-        return SegmentSettings.from_dict(recorded).validate()
+    if dataset:
+        return SegmentSettings.from_dict(dataset).validate()
     return SegmentSettings()
 
 
@@ -293,14 +300,12 @@ def train_iter(
                 f"({teacher_record.get('pretrained')}), not {loaded.describe()}; resume with "
                 "the same teacher."
             )
-        recorded = (teacher_record or {}).get("settings")
-        if recorded is None and data.provenance.get("model") and teacher is None:
-            recorded = data.provenance.get("settings")
         from .teacher import Teacher
 
         teacher_obj = Teacher(
             loaded, data.classes, data.background,
-            _teacher_settings(settings, recorded, seg_settings),
+            _teacher_settings(settings, (teacher_record or {}).get("settings"), seg_settings,
+                              data.provenance.get("settings")),
             confidence_threshold=settings.confidence_threshold,
             text_cache=text_cache, record=how,
         )
