@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
+# The test models are tiny and the CI/dev machines small and shared: torch's intra-op threads only
+# wait on each other there (measured ~40x slower per op under load). One thread per test process,
+# set before torch is first imported (by the open_clip import below); an explicit OMP_NUM_THREADS
+# still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Load torch's compiler stack (Triton, on Linux) at collection, before any napari canvas exists:
 # Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip._widget_models). This
 # keeps GUI tests independent of the order tests run in.
 import open_clip  # noqa: F401
 
 DATA = Path(__file__).parent / "data"
-
-# The test models are tiny and the CI/dev machines small and shared: torch's intra-op threads only
-# wait on each other there (measured ~40x slower per op under load). One thread per test process,
-# set before torch is first imported; an explicit OMP_NUM_THREADS still wins.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

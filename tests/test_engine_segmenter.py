@@ -313,9 +313,6 @@ def test_features_of_another_model_are_refused(seg):
         seg.segment(features, "cat, dog")
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: Segmenter._settings_record takes the encode "
-                   "settings (mode, short_side, window...) from the query settings, not from "
-                   "ImageFeatures.encode_settings")
 def test_result_records_the_settings_the_features_were_encoded_with(seg):
     """Provenance: a query on features encoded in SCLIP mode must not claim another mode."""
     features = seg.encode(blocky_rgb(40, 48, seed=17), mode="sclip", short_side=64)
