@@ -65,17 +65,9 @@ def test_non_finite_values(seg, tiny_vit, bad):
     assert calls.count == 0
 
 
-_EMPTY_IMAGE_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="engine bug (since 0bdbd92): Segmenter.encode_iter hashes the image for the feature "
-           "cache before prepare_image validates it; features.image_digest's memoryview cast "
-           "raises TypeError on an empty array instead of InvalidInputError")
-
-
 @pytest.mark.parametrize("shape", [
     (2, 32, 32, 3), (1, 2, 32, 32, 3), (32,), (32, 32, 5), (32, 32, 2),
-    pytest.param((0, 0), marks=_EMPTY_IMAGE_BUG),
-    pytest.param((0, 32, 3), marks=_EMPTY_IMAGE_BUG),
+    (0, 0), (0, 32, 3),
 ])
 def test_wrong_dimensions(seg, shape):
     with pytest.raises(InvalidInputError):
@@ -149,9 +141,6 @@ def test_settings_round_trip():
 
 
 @pytest.mark.parametrize("templates", [("a photo of a cat.",), ("{} and {}",), ()])
-@pytest.mark.xfail(strict=True, reason="engine bug: SegmentSettings.validate checks only template-set "
-                   "names, and run_iter checks classes but not templates before encode_iter, so a bad "
-                   "custom template list fails only after the image encoder ran")
 def test_bad_custom_templates_are_refused_before_encoding(seg, tiny_vit, templates):
     with EncoderCalls(tiny_vit.visual) as calls:
         with pytest.raises(InvalidInputError):

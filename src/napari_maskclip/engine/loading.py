@@ -216,7 +216,15 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> str:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     if getattr(model, "logit_bias", None) is None:
         state.pop("logit_bias", None)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: another architecture's weights
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ModelLoadError(
+            f"Checkpoint {path} does not fit model {name}: {detail[:300]}. Pass the model name "
+            "or config the checkpoint was trained with (e.g. --model ViT-B-16)."
+        ) from exc
     missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
     if missing or result.unexpected_keys:
         detail = []

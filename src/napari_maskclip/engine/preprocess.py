@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 
-__all__ = ["prepare_image", "PERCENTILES"]
+__all__ = ["prepare_image", "check_image_array", "PERCENTILES"]
 
 PERCENTILES = (1.0, 99.8)
 
@@ -52,6 +52,20 @@ def _to_unit(data: np.ndarray, *, per_channel: bool) -> np.ndarray:
         raise InvalidInputError(f"Unsupported image dtype {data.dtype}: use integer or float data.")
     axis = (0, 1) if per_channel else None
     return _percentile_scale(data, axis)
+
+
+def check_image_array(image: np.ndarray) -> np.ndarray:
+    """Cheap checks (no pass over the pixels) that an array can be an image at all."""
+    data = np.asarray(image)
+    if data.dtype == object or data.size == 0:
+        raise InvalidInputError(f"The image is empty or not numeric (shape {data.shape}).")
+    if data.ndim < 2 or data.ndim > 3:
+        raise InvalidInputError(
+            f"Got an array of shape {data.shape}: the engine segments one 2D image at a time "
+            "(gray, RGB, RGBA, or channels with channel_axis). Pass 2D slices of stacks and "
+            "time series (the napari widget and the CLI do this for you)."
+        )
+    return data
 
 
 def prepare_image(

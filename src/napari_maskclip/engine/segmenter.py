@@ -34,7 +34,7 @@ from .dense import dense_features
 from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
-from .preprocess import prepare_image
+from .preprocess import check_image_array, prepare_image
 from .refine import class_probabilities, denoise_keep, key_smoothing
 from .result import SegmentationResult
 from .settings import SegmentSettings
@@ -43,6 +43,10 @@ from .text import TextEmbeddingCache, TextEncoder
 from .windows import Box, coverage, window_boxes
 
 __all__ = ["Segmenter"]
+
+# Prompt denoising's threshold is calibrated at CLIP's scale (paper and official code: 100), so it
+# is decided at that scale whatever temperature the user picks for the confidence maps.
+DENOISE_SCALE = 100.0
 
 # Output rows processed per block when turning scores into probabilities and labels.
 _ROW_BLOCK = 256
@@ -116,7 +120,7 @@ class Segmenter:
         stride = s.stride or max(patch, window // 2)
         stride = min(stride, window)
         if h <= window and w <= window:
-            return {"inference": "whole", "window": window, "stride": stride}
+            return {"inference": "whole", "window": None, "stride": None}
         return {"inference": "sliding", "window": window, "stride": stride}
 
     # ---- encoding --------------------------------------------------------------------------
@@ -149,7 +153,7 @@ class Segmenter:
     ) -> Generator[Progress, None, ImageFeatures]:
         """Encode ``image`` into dense features, yielding progress per window (cached)."""
         s = self._resolve(settings, overrides)
-        image = np.asarray(image)
+        image = check_image_array(image)
         # The cache is checked first: a re-query pays only for hashing the image.
         key = image_digest(
             image, f"{channel_axis}|{channels}|{self.loaded.identity}|{s.encode_key()}"
@@ -256,7 +260,7 @@ class Segmenter:
         if s.denoise:
             class_max = torch.full((len(specs),), -1.0)
             for lg in window_logits:
-                probs = class_probabilities(lg.flatten(1), groups, s.logit_scale)
+                probs = class_probabilities(lg.flatten(1), groups, DENOISE_SCALE)
                 class_max = torch.maximum(class_max, probs.amax(dim=1).cpu())
             keep = denoise_keep(class_max, s.denoise_threshold)
         active = [k for k in range(len(specs)) if keep[k]]

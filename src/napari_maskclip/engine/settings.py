@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from ..errors import InvalidInputError
 from .modes import MODES
-from .templates import TEMPLATE_SETS
+from .templates import TEMPLATE_SETS, resolve_templates
 
 __all__ = ["SegmentSettings", "ENCODE_FIELDS"]
 
@@ -99,6 +99,8 @@ class SegmentSettings:
             raise InvalidInputError(
                 f"Unknown template set {self.templates!r}: use {', '.join(TEMPLATE_SETS)} or your own."
             )
+        if not isinstance(self.templates, str):
+            resolve_templates(self.templates)  # a custom list: each needs exactly one "{}"
         return self
 
     def encode_key(self) -> tuple[Any, ...]:
