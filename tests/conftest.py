@@ -23,6 +23,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip._widget_models). This
 # keeps GUI tests independent of the order tests run in.
 import open_clip  # noqa: F401
+import torch
+
+if "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == "1":
+    # A pytest plugin may have loaded the OpenMP runtime before this file ran; set it directly.
+    torch.set_num_threads(1)
 
 DATA = Path(__file__).parent / "data"
 

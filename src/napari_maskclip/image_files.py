@@ -133,7 +133,9 @@ def write_float_stack(
 
     target = Path(path)
     with atomic_write(target, overwrite=overwrite) as tmp:
-        tifffile.imwrite(tmp, np.asarray(stack, dtype=dtype), compression="zlib")
+        # minisblack: a 3- or 4-channel stack is C planes of data, not an RGB picture.
+        tifffile.imwrite(tmp, np.asarray(stack, dtype=dtype), compression="zlib",
+                         photometric="minisblack")
     return target
 
 
