@@ -18,16 +18,24 @@ Image per class, only the top few visible.
   edited Labels layer is left exactly as it is and no longer managed by the plugin, and the
   result goes into a **new** Labels layer. Nothing the user painted is ever overwritten.
 
+Besides the fingerprints, the layer keeps a compressed copy of every slice the plugin wrote
+(``predicted``, see :mod:`._widget_edits`), so an export can tell *which pixels* were edited, and
+a ``run_id`` shared with its confidence layers, so an export pairs the labels with the maps of
+the same run (after a re-run into a new layer, the old layer's maps are gone, not mixed up).
+
 Uses public napari API only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from ._widget_edits import PREDICTED, leading_indices, record_planes, slice_key
 
 __all__ = [
     "EDIT_POLICY",
@@ -163,7 +171,8 @@ def result_layer_data(
 
 
 def _source_meta(metadata: Optional[dict[str, Any]]) -> dict[str, Any]:
-    return {k: v for k, v in (metadata or {}).items() if k in ("source_id", "source_name")}
+    keep = ("source_id", "source_name", "run_id")
+    return {k: v for k, v in (metadata or {}).items() if k in keep}
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
@@ -176,13 +185,8 @@ def slice_fingerprint(plane: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _slice_key(index: Sequence[Any]) -> str:
-    """The fingerprint key of an output index: its leading (integer) part."""
-    return ",".join(str(int(i)) for i in index if not isinstance(i, slice))
-
-
-def _leading_indices(shape: Sequence[int]) -> Iterable[tuple[int, ...]]:
-    return np.ndindex(*shape[:-2]) if len(shape) > 2 else [()]
+_slice_key = slice_key  # the fingerprint key of an output index: its leading (integer) part
+_leading_indices = leading_indices
 
 
 def edited_slices(layer: Any) -> set[str]:
@@ -301,7 +305,11 @@ def apply_result(
         else:
             mode = "kept-edited"
 
-    meta_common = {"source_id": source_id, "source_name": source_name, **(run_info or {})}
+    run_id = uuid.uuid4().hex
+    if mode == "updated":  # the same run continues: its confidence layers stay paired
+        run_id = labels_layer.metadata.get(META_KEY, {}).get("run_id") or run_id
+    meta_common = {"source_id": source_id, "source_name": source_name, **(run_info or {}),
+                   "run_id": run_id}
     tuples = result_layer_data(
         result, source_name=source_name, geometry=geometry, metadata=meta_common
     )
@@ -311,10 +319,13 @@ def apply_result(
     if mode == "updated":
         meta = dict(labels_layer.metadata.get(META_KEY, {}))
         prints = dict(meta.get("fingerprints", {}))
+        predicted = dict(meta.get(PREDICTED, {}))  # a new dict: copies of the layer share the old
         for key, idx in written.items():
             labels_layer.data[idx] = result.labels[idx]
             prints[key] = slice_fingerprint(labels_layer.data[idx])
+        predicted.update(record_planes(result.labels, written.values()))
         meta.update(meta_common, fingerprints=prints, class_names=names, managed=True)
+        meta[PREDICTED] = predicted
         labels_layer.metadata = {**labels_layer.metadata, META_KEY: meta}
         labels_layer.refresh()
         report.labels_layer = labels_layer
@@ -322,6 +333,7 @@ def apply_result(
         prints = {key: slice_fingerprint(result.labels[idx]) for key, idx in written.items()}
         data, kwargs, _ = labels_tuple
         kwargs["metadata"][META_KEY].update(fingerprints=prints, managed=True)
+        kwargs["metadata"][META_KEY][PREDICTED] = record_planes(result.labels, written.values())
         if mode == "replaced":
             labels_layer.data = data
             labels_layer.colormap = kwargs["colormap"]

@@ -1,0 +1,536 @@
+"""From a Labels layer (and its viewer) to a dataset export: what, from where, which slices.
+
+Shared by the Export panel (:mod:`._widget_export`, in a worker) and napari's Save
+(:mod:`._writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
+(cheap, on the main thread); :meth:`ExportPlan.export_iter` reads pixels, one slice at a time,
+and runs :func:`napari_maskclip.export.export_sample_iter`.
+
+What the plugin's layer metadata gives (``metadata["napari_maskclip"]``, written by the widget):
+
+* **classes** (``class_texts`` with synonyms, or ``class_names``; else the layer's ``features``
+  table with ``index`` and ``name`` columns), **background** names and the run's provenance;
+* **the image**: the file at ``source_path`` if set, else the source Image layer (by
+  ``source_id``, else by ``source_name``). With the run's ``source_layout`` (data shape, RGB,
+  channel axis, picked channels), slices are read one at a time from the layer's data (dask and
+  zarr are never loaded whole), with the channels MaskCLIP saw, channels last;
+* **confidence maps**: the confidence layers of the same run (``run_id``), one per class; slices
+  the run did not compute are NaN in the file ("not queried");
+* **edited pixels**: ``edited`` (an explicit mask) if present, else the ``predicted`` record
+  (:mod:`._widget_edits`): edited = current labels != what MaskCLIP wrote;
+* **geometry**: a channel axis kept as length 1 in the labels (``Z x 1 x H x W`` for a
+  ``Z x C x H x W`` source) is dropped, so a stack exports one sample per slice (``<name>_z0003``).
+
+Each labels slice is copied once when it is exported, and its mask and edited mask are computed
+from that copy, so painting during an export cannot tear a sample.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from ._widget_edits import PREDICTED, edited_plane, leading_indices, record_shapes_fit, slice_key
+from ._widget_stack import StackLayout
+from .classes import parse_classes
+from .errors import DatasetError, InvalidInputError
+from .progress import Progress, ProgressGenerator
+
+__all__ = [
+    "META_KEY",
+    "SLICES_ALL",
+    "SLICES_LABELLED",
+    "ExportPlan",
+    "SliceView",
+    "export_options_from_meta",
+    "plan_layer_export",
+]
+
+META_KEY = "napari_maskclip"
+_LAYER_SUFFIX = " [maskclip]"
+#: Every slice of the layer.
+SLICES_ALL = "all"
+#: Slices MaskCLIP wrote or someone painted (all slices of a layer the plugin did not make).
+SLICES_LABELLED = "labelled"
+Selection = Union[str, tuple[int, ...]]
+Lead = tuple[int, ...]
+
+
+# ---- lazy arrays ---------------------------------------------------------------------------------
+class SliceView:
+    """A read-only array-like producing one 2D slice (plus channels) at a time.
+
+    The exporter asks ``view[lead]`` (leading integer indices) per sample, or ``np.asarray(view)``
+    for a 2D layer, so nothing bigger than a slice is ever read at once.
+    """
+
+    def __init__(
+        self, shape: Sequence[int], dtype: Any, n_lead: int, read: Callable[[Lead], np.ndarray]
+    ):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self._n_lead = n_lead
+        self._read = read
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) != self._n_lead or not all(isinstance(i, (int, np.integer)) for i in index):
+            raise IndexError(
+                f"A slice view takes {self._n_lead} leading integer indices, got {index!r}."
+            )
+        return self._read(tuple(int(i) for i in index))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if self._n_lead == 0:
+            out = self._read(())
+        else:
+            leads = leading_indices(self.shape[: self._n_lead] + (1, 1))
+            out = np.stack([self._read(lead) for lead in leads]).reshape(self.shape)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """The layer's (output) leading axes, and a length-1 channel axis among them to drop."""
+
+    output_shape: tuple[int, ...]
+    squeeze: Optional[int] = None  # position among the leading axes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.squeeze is None:
+            return self.output_shape
+        return self.output_shape[: self.squeeze] + self.output_shape[self.squeeze + 1:]
+
+    @property
+    def n_lead(self) -> int:
+        return len(self.shape) - 2
+
+    def to_output(self, lead: Lead) -> Lead:
+        if self.squeeze is None:
+            return lead
+        return lead[: self.squeeze] + (0,) + lead[self.squeeze:]
+
+    def from_output(self, lead: Sequence[int]) -> Lead:
+        lead = tuple(int(i) for i in lead)
+        if self.squeeze is None:
+            return lead
+        return lead[: self.squeeze] + lead[self.squeeze + 1:]
+
+    def all_leads(self) -> list[Lead]:
+        return list(leading_indices(self.shape))
+
+
+class _LabelsSnapshot:
+    """Copies of labels slices, one at a time; the edited mask is computed from the same copy."""
+
+    def __init__(self, data: Any, axes: _Axes):
+        self._data = data
+        self._axes = axes
+        self._last: Optional[tuple[Lead, np.ndarray]] = None
+
+    def plane(self, lead: Lead) -> np.ndarray:
+        if self._last is None or self._last[0] != lead:
+            out = self._axes.to_output(lead)
+            self._last = (lead, np.array(self._data[out] if out else self._data, copy=True))
+        return self._last[1]
+
+
+# ---- what the layer says about itself ------------------------------------------------------------
+def _plugin_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    value = (meta.get("metadata") or {}).get(META_KEY)
+    return value if isinstance(value, dict) else {}
+
+
+def _names_from_features(features: Any) -> Optional[tuple[list[str], Optional[str]]]:
+    """(class names for labels 1..n, background name) from a ``features`` table, if it has one."""
+    if features is None:
+        return None
+    try:
+        columns = {key: list(features[key]) for key in ("index", "name")}
+    except (KeyError, TypeError, IndexError):
+        return None
+    rows = sorted(zip(columns["index"], columns["name"]), key=lambda r: int(r[0]))
+    if not rows:
+        return None
+    labels = [int(i) for i, _ in rows]
+    named = [(i, str(n)) for i, n in rows if i > 0]
+    if [i for i, _ in named] != list(range(1, len(named) + 1)):
+        raise DatasetError(
+            f"The layer's features give names for labels {labels}; labels 1..n must all be named."
+        )
+    background = next((str(n) for i, n in rows if int(i) == 0), None)
+    return [n for _, n in named], background
+
+
+def export_options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a Labels layer's state (``name``, ``metadata``, ``features``) says about its classes,
+    provenance and origin (pure; raises DatasetError when the classes are unknown)."""
+    plugin = _plugin_meta(meta)
+    classes = plugin.get("class_texts") or plugin.get("class_names")
+    background = plugin.get("background")
+    if not classes:
+        found = _names_from_features(meta.get("features"))
+        if found:
+            classes, bg_name = found
+            background = background or bg_name
+    if not classes:
+        raise DatasetError(
+            "This Labels layer does not say which class each label is: run MaskCLIP on it from "
+            "the widget, or give the layer a features table with 'index' and 'name' columns "
+            "(row 0 = background)."
+        )
+    settings = plugin.get("settings") or {}
+    provenance: dict[str, Any] = {
+        "model": plugin.get("model", settings.get("model")),
+        "pretrained": plugin.get("pretrained", settings.get("pretrained")),
+        "settings": settings,
+    }
+    for key in ("labelled_by", "student_checkpoint"):
+        if plugin.get(key):
+            provenance[key] = plugin[key]
+    layer_name = str(meta.get("name") or "labels")
+    source_name = plugin.get("source_name")
+    name = source_name or (
+        layer_name[: -len(_LAYER_SUFFIX)] if layer_name.endswith(_LAYER_SUFFIX) else layer_name
+    )
+    edited = plugin.get("edited")
+    return {
+        "name": name,
+        "classes": list(classes),
+        "background": background or "background",
+        "provenance": provenance,
+        "edited": edited if isinstance(edited, (bool, np.ndarray)) else None,
+        "source": {"labels_layer": layer_name, "image_layer": source_name,
+                   "image_path": plugin.get("source_path")},
+        "source_id": plugin.get("source_id"),
+        "source_path": plugin.get("source_path"),
+    }
+
+
+def _layout(plugin: dict[str, Any]) -> Optional[tuple[StackLayout, Optional[tuple[int, ...]]]]:
+    raw = plugin.get("source_layout")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        layout = StackLayout(tuple(int(s) for s in raw["data_shape"]), rgb=bool(raw.get("rgb")),
+                             channel_axis=raw.get("channel_axis"))
+    except (KeyError, TypeError, ValueError, InvalidInputError):
+        return None
+    channels = raw.get("channels")
+    return layout, (tuple(int(c) for c in channels) if channels else None)
+
+
+def _is_image(layer: Any) -> bool:
+    try:
+        from napari.layers import Image
+    except ImportError:  # pragma: no cover - napari is there whenever a layer is
+        return False
+    return isinstance(layer, Image)
+
+
+def _source_layer(options: dict[str, Any], layers: Iterable[Any]) -> Any:
+    images = [layer for layer in layers if _is_image(layer)]
+    source_id = options.get("source_id")
+    if source_id:
+        for layer in images:
+            if str(getattr(layer, "unique_id", "")) == source_id:
+                return layer
+    name = options["source"]["image_layer"]
+    return next((layer for layer in images if name and layer.name == name), None)
+
+
+def _fits(image_shape: Sequence[int], labels_shape: Sequence[int]) -> bool:
+    image_shape, labels_shape = tuple(image_shape), tuple(labels_shape)
+    return image_shape == labels_shape or image_shape[:-1] == labels_shape
+
+
+def _layout_view(
+    data: Any, layout: StackLayout, channels: Optional[tuple[int, ...]], axes: _Axes
+) -> SliceView:
+    """The source as the exporter wants it: shaped like the (squeezed) labels, channels last."""
+    if layout.rgb:
+        extra: tuple[int, ...] = (layout.data_shape[-1],)
+    elif layout.channel_axis is not None:
+        n = len(channels) if channels else layout.n_channels
+        extra = (n,) if n and n > 1 else ()
+    else:
+        extra = ()
+
+    def read(lead: Lead) -> np.ndarray:
+        plane = layout.read_plane(data, lead)  # the loop index is the squeezed leading index
+        if layout.channel_axis is not None:
+            if channels:
+                plane = plane[list(channels)]
+            plane = plane[0] if plane.shape[0] == 1 else np.moveaxis(plane, 0, -1)
+        return plane
+
+    return SliceView(axes.shape + extra, data.dtype, axes.n_lead, read)
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+@dataclass
+class ExportPlan:
+    """Everything an export of one Labels layer needs; pixels are read by :meth:`export_iter`."""
+
+    name: str
+    labels_data: Any
+    axes: _Axes
+    classes: list[str]
+    background: str
+    provenance: dict[str, Any]
+    source: dict[str, Any]
+    image: Any = None
+    probabilities: Optional[list[Any]] = None
+    edited: Any = None
+    record: Optional[dict[str, Any]] = None
+    axis_names: Optional[tuple[str, ...]] = None
+    #: What the user should know (missing image, maps or edit information).
+    notes: list[str] = field(default_factory=list)
+    _snapshot: Optional[_LabelsSnapshot] = None
+
+    @property
+    def is_stack(self) -> bool:
+        return self.axes.n_lead > 0
+
+    @property
+    def written_leads(self) -> list[Lead]:
+        """Slices MaskCLIP wrote (squeezed leading indices), from the record."""
+        if not self.record:
+            return []
+        leads = []
+        for key in self.record:
+            out = tuple(int(i) for i in key.split(",")) if key else ()
+            if len(out) == len(self.axes.output_shape) - 2:
+                leads.append(self.axes.from_output(out))
+        return sorted(leads)
+
+    def current_lead(self, data_point: Sequence[float]) -> Lead:
+        """The slice at a point in the labels layer's data coordinates (``world_to_data``)."""
+        shape = self.axes.output_shape
+        lead = []
+        for ax in range(len(shape) - 2):
+            value = float(data_point[ax]) if ax < len(data_point) else 0.0
+            value = 0.0 if not np.isfinite(value) else value
+            lead.append(int(min(max(round(value), 0), shape[ax] - 1)))
+        return self.axes.from_output(lead)
+
+    def slice_name(self, lead: Lead) -> str:
+        """The sample name the exporter gives the slice ``lead`` (for messages)."""
+        from .export.layout import slice_name
+        from .export.slices import DEFAULT_AXES
+
+        axes = self.axis_names or DEFAULT_AXES.get(len(lead), ())
+        if not lead:
+            return self.name
+        return slice_name(self.name, lead, axes, self.axes.shape[: len(lead)])
+
+    def _select(self, selection: Selection) -> Optional[list[Lead]]:
+        if not self.is_stack:
+            return None
+        if isinstance(selection, tuple):
+            return [selection]
+        if selection == SLICES_ALL or self.record is None:
+            return None
+        written = set(self.written_leads)
+        picked = []
+        for lead in self.axes.all_leads():
+            out = self.axes.to_output(lead)
+            if lead in written or np.asarray(self.labels_data[out]).any():
+                picked.append(lead)
+        if not picked:
+            raise InvalidInputError(
+                "Nothing to export: no slice of this layer holds labels. Run MaskCLIP on a slice "
+                "or paint one first."
+            )
+        return picked
+
+    def _check_values(self, leads: Optional[list[Lead]], ignore: int) -> None:
+        """Refuse label values that are no class, before anything is written."""
+        m = len(self.classes)
+        for lead in leads if leads is not None else self.axes.all_leads():
+            out = self.axes.to_output(lead)
+            plane = np.asarray(self.labels_data[out] if out else self.labels_data)
+            bad = plane[((plane < 0) | (plane > m)) & (plane != ignore)]
+            if bad.size:
+                where = f" in {self.slice_name(lead)}" if lead else ""
+                raise InvalidInputError(
+                    f"Label value {int(bad.flat[0])}{where} is not a class (0 = background, 1..{m} "
+                    f"= {', '.join(self.display_names[:5])}{', ...' if m > 5 else ''}; {ignore} = "
+                    "ignore). Paint it with a listed class, or add the class to the list and "
+                    "run again."
+                )
+
+    @property
+    def display_names(self) -> list[str]:
+        return [spec.name for spec in parse_classes(self.classes)]
+
+    def export_iter(
+        self,
+        dataset_dir: Union[str, os.PathLike],
+        *,
+        name: Optional[str] = None,
+        selection: Selection = SLICES_LABELLED,
+        min_confidence: Optional[float] = None,
+        save_confidence: bool = True,
+        overwrite: bool = False,
+        remap: bool = False,
+        add_classes: bool = False,
+    ) -> ProgressGenerator[Any]:
+        """Check, then export; yields progress, returns the export's
+        :class:`~napari_maskclip.export.ExportReport`."""
+        from .export import export_sample_iter, ignore_index, safe_sample_name
+
+        if not str(dataset_dir).strip():
+            raise InvalidInputError("Choose a dataset folder to export into.")
+        if min_confidence is not None and self.probabilities is None:
+            raise InvalidInputError(
+                "The confidence threshold needs this run's confidence maps, which are not in the "
+                "viewer any more (removed, or replaced by a later run). Export without the "
+                "threshold, or run MaskCLIP again."
+            )
+        sample = safe_sample_name((name or self.name).strip() or self.name)
+        self.name = sample
+        yield Progress("check", 0, 0, "checking the labels")
+        leads = self._select(selection)
+        self._check_values(leads, ignore_index(len(self.classes)))
+        report = yield from export_sample_iter(
+            Path(dataset_dir), sample, self.image, self._labels_view(), self.classes,
+            background=self.background,
+            probabilities=self.probabilities,
+            edited=self.edited, min_confidence=min_confidence, save_confidence=save_confidence,
+            overwrite=overwrite, remap=remap, add_classes=add_classes,
+            provenance=self.provenance, source=self.source, slices=leads,
+            axis_names=self.axis_names,
+        )
+        return report
+
+    def _labels_view(self) -> SliceView:
+        snapshot = self._snapshot
+        assert snapshot is not None
+        data = self.labels_data
+        return SliceView(self.axes.shape, data.dtype, self.axes.n_lead, snapshot.plane)
+
+
+def plan_layer_export(
+    *,
+    layer_name: str,
+    metadata: Optional[dict[str, Any]],
+    features: Any,
+    data: Any,
+    layers: Iterable[Any] = (),
+) -> ExportPlan:
+    """Plan the export of a Labels layer (its ``data``, ``metadata``, ``features``) found in a
+    viewer holding ``layers``. Reads no pixels; raises DatasetError if the classes are unknown."""
+    meta = {"name": layer_name, "metadata": metadata or {}, "features": features}
+    options = export_options_from_meta(meta)
+    plugin = _plugin_meta(meta)
+    layers = list(layers)
+    output_shape = tuple(int(s) for s in data.shape)
+    if len(output_shape) < 2:
+        raise InvalidInputError(f"Labels of shape {output_shape}: at least 2D (H x W) are needed.")
+    found = _layout(plugin)
+    layout, channels = found if found else (None, None)
+    squeeze = None
+    kept_channel = layout is not None and layout.channel_axis not in (None, 0)
+    if kept_channel and layout.output_shape == output_shape:
+        squeeze = layout.output_axes.index(layout.channel_axis)
+    axes = _Axes(output_shape, squeeze)
+    n_lead = axes.n_lead
+    notes: list[str] = []
+
+    plan = ExportPlan(
+        name=options["name"], labels_data=data, axes=axes, classes=options["classes"],
+        background=options["background"], provenance=options["provenance"],
+        source={k: v for k, v in options["source"].items() if v},
+        axis_names=None if n_lead <= 2 else tuple(f"d{i}" for i in range(n_lead)),
+        notes=notes,
+    )
+    plan._snapshot = _LabelsSnapshot(data, axes)
+
+    record = plugin.get(PREDICTED)
+    if isinstance(record, dict) and record and record_shapes_fit(record, output_shape):
+        plan.record = record
+
+    # The image.
+    path = options.get("source_path")
+    if path and Path(path).is_file():
+        from .image_files import read_image
+
+        image = read_image(path)
+        if _fits(image.shape, axes.shape):
+            plan.image = image
+    if plan.image is None:
+        layer = _source_layer(options, layers)
+        if layer is not None:
+            source = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+            shape = tuple(int(s) for s in source.shape)
+            if layout is not None and shape == layout.data_shape and bool(layer.rgb) == layout.rgb:
+                plan.image = _layout_view(source, layout, channels, axes)
+            elif _fits(shape, axes.shape):
+                plan.image = source
+            else:
+                notes.append(f"the image layer '{layer.name}' no longer matches the labels")
+        else:
+            notes.append("the source image is not in the viewer")
+        if plan.image is None:
+            notes[-1] += ": the samples are mask-only (no image)"
+
+    # Confidence maps of the same run.
+    names = plugin.get("class_names") or [parse_classes(t)[0].name for t in plan.classes]
+    run_id, source_id = plugin.get("run_id"), plugin.get("source_id")
+    maps: dict[str, Any] = {}
+    if source_id:
+        for layer in layers:
+            m = getattr(layer, "metadata", {}).get(META_KEY)
+            if not (isinstance(m, dict) and m.get("role") == "confidence"):
+                continue
+            same_run = m.get("run_id") == run_id if run_id else m.get("source_id") == source_id
+            if same_run and tuple(layer.data.shape) == output_shape:
+                maps.setdefault(m.get("class_name"), layer.data)
+    if names and all(n in maps for n in names):
+        plan.probabilities = [_confidence_view(maps[n], axes, plan.record) for n in names]
+    elif plugin.get("role") == "labels" and plugin.get("settings") is not None:
+        notes.append("this run's confidence maps are no longer in the viewer: no confidence saved")
+
+    # Edited pixels.
+    explicit = options["edited"]
+    if isinstance(explicit, bool):
+        plan.edited = explicit
+    elif isinstance(explicit, np.ndarray) and tuple(explicit.shape) == output_shape:
+        plan.edited = SliceView(axes.shape, bool, n_lead,
+                                lambda lead: np.asarray(explicit[axes.to_output(lead)], dtype=bool))
+    elif plan.record is not None:
+        snapshot, record_ = plan._snapshot, plan.record
+
+        def edited(lead: Lead) -> np.ndarray:
+            return edited_plane(snapshot.plane(lead), slice_key(axes.to_output(lead)), record_)
+
+        plan.edited = SliceView(axes.shape, bool, n_lead, edited)
+    elif plugin.get("role") == "labels":
+        notes.append(
+            "which pixels were edited is unknown (the layer has no record of MaskCLIP's output)"
+        )
+    return plan
+
+
+def _confidence_view(data: Any, axes: _Axes, record: Optional[dict[str, Any]]) -> SliceView:
+    """One class's map, slice by slice; NaN ("not queried") where the run computed nothing."""
+
+    def read(lead: Lead) -> np.ndarray:
+        out = axes.to_output(lead)
+        if record is not None and slice_key(out) not in record:
+            return np.full(axes.shape[-2:], np.nan, dtype=np.float32)
+        return np.asarray(data[out] if out else data, dtype=np.float32)
+
+    return SliceView(axes.shape, np.float32, axes.n_lead, read)
