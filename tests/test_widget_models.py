@@ -52,3 +52,21 @@ def test_engine_import_hides_triton_inside_napari():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "False"]
+
+
+def test_a_retrained_student_is_never_served_stale(tmp_path):
+    """The pool key of a student includes its file's time and size: a new checkpoint at the same
+    path is a new choice (loaded again), the same file the same choice (reused)."""
+    import os
+
+    path = tmp_path / "student.safetensors"
+    path.write_bytes(b"first")
+    first = ModelChoice.student(str(path), "cpu")
+    assert first.is_student and not first.may_download
+    assert first.describe() == "student student.safetensors"
+    assert ModelChoice.student(str(path), "cpu") == first
+    path.write_bytes(b"second, longer")
+    os.utime(path, ns=(first.stamp[0] + 10**9, first.stamp[0] + 10**9))
+    assert ModelChoice.student(str(path), "cpu") != first
+    with pytest.raises(ModelLoadError, match="not found"):
+        ModelChoice.student(str(tmp_path / "missing.safetensors"))

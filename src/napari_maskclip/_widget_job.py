@@ -10,6 +10,10 @@ machinery unnoticed.
 
 Cancelling sets :attr:`JobControl.cancel`; the job checks it after every progress step (each
 window of each slice) and stops there, closing the engine generators so nothing partial is kept.
+A trained student goes through the same job (:func:`._widget_stack.predict_stack_iter`).
+
+:func:`guarded_job` is the same contract for any other progress generator (the Export and Train
+panels): its result, or the reason there is none.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generator, Optional
+from typing import Any, Callable, Generator, Optional
 
 from ._widget_models import ModelChoice, SegmenterPool
-from ._widget_stack import StackRequest, StackResult, segment_stack_iter
+from ._widget_stack import StackRequest, predict_stack_iter, segment_stack_iter
 from .errors import Cancelled, MaskClipError
 from .progress import Progress
 
-__all__ = ["JobControl", "JobOutcome", "segmentation_job"]
+__all__ = ["JobControl", "JobOutcome", "guarded_job", "segmentation_job"]
 
 
 @dataclass
@@ -38,10 +42,12 @@ class JobControl:
 class JobOutcome:
     """How a run ended. Exactly one of ``result``, ``cancelled``, ``error`` is set."""
 
-    result: Optional[StackResult] = None
+    result: Optional[Any] = None  # a StackResult for segmentation jobs
     cancelled: bool = False
     error: Optional[BaseException] = None
     model: str = ""
+    #: True when a trained student made the result (no image encoder, no text encoder).
+    student: bool = False
     #: Text-encoder forward passes during the run (0 = every class embedding came from cache).
     text_calls: int = 0
     seconds: float = 0.0
@@ -78,6 +84,13 @@ def segmentation_job(
     outcome = JobOutcome(model=choice.describe())
     try:
         segmenter = yield from _cancellable(pool.get_iter(choice), control)
+        if choice.is_student:
+            outcome.student = True
+            outcome.model = f"{choice.describe()} on {segmenter.device.type}"
+            predict = predict_stack_iter(segmenter, request)
+            outcome.result = yield from _cancellable(predict, control)
+            outcome.seconds = time.perf_counter() - started
+            return outcome
         # SegmentSettings lives in the engine (torch): built here, in the worker thread.
         request.settings = segmenter.settings.replace(**settings).validate()
         text_before = segmenter.text.forward_calls
@@ -88,5 +101,25 @@ def segmentation_job(
         outcome.result, outcome.cancelled = None, True
     except Exception as exc:  # returned to the widget, which shows it (see module doc)
         outcome.result, outcome.error = None, exc
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def guarded_job(
+    make: Callable[[], Generator[Progress, None, Any]], control: JobControl
+) -> Generator[Progress, None, JobOutcome]:
+    """Run the generator ``make()`` (called in the worker thread) to its end; never raises.
+
+    Cancel closes it at its next step (a training run then saves its last completed iteration;
+    an export keeps the samples already written).
+    """
+    started = time.perf_counter()
+    outcome = JobOutcome()
+    try:
+        outcome.result = yield from _cancellable(make(), control)
+    except Cancelled:
+        outcome.cancelled = True
+    except Exception as exc:  # returned to the widget, which shows it
+        outcome.error = exc
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -5,6 +5,10 @@ holds the encoded slices and its text cache the class embeddings, so asking the 
 other class names runs no image encoder. Loading happens inside the worker (first use of an
 open_clip tag downloads the weights), as a progress generator like every other long job.
 
+A trained MaskCLIP+ student is a model choice too (``kind="student"``, loaded as a
+:class:`~napari_maskclip.student.StudentSegmenter`); its key includes the checkpoint file's
+modification time and size, so a retrained checkpoint at the same path is never served stale.
+
 Qt-free; torch is imported only when a model is actually loaded.
 """
 
@@ -23,8 +27,12 @@ from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Segmenter
+    from .student import StudentSegmenter
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEMO_MODEL", "ModelChoice", "SegmenterPool"]
+__all__ = [
+    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEMO_MODEL", "STUDENT", "ModelChoice", "SegmenterPool",
+    "import_student",
+]
 
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -32,6 +40,8 @@ DEMO_MODEL = "demo"  # same value as napari_maskclip.engine.DEMO_MODEL, without 
 #: Encoded slices kept per model: enough for re-querying a typical stack without re-encoding
 #: (the engine also bounds the cache by memory, 2 GiB).
 FEATURE_CACHE_ITEMS = 256
+#: ``ModelChoice.kind`` of a trained MaskCLIP+ student.
+STUDENT = "student"
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,25 @@ class ModelChoice:
     model: str
     pretrained: Optional[str]
     device: str = "auto"
+    #: ``"clip"`` (MaskCLIP on an open_clip model) or :data:`STUDENT` (``model`` = checkpoint).
+    kind: str = "clip"
+    #: For a student: (modification time in ns, size) of the checkpoint when it was chosen.
+    stamp: Optional[tuple[int, int]] = None
+
+    @classmethod
+    def student(cls, path: str, device: str = "auto") -> "ModelChoice":
+        """A student checkpoint as the model (the file must exist)."""
+        p = Path(path).expanduser()
+        try:
+            st = p.stat()
+        except OSError as exc:
+            raise ModelLoadError(f"Student checkpoint not found: {p}") from exc
+        return cls(model=str(p), pretrained=None, device=device.strip() or "auto", kind=STUDENT,
+                   stamp=(st.st_mtime_ns, st.st_size))
+
+    @property
+    def is_student(self) -> bool:
+        return self.kind == STUDENT
 
     @classmethod
     def from_fields(cls, model: str, pretrained: str, device: str) -> "ModelChoice":
@@ -58,11 +87,13 @@ class ModelChoice:
     @property
     def may_download(self) -> bool:
         """True when loading may download weights (an open_clip tag, not a file or 'random')."""
-        if self.model == DEMO_MODEL or self.pretrained in (None, "random"):
+        if self.is_student or self.model == DEMO_MODEL or self.pretrained in (None, "random"):
             return False
         return not Path(self.pretrained).expanduser().is_file()
 
     def describe(self) -> str:
+        if self.is_student:
+            return f"student {Path(self.model).name}"
         if self.model == DEMO_MODEL:
             return "the demo model"
         model = Path(self.model).name if self.model.lower().endswith(".json") else self.model
@@ -93,6 +124,14 @@ def _import_engine():
     return engine
 
 
+def import_student():
+    """Import the student package (torch, torchvision) the same safe way as the engine."""
+    _import_engine()
+    from . import student
+
+    return student
+
+
 class SegmenterPool:
     """A small LRU of loaded segmenters (each model costs its weights in memory)."""
 
@@ -109,25 +148,32 @@ class SegmenterPool:
                 self._items.move_to_end(choice)
             return seg
 
-    def get_iter(self, choice: ModelChoice) -> Generator[Progress, None, "Segmenter"]:
+    def get_iter(
+        self, choice: ModelChoice
+    ) -> Generator[Progress, None, "Segmenter | StudentSegmenter"]:
         """The segmenter for ``choice``, loading it (with a progress report) if needed."""
         seg = self.cached(choice)
         if seg is not None:
             return seg
         note = " (first use downloads the weights once)" if choice.may_download else ""
         yield Progress("load", 0, 0, f"loading {choice.describe()}{note}...")
-        Segmenter = _import_engine().Segmenter
-        seg = Segmenter(
-            choice.model,
-            choice.pretrained,
-            device=choice.device,
-            feature_cache_items=self.feature_cache_items,
-        )
+        if choice.is_student:
+            seg = import_student().StudentSegmenter(choice.model, device=choice.device)
+            loaded = seg.describe()
+        else:
+            Segmenter = _import_engine().Segmenter
+            seg = Segmenter(
+                choice.model,
+                choice.pretrained,
+                device=choice.device,
+                feature_cache_items=self.feature_cache_items,
+            )
+            loaded = seg.loaded.describe()
         with self._lock:
             self._items[choice] = seg
             while len(self._items) > self.max_models:
                 self._items.popitem(last=False)
-        yield Progress("load", 1, 1, f"loaded {seg.loaded.describe()}")
+        yield Progress("load", 1, 1, f"loaded {loaded}")
         return seg
 
     def __len__(self) -> int:

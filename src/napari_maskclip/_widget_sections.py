@@ -3,11 +3,13 @@
 Each section is a small Qt group box that owns its controls and turns them into plain values
 (a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, a dict of engine settings). The
 widget in :mod:`napari_maskclip._widget` assembles them and runs the work. Imports no torch: the
-engine's settings object is built in the worker, from the dict returned here.
+engine's settings object is built in the worker, from the dict returned here. (Choosing a trained
+student reads its checkpoint's description, which loads torch once.)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from qtpy.QtCore import Qt, Signal
@@ -28,7 +30,13 @@ from qtpy.QtWidgets import (
 )
 
 from ._widget_layers import META_KEY
-from ._widget_models import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, ModelChoice
+from ._widget_models import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    DEMO_MODEL,
+    ModelChoice,
+    import_student,
+)
 from ._widget_settings import WidgetPreferences
 from ._widget_stack import StackLayout
 from .errors import InvalidInputError
@@ -53,6 +61,8 @@ INFERENCE_SLIDING = "sliding window"
 KNOWN_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "RN50", "RN101", DEMO_MODEL)
 KNOWN_TAGS = ("openai", "laion2b_s34b_b88k", "laion400m_e32", "random")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: How a trained student is listed in the model box.
+STUDENT_PREFIX = "student: "
 
 
 def _row(*widgets: QWidget) -> QWidget:
@@ -211,6 +221,9 @@ class ClassesSection(QGroupBox):
             "('dog; puppy'): the first is the name shown on the labels."
         )
         self.text.setFixedHeight(64)
+        self._tooltip = self.text.toolTip()
+        self._typed: Optional[tuple[str, str]] = None  # what was typed before a student's list
+        self._student_text = ""
         self.recent = QComboBox()
         self.recent.setToolTip("Class lists you used recently (remembered between sessions).")
         self.background = QComboBox()
@@ -245,6 +258,31 @@ class ClassesSection(QGroupBox):
             self.text.setPlainText(self.recent.itemText(index))
         self.recent.setCurrentIndex(0)
 
+    def show_student(self, names: Optional[list[str]], background: str = "") -> None:
+        """Show a student's classes (``names``; the user may delete some to use a subset), or,
+        with None, go back to the class list typed before. The background is the student's."""
+        if names is not None:
+            if self._typed is None:
+                self._typed = (self.classes_text(), self.background_text())
+            self._student_text = ", ".join(names)
+            self.text.setPlainText(self._student_text)
+            self.text.setToolTip(
+                "The student's classes. Delete some to keep only those (their pixels then go to "
+                "the closest remaining class or background); names it was not trained on are "
+                "refused. Empty = all of them."
+            )
+            self.background.setEditText(background)
+            self.background.setEnabled(False)
+            return
+        if self._typed is not None:
+            typed, background_typed = self._typed
+            if self.classes_text() == self._student_text:
+                self.text.setPlainText(typed)
+            self.background.setEditText(background_typed)
+            self._typed = None
+        self.text.setToolTip(self._tooltip)
+        self.background.setEnabled(True)
+
     def classes_text(self) -> str:
         return self.text.toPlainText().strip()
 
@@ -263,10 +301,22 @@ class ClassesSection(QGroupBox):
 
 
 class ModelSection(QGroupBox):
-    """open_clip model + pretrained tag, or local config/checkpoint files; device."""
+    """open_clip model + pretrained tag, or local config/checkpoint files, or a trained MaskCLIP+
+    student checkpoint; device.
+
+    A student is listed in the model box as ``student: <file name>`` once chosen (with the
+    ``student...`` button, from the Train panel, or by typing the checkpoint's path);
+    :attr:`student_changed` carries its description (or None when a CLIP model is chosen).
+    """
+
+    #: The checkpoint description of the student now chosen, or None (a CLIP model).
+    student_changed = Signal(object)
 
     def __init__(self, prefs: WidgetPreferences, parent: Optional[QWidget] = None) -> None:
         super().__init__("Model", parent)
+        self._students: dict[str, str] = {}  # label -> checkpoint path
+        self._student_meta: dict[str, dict[str, Any]] = {}  # path -> description
+        self._shown_student: Optional[str] = None
         self.model = QComboBox()
         self.model.setEditable(True)
         self.model.addItems(KNOWN_MODELS)
@@ -289,33 +339,126 @@ class ModelSection(QGroupBox):
         self.pretrained_file = QPushButton("...")
         self.pretrained_file.setFixedWidth(32)
         self.pretrained_file.setToolTip("Choose a checkpoint file.")
+        self.student_file = QPushButton("student...")
+        self.student_file.setToolTip(
+            "Use a trained MaskCLIP+ student (a .safetensors checkpoint from the Train panel or "
+            "'napari-maskclip train') as the model: same layers, its own classes, faster."
+        )
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.device.setToolTip("auto = CUDA, then Apple MPS, then the CPU.")
         self.hint = QLabel()
         self.hint.setWordWrap(True)
         form = QFormLayout(self)
-        form.addRow("model", _row(self.model, self.model_file))
+        form.addRow("model", _row(self.model, self.model_file, self.student_file))
         form.addRow("weights", _row(self.pretrained, self.pretrained_file))
         form.addRow("device", self.device)
         form.addRow(self.hint)
-        self.model.setCurrentText(prefs.model or DEFAULT_MODEL)
+        for path in prefs.recent_students:  # listed, not chosen: reading one loads torch
+            if Path(path).is_file():
+                self._list_student(path)
+        remembered = prefs.model or DEFAULT_MODEL
+        if remembered.startswith(STUDENT_PREFIX):
+            remembered = DEFAULT_MODEL
+        self.model.setCurrentText(remembered)
         self.pretrained.setCurrentText(prefs.pretrained or DEFAULT_PRETRAINED)
         self.model.currentTextChanged.connect(self._update_hint)
         self.model_file.clicked.connect(self._choose_model_file)
         self.pretrained_file.clicked.connect(self._choose_checkpoint)
+        self.student_file.clicked.connect(self._choose_student)
         self._update_hint()
 
-    def _update_hint(self) -> None:
-        demo = self.model.currentText().strip() == DEMO_MODEL
-        self.pretrained.setEnabled(not demo)
-        self.pretrained_file.setEnabled(not demo)
-        self.hint.setText(
-            "Demo model: tiny, offline, trained on synthetic coloured shapes; it knows only "
-            "those (e.g. 'red circle, blue square'). Use a real CLIP for real images."
-            if demo else ""
+    # ---- students ---------------------------------------------------------------------------
+    def _list_student(self, path: str) -> str:
+        """The model-box label of a student checkpoint, adding it to the list if new."""
+        path = str(Path(path).expanduser().resolve())
+        for label, known in self._students.items():
+            if known == path:
+                return label
+        label = STUDENT_PREFIX + Path(path).name
+        if label in self._students:
+            label = f"{label} ({Path(path).parent.name})"
+        self._students[label] = path
+        self.model.addItem(label)
+        return label
+
+    def use_student(self, path: str) -> None:
+        """Choose the student checkpoint ``path`` as the model (ModelLoadError if it is none)."""
+        meta = import_student().read_checkpoint_meta(path)  # clear message for other files
+        label = self._list_student(path)
+        self._student_meta[self._students[label]] = meta
+        self._shown_student = None  # re-announce: a retrained file may know other classes
+        self.model.setCurrentText(label)
+        self._update_hint()
+
+    def student_path(self) -> Optional[str]:
+        """The checkpoint of the chosen student, or None when a CLIP model is chosen."""
+        text = self.model.currentText().strip()
+        if text in self._students:
+            return self._students[text]
+        if text.lower().endswith(".safetensors") and Path(text).expanduser().is_file():
+            if import_student().is_student_checkpoint(text):  # a student's path, typed
+                return str(Path(text).expanduser().resolve())
+        return None
+
+    def student_meta(self) -> Optional[dict[str, Any]]:
+        path = self.student_path()
+        if path is None:
+            return None
+        if path not in self._student_meta:
+            self._student_meta[path] = import_student().read_checkpoint_meta(path)
+        return self._student_meta[path]
+
+    def _choose_student(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "MaskCLIP+ student checkpoint", "",
+            "Student checkpoints (*.safetensors);;All files (*)",
         )
-        self.hint.setVisible(demo)
+        if path:
+            try:
+                self.use_student(path)
+            except Exception as exc:  # noqa: BLE001 - a bad file is the user's to fix
+                from ._widget_notify import show_exception
+
+                show_exception(exc)
+
+    def _student_hint(self, meta: dict[str, Any]) -> str:
+        settings = meta.get("settings") or {}
+        teacher = (meta.get("teacher") or {}).get("model")
+        done = "" if meta.get("complete") else " (not finished: resume it in the Train panel)"
+        return (
+            f"MaskCLIP+ student: {settings.get('backbone', '?')}, {len(meta.get('classes', []))} "
+            f"classes, {meta.get('iteration', '?')} iterations{done}"
+            + (f", taught by {Path(str(teacher)).name}" if teacher else "")
+            + ". The classes are its own (delete some to use a subset); MaskCLIP's settings do "
+            "not apply."
+        )
+
+    def _update_hint(self) -> None:
+        text = self.model.currentText().strip()
+        demo = text == DEMO_MODEL
+        student = self._students.get(text)
+        meta = self._student_meta.get(student) if student else None
+        if student and meta is None:
+            try:
+                meta = self.student_meta()
+            except Exception:  # noqa: BLE001 - the file changed or vanished: run will say why
+                meta = None
+        self.pretrained.setEnabled(not demo and not student)
+        self.pretrained_file.setEnabled(not demo and not student)
+        if demo:
+            hint = ("Demo model: tiny, offline, trained on synthetic coloured shapes; it knows "
+                    "only those (e.g. 'red circle, blue square'). Use a real CLIP for real images.")
+        elif meta is not None:
+            hint = self._student_hint(meta)
+        else:
+            hint = ""
+        self.hint.setText(hint)
+        self.hint.setVisible(bool(hint))
+        shown = student if meta is not None else None
+        if shown != self._shown_student:
+            self._shown_student = shown
+            self.student_changed.emit(meta)
 
     def _choose_model_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -333,6 +476,9 @@ class ModelSection(QGroupBox):
             self.pretrained.setCurrentText(path)
 
     def choice(self) -> ModelChoice:
+        student = self.student_path()
+        if student is not None:
+            return ModelChoice.student(student, self.device.currentText())
         return ModelChoice.from_fields(
             self.model.currentText(), self.pretrained.currentText(), self.device.currentText()
         )
@@ -402,6 +548,17 @@ class SettingsSection(QGroupBox):
         self.inference.currentTextChanged.connect(self._update_windows)
         self.ks_threshold.setEnabled(False)
         self._update_windows()
+
+    def set_student_mode(self, student: bool) -> None:
+        """Disable MaskCLIP's settings while a student is the model (confidence maps stay)."""
+        for control in (self.mode, self.denoise, self.denoise_threshold, self.key_smoothing,
+                        self.ks_threshold, self.inference, self.window, self.stride,
+                        self.templates, self.min_confidence):
+            control.setEnabled(not student)
+        if not student:
+            self.denoise_threshold.setEnabled(self.denoise.isChecked())
+            self.ks_threshold.setEnabled(self.key_smoothing.isChecked())
+            self._update_windows()
 
     @staticmethod
     def _unit_spin(value: float) -> QDoubleSpinBox:

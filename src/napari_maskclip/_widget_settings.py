@@ -1,4 +1,5 @@
-"""What the widget remembers between sessions: recent class lists and the last model choice.
+"""What the widget remembers between sessions: recent class lists, the last model choice, recent
+student checkpoints, and the Export/Train panels' last folders and files.
 
 Stored as one small JSON file in the user's config directory (platformdirs
 ``user_config_dir("napari-maskclip")``; ``NAPARI_MASKCLIP_CONFIG_DIR`` overrides it, e.g. for
@@ -13,11 +14,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .atomic import atomic_write_text
 
-__all__ = ["CONFIG_ENV", "WidgetPreferences", "config_dir", "preferences_path"]
+__all__ = [
+    "CONFIG_ENV", "WidgetPreferences", "config_dir", "preferences_path", "update_preferences",
+]
 
 CONFIG_ENV = "NAPARI_MASKCLIP_CONFIG_DIR"
 _FILE = "widget.json"
@@ -57,6 +60,10 @@ class WidgetPreferences:
     recent_background: list[str] = field(default_factory=list)
     model: Optional[str] = None
     pretrained: Optional[str] = None
+    #: Student checkpoints used or trained recently (most recent first).
+    recent_students: list[str] = field(default_factory=list)
+    #: The last dataset folder exported to (the Export and Train panels start there).
+    last_dataset: Optional[str] = None
 
     @classmethod
     def load(cls, path: Optional[Path] = None) -> "WidgetPreferences":
@@ -83,6 +90,8 @@ class WidgetPreferences:
             recent_background=strings("recent_background"),
             model=text("model"),
             pretrained=text("pretrained"),
+            recent_students=strings("recent_students"),
+            last_dataset=text("last_dataset"),
         )
 
     def remember_run(self, classes: str, background: str, model: str, pretrained: str) -> None:
@@ -92,6 +101,10 @@ class WidgetPreferences:
         self.model = model.strip() or None
         self.pretrained = pretrained.strip() or None
 
+    def remember_student(self, checkpoint: str) -> None:
+        """Record a student checkpoint that was trained or used."""
+        self.recent_students = _push_recent(self.recent_students, str(checkpoint))
+
     def save(self, path: Optional[Path] = None) -> bool:
         """Write atomically; returns False (and keeps working) if the folder is not writable."""
         path = path or preferences_path()
@@ -100,3 +113,15 @@ class WidgetPreferences:
         except OSError:
             return False
         return True
+
+
+def update_preferences(change: Callable[[WidgetPreferences], None]) -> WidgetPreferences:
+    """Read the file, apply ``change``, write it back; returns the new preferences.
+
+    Each panel changes only its own fields on a fresh read, so panels open side by side never
+    overwrite what another one remembered.
+    """
+    prefs = WidgetPreferences.load()
+    change(prefs)
+    prefs.save()
+    return prefs

@@ -1,11 +1,12 @@
 """Stacks, time series and channel axes: napari layer data -> 2D planes for the engine, and back.
 
-The engine segments one 2D image at a time. A napari image layer may be a 2D photo, an RGB(A)
-image, a stack or time series with any number of leading axes, a layer with a channel axis, or a
-lazy dask/zarr array. :class:`StackLayout` says which axes are the plane (the last two non-RGB
-axes), which one holds channels, and which ones are looped over; :func:`segment_stack_iter` runs
-the engine slice by slice, reading **one slice at a time** (``np.asarray(data[index])``, so a
-dask or zarr array is never loaded whole), and assembles full-shape outputs.
+The engine (or a trained student) segments one 2D image at a time. A napari image layer may be
+a 2D photo, an RGB(A) image, a stack or time series with any number of leading axes, a layer with
+a channel axis, or a lazy dask/zarr array. :class:`StackLayout` says which axes are the plane
+(the last two non-RGB axes), which one holds channels, and which ones are looped over;
+:func:`segment_stack_iter` runs the engine slice by slice (:func:`predict_stack_iter`: a
+MaskCLIP+ student), reading **one slice at a time** (``np.asarray(data[index])``, so a dask or
+zarr array is never loaded whole), and assembles full-shape outputs.
 
 Output shape: the source's axes without RGB and channel axes, so the Labels layer overlays the
 image with the same scale and translate. A *leading* channel axis is dropped (napari aligns layers
@@ -34,12 +35,14 @@ from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Segmenter, SegmentSettings
+    from .student import StudentSegmenter
 
 __all__ = [
     "MEMORY_BUDGET",
     "StackLayout",
     "StackRequest",
     "StackResult",
+    "predict_stack_iter",
     "segment_stack_iter",
 ]
 
@@ -264,23 +267,8 @@ def segment_stack_iter(
     fg = parse_classes(request.classes)  # fail fast on a bad class list
     bg = parse_classes(request.background, allow_empty=True) if request.background.strip() else []
     parse_classes(fg + bg)
-    if not request.slices:
-        raise InvalidInputError("No slice to segment.")
+    labels, probabilities = _allocate(request, len(fg))
     n = len(request.slices)
-    needed = _estimate_bytes(layout, n, len(fg), request.keep_confidence)
-    if needed > request.memory_budget:
-        raise InvalidInputError(
-            f"Segmenting {n} slices of {layout.plane_shape[1]}x{layout.plane_shape[0]} px into "
-            f"{len(fg)} classes needs about {needed / 2**30:.1f} GiB for the outputs (limit "
-            f"{request.memory_budget / 2**30:.1f} GiB). Segment the current slice, use fewer "
-            "classes, or turn off the confidence maps."
-        )
-    label_dtype = np.uint8 if len(fg) <= 255 else np.uint16
-    labels = np.zeros(layout.output_shape, dtype=label_dtype)
-    probabilities = (
-        [np.zeros(layout.output_shape, dtype=np.float32) for _ in fg]
-        if request.keep_confidence else []
-    )
     settings = request.settings
     calls_before = segmenter.image_encoder_calls
     encoded = 0
@@ -321,6 +309,70 @@ def segment_stack_iter(
         settings=record,
         encoder_calls=segmenter.image_encoder_calls - calls_before,
         encoded_slices=encoded,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _allocate(request: StackRequest, n_classes: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Full-shape outputs (pages committed only when written), after the memory check."""
+    layout = request.layout
+    if not request.slices:
+        raise InvalidInputError("No slice to segment.")
+    n = len(request.slices)
+    needed = _estimate_bytes(layout, n, n_classes, request.keep_confidence)
+    if needed > request.memory_budget:
+        raise InvalidInputError(
+            f"Segmenting {n} slices of {layout.plane_shape[1]}x{layout.plane_shape[0]} px into "
+            f"{n_classes} classes needs about {needed / 2**30:.1f} GiB for the outputs (limit "
+            f"{request.memory_budget / 2**30:.1f} GiB). Segment the current slice, use fewer "
+            "classes, or turn off the confidence maps."
+        )
+    label_dtype = np.uint8 if n_classes <= 255 else np.uint16
+    labels = np.zeros(layout.output_shape, dtype=label_dtype)
+    probabilities = (
+        [np.zeros(layout.output_shape, dtype=np.float32) for _ in range(n_classes)]
+        if request.keep_confidence else []
+    )
+    return labels, probabilities
+
+
+def predict_stack_iter(
+    student: "StudentSegmenter", request: StackRequest
+) -> Generator[Progress, None, StackResult]:
+    """:func:`segment_stack_iter` for a trained MaskCLIP+ student (same outputs, same layers).
+
+    ``request.classes`` picks a subset of the student's classes (empty: all of them); the
+    background and the MaskCLIP settings were fixed by training and are not used.
+    """
+    started = time.perf_counter()
+    layout = request.layout
+    subset = request.classes.strip() or None
+    picked = [student.classes[k - 1] for k in student.resolve_classes(subset)]
+    labels, probabilities = _allocate(request, len(picked))
+    n = len(request.slices)
+    record: dict[str, Any] = {}
+    out_indices: list[tuple[Any, ...]] = []
+    for i, index in enumerate(request.slices):
+        plane = layout.read_plane(request.data, index)
+        run = student.run_iter(
+            plane, subset, channel_axis=layout.plane_channel_axis, channels=request.channels
+        )
+        result = yield from _forward(run, i, n, 0.0, 1.0)
+        key = layout.output_index(index)
+        out_indices.append(key)
+        labels[key] = result.labels
+        for k, prob in enumerate(probabilities):
+            prob[key] = result.probabilities[k]
+        record = result.settings
+    return StackResult(
+        labels=labels,
+        probabilities=probabilities,
+        class_names=[spec.name for spec in picked],
+        class_texts=[spec.text for spec in picked],
+        background=", ".join(spec.text for spec in student.background),
+        slices=list(request.slices),
+        output_indices=out_indices,
+        settings=record,
         seconds=time.perf_counter() - started,
     )
 
