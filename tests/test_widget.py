@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from qtpy.QtCore import Qt
 
 # Load torch's compiler stack (and Triton, on Linux) now, at collection, before any napari canvas
 # exists: Triton loaded after Mesa's LLVM crashes the process (see _widget_models._import_engine).
@@ -216,10 +217,15 @@ def test_cancel_leaves_no_layer_and_keeps_previous_results(make_widget, qtbot):
     n_layers = len(viewer.layers)
 
     def cancel_on_first_window(worker):
-        def on_step(step):
-            if step.info.get("inner_stage") == "encode" and step.message.endswith("window 2/81"):
-                widget.cancel()
-        worker.yielded.connect(on_step)
+        control = widget._control  # the widget's Cancel sets this event
+
+        def on_step(step):  # in the worker thread (direct connection): no race with its windows
+            # The worker starts before this is connected, so its first reports may be missed.
+            words = step.message.split()
+            if step.info.get("inner_stage") == "encode" and words[-2:-1] == ["window"] \
+                    and int(words[-1].split("/")[0]) >= 2:
+                control.cancel.set()
+        worker.yielded.connect(on_step, Qt.DirectConnection)
 
     assert run_and_wait(qtbot, widget, cancel_on_first_window) == "cancelled"
     assert len(viewer.layers) == n_layers

@@ -7,9 +7,14 @@ labels the user edited. Models stay loaded in a :class:`._widget_models.Segmente
 the same image for other class names reuses the cached image features and text embeddings: the
 status line says whether the image encoder ran.
 
+A trained MaskCLIP+ student can be the model (``student...``): the run goes through the same
+job and gives the same layers. **Export to dataset...** and **Train a student...** open the
+Export (:mod:`._widget_export`) and Train (:mod:`._widget_train`) panels.
+
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
-traceback. Opening the widget imports no torch; the first run does, in the worker.
+traceback (:mod:`._widget_notify`). Opening the widget imports no torch; the first run does, in
+the worker.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxL
 from ._widget_job import JobControl, JobOutcome, segmentation_job
 from ._widget_layers import EDIT_POLICY, Geometry, apply_result
 from ._widget_models import DEMO_MODEL, ModelChoice, SegmenterPool
+from ._widget_notify import notify, show_exception
 from ._widget_sections import ClassesSection, ImageSection, ModelSection, SettingsSection
-from ._widget_settings import WidgetPreferences
+from ._widget_settings import WidgetPreferences, update_preferences
 from ._widget_stack import StackRequest
 from .classes import parse_classes
 from .errors import MaskClipError
@@ -33,9 +39,14 @@ from .progress import Progress
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["MaskClipWidget"]
+__all__ = ["MaskClipWidget", "PLUGIN", "WIDGET_NAME"]
 
 _BAR_STEPS = 1000
+#: The plugin and the display names of its dock widgets (as in napari.yaml).
+PLUGIN = "napari-maskclip"
+WIDGET_NAME = "MaskCLIP segmentation"
+EXPORT_NAME = "Export labels to a dataset"
+TRAIN_NAME = "Train MaskCLIP+ student"
 
 
 @dataclass
@@ -69,6 +80,7 @@ class MaskClipWidget(QWidget):
         self._control: Optional[JobControl] = None
         self._pbar: Any = None
         self._pending: Optional[_Run] = None
+        self._panels: dict[str, Any] = {}  # Export/Train panels opened without npe2
 
         self.image = ImageSection()
         self.classes = ClassesSection(self.prefs)
@@ -84,6 +96,15 @@ class MaskClipWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
+        self.export_button = QPushButton("Export to dataset...")
+        self.export_button.setToolTip(
+            "Save the labels (with the image, confidence maps and which pixels you edited) as "
+            "training data: opens the Export panel."
+        )
+        self.train_button = QPushButton("Train a student...")
+        self.train_button.setToolTip(
+            "Train a MaskCLIP+ student on exported datasets: opens the Train panel."
+        )
 
         body = QWidget()
         column = QVBoxLayout(body)
@@ -94,6 +115,10 @@ class MaskClipWidget(QWidget):
         buttons.addWidget(self.cancel_button)
         column.addLayout(buttons)
         column.addWidget(self.status)
+        more = QHBoxLayout()
+        more.addWidget(self.export_button)
+        more.addWidget(self.train_button)
+        column.addLayout(more)
         column.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -104,8 +129,11 @@ class MaskClipWidget(QWidget):
 
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.export_button.clicked.connect(self.open_export)
+        self.train_button.clicked.connect(self.open_train)
         self.image.layer_changed.connect(self._on_layer_changed)
         self.model.model.currentTextChanged.connect(self._on_model_changed)
+        self.model.student_changed.connect(self._on_student_changed)
         events = self.viewer.layers.events
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
@@ -127,6 +155,56 @@ class MaskClipWidget(QWidget):
     def _on_model_changed(self, text: str) -> None:
         if text.strip() == DEMO_MODEL:  # the demo model was trained with one prompt template
             self.settings.templates.setCurrentText("single")
+
+    def _on_student_changed(self, meta: Optional[dict[str, Any]]) -> None:
+        if meta is None:
+            self.classes.show_student(None)
+        else:
+            names = [c["name"] for c in meta.get("classes", [])]
+            self.classes.show_student(names, ", ".join(meta.get("background") or []))
+        self.settings.set_student_mode(meta is not None)
+
+    # ---- students and the other panels ---------------------------------------------------------
+    def use_student(self, checkpoint: str) -> bool:
+        """Make the trained student ``checkpoint`` the model; False (with a notification) if the
+        file is not a readable student checkpoint."""
+        try:
+            self.model.use_student(str(checkpoint))
+        except Exception as exc:  # noqa: BLE001 - shown to the user, never raised out
+            self._show_error(exc)
+            return False
+        self._set_status(f"Model: {self.model.choice().describe()}. Press Run to use it.")
+        return True
+
+    def _open_panel(self, name: str, factory: Any) -> Any:
+        """The plugin's dock panel ``name`` (the one already open, else a new one), shown and
+        linked to this widget."""
+        try:
+            dock, panel = self.viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        except Exception:  # noqa: BLE001 - plugin not registered with npe2 (e.g. run from source)
+            panel = self._panels.get(name)
+            if panel is None:
+                panel = self._panels[name] = factory(self.viewer)
+                dock = self.viewer.window.add_dock_widget(panel, name=name, area="right")
+            else:
+                dock = panel.parent()
+        if dock is not None:
+            dock.show()
+            dock.raise_()
+        panel.attach(self)
+        return panel
+
+    def open_export(self) -> Any:
+        """Open (or show) the Export panel, set to this widget's latest Labels layer."""
+        from ._widget_export import ExportWidget
+
+        return self._open_panel(EXPORT_NAME, ExportWidget)
+
+    def open_train(self) -> Any:
+        """Open (or show) the Train panel; it offers its student back to this widget."""
+        from ._widget_train import TrainWidget
+
+        return self._open_panel(TRAIN_NAME, TrainWidget)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         self.cancel()  # a closed widget must not receive the result of a run
@@ -156,10 +234,15 @@ class MaskClipWidget(QWidget):
         layout = self.image.layout()
         classes = self.classes.classes_text()
         background = self.classes.background_text()
-        fg = parse_classes(classes)  # instant message on an empty or duplicated list
-        if background:
-            parse_classes(fg + parse_classes(background, allow_empty=True))
         choice = self.model.choice()
+        if choice.is_student:  # its own classes (empty = all) and background
+            if classes:
+                parse_classes(classes)
+            background = ""
+        else:
+            fg = parse_classes(classes)  # instant message on an empty or duplicated list
+            if background:
+                parse_classes(fg + parse_classes(background, allow_empty=True))
         if self.image.all_slices() or not layout.loop_axes:
             slices = layout.all_slices()
         else:
@@ -264,21 +347,46 @@ class MaskClipWidget(QWidget):
             source_id=str(layer.unique_id),
             source_name=layer.name,
             geometry=job.geometry,
-            run_info={
-                "class_texts": result.class_texts,
-                "background": result.background,
-                "settings": result.settings,
-            },
+            run_info=self._run_info(job, result),
         )
         self.last_report = report
         self._set_status(self._summary(outcome, job, report))
-        self.prefs.remember_run(
-            job.classes, job.background, self.model.model.currentText(),
-            self.model.pretrained.currentText(),
-        )
-        self.prefs.save()
+        model_text, weights = self.model.model.currentText(), self.model.pretrained.currentText()
+
+        def remember(prefs: WidgetPreferences) -> None:
+            if job.choice.is_student:
+                prefs.remember_student(job.choice.model)
+            else:
+                prefs.remember_run(job.classes, job.background, model_text, weights)
+
+        self.prefs = update_preferences(remember)
         self.classes.set_recent(self.prefs)
         self.run_finished.emit("done")
+
+    def _run_info(self, job: _Run, result: Any) -> dict[str, Any]:
+        """What the Labels layer keeps about the run, for exports (provenance, image layout)."""
+        layout = job.request.layout
+        info: dict[str, Any] = {
+            "class_texts": result.class_texts,
+            "background": result.background,
+            "settings": result.settings,
+            "source_layout": {
+                "data_shape": list(layout.data_shape), "rgb": layout.rgb,
+                "channel_axis": layout.channel_axis,
+                "channels": list(job.request.channels) if job.request.channels else None,
+            },
+        }
+        if job.choice.is_student:
+            # A dataset labelled by a student names the student's teacher as its model, so a
+            # student trained on it gets the same teacher by default.
+            teacher = (self.model.student_meta() or {}).get("teacher") or {}
+            info.update(labelled_by="student", student_checkpoint=job.choice.model,
+                        model=teacher.get("model"), pretrained=teacher.get("pretrained"))
+        else:
+            # The model as chosen (a config JSON's path, not just its name), so it can be loaded
+            # again as the teacher of a student trained on the export.
+            info.update(model=job.choice.model, pretrained=job.choice.pretrained)
+        return info
 
     def _on_aborted(self) -> None:  # napari's own task manager can abort the worker too
         self._set_status("Cancelled: no layer was added or changed.")
@@ -301,6 +409,9 @@ class MaskClipWidget(QWidget):
     @staticmethod
     def _summary(outcome: JobOutcome, job: _Run, report: Any) -> str:
         result = outcome.result
+        if outcome.student:
+            return (f"Done in {outcome.seconds:.2f} s ({job.what}, {outcome.model}): predicted by "
+                    f"the student. {_capitalised(report.describe())}.")
         n = len(result.slices)
         if result.encoded_slices == 0:
             encoder = "re-query: cached image features (no image-encoder pass)"
@@ -323,20 +434,11 @@ class MaskClipWidget(QWidget):
         self.status.setText(text)
 
     def _show_error(self, exc: BaseException) -> None:
-        if isinstance(exc, MaskClipError):
-            self._set_status(f"Error: {exc}")
-            self._notify(str(exc), error=True)
-        else:
-            from napari.utils.notifications import notification_manager
-
-            self._set_status(f"Unexpected error ({type(exc).__name__}): {exc}")
-            notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+        self._set_status(show_exception(exc))
 
     @staticmethod
     def _notify(message: str, *, error: bool) -> None:
-        from napari.utils.notifications import show_error, show_warning
-
-        (show_error if error else show_warning)(message)
+        notify(message, error=error)
 
 
 def _capitalised(text: str) -> str:

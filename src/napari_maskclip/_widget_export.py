@@ -1,0 +1,355 @@
+"""The Export panel: a Labels layer (with its image, confidence maps and edited pixels) -> dataset.
+
+A small dock widget, opened from the MaskCLIP widget's **Export to dataset...** button or from
+napari's Plugins menu. It gathers the choices (dataset folder, sample name, which slices, the
+confidence threshold, overwrite, remap), plans the export on the main thread
+(:func:`._widget_export_plan.plan_layer_export`: metadata only, no pixels) and runs
+:meth:`~._widget_export_plan.ExportPlan.export_iter` in a napari worker with a progress bar.
+A refused export (other classes, an existing sample, no folder...) is a notification with the
+exporter's message; nothing is written then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._widget_export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
+from ._widget_job import JobControl, JobOutcome, guarded_job
+from ._widget_layers import META_KEY
+from ._widget_notify import notify, show_exception
+from ._widget_settings import WidgetPreferences, update_preferences
+from .errors import InvalidInputError, MaskClipError
+from .progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["ExportWidget"]
+
+SLICE_CURRENT = "current slice"
+SLICE_LABELLED = "all labelled slices"
+
+
+def _row(*widgets: QWidget) -> QWidget:
+    box = QWidget()
+    layout = QHBoxLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        layout.addWidget(w)
+    return box
+
+
+class ExportWidget(QWidget):
+    """Dock widget: export a Labels layer as samples of a training dataset."""
+
+    #: Emitted when an export ends: "done", "cancelled" or "error".
+    export_finished = Signal(str)
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.main: Any = None
+        self.worker: Any = None
+        self.last_report: Any = None
+        self.last_plan: Optional[ExportPlan] = None
+        self._control: Optional[JobControl] = None
+        self._pbar: Any = None
+        self._layers: list[Any] = []
+        prefs = WidgetPreferences.load()
+
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip(
+            "The Labels layer to export (MaskCLIP's, or any with class names)."
+        )
+        self.folder = QLineEdit(prefs.last_dataset or "")
+        self.folder.setPlaceholderText("dataset folder (new, empty, or an existing dataset)")
+        self.folder.setToolTip(
+            "A new or empty folder starts a dataset; an existing dataset is appended to (same "
+            "classes, or tick 'remap')."
+        )
+        self.folder_button = QPushButton("...")
+        self.folder_button.setFixedWidth(32)
+        self.name = QLineEdit()
+        self.name.setToolTip(
+            "The sample's name (default: the image layer's). Stacks give one sample per slice: "
+            "<name>_z0003."
+        )
+        self.slices = QComboBox()
+        self.slices.addItems([SLICE_CURRENT, SLICE_LABELLED])
+        self.slices.setCurrentText(SLICE_LABELLED)
+        self.slices.setToolTip(
+            "Stacks: the slice the viewer shows, or every slice MaskCLIP wrote or you painted "
+            "(one sample each)."
+        )
+        self.use_threshold = QCheckBox("ignore unsure pseudo-labels below")
+        self.use_threshold.setToolTip(
+            "Pixels you did not edit whose label has a confidence below this are exported as "
+            "255 (ignored in training). Edited pixels are always kept."
+        )
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.5)
+        self.threshold.setEnabled(False)
+        self.save_confidence = QCheckBox("save confidence maps")
+        self.save_confidence.setChecked(True)
+        self.overwrite = QCheckBox("overwrite a sample of the same name")
+        self.overwrite.setToolTip("Without it, an existing sample is never replaced.")
+        self.remap = QCheckBox("fit my classes to the dataset's (by name)")
+        self.remap.setToolTip(
+            "When the dataset has other classes (or another order): match them by name or "
+            "synonym and renumber the labels to the dataset's list."
+        )
+        self.add_classes = QCheckBox("add classes the dataset lacks")
+        self.add_classes.setEnabled(False)
+        self.add_classes.setToolTip(
+            "Append new class names to the dataset's list (old samples keep their meaning)."
+        )
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        self.export_button = QPushButton("Export")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip(
+            "Stop after the current slice; the slices already written stay."
+        )
+        self.status = QLabel("Ready.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("labels", self.layer_combo)
+        form.addRow("dataset", _row(self.folder, self.folder_button))
+        form.addRow("sample name", self.name)
+        form.addRow("slices", self.slices)
+        form.addRow(_row(self.use_threshold, self.threshold))
+        form.addRow(self.save_confidence)
+        form.addRow(self.overwrite)
+        form.addRow(self.remap)
+        form.addRow(self.add_classes)
+        form.addRow(self.info)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.export_button)
+        buttons.addWidget(self.cancel_button)
+        column = QVBoxLayout(self)
+        column.addLayout(form)
+        column.addLayout(buttons)
+        column.addWidget(self.status)
+        column.addStretch(1)
+
+        self.folder_button.clicked.connect(self._choose_folder)
+        self.use_threshold.toggled.connect(self.threshold.setEnabled)
+        self.remap.toggled.connect(self.add_classes.setEnabled)
+        self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
+        self.export_button.clicked.connect(self.export)
+        self.cancel_button.clicked.connect(self.cancel)
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.moved):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ---- layers --------------------------------------------------------------------------------
+    def attach(self, main: Any) -> None:
+        """Link to the MaskCLIP widget: preselect its latest Labels layer."""
+        self.main = main
+        report = getattr(main, "last_report", None)
+        layer = getattr(report, "labels_layer", None)
+        if layer is not None:
+            self.select(layer)
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        from napari.layers import Labels
+
+        for layer in self.viewer.layers:  # follow renames
+            layer.events.name.disconnect(self._refresh_layers)  # no-op when not connected
+            layer.events.name.connect(self._refresh_layers)
+        current = self.current_layer()
+        self._layers = [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems([layer.name for layer in self._layers])
+        if current in self._layers:
+            self.layer_combo.setCurrentIndex(self._layers.index(current))
+        elif self._layers:
+            plugin = [layer for layer in self._layers
+                      if isinstance(layer.metadata.get(META_KEY), dict)]
+            self.layer_combo.setCurrentIndex(self._layers.index((plugin or self._layers)[-1]))
+        self.layer_combo.blockSignals(False)
+        if self.current_layer() is not current:
+            self._on_layer_changed()
+
+    def current_layer(self) -> Any:
+        i = self.layer_combo.currentIndex()
+        return self._layers[i] if 0 <= i < len(self._layers) else None
+
+    def select(self, layer: Any) -> None:
+        if layer in self._layers:
+            self.layer_combo.setCurrentIndex(self._layers.index(layer))
+
+    def _plan(self, layer: Any) -> ExportPlan:
+        data = layer.data[0] if layer.multiscale else layer.data
+        return plan_layer_export(
+            layer_name=layer.name, metadata=layer.metadata, features=layer.features, data=data,
+            layers=list(self.viewer.layers),
+        )
+
+    def _on_layer_changed(self) -> None:
+        layer = self.current_layer()
+        if layer is None:
+            self.info.setText("No Labels layer: run MaskCLIP first (or open labels).")
+            self.slices.setEnabled(False)
+            return
+        try:
+            plan = self._plan(layer)
+        except MaskClipError as exc:
+            self.info.setText(str(exc))
+            self.slices.setEnabled(False)
+            return
+        self.name.setText(plan.name)
+        self.slices.setEnabled(plan.is_stack)
+        parts = [f"classes: {', '.join(plan.display_names)}"]
+        if plan.is_stack and plan.record is not None:
+            parts.append(f"MaskCLIP wrote {len(plan.written_leads)} slice(s)")
+        parts += plan.notes
+        self.info.setText("; ".join(parts) + ".")
+
+    def _choose_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset folder", self.folder.text())
+        if path:
+            self.folder.setText(path)
+
+    # ---- exporting -----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def export(self) -> Any:
+        """Start the export; returns the napari worker, or None (with a notification) if refused."""
+        if self.running:
+            notify("An export is in progress: wait for it or press Cancel.")
+            return None
+        try:
+            layer = self.current_layer()
+            if layer is None:
+                raise InvalidInputError(
+                    "No Labels layer to export: run MaskCLIP on an image first."
+                )
+            folder = self.folder.text().strip()
+            if not folder:
+                raise InvalidInputError(
+                    "Choose a dataset folder to export into (the '...' button)."
+                )
+            plan = self._plan(layer)
+            selection: Any = SLICES_LABELLED
+            if plan.is_stack and self.slices.currentText() == SLICE_CURRENT:
+                selection = plan.current_lead(layer.world_to_data(self.viewer.dims.point))
+            threshold = self.use_threshold.isChecked()
+            options = {
+                "name": self.name.text().strip() or None,
+                "selection": selection,
+                "min_confidence": float(self.threshold.value()) if threshold else None,
+                "save_confidence": self.save_confidence.isChecked(),
+                "overwrite": self.overwrite.isChecked(),
+                "remap": self.remap.isChecked(),
+                "add_classes": self.remap.isChecked() and self.add_classes.isChecked(),
+            }
+        except MaskClipError as exc:
+            self.status.setText(show_exception(exc))
+            self.export_finished.emit("error")
+            return None
+        return self._start(plan, Path(folder).expanduser(), options)
+
+    def _start(self, plan: ExportPlan, folder: Path, options: dict[str, Any]) -> Any:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self.last_plan = plan
+        self._control = JobControl()
+        worker = create_worker(
+            guarded_job, lambda: plan.export_iter(folder, **options), self._control,
+            _start_thread=False,
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._folder = folder
+        self._pbar = progress(total=0, desc="MaskCLIP export")
+        self.export_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"Exporting to {folder}...")
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        if self._control is not None:
+            self._control.cancel.set()
+            self.status.setText("Stopping after the current slice...")
+
+    def _on_progress(self, step: Progress) -> None:
+        pbar = self._pbar
+        if pbar is None or self.worker is None:
+            return
+        if step.stage == "export" and step.total > 0:
+            # Status first: updating napari's bar may process pending events, the end included.
+            self.status.setText(f"Exporting {step.done}/{step.total}: {step.message}")
+            if pbar.total != step.total:
+                pbar.total = step.total
+            if step.done > pbar.n and self._pbar is pbar:
+                pbar.update(step.done - pbar.n)
+
+    def _on_returned(self, outcome: JobOutcome) -> None:
+        if outcome.cancelled:
+            self.status.setText(
+                "Export stopped: the samples written so far are complete and listed in the "
+                "dataset; the rest were not exported."
+            )
+            self.export_finished.emit("cancelled")
+            return
+        if outcome.error is not None:
+            self.status.setText(show_exception(outcome.error))
+            self.export_finished.emit("error")
+            return
+        report = outcome.result
+        self.last_report = report
+        notes = self.last_plan.notes if self.last_plan is not None else []
+        text = f"Exported {report.summary()}."
+        if notes:
+            text += " Note: " + "; ".join(notes) + "."
+        self.status.setText(text)
+        folder = str(self._folder)
+        update_preferences(lambda prefs: setattr(prefs, "last_dataset", folder))
+        self.export_finished.emit("done")
+
+    def _on_errored(self, exc: BaseException) -> None:  # only bugs reach here (guarded_job)
+        self.status.setText(show_exception(exc))
+        self.export_finished.emit("error")
+
+    def _on_finished(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+        self._pbar = None
+        self.worker = None
+        self._control = None
+        self.export_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        self.cancel()
+        super().closeEvent(event)
