@@ -60,7 +60,7 @@ def exported(make_widget, qtbot, tmp_path):
     return viewer, widget, panel, painted
 
 
-def test_export_records_exactly_the_painted_pixels(exported, tmp_path):
+def test_export_records_exactly_the_painted_pixels(exported, tmp_path, tiny_vit_files):
     viewer, widget, panel, painted = exported
     labels = viewer.layers["photo [maskclip]"]
     ds = read_dataset(tmp_path / "ds")
@@ -72,6 +72,10 @@ def test_export_records_exactly_the_painted_pixels(exported, tmp_path):
     confidence = sample.read_confidence()
     np.testing.assert_allclose(confidence[0], viewer.layers["photo [maskclip] cat"].data, atol=1e-3)
     assert sample.info["pixels"]["edited"] == int(painted.sum())
+    # The model as chosen (loadable again as a student's teacher), not just the config's name.
+    assert sample.provenance["model"] == str(tiny_vit_files[0])
+    assert sample.provenance["pretrained"] == str(tiny_vit_files[1])
+    assert sample.provenance["settings"]["model"] == "tiny_vit"
     assert "1 sample(s)" in panel.status.text()
 
 

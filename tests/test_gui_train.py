@@ -147,3 +147,35 @@ def test_bad_input_is_a_notification(panel, qtbot, tmp_path, notifications):
     assert train_and_wait(qtbot, panel) == "error"
     assert any("not a napari-maskclip student checkpoint" in str(n.message) for n in notifications)
     assert panel.start_button.isEnabled()
+
+
+def test_end_to_end_run_export_train_predict_from_the_widget(make_widget, qtbot, tmp_path):
+    """The whole loop from the panels: MaskCLIP labels, an edit, Export, Train (the teacher is
+    the model recorded by the export), then the student as the model."""
+    from test_gui_export import export_and_wait
+
+    viewer, main = make_widget((RGB, {"name": "photo", "rgb": True}))
+    main.classes.text.setPlainText("cat, dog")
+    assert run_and_wait(qtbot, main) == "done", main.status.text()
+    viewer.layers["photo [maskclip]"].paint((20, 20), 2)
+    export = main.open_export()
+    export.folder.setText(str(tmp_path / "ds"))
+    assert export_and_wait(qtbot, export) == "done", export.status.text()
+
+    panel = main.open_train()
+    assert panel.dataset_folders() == [str(tmp_path / "ds")]  # the last export, filled in
+    panel.output.setText(str(tmp_path / "s.safetensors"))
+    panel.iterations.setValue(3)
+    panel.backbone.setCurrentText("tiny")
+    panel.backbone_weights.setCurrentText("random")
+    panel.crop.setValue(32)
+    panel.batch.setValue(2)
+    panel.device.setCurrentText("cpu")
+    assert train_and_wait(qtbot, panel) == "done", panel.status.text()
+    teacher = read_checkpoint_meta(tmp_path / "s.safetensors")["teacher"]
+    assert teacher["model"].endswith("tiny_vit.json")  # as recorded by the export
+    assert panel.use_student() is main
+    assert run_and_wait(qtbot, main) == "done", main.status.text()
+    layer = main.last_report.labels_layer
+    assert layer.features["name"].tolist() == ["background", "cat", "dog"]
+    assert "predicted by the student" in main.status.text()
