@@ -107,3 +107,12 @@ def test_cli_entry_point_runs_as_a_module(tmp_path):
     for option in ("--mode", "--denoise", "--key-smoothing", "--background", "--window",
                    "--stride", "--short-side", "--device"):
         assert option in proc.stdout
+
+
+def test_cli_parser_starts_without_torch():
+    """Option lists come from torch-free modules: --help and bad usage answer instantly."""
+    code = ("import sys; from napari_maskclip.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'napari', 'qtpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -75,7 +75,7 @@ def test_export_records_exactly_the_painted_pixels(exported, tmp_path, tiny_vit_
     # The model as chosen (loadable again as a student's teacher), not just the config's name.
     assert sample.provenance["model"] == str(tiny_vit_files[0])
     assert sample.provenance["pretrained"] == str(tiny_vit_files[1])
-    assert sample.provenance["settings"]["model"] == "tiny_vit"
+    assert sample.provenance["settings"]["model"] == str(tiny_vit_files[0])
     assert "1 sample(s)" in panel.status.text()
 
 

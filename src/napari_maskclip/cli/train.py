@@ -173,7 +173,7 @@ class _TrainBar:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..student.network import BACKBONES
+    from ..student.settings import BACKBONES
 
     parser = subparsers.add_parser(
         "train",

@@ -403,7 +403,8 @@ def load_clip(
                 context_length=int(text_cfg.get("context_length", 77))
             )
         return _finish(
-            net, name=config_path.stem, pretrained=str(weights_path) if weights_path else RANDOM_WEIGHTS,
+            # The name is the path as given, so a recorded name can be loaded again.
+            net, name=model, pretrained=str(weights_path) if weights_path else RANDOM_WEIGHTS,
             identity=identity, tokenizer=tokenizer, device=device, precision=precision,
             mean=preprocess.get("mean"), std=preprocess.get("std"),
             quick_gelu=bool(qg if qg is not None else cfg.get("quick_gelu", False)),

@@ -9,40 +9,49 @@ UI-free (no napari, no Qt). Typical use::
 
 Training is a generator (:func:`train_iter`) yielding progress with the loss, shared by the
 widget, the CLI and tests.
+
+Names are imported lazily, so ``napari_maskclip.student.settings`` (and the CLI's option lists)
+load without torch.
 """
 
-from .checkpoint import (
-    FORMAT,
-    StudentCheckpoint,
-    is_student_checkpoint,
-    load_checkpoint,
-    read_checkpoint_meta,
-    save_checkpoint,
-)
-from .data import IGNORE, Sample, TrainingData, compose_targets
-from .network import BACKBONES, StudentNet, build_student
-from .predict import StudentSegmenter
-from .settings import TrainSettings
-from .train import TrainResult, segmentation_loss, train, train_iter
+from __future__ import annotations
 
-__all__ = [
-    "BACKBONES",
-    "FORMAT",
-    "IGNORE",
-    "Sample",
-    "StudentCheckpoint",
-    "StudentNet",
-    "StudentSegmenter",
-    "TrainResult",
-    "TrainSettings",
-    "TrainingData",
-    "build_student",
-    "compose_targets",
-    "is_student_checkpoint",
-    "load_checkpoint",
-    "read_checkpoint_meta",
-    "save_checkpoint",
-    "segmentation_loss",
-    "train",
-    "train_iter",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BACKBONES": "settings",
+    "FORMAT": "checkpoint",
+    "IGNORE": "data",
+    "Sample": "data",
+    "StudentCheckpoint": "checkpoint",
+    "StudentNet": "network",
+    "StudentSegmenter": "predict",
+    "TrainResult": "train",
+    "TrainSettings": "settings",
+    "TrainingData": "data",
+    "build_student": "network",
+    "compose_targets": "data",
+    "is_student_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "read_checkpoint_meta": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "segmentation_loss": "train",
+    "train": "train",
+    "train_iter": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

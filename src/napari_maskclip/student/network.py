@@ -39,6 +39,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..errors import ModelLoadError, WeightsUnavailableError
 from ..progress import Progress
+from .settings import BACKBONES
 
 __all__ = [
     "BACKBONES",
@@ -51,7 +52,6 @@ __all__ = [
     "load_backbone_state",
 ]
 
-BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101", "tiny")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -14,6 +14,10 @@ from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
+#: The student networks :func:`napari_maskclip.student.network.build_student` can build (kept here,
+#: torch-free, so CLIs and UIs can list them without loading torch).
+BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101", "tiny")
+
 __all__ = ["TrainSettings", "UNKNOWN_EDITS", "BACKBONE_WEIGHTS"]
 
 #: What pixels of a sample without edit information are: ``labels`` = the exported labels are
@@ -88,7 +92,6 @@ class TrainSettings:
 
     def validate(self) -> "TrainSettings":
         """Raise :class:`InvalidInputError` with a clear message for impossible values."""
-        from .network import BACKBONES
 
         def positive(name: str) -> None:
             value = getattr(self, name)
