@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..progress import run_to_completion
     from ..student.data import load_training_data
     from ..student.settings import TrainSettings
-    from ..student.train import RESUME_OVERRIDES, train_iter
+    from ..student.training import RESUME_OVERRIDES, train_iter
     from .segment import default_pretrained
 
     out = Path(args.out)

@@ -11,7 +11,9 @@ Training is a generator (:func:`train_iter`) yielding progress with the loss, sh
 widget, the CLI and tests.
 
 Names are imported lazily, so ``napari_maskclip.student.settings`` (and the CLI's option lists)
-load without torch.
+load without torch. No submodule is named like an export (the loop lives in ``training``, not
+``train``): importing a submodule sets it as a package attribute, which would shadow the lazy
+name, and ``from napari_maskclip.student import train`` would then return a module.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _EXPORTS = {
     "StudentCheckpoint": "checkpoint",
     "StudentNet": "network",
     "StudentSegmenter": "predict",
-    "TrainResult": "train",
+    "TrainResult": "training",
     "TrainSettings": "settings",
     "TrainingData": "data",
     "build_student": "network",
@@ -36,9 +38,9 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint",
     "read_checkpoint_meta": "checkpoint",
     "save_checkpoint": "checkpoint",
-    "segmentation_loss": "train",
-    "train": "train",
-    "train_iter": "train",
+    "segmentation_loss": "training",
+    "train": "training",
+    "train_iter": "training",
 }
 
 __all__ = sorted(_EXPORTS)
