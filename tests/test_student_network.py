@@ -25,6 +25,19 @@ def offline_hub(tmp_path, monkeypatch):
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
+def test_tiny_student_sees_only_a_local_neighbourhood():
+    """``tiny`` has no image pooling: a pixel's prediction depends on its 27 px neighbourhood
+    only, so the student cannot learn the teacher's context leaks (see network's docstring)."""
+    net = build_student("tiny", random_embeddings(4, 16)).eval()
+    image = torch.rand(1, 3, 96, 96)
+    changed = image.clone()
+    changed[..., 60:, 60:] = torch.rand(1, 3, 36, 36)  # far from the top-left corner
+    with torch.no_grad():
+        a, b = net(image), net(changed)
+    assert torch.allclose(a[..., :24, :24], b[..., :24, :24], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[..., 60:, 60:], b[..., 60:, 60:])
+
+
 def test_classifier_is_the_frozen_text_embeddings():
     emb = random_embeddings(5, 24)
     net = build_student("tiny", emb).train()

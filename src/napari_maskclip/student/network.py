@@ -16,8 +16,16 @@ fixed scale is an option.
 
 Backbones: ``mobilenet_v3_large`` (default; output stride 16, fast enough for CPU training),
 ``resnet50`` / ``resnet101`` (output stride 8, closer to the paper's DeepLabv2-ResNet101), and
-``tiny`` (four conv layers at output stride 2, for tests and quick trials). ImageNet weights come
-from torchvision's files in the torch hub cache; see :func:`backbone_weights_iter`.
+``tiny`` (for tests, quick trials and small images: four conv layers at output stride 2 and a
+local head, no ASPP). ImageNet weights come from torchvision's files in the torch hub cache; see
+:func:`backbone_weights_iter`.
+
+Why ``tiny`` has no ASPP: DeepLabv3's ASPP adds an image-pooling branch, so every pixel sees the
+whole image. A student that sees everything also learns its teacher's context leaks (MaskCLIP
+tends to label background with the names of objects elsewhere in the image); one whose receptive
+field is local (27 px) must decide from what is around each pixel, and on the synthetic
+benchmark (``benchmarks/quality.py``) it fixes most of the teacher's background errors. The paper's
+own student, DeepLabv2, has no image pooling either.
 """
 
 from __future__ import annotations
@@ -80,31 +88,18 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
     )
 
 
-def _head(in_channels: int, channels: int, out_channels: int, rates: tuple[int, ...]) -> nn.Sequential:
-    """DeepLabv3's head (ASPP, 3x3 conv) ending in a 1x1 projection to ``out_channels``."""
-    from torchvision.models.segmentation.deeplabv3 import ASPP
-
-    return nn.Sequential(
-        ASPP(in_channels, rates, out_channels=channels),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, out_channels, 1),
-    )
-
-
 def _parts(backbone: str, width: int) -> tuple[nn.Module, nn.Module]:
     """(backbone returning {"out": ...}, head ending in ``width`` channels), randomly initialised."""
     from torchvision.models import segmentation
 
-    if backbone == "tiny":
+    if backbone == "tiny":  # receptive field 27 px, no image pooling: see above
         body = nn.Sequential(
             _conv_bn_relu(3, 16, stride=2),
             _conv_bn_relu(16, 32),
-            _conv_bn_relu(32, 32, dilation=2),
-            _conv_bn_relu(32, 48, dilation=4),
+            _conv_bn_relu(32, 48, dilation=2),
+            _conv_bn_relu(48, 64, dilation=2),
         )
-        return _FeatureDict(body), _head(48, 48, width, (4, 8, 12))
+        return _FeatureDict(body), nn.Sequential(_conv_bn_relu(64, 64), nn.Conv2d(64, width, 1))
     builders = {
         "mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
         "resnet50": segmentation.deeplabv3_resnet50,
