@@ -43,7 +43,9 @@ def test_contributions(manifest):
     assert [item.command for item in segment_menu] == [widget.command]
     from napari_maskclip._sample_data import SAMPLES
 
-    assert {s.key for s in contrib.sample_data} == set(SAMPLES)
+    assert {s.key for s in contrib.sample_data} == set(SAMPLES) | {"shapes"}  # photos + demo scene
+    shapes = next(s for s in contrib.sample_data if s.key == "shapes")
+    assert commands[shapes.command] == "napari_maskclip._sample_data:shapes"
     writer = contrib.writers[0]
     assert [str(t) for t in writer.layer_types] == ["labels"]
     assert commands[writer.command] == "napari_maskclip._writer:write_labels_dataset"

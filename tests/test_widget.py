@@ -95,6 +95,8 @@ def test_demo_model_is_marked_and_uses_its_template(make_napari_viewer):
     assert widget.model.hint.isVisibleTo(widget) and "Demo model" in widget.model.hint.text()
     assert not widget.model.pretrained.isEnabled()
     assert widget.settings.templates.currentText() == "single"
+    assert widget.settings.inference.currentText() == "sliding window"
+    assert (widget.settings.window.value(), widget.settings.stride.value()) == (64, 16)
     assert widget.model.choice().pretrained is None
 
 
@@ -105,6 +107,25 @@ def test_sample_data_suggests_class_names(make_napari_viewer):
     assert widget.image.current_layer().name == "coffee"
     assert widget.classes.classes_text().startswith("coffee cup")
     assert widget.classes.background_text() == "wooden table; table"
+
+
+def test_shapes_sample_presets_the_demo_model_and_its_classes(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = MaskClipWidget(viewer)
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert widget.model.model.currentText() == "demo"
+    assert widget.classes.classes_text().startswith("red circle, red square")
+    assert widget.classes.background_text() == "background"
+    assert widget.settings.templates.currentText() == "single"
+
+
+def test_a_suggested_model_never_replaces_the_users_choice(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = MaskClipWidget(viewer)
+    viewer.open_sample("napari-maskclip", "coffee")  # the user starts with classes of their own
+    widget.model.model.setCurrentText("ViT-B-32")
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert widget.model.model.currentText() == "ViT-B-32"
 
 
 # ---- image kinds ---------------------------------------------------------------------------------

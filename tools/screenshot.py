@@ -73,13 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     viewer = napari.Viewer(title="napari-maskclip")
     width, height = (int(v) for v in args.size.lower().split("x"))
     viewer.window.resize(width, height)
+    background = None
     if use_demo:
-        from napari_maskclip.synthetic import make_scene
+        from napari_maskclip.cli.demo import demo_classes
 
-        scene = make_scene(3, size=(384, 512), n_objects=(4, 6))
-        viewer.add_image(scene.image, name="shapes", rgb=scene.image.ndim == 3)
-        names = sorted({obj.name for obj in scene.objects})  # the classes in the scene
-        classes = ", ".join(names)
+        viewer.open_sample("napari-maskclip", "shapes")  # what `napari-maskclip demo` shows
+        classes, background = demo_classes()
         model, pretrained, caption = "demo", "", "the shipped demo model on a synthetic scene"
     else:
         viewer.open_sample("napari-maskclip", "coffee")
@@ -93,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     widget.model.pretrained.setCurrentText(pretrained)
     widget.model.device.setCurrentText("cpu")
     widget.classes.text.setPlainText(classes)
+    if background is not None:
+        widget.classes.background.setEditText(background)
 
     finished: list[str] = []
     widget.run_finished.connect(finished.append)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["SAMPLES", "astronaut", "cat", "coffee", "rocket"]
+__all__ = ["SAMPLES", "astronaut", "cat", "coffee", "rocket", "shapes"]
 
 LayerData = list[tuple[np.ndarray, dict[str, Any]]]
 
@@ -56,3 +56,24 @@ cat = _make("cat")
 astronaut = _make("astronaut")
 coffee = _make("coffee")
 rocket = _make("rocket")
+
+
+def shapes() -> LayerData:
+    """A synthetic shapes scene for the offline demo model (no download, no real CLIP needed).
+
+    The layer suggests the demo model, its 12 classes and its background name, so the widget is
+    ready to run as soon as the sample opens.
+    """
+    from .cli.demo import demo_classes, demo_scene
+
+    scene = demo_scene()
+    classes, background = demo_classes()
+    meta = {
+        "napari_maskclip": {
+            "suggested_classes": classes,
+            "suggested_background": background,
+            "suggested_model": "demo",
+            "description": "Synthetic shapes scene for the offline demo model",
+        }
+    }
+    return [(scene.image, {"name": "shapes (demo)", "rgb": True, "metadata": meta})]

@@ -26,10 +26,16 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from ._widget_job import JobControl, JobOutcome, segmentation_job
-from ._widget_layers import EDIT_POLICY, Geometry, apply_result
+from ._widget_layers import EDIT_POLICY, META_KEY, Geometry, apply_result
 from ._widget_models import DEMO_MODEL, ModelChoice, SegmenterPool
 from ._widget_notify import notify, show_exception
-from ._widget_sections import ClassesSection, ImageSection, ModelSection, SettingsSection
+from ._widget_sections import (
+    INFERENCE_SLIDING,
+    ClassesSection,
+    ImageSection,
+    ModelSection,
+    SettingsSection,
+)
 from ._widget_settings import WidgetPreferences, update_preferences
 from ._widget_stack import StackRequest
 from .classes import parse_classes
@@ -149,12 +155,24 @@ class MaskClipWidget(QWidget):
 
     def _on_layer_changed(self) -> None:
         layer = self.image.current_layer()
-        if layer is not None:
-            self.classes.suggest(layer)
+        if layer is None:
+            return
+        typed = bool(self.classes.classes_text())
+        self.classes.suggest(layer)
+        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
+        model = meta.get("suggested_model") if isinstance(meta, dict) else None
+        if model and not typed:  # e.g. the demo scene suggests the demo model
+            self.model.model.setCurrentText(str(model))
 
     def _on_model_changed(self, text: str) -> None:
-        if text.strip() == DEMO_MODEL:  # the demo model was trained with one prompt template
-            self.settings.templates.setCurrentText("single")
+        if text.strip() == DEMO_MODEL:  # one prompt template, windows of its 64 px training size
+            from .demo import recommended_settings
+
+            preset = recommended_settings()
+            self.settings.templates.setCurrentText(preset["templates"])
+            self.settings.inference.setCurrentText(INFERENCE_SLIDING)
+            self.settings.window.setValue(preset["window"])
+            self.settings.stride.setValue(preset["stride"])
 
     def _on_student_changed(self, meta: Optional[dict[str, Any]]) -> None:
         if meta is None:
