@@ -258,6 +258,7 @@ def test_settings_are_validated():
 @pytest.mark.parametrize("overrides", [
     {"denoise": False},
     {"denoise": True, "denoise_threshold": 0.9},
+    {"denoise": True, "denoise_threshold": 0.6, "logit_scale": 5.0},  # PD at CLIP's scale anyway
     {"denoise": False, "key_smoothing": True},
 ])
 def test_teacher_labels_are_maskclip_labels_of_the_crop(tiny_vit, overrides):

@@ -24,6 +24,7 @@ from ..classes import ClassSpec, parse_classes
 from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
 from ..engine.refine import class_probabilities, denoise_keep, key_smoothing
+from ..engine.segmenter import DENOISE_SCALE
 from ..engine.settings import SegmentSettings
 from ..engine.templates import resolve_templates
 from ..engine.text import TextEmbeddingCache, TextEncoder
@@ -115,7 +116,8 @@ class Teacher:
             groups = self._groups
             active = list(range(len(groups)))
             if s.denoise:
-                class_max = class_probabilities(logits.flatten(1), groups, s.logit_scale).amax(dim=1)
+                # The engine's rule: PD is decided at CLIP's scale whatever the temperature.
+                class_max = class_probabilities(logits.flatten(1), groups, DENOISE_SCALE).amax(dim=1)
                 keep = denoise_keep(class_max.cpu(), s.denoise_threshold)
                 active = [k for k in active if bool(keep[k])]
             prompt_index = [q for k in active for q in groups[k]]
