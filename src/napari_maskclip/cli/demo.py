@@ -114,8 +114,8 @@ def _headless(args: argparse.Namespace) -> int:
     print(f"mIoU against the scene's exact mask: {100 * scores.miou:.1f} "
           f"(pixel accuracy {100 * scores.pixel_accuracy:.1f})")
     print("Next: open napari with a display (napari-maskclip demo), or try "
-          "'napari-maskclip segment IMAGE --model demo --templates single --classes \"red circle, "
-          "blue square\" --background background --out DIR'.")
+          "'napari-maskclip segment IMAGE --model demo --templates single --window 64 --stride 16 "
+          "--classes \"red circle, blue square\" --background background --out DIR'.")
     return 0
 
 
