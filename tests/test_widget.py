@@ -385,3 +385,28 @@ def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
     confidence = sample.read_confidence()
     assert confidence is not None and confidence.shape == (2, *RGB.shape[:2])
     np.testing.assert_allclose(confidence[1], viewer.layers["photo [maskclip] dog"].data, atol=1e-3)
+
+
+def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypatch, qtbot):
+    """``napari-maskclip demo`` with a display: the shapes scene and the widget, preset."""
+    import napari
+
+    from napari_maskclip.cli import demo as demo_cli
+    from napari_maskclip.cli import main
+
+    monkeypatch.setattr(demo_cli, "has_display", lambda: True)
+    monkeypatch.setattr(napari, "run", lambda *args, **kwargs: None)  # do not block
+    seen = {}
+    preset = demo_cli._preset
+    monkeypatch.setattr(demo_cli, "_preset", lambda widget: (seen.update(widget=widget), preset(widget)))
+    assert main(["demo"]) == 0
+    viewer = napari.current_viewer()
+    try:
+        assert [layer.name for layer in viewer.layers] == ["shapes (demo)"]
+        widget = seen["widget"]
+        assert isinstance(widget, MaskClipWidget)
+        assert widget.model.model.currentText() == "demo"
+        assert widget.classes.classes_text().startswith("red circle")
+        assert widget.settings.inference.currentText() == "sliding window"
+    finally:
+        viewer.close()
