@@ -91,6 +91,8 @@ def test_widget_is_discovered_through_npe2(make_napari_viewer):
 def test_demo_model_is_marked_and_uses_its_template(make_napari_viewer):
     widget = MaskClipWidget(make_napari_viewer())
     assert not widget.model.hint.isVisibleTo(widget)
+    index = widget.model.model.findText("demo")  # listed beside the real models, marked
+    assert index >= 0 and "Demo model" in widget.model.model.itemData(index, Qt.ToolTipRole)
     widget.model.model.setCurrentText("demo")
     assert widget.model.hint.isVisibleTo(widget) and "Demo model" in widget.model.hint.text()
     assert not widget.model.pretrained.isEnabled()

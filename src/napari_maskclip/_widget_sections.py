@@ -320,6 +320,12 @@ class ModelSection(QGroupBox):
         self.model = QComboBox()
         self.model.setEditable(True)
         self.model.addItems(KNOWN_MODELS)
+        self.model.setItemData(
+            KNOWN_MODELS.index(DEMO_MODEL),
+            "Demo model: tiny, shipped with the plugin, runs offline; trained on synthetic "
+            "coloured shapes only (try File > Open Sample > Shapes scene).",
+            Qt.ToolTipRole,
+        )
         self.model.setToolTip(
             "An open_clip model name (ViT-B-16, ViT-L-14, RN50, ...), the path of an open_clip "
             "model-config JSON (button), or 'demo': the tiny demo model shipped with the plugin, "
