@@ -1,4 +1,4 @@
-"""Import hygiene: the engine is UI-free, and the package root stays light."""
+"""Import hygiene: the core (engine, student, export, ...) is UI-free, the package root stays light."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ ENGINE_FULL_IMPORT = (
     "import pkgutil, importlib, napari_maskclip.engine as e; "
     "[importlib.import_module('napari_maskclip.engine.' + m.name) "
     "for m in pkgutil.iter_modules(e.__path__)]"
+)
+
+
+#: Every module of the other UI-free parts: the student, the export, and the torch-free helpers.
+CORE_FULL_IMPORT = (
+    "pkgutil, importlib; "
+    "[importlib.import_module(p + '.' + m.name) "
+    "for p in ('napari_maskclip.student', 'napari_maskclip.export') "
+    "for m in pkgutil.iter_modules(importlib.import_module(p).__path__)]; "
+    "import napari_maskclip.evaluate, napari_maskclip.synthetic, napari_maskclip.demo, "
+    "napari_maskclip.result_files, napari_maskclip.image_files"
 )
 
 
@@ -41,6 +52,15 @@ def test_engine_imports_no_napari_or_qt():
     # ...and none of them pulled in a UI toolkit.
     ui = [m for m in modules if _is_ui(m)]
     assert ui == [], f"napari_maskclip.engine imported UI modules: {ui[:10]}"
+
+
+def test_student_export_and_helpers_import_no_napari_or_qt():
+    modules = _modules_after_import(CORE_FULL_IMPORT)
+    for name in ("torch", "napari_maskclip.student.training", "napari_maskclip.student.teacher",
+                 "napari_maskclip.export.writer", "napari_maskclip.synthetic"):
+        assert name in modules, name
+    ui = [m for m in modules if _is_ui(m)]
+    assert ui == [], f"the core imported UI modules: {ui[:10]}"
 
 
 def test_package_root_imports_no_torch():
