@@ -33,6 +33,7 @@ from ._widget_export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
 from ._widget_job import JobControl, JobOutcome, guarded_job
 from ._widget_layers import META_KEY
 from ._widget_notify import notify, show_exception
+from ._widget_qt import row, small_button
 from ._widget_settings import WidgetPreferences, update_preferences
 from .errors import InvalidInputError, MaskClipError
 from .progress import Progress
@@ -44,15 +45,6 @@ __all__ = ["ExportWidget"]
 
 SLICE_CURRENT = "current slice"
 SLICE_LABELLED = "all labelled slices"
-
-
-def _row(*widgets: QWidget) -> QWidget:
-    box = QWidget()
-    layout = QHBoxLayout(box)
-    layout.setContentsMargins(0, 0, 0, 0)
-    for w in widgets:
-        layout.addWidget(w)
-    return box
 
 
 class ExportWidget(QWidget):
@@ -83,8 +75,7 @@ class ExportWidget(QWidget):
             "A new or empty folder starts a dataset; an existing dataset is appended to (same "
             "classes, or tick 'remap')."
         )
-        self.folder_button = QPushButton("...")
-        self.folder_button.setFixedWidth(32)
+        self.folder_button = small_button("...", "Choose the dataset folder.")
         self.name = QLineEdit()
         self.name.setToolTip(
             "The sample's name (default: the image layer's). Stacks give one sample per slice: "
@@ -134,10 +125,10 @@ class ExportWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("labels", self.layer_combo)
-        form.addRow("dataset", _row(self.folder, self.folder_button))
+        form.addRow("dataset", row(self.folder, self.folder_button))
         form.addRow("sample name", self.name)
         form.addRow("slices", self.slices)
-        form.addRow(_row(self.use_threshold, self.threshold))
+        form.addRow(row(self.use_threshold, self.threshold))
         form.addRow(self.save_confidence)
         form.addRow(self.overwrite)
         form.addRow(self.remap)

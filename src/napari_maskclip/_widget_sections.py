@@ -20,7 +20,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
@@ -30,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._widget_layers import META_KEY
+from ._widget_qt import ask_clip_checkpoint, ask_model_config, row, small_button
 from ._widget_models import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -63,15 +63,6 @@ KNOWN_TAGS = ("openai", "laion2b_s34b_b88k", "laion400m_e32", "random")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: How a trained student is listed in the model box.
 STUDENT_PREFIX = "student: "
-
-
-def _row(*widgets: QWidget) -> QWidget:
-    box = QWidget()
-    layout = QHBoxLayout(box)
-    layout.setContentsMargins(0, 0, 0, 0)
-    for w in widgets:
-        layout.addWidget(w)
-    return box
 
 
 def _is_plugin_output(layer: Any) -> bool:
@@ -331,9 +322,7 @@ class ModelSection(QGroupBox):
             "model-config JSON (button), or 'demo': the tiny demo model shipped with the plugin, "
             "which runs offline (trained on synthetic shapes, for trying the plugin only)."
         )
-        self.model_file = QPushButton("...")
-        self.model_file.setFixedWidth(32)
-        self.model_file.setToolTip("Choose an open_clip model-config JSON.")
+        self.model_file = small_button("...", "Choose an open_clip model-config JSON.")
         self.pretrained = QComboBox()
         self.pretrained.setEditable(True)
         self.pretrained.addItems(KNOWN_TAGS)
@@ -342,9 +331,7 @@ class ModelSection(QGroupBox):
             "or a local checkpoint file (button): .safetensors, .pt, .pth, .bin. Offline, pick a "
             "file. 'random' = random weights, for testing only."
         )
-        self.pretrained_file = QPushButton("...")
-        self.pretrained_file.setFixedWidth(32)
-        self.pretrained_file.setToolTip("Choose a checkpoint file.")
+        self.pretrained_file = small_button("...", "Choose a checkpoint file.")
         self.student_file = QPushButton("student...")
         self.student_file.setToolTip(
             "Use a trained MaskCLIP+ student (a .safetensors checkpoint from the Train panel or "
@@ -356,8 +343,8 @@ class ModelSection(QGroupBox):
         self.hint = QLabel()
         self.hint.setWordWrap(True)
         form = QFormLayout(self)
-        form.addRow("model", _row(self.model, self.model_file, self.student_file))
-        form.addRow("weights", _row(self.pretrained, self.pretrained_file))
+        form.addRow("model", row(self.model, self.model_file, self.student_file))
+        form.addRow("weights", row(self.pretrained, self.pretrained_file))
         form.addRow("device", self.device)
         form.addRow(self.hint)
         for path in prefs.recent_students:  # listed, not chosen: reading one loads torch
@@ -467,17 +454,12 @@ class ModelSection(QGroupBox):
             self.student_changed.emit(meta)
 
     def _choose_model_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "open_clip model config", "", "Model config (*.json);;All files (*)"
-        )
+        path = ask_model_config(self)
         if path:
             self.model.setCurrentText(path)
 
     def _choose_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "CLIP checkpoint", "",
-            "Checkpoints (*.safetensors *.pt *.pth *.bin);;All files (*)",
-        )
+        path = ask_clip_checkpoint(self)
         if path:
             self.pretrained.setCurrentText(path)
 
@@ -542,10 +524,10 @@ class SettingsSection(QGroupBox):
         self.confidence_maps.setToolTip("Add one confidence image (0..1) per class.")
         form = QFormLayout(self)
         form.addRow("mode", self.mode)
-        form.addRow(_row(self.denoise, self.denoise_threshold))
-        form.addRow(_row(self.key_smoothing, self.ks_threshold))
+        form.addRow(row(self.denoise, self.denoise_threshold))
+        form.addRow(row(self.key_smoothing, self.ks_threshold))
         form.addRow("inference", self.inference)
-        form.addRow("window / stride", _row(self.window, self.stride))
+        form.addRow("window / stride", row(self.window, self.stride))
         form.addRow("templates", self.templates)
         form.addRow("min confidence", self.min_confidence)
         form.addRow(self.confidence_maps)

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 
 from ._widget_job import JobControl, JobOutcome, guarded_job
 from ._widget_notify import notify, show_exception
+from ._widget_qt import ask_clip_checkpoint, ask_model_config, row, small_button
 from ._widget_sections import DEVICES
 from ._widget_settings import WidgetPreferences, update_preferences
 from ._widget_train_job import BACKBONES, DEFAULTS, TrainRequest, training_iter
@@ -62,22 +63,6 @@ def loss_sparkline(losses: list[float], points: int = SPARK_POINTS) -> str:
     span = high - low or 1.0
     top = len(_SPARKS) - 1
     return "".join(_SPARKS[min(top, int((v - low) / span * len(_SPARKS)))] for v in values)
-
-
-def _row(*widgets: QWidget) -> QWidget:
-    box = QWidget()
-    layout = QHBoxLayout(box)
-    layout.setContentsMargins(0, 0, 0, 0)
-    for w in widgets:
-        layout.addWidget(w)
-    return box
-
-
-def _small_button(text: str, tip: str) -> QPushButton:
-    button = QPushButton(text)
-    button.setFixedWidth(32)
-    button.setToolTip(tip)
-    return button
 
 
 class TrainWidget(QWidget):
@@ -114,7 +99,7 @@ class TrainWidget(QWidget):
         self.output.setToolTip(
             "The student checkpoint (saved during training, at the end and on Cancel)."
         )
-        self.output_button = _small_button("...", "Choose where to save the student.")
+        self.output_button = small_button("...", "Choose where to save the student.")
         self.resume = QCheckBox("resume (continue this checkpoint)")
         self.resume.setToolTip(
             "Continue a cancelled or finished run from its last saved iteration, with its own "
@@ -164,13 +149,13 @@ class TrainWidget(QWidget):
             "The MaskCLIP teacher that labels unedited pixels: empty = the model recorded in the "
             "dataset; or an open_clip name, 'demo', or a model-config JSON."
         )
-        self.teacher_button = _small_button("...", "Choose an open_clip model-config JSON.")
+        self.teacher_button = small_button("...", "Choose an open_clip model-config JSON.")
         self.teacher_weights = QLineEdit()
         self.teacher_weights.setPlaceholderText("default for the model")
         self.teacher_weights.setToolTip(
             "A pretrained tag or a checkpoint file (only with a teacher model)."
         )
-        self.teacher_weights_button = _small_button("...", "Choose a CLIP checkpoint file.")
+        self.teacher_weights_button = small_button("...", "Choose a CLIP checkpoint file.")
         self.device = QComboBox()
         self.device.addItems(DEVICES)
 
@@ -192,16 +177,16 @@ class TrainWidget(QWidget):
         form = QFormLayout()
         form.addRow("datasets", self.datasets)
         form.addRow("", self.add_dataset)
-        form.addRow("student file", _row(self.output, self.output_button))
+        form.addRow("student file", row(self.output, self.output_button))
         form.addRow(self.resume)
         form.addRow(self.overwrite)
         form.addRow("iterations", self.iterations)
         form.addRow("backbone", self.backbone)
         form.addRow("backbone weights", self.backbone_weights)
-        form.addRow("crop / batch", _row(self.crop, self.batch))
+        form.addRow("crop / batch", row(self.crop, self.batch))
         form.addRow("self-training after", self.self_train)
-        form.addRow("teacher model", _row(self.teacher, self.teacher_button))
-        form.addRow("teacher weights", _row(self.teacher_weights, self.teacher_weights_button))
+        form.addRow("teacher model", row(self.teacher, self.teacher_button))
+        form.addRow("teacher weights", row(self.teacher_weights, self.teacher_weights_button))
         form.addRow("device", self.device)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
@@ -256,17 +241,12 @@ class TrainWidget(QWidget):
                 self.resume.setChecked(True)  # an existing checkpoint: continuing is the safe guess
 
     def _choose_teacher(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "open_clip model config", "", "Model config (*.json);;All files (*)"
-        )
+        path = ask_model_config(self)
         if path:
             self.teacher.setText(path)
 
     def _choose_teacher_weights(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "CLIP checkpoint", "",
-            "Checkpoints (*.safetensors *.pt *.pth *.bin);;All files (*)",
-        )
+        path = ask_clip_checkpoint(self)
         if path:
             self.teacher_weights.setText(path)
 
