@@ -280,16 +280,16 @@ def test_teacher_labels_are_maskclip_labels_of_the_crop(tiny_vit, overrides):
         assert np.mean(labels.numpy() == expected) > 0.999
 
 
-def test_exports_are_never_shadowed_by_submodules():
-    """Importing a submodule sets it as an attribute of the package: one named like an export
-    (``train``) would turn ``from napari_maskclip.student import train`` into a module."""
+@pytest.mark.parametrize("package", ["napari_maskclip.student", "napari_maskclip.engine"])
+def test_exports_are_never_shadowed_by_submodules(package):
+    """Importing a submodule sets it as an attribute of the package: one named like a lazy
+    export (``train``) would turn ``from napari_maskclip.student import train`` into a module."""
     import importlib
     import pkgutil
     import types
 
-    import napari_maskclip.student as student
-
-    for info in pkgutil.iter_modules(student.__path__):
-        importlib.import_module(f"napari_maskclip.student.{info.name}")
-    for name in student.__all__:
-        assert not isinstance(getattr(student, name), types.ModuleType), name
+    lazy = importlib.import_module(package)
+    for info in pkgutil.iter_modules(lazy.__path__):
+        importlib.import_module(f"{package}.{info.name}")
+    for name in lazy.__all__:
+        assert not isinstance(getattr(lazy, name), types.ModuleType), name
