@@ -38,3 +38,7 @@ class DatasetError(MaskClipError):
 
 class Cancelled(MaskClipError):
     """Long work was stopped by the user; nothing partial was kept."""
+
+
+class PreferencesError(MaskClipError):
+    """Something the user chose to keep (e.g. a class colour) cannot be saved in the config dir."""
