@@ -124,7 +124,8 @@ def plan_class_mapping(
             f"{_describe(existing.names)}). Allow adding classes (Python: add_classes=True; "
             "CLI: --add-classes) to append them to the dataset's list, or rename them."
         )
-    target = existing.extended(unknown) if unknown else DatasetClasses(targets, list(existing.background))
+    target = existing.extended(unknown) if unknown else DatasetClasses(
+        targets, list(existing.background), dict(existing.stored_colors))
     for spec in unknown:
         lut[new.classes.index(spec) + 1] = target.classes.index(spec) + 1
     # Background prompts merge as on a plain append; remapped classes keep the dataset's synonyms.

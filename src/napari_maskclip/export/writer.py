@@ -290,6 +290,7 @@ def export_sample_iter(
         existing_classes = read_class_table(root / CLASSES_JSON)
     mapping: ClassMapping = plan_class_mapping(existing_classes, new_classes, remap=remap,
                                                add_classes=add_classes)
+    mapping.target = mapping.target.with_colors()  # classes.json and every mask palette agree
     index = _Index(root, existing_info)
     listed = index.names()
     names = [n for n, _ in plan.slices]

@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_write
-from ..classes import ClassSpec, class_color
+from ..classes import ClassSpec, class_colors
 from ..errors import ModelLoadError
 from .network import StudentNet, build_student
 from .settings import TrainSettings
@@ -54,9 +54,10 @@ _META_KEY = "napari_maskclip"
 
 
 def classes_to_json(classes: list[ClassSpec]) -> list[dict[str, Any]]:
+    colors = class_colors([c.name for c in classes])
     return [
-        {"index": i, "name": c.name, "synonyms": list(c.synonyms), "color": list(class_color(c.name))}
-        for i, c in enumerate(classes, start=1)
+        {"index": i, "name": c.name, "synonyms": list(c.synonyms), "color": list(color)}
+        for i, (c, color) in enumerate(zip(classes, colors), start=1)
     ]
 
 
