@@ -336,6 +336,11 @@ def evaluate_folders(
     """
     from .export.class_table import read_class_table
 
+    if Path(pred_dir).is_dir() and Path(pred_dir).resolve() == Path(gt_dir).resolve():
+        raise InvalidInputError(
+            f"The predictions and the ground truth are the same folder ({Path(gt_dir).resolve()}): "
+            "masks scored against themselves always give 100 %. Pass two different folders."
+        )
     pred = find_masks(pred_dir)
     gt = find_masks(gt_dir)
     gt_classes = read_class_table(classes) if classes is not None else gt.shared_classes
@@ -354,6 +359,13 @@ def evaluate_folders(
             f"(e.g. {next(iter(gt.files), '?')!r}); masks are paired by file name."
         )
 
+    same = [stem for stem in matched if pred.files[stem].resolve() == gt.files[stem].resolve()]
+    if same:
+        raise InvalidInputError(
+            f"The prediction and the ground truth of {same[0]!r} are the same file "
+            f"({gt.files[same[0]].resolve()}): a mask scored against itself always gives 100 %. "
+            "Pass the predictions and the ground truth as two different folders."
+        )
     k = len(gt_classes) if gt_classes is not None else 0
     cm = np.zeros((k, k + 1), dtype=np.int64)
     remapped = False
