@@ -259,3 +259,17 @@ def test_dataset_colour_of_an_unknown_name_is_adopted_by_the_registry(tmp_path):
 def test_assign_colors_with_fixed_colours_never_touches_the_registry():
     assert assign_colors(["cat"], fixed={"CAT": "#0000ff"}) == [(0.0, 0.0, 1.0, 1.0)]
     assert not registry_path().exists()
+
+
+def test_colours_load_neither_torch_nor_napari_nor_qt():
+    code = ("import json, sys; from napari_maskclip.colors import set_class_color; "
+            "from napari_maskclip.classes import class_colors; class_colors(['a', 'b']); "
+            "set_class_color('a', '#ff0000'); print(json.dumps(sorted(sys.modules)))")
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env, check=True)
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "colorcet" in modules  # the probe really assigned palette colours
+    heavy = [m for m in modules if m.split(".")[0] in ("torch", "napari", "qtpy", "PyQt5", "PyQt6",
+                                                         "PySide2", "PySide6", "vispy")]
+    assert heavy == []
