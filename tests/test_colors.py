@@ -240,20 +240,23 @@ def test_dataset_colours_win_when_appending_and_reading(tmp_path):
     assert read_dataset(ds).classes.colors == [tuple(e["color"]) for e in entries]
     with Image.open(ds / "masks" / "b.png") as im:  # the mask palette uses the same colours
         pal = np.array(im.getpalette()[: 3 * 4]).reshape(4, 3)
-    np.testing.assert_array_equal(pal[1:], np.round(np.array([e["color"][:3] for e in entries[1:]]) * 255))
+    expected = np.round(np.array([e["color"][:3] for e in entries[1:]]) * 255)
+    np.testing.assert_array_equal(pal[1:], expected)
     # Outside the dataset the user's choice still holds.
     assert class_color("cat") == (0.0, 1.0, 0.0, 1.0)
 
 
-def test_dataset_colour_of_an_unknown_name_is_adopted_by_the_registry(tmp_path):
+def test_a_dataset_table_colours_its_classes_without_changing_the_users_colours(tmp_path):
     from napari_maskclip.export.class_table import DatasetClasses
 
-    table = {"classes": [{"index": 1, "name": "axon", "color": [0.2, 0.4, 0.6, 1.0]},
+    mine = class_color("axon")
+    table = {"classes": [{"index": 1, "name": "Axon", "color": [0.2, 0.4, 0.6, 1.0]},
                          {"index": 2, "name": "soma", "color": "not a colour"}]}
-    classes = DatasetClasses.from_json(table)
-    colors = classes.colors
-    assert colors[1] == (0.2, 0.4, 0.6, 1.0) and delta_e76(colors[2], colors[1]) >= 20
-    assert class_colors(["axon", "soma"]) == colors[1:]
+    colors = DatasetClasses.from_json(table).colors
+    assert colors[1] == (0.2, 0.4, 0.6, 1.0)  # the table's colour wins (name case ignored)...
+    assert delta_e76(colors[2], colors[1]) >= 20  # ...a bad one is replaced by a distinct one
+    assert class_color("axon") == mine  # reading the table did not change the user's colour
+    assert class_color("soma") == colors[2]  # the new name's colour is remembered
 
 
 def test_assign_colors_with_fixed_colours_never_touches_the_registry():

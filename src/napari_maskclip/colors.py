@@ -3,7 +3,8 @@
 Colours come from a categorical palette made for label maps (colorcet's Glasbey palette
 ``glasbey_bw_minc_20``: each colour was chosen to be as far as possible from all earlier ones, no
 greys; colours darker than CIELAB L* 30 or greyer than chroma 20 are dropped here, so none is close
-to the black background of label 0 or lost on a grey image). Which palette colour a class gets is decided once and then remembered:
+to the black background of label 0 or lost on a grey image). Which palette colour a class gets is
+decided once and then remembered:
 
 1. a *dataset's* colours win inside that dataset (``fixed``: its ``classes.json``);
 2. a colour the user set (:func:`set_class_color`) is kept;
@@ -20,6 +21,11 @@ The remembered colours live in ``class-colors.json`` in the user's config direct
 (:func:`~napari_maskclip.config_dir.user_config_dir`): JSON, written atomically under a file
 lock, at most :data:`MAX_REMEMBERED` names (oldest automatic colours go first), and a missing,
 unreadable or corrupt file only means "nothing remembered yet". Imports neither torch nor Qt.
+
+For the plugin: colour layers with :func:`~napari_maskclip.classes.class_colors` (one call per
+class list, so the list stays distinct), and call :func:`set_class_color` when the user picks a
+colour (:func:`reset_class_color` to return to an automatic one); the next ``class_colors`` call,
+in any process, gives the new colour.
 """
 
 from __future__ import annotations
@@ -150,7 +156,8 @@ def color_key(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _palette_arrays() -> tuple[tuple[RGBA, ...], np.ndarray]:
     # colorcet ships its palettes as static lists (no runtime dependencies); imported lazily
-    # because building its ~200 colormaps takes ~0.1 s and only new class names need it.
+    # because building its ~200 colormaps takes ~0.1 s (more where matplotlib is installed: it
+    # registers them there) and only names without a remembered colour need it.
     import colorcet
 
     rgb = np.array([[int(h[i:i + 2], 16) / 255.0 for i in (1, 3, 5)]
@@ -267,7 +274,8 @@ def _save(path: Path, entries: dict[str, dict[str, Any]]) -> None:
             del entries[key]
     # One line per class, so the file stays readable (and diffable) by people.
     lines = [f"  {json.dumps(k, ensure_ascii=False)}: "
-             f"{json.dumps({'color': list(e['color']), 'user': e['user']})}" for k, e in entries.items()]
+             f"{json.dumps({'color': list(e['color']), 'user': e['user']})}"
+             for k, e in entries.items()]
     text = (f'{{"format": "{_FORMAT}", "format_version": {_VERSION}, "classes": {{\n'
             + ",\n".join(lines) + "\n}}\n")
     atomic_write_text(path, text)
@@ -301,10 +309,11 @@ def assign_colors(
 ) -> list[RGBA]:
     """RGBA colours (0..1) for ``names``, stable per name (see the module docstring).
 
-    ``fixed`` maps names to colours that win (a dataset's ``classes.json``); names it does not
-    list take the remembered colour or a new one. With ``remember`` new colours (and fixed ones
-    for names nothing remembered yet) are saved, so the name keeps its colour in later runs.
-    A registry that cannot be written still gives colours; they are just not remembered.
+    ``fixed`` maps names to colours that win in this list only (a dataset's ``classes.json``:
+    reading a dataset never changes the user's colours); names it does not list take their
+    remembered colour or a new one, distinct from the fixed ones. With ``remember`` new colours
+    are saved, so the name keeps its colour in later runs. A registry that cannot be written
+    still gives colours; they are just not remembered.
     """
     keys = [color_key(n) for n in names]
     wanted = set(keys)
@@ -316,9 +325,8 @@ def assign_colors(
     with _locked(path) as locked:
         remembered = _load(path)
         colors, new = _assign(keys, fixed_keyed, remembered)
-        adopt = {k: v for k, v in fixed_keyed.items() if k not in remembered}
-        if remember and locked and (new or adopt):
-            for key, color in {**adopt, **new}.items():
+        if remember and locked and new:
+            for key, color in new.items():
                 remembered[key] = {"color": color, "user": False}
             with contextlib.suppress(OSError):
                 _save(path, remembered)
