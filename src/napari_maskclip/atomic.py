@@ -5,8 +5,9 @@ Every file the project writes (CLI outputs, exported datasets, caches, checkpoin
 is renamed over the target in one step. An interrupted run therefore leaves no partial file.
 
 The temporary file is created with mode ``0o666`` filtered by the process umask (as ``open``
-does), so the finished file gets the user's normal mode (``0644`` under umask 022), not the
-``0600`` of :func:`tempfile.mkstemp`. Its name, ``.tmp-<pid>-<random><suffix>``, says which process
+does), and that mode is restored if a writer changed it, so the finished file gets the user's
+normal mode (``0644`` under umask 022, ``0664`` under 002), not the ``0600`` of
+:func:`tempfile.mkstemp`. Its name, ``.tmp-<pid>-<random><suffix>``, says which process
 made it: :func:`is_stale_temp` tells a dead run's leftover from a live writer's file.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -84,9 +86,12 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     if not overwrite and target.exists():
         raise FileExistsError(target)
     tmp = _create_temp(target.parent, target.suffix)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 less the umask, as the kernel applied it
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
+            if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) != mode:
+                os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one
             os.fsync(handle.fileno())
         if not overwrite and target.exists():
             raise FileExistsError(target)
