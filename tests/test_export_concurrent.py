@@ -126,3 +126,26 @@ def test_napari_save_takes_the_same_lock(tmp_path, monkeypatch):
         holder.release()
     _writer.write_labels_dataset(str(root), data, meta)
     assert read_dataset(root).names == ["first", "saved"]
+
+
+def test_only_dead_exports_temp_files_are_removed(tmp_path):
+    """A run cleans its own temp files and dead runs' ones, never a live writer's."""
+    root = tmp_path / "ds"
+    export_sample(root, "first", None, np.zeros((4, 4), np.uint8), "a")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = root / "masks" / f"{TEMP_PREFIX}{dead_pid}-{'0' * 16}.png"
+        busy = root / "masks" / f"{TEMP_PREFIX}{live.pid}-{'1' * 16}.png"
+        foreign = root / "masks" / f"{TEMP_PREFIX}notes.png"  # not a name the exporter gives
+        for path in (stale, busy, foreign):
+            path.write_bytes(b"partial")
+        export_sample(root, "second", None, np.ones((4, 4), np.uint8), "a")
+        assert not stale.exists()
+        assert busy.read_bytes() == b"partial" and foreign.read_bytes() == b"partial"
+    finally:
+        live.kill()
+        live.wait()
+    assert read_dataset(root).names == ["first", "second"]
