@@ -75,7 +75,8 @@ def check_dataset_folder(root: Path) -> bool:
         raise _link_error(root, index)
     if not index.exists():
         ours = _OS_CLUTTER | {LOCK_NAME}
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in ours and not is_temp_name(p.name))
+        foreign = sorted(p.name for p in root.iterdir()
+                         if p.name not in ours and not is_temp_name(p.name))
         if foreign:
             raise DatasetError(
                 f"{root} is not empty and not a dataset (it holds {', '.join(foreign[:3])}"
@@ -90,7 +91,9 @@ def check_dataset_folder(root: Path) -> bool:
         if entry.is_symlink():
             raise _link_error(root, entry)
         if name in OWN_DIRS and entry.exists() and not entry.is_dir():
-            raise DatasetError(f"{entry} is not a folder; move it away, or export into another folder.")
+            raise DatasetError(
+                f"{entry} is not a folder; move it away, or export into another folder."
+            )
     return True
 
 

@@ -169,7 +169,9 @@ class _Index:
         self.info["format_version"] = FORMAT_VERSION
         stored = self.info.pop(PENDING_KEY, None)
         #: Files an export journaled (may be creating); the exporter's even while unlisted.
-        self.pending: set[str] = {p for p in stored if isinstance(p, str)} if isinstance(stored, list) else set()
+        self.pending: set[str] = set()
+        if isinstance(stored, list):
+            self.pending = {p for p in stored if isinstance(p, str)}
 
     @property
     def entries(self) -> list[dict[str, Any]]:
