@@ -148,7 +148,7 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..export import export_sample_iter
+    from ..export import check_export_target, export_sample_iter
     from ..export.class_table import DatasetClasses, read_class_table
     from ..export.layout import CLASSES_JSON
     from ..export.reader import is_dataset, read_dataset
@@ -174,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # Checks against the dataset before anything is written (2D names; stacks are checked per file).
     out = Path(args.out)
+    check_export_target(out, names)  # a foreign folder, links, files in the way
     existing = None
     if is_dataset(out):
         dataset = read_dataset(out, check_files=False)

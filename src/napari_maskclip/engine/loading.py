@@ -226,14 +226,14 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> str:
             "or config the checkpoint was trained with (e.g. --model ViT-B-16)."
         ) from exc
     missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
-    if missing or result.unexpected_keys:
+    # attn_mask is derived from the context length, not a weight (traced open_clip models list it)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("attn_mask")]
+    if missing or unexpected:
         detail = []
         if missing:
             detail.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if result.unexpected_keys:
-            detail.append(
-                f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})"
-            )
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise ModelLoadError(
             f"Checkpoint {path} does not fit model {name}: {'; '.join(detail)}. Pass the model "
             "name or config the checkpoint was trained with (e.g. --model ViT-B-16)."
