@@ -15,8 +15,10 @@ Layout of ``student.safetensors``:
   versions and times.
 
 safetensors cannot hold code, so opening a checkpoint never runs anything; the JSON is read from
-the header alone, which makes :func:`is_student_checkpoint` cheap enough for a file picker. Files
-are written atomically: an interrupted save leaves the previous checkpoint intact.
+the header alone, which makes :func:`is_student_checkpoint` cheap enough for a file picker, and is
+validated before use (:mod:`.checkpoint_meta`). Files are written atomically: an interrupted save
+leaves the previous checkpoint intact, and its temporary file is named after the checkpoint
+(:func:`checkpoint_temp_prefix`) so the next run can remove it.
 """
 
 from __future__ import annotations
@@ -145,10 +147,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Path:
-    """Write ``net`` (+ optimiser state) and ``meta`` to ``path`` atomically."""
-    from safetensors.torch import save_file
+    """Write ``net`` (+ optimiser state) and ``meta`` to ``path`` atomically.
 
-    tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    The file is serialised in memory and written here, not by ``safetensors.torch.save_file``:
+    that one writes through a temporary file of its own (``.tmpXXXXXX``), which a killed run would
+    leave behind under a name no later run could tell apart from anyone else's."""
+    from safetensors.torch import save
+
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     record = dict(meta)
     record.update(format=FORMAT, format_version=FORMAT_VERSION, napari_maskclip_version=__version__,
                   torch_version=torch.__version__, saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -162,8 +168,10 @@ def save_checkpoint(
         record.pop("optimizer_scalars", None)
     text = json.dumps(record, default=_jsonable)
     target = Path(path)
+    data = save(tensors, metadata={_META_KEY: text})
+    del tensors
     with atomic_write(target, temp_prefix=checkpoint_temp_prefix(target)) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: text})
+        tmp.write_bytes(data)
     return target
 
 
