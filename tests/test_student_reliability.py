@@ -10,7 +10,6 @@ modes would not stop a write); without permission to mount, those tests are skip
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -19,10 +19,16 @@ logits of the same (training-mode) forward pass, detached, so the stage costs no
 Validation mIoU is measured on held-out images, on their trusted pixels (a person's labels; the
 teacher's own labels would only measure agreement with the teacher), every ``val_interval``
 iterations and at the end. The checkpoint is saved every ``save_interval`` iterations, at the end,
-and when the generator is closed (cancel): then it holds the last completed iteration, so nothing
-is lost and ``resume=True`` continues from there. Because all randomness derives from
-``(seed, iteration)`` and the optimiser state is saved, a resumed run reproduces an uninterrupted
-one exactly (bit for bit on the CPU).
+and when the generator is closed (cancel) or Ctrl-C is pressed: then it holds the last completed
+iteration, so nothing is lost and ``resume=True`` continues from there. Because all randomness
+derives from ``(seed, iteration)`` and the optimiser state is saved, a resumed run reproduces an
+uninterrupted one exactly (bit for bit on the CPU).
+
+The code is a prepare-the-run step (:func:`_prepare_iter`: settings, the checkpoint's place - see
+:mod:`.output` - data, teacher, network, optimiser) and a step loop (:func:`_steps_iter`), whose
+unit is one whole iteration (:func:`_iteration`: :func:`_train_step`, whose forward pass and loss
+are :func:`_forward_loss`, then validation and saving when due). Ctrl-C is held back until the
+unit is complete (:mod:`napari_maskclip.interrupts`), so a saved state is never half a step.
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ from .data import (
     iteration_rng,
     split_indices,
 )
-from .output import CheckpointOutput
 from .network import StudentNet, backbone_weights_iter, build_student, load_backbone_state
+from .output import CheckpointOutput
 from .predict import StudentSegmenter, predict_logits_iter
 from .settings import TrainSettings
 
