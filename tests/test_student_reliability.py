@@ -163,12 +163,22 @@ def test_an_output_inside_a_file_is_refused_before_training(tmp_path, data, emb)
     assert notes.read_text() == "mine"
 
 
-def test_a_device_as_output_is_refused(data, emb):
-    """``--out /dev/null``: never replaced (as root, a rename would replace the device node)."""
-    error = refused_before_training(train_iter(data, "/dev/null", settings=settings(),
-                                               class_embeddings=emb, overwrite=True, device="cpu"))
-    assert "not a regular file" in str(error)
-    assert Path("/dev/null").is_char_device()
+def test_a_pipe_or_link_as_output_is_refused(tmp_path, data, emb):
+    """Only a regular file is ever replaced: not a pipe (or a device: as root, a rename would
+    replace the device node), not a link (the link would be lost). A pipe and a link in the test
+    folder stand for them; a real device is never used as a target."""
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(mine)
+    for path in (pipe, link):
+        error = refused_before_training(train_iter(data, path, settings=settings(),
+                                                   class_embeddings=emb, overwrite=True,
+                                                   device="cpu"))
+        assert "not a regular file" in str(error) and str(path) in str(error)
+    assert pipe.is_fifo() and link.is_symlink() and mine.read_text() == "mine"
 
 
 def test_a_read_only_disk_is_refused_before_training(small_disk, data, emb):
