@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 
 # Subcommand modules, each with ``register(subparsers) -> None`` that sets ``func`` on its parser.
-_SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate")
+_SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate", "coco", "import_")
 
 
 def build_parser() -> argparse.ArgumentParser:
