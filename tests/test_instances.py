@@ -22,9 +22,9 @@ def test_diagonal_touch_depends_on_connectivity():
 def test_holes_neighbours_background_and_ignore():
     labels = np.zeros((9, 9), np.uint8)
     labels[1:8, 1:8] = 1
-    labels[3:6, 3:6] = 2          # a hole of another class
-    labels[1, 1] = 255            # ignored pixel inside the ring
-    labels[8, 0] = 1              # touches the ring only diagonally
+    labels[3:6, 3:6] = 2  # a hole of another class
+    labels[1, 1] = 255  # ignored pixel inside the ring
+    labels[8, 0] = 1  # touches the ring only diagonally
     inst = instance_labels(labels, connectivity=1, ignore_index=255)
     assert len(inst) == 3
     ring = inst.instances[4, 1]
@@ -76,7 +76,7 @@ def test_background_other_than_zero_and_3d():
     inst = instance_labels(labels, background=9)
     assert len(inst) == 1 and inst.classes.tolist() == [0] and inst.areas.tolist() == [2]
     stack = np.zeros((3, 4, 4), np.uint8)
-    stack[0, 0, 0] = stack[1, 0, 0] = 2   # connected through z
+    stack[0, 0, 0] = stack[1, 0, 0] = 2  # connected through z
     stack[2, 3, 3] = 2
     assert len(instance_labels(stack, connectivity=1)) == 2
 

@@ -30,8 +30,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..export.coco import export_coco_iter
     from ..progress import run_to_completion
 
-    bar = tqdm(total=0, desc="export-coco", unit="sample", file=sys.stderr, disable=args.quiet,
-               leave=False)
+    bar = tqdm(
+        total=0, desc="export-coco", unit="sample", file=sys.stderr, disable=args.quiet, leave=False
+    )
 
     def show(progress) -> None:
         bar.total = progress.total
@@ -40,13 +41,21 @@ def _run(args: argparse.Namespace) -> int:
 
     with bar:
         report = run_to_completion(
-            export_coco_iter(args.dataset, args.out, connectivity=args.connectivity,
-                             min_area=args.min_area, overwrite=args.overwrite),
+            export_coco_iter(
+                args.dataset,
+                args.out,
+                connectivity=args.connectivity,
+                min_area=args.min_area,
+                overwrite=args.overwrite,
+            ),
             show,
         )
     if report.skipped_mask_only:
-        print(f"note: {len(report.skipped_mask_only)} mask-only sample(s) have no image and were "
-              f"skipped (e.g. {report.skipped_mask_only[0]})", file=sys.stderr)
+        print(
+            f"note: {len(report.skipped_mask_only)} mask-only sample(s) have no image and were "
+            f"skipped (e.g. {report.skipped_mask_only[0]})",
+            file=sys.stderr,
+        )
     print(report.summary())
     return 0
 
@@ -63,11 +72,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("dataset", metavar="DATASET", help="a napari-maskclip dataset folder")
     parser.add_argument("--out", required=True, metavar="JSON", help="the COCO file to write")
-    parser.add_argument("--connectivity", type=int, choices=(1, 2), default=2,
-                        help="1: pixels connect through edges only; 2: diagonals too (default)")
-    parser.add_argument("--min-area", type=_positive_int, default=1, metavar="PX",
-                        help="leave out components smaller than PX pixels (default 1: keep all)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the file if export-coco wrote it before")
+    parser.add_argument(
+        "--connectivity",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="1: pixels connect through edges only; 2: diagonals too (default)",
+    )
+    parser.add_argument(
+        "--min-area",
+        type=_positive_int,
+        default=1,
+        metavar="PX",
+        help="leave out components smaller than PX pixels (default 1: keep all)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the file if export-coco wrote it before"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)

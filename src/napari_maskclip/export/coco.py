@@ -82,7 +82,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise InvalidInputError(f"{out} is a folder; give the path of the JSON file to write.")
     if out.exists():
         if not overwrite:
-            raise InvalidInputError(f"{out} exists already; pass --overwrite (overwrite=True) to replace it.")
+            raise InvalidInputError(
+                f"{out} exists already; pass --overwrite (overwrite=True) to replace it."
+            )
         if not is_own_coco_file(out):
             raise InvalidInputError(
                 f"{out} exists and was not written by napari-maskclip export-coco; it is left "
@@ -123,8 +125,12 @@ def export_coco_iter(
     n_classes = len(names)
     report = CocoExportReport(path=target)
     categories = [
-        {"id": k, "name": spec.name, "supercategory": "",
-         "napari_maskclip": {"synonyms": list(spec.synonyms)}}
+        {
+            "id": k,
+            "name": spec.name,
+            "supercategory": "",
+            "napari_maskclip": {"synonyms": list(spec.synonyms)},
+        }
         for k, spec in enumerate(dataset.classes.classes, start=1)
     ]
     counts_by_class = np.zeros(n_classes + 1, dtype=np.int64)
@@ -158,20 +164,30 @@ def export_coco_iter(
         h, w = int(mask.shape[0]), int(mask.shape[1])
         image_id = len(images) + 1
         ignored = mask == ignore
-        images.append({
-            "id": image_id,
-            "file_name": sample.info["image"],
-            "width": w,
-            "height": h,
-            "napari_maskclip": {
-                "sample": sample.name,
-                "mask": sample.info["mask"],
-                "ignore": ({"size": [h, w], "counts": counts_to_string(encode_mask(ignored), (h, w))}
-                           if ignored.any() else None),
-            },
-        })
-        inst = instance_labels(mask, connectivity=connectivity, min_area=int(min_area),
-                               background=0, ignore_index=ignore)
+        images.append(
+            {
+                "id": image_id,
+                "file_name": sample.info["image"],
+                "width": w,
+                "height": h,
+                "napari_maskclip": {
+                    "sample": sample.name,
+                    "mask": sample.info["mask"],
+                    "ignore": (
+                        {"size": [h, w], "counts": counts_to_string(encode_mask(ignored), (h, w))}
+                        if ignored.any()
+                        else None
+                    ),
+                },
+            }
+        )
+        inst = instance_labels(
+            mask,
+            connectivity=connectivity,
+            min_area=int(min_area),
+            background=0,
+            ignore_index=ignore,
+        )
         report.dropped_small += inst.dropped_small
         for j in range(1, len(inst) + 1):
             box, inside = inst.mask(j)
@@ -181,17 +197,21 @@ def export_coco_iter(
             human = None
             if edited is not None:
                 human = round(float(np.count_nonzero(edited[box][inside])) / area, 6)
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category,
-                "segmentation": {"size": [h, w],
-                                 "counts": counts_to_string(encode_instance(box, inside, (h, w)), (h, w))},
-                "area": area,
-                "bbox": _bbox(box, inside),
-                "iscrowd": 0,
-                "napari_maskclip": {"human_fraction": human},
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": {
+                        "size": [h, w],
+                        "counts": counts_to_string(encode_instance(box, inside, (h, w)), (h, w)),
+                    },
+                    "area": area,
+                    "bbox": _bbox(box, inside),
+                    "iscrowd": 0,
+                    "napari_maskclip": {"human_fraction": human},
+                }
+            )
         yield Progress("export-coco", i + 1, total, sample.name)
     document = {
         "info": {
@@ -213,7 +233,9 @@ def export_coco_iter(
         "annotations": annotations,
         "categories": categories,
     }
-    atomic_write_text(target, json.dumps(document, ensure_ascii=False, separators=(",", ":")) + "\n")
+    atomic_write_text(
+        target, json.dumps(document, ensure_ascii=False, separators=(",", ":")) + "\n"
+    )
     report.images = len(images)
     report.annotations = len(annotations)
     report.per_category = {names[k - 1]: int(counts_by_class[k]) for k in range(1, n_classes + 1)}

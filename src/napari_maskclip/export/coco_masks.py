@@ -50,7 +50,9 @@ def require_pycocotools() -> Any:
     try:
         from pycocotools import mask
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InvalidInputError(f"COCO files need pycocotools, which is not installed: {_HINT}.") from exc
+        raise InvalidInputError(
+            f"COCO files need pycocotools, which is not installed: {_HINT}."
+        ) from exc
     return mask
 
 
@@ -77,7 +79,9 @@ def _runs_to_counts(starts: np.ndarray, ends: np.ndarray, total: int) -> list[in
     return counts
 
 
-def encode_instance(box: tuple[slice, slice], inside: np.ndarray, shape: tuple[int, int]) -> list[int]:
+def encode_instance(
+    box: tuple[slice, slice], inside: np.ndarray, shape: tuple[int, int]
+) -> list[int]:
     """Uncompressed COCO counts of a mask given by its bounding box and the mask inside it."""
     h = int(shape[0])
     r0, c0 = int(box[0].start), int(box[1].start)
@@ -93,6 +97,7 @@ def encode_instance(box: tuple[slice, slice], inside: np.ndarray, shape: tuple[i
     def to_global(local: np.ndarray) -> np.ndarray:
         col, row = np.divmod(local, bh + 1)
         return (c0 + col).astype(np.int64) * h + r0 + row
+
     return _runs_to_counts(to_global(local_starts), to_global(local_ends), h * int(shape[1]))
 
 
@@ -105,8 +110,11 @@ def encode_mask(mask: np.ndarray) -> list[int]:
 def counts_to_string(counts: Sequence[int], shape: tuple[int, int]) -> str:
     """pycocotools' compressed string of checked counts (what COCO files normally hold)."""
     mask_api = require_pycocotools()
-    rle = mask_api.frPyObjects({"size": [int(shape[0]), int(shape[1])], "counts": list(counts)},
-                               int(shape[0]), int(shape[1]))
+    rle = mask_api.frPyObjects(
+        {"size": [int(shape[0]), int(shape[1])], "counts": list(counts)},
+        int(shape[0]),
+        int(shape[1]),
+    )
     counts_out = rle["counts"]
     return counts_out.decode("ascii") if isinstance(counts_out, bytes) else str(counts_out)
 
@@ -127,7 +135,9 @@ def counts_from_string(text: str, limit: int) -> list[int]:
                 raise MalformedSegmentation("compressed RLE string ends inside a number")
             c = data[p] - 48
             if not 0 <= c < 64:
-                raise MalformedSegmentation("compressed RLE string holds a character outside its alphabet")
+                raise MalformedSegmentation(
+                    "compressed RLE string holds a character outside its alphabet"
+                )
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p += 1
@@ -149,15 +159,24 @@ def _check_counts(counts: Any, shape: tuple[int, int]) -> list[int]:
     out: list[int] = []
     running = 0
     for c in counts:
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) \
-                or c < 0 or int(c) != c:
+        if (
+            isinstance(c, bool)
+            or not isinstance(c, (int, float))
+            or not math.isfinite(c)
+            or c < 0
+            or int(c) != c
+        ):
             raise MalformedSegmentation("RLE counts must be non-negative whole numbers")
         running += int(c)
         if running > total:
-            raise MalformedSegmentation(f"RLE counts add up to more than the image's {total} pixels")
+            raise MalformedSegmentation(
+                f"RLE counts add up to more than the image's {total} pixels"
+            )
         out.append(int(c))
     if running != total:
-        raise MalformedSegmentation(f"RLE counts add up to {running}, not the image's {total} pixels")
+        raise MalformedSegmentation(
+            f"RLE counts add up to {running}, not the image's {total} pixels"
+        )
     return out
 
 
@@ -189,9 +208,11 @@ def rle_area(counts: Sequence[int]) -> int:
     return int(sum(counts[1::2]))
 
 
-def _clip_polygon(points: list[tuple[float, float]], x0: float, y0: float, x1: float,
-                  y1: float) -> list[tuple[float, float]]:
+def _clip_polygon(
+    points: list[tuple[float, float]], x0: float, y0: float, x1: float, y1: float
+) -> list[tuple[float, float]]:
     """Sutherland-Hodgman clipping of a polygon to the rectangle [x0, x1] x [y0, y1]."""
+
     def clip(pts: list[tuple[float, float]], inside, cross) -> list[tuple[float, float]]:
         out: list[tuple[float, float]] = []
         for i, cur in enumerate(pts):
@@ -211,8 +232,12 @@ def _clip_polygon(points: list[tuple[float, float]], x0: float, y0: float, x1: f
         return lambda a, b: (a[0] + (b[0] - a[0]) * (y - a[1]) / (b[1] - a[1]), y)
 
     pts = points
-    for inside, cross in ((lambda p: p[0] >= x0, at_x(x0)), (lambda p: p[0] <= x1, at_x(x1)),
-                          (lambda p: p[1] >= y0, at_y(y0)), (lambda p: p[1] <= y1, at_y(y1))):
+    for inside, cross in (
+        (lambda p: p[0] >= x0, at_x(x0)),
+        (lambda p: p[0] <= x1, at_x(x1)),
+        (lambda p: p[1] >= y0, at_y(y0)),
+        (lambda p: p[1] <= y1, at_y(y1)),
+    ):
         if not pts:
             break
         pts = clip(pts, inside, cross)
@@ -238,7 +263,9 @@ def polygons_to_mask(polygons: Any, shape: tuple[int, int]) -> Optional[np.ndarr
     outline = 0.0
     for poly in polygons:
         if not isinstance(poly, list):
-            raise MalformedSegmentation("each polygon must be a list of numbers x0, y0, x1, y1, ...")
+            raise MalformedSegmentation(
+                "each polygon must be a list of numbers x0, y0, x1, y1, ..."
+            )
         if len(poly) % 2:
             raise MalformedSegmentation("a polygon has an odd number of coordinates")
         for v in poly:
@@ -254,8 +281,9 @@ def polygons_to_mask(polygons: Any, shape: tuple[int, int]) -> Optional[np.ndarr
                 continue
             xs = np.asarray([p[0] for p in points])
             ys = np.asarray([p[1] for p in points])
-        outline += float(np.maximum(np.abs(np.diff(xs, append=xs[:1])),
-                                    np.abs(np.diff(ys, append=ys[:1]))).sum())
+        outline += float(
+            np.maximum(np.abs(np.diff(xs, append=xs[:1])), np.abs(np.diff(ys, append=ys[:1]))).sum()
+        )
         kept.append(np.stack([xs, ys], axis=1).ravel().tolist())
     if outline > MAX_POLYGON_OUTLINE:
         raise MalformedSegmentation(

@@ -90,8 +90,13 @@ def instance_labels(
         work = np.where(excluded, 0, labels.astype(np.int64) + 1)
     components, n = cc_label(work, background=0, connectivity=conn, return_num=True)
     if n == 0:
-        return InstanceMap(np.zeros(labels.shape, np.int32), np.zeros(0, labels.dtype),
-                           np.zeros(0, np.int64), [], 0)
+        return InstanceMap(
+            np.zeros(labels.shape, np.int32),
+            np.zeros(0, labels.dtype),
+            np.zeros(0, np.int64),
+            [],
+            0,
+        )
     areas = np.bincount(components.ravel(), minlength=n + 1)[1:]
     keep = areas >= int(min_area)
     dropped = int(n - np.count_nonzero(keep))
