@@ -480,3 +480,15 @@ def test_import_refuses_foreign_folder(tmp_path, coco):
     with pytest.raises(InvalidInputError, match="not empty and not a dataset"):
         import_plan(plan_coco(coco["path"], images_dir=coco["images"]), out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_index_is_one_line_per_sample_and_reads_back(tmp_path):
+    from napari_maskclip.export.writer import _index_text
+
+    for info in ({"format": "x", "samples": []}, {"samples": [{"a": 1}]},
+                 {"format": "x", "n": [1, 2], "samples": [{"a": 1, "b": [1, None]}, {"c": "é"}]}):
+        text = _index_text(info)
+        assert json.loads(text) == info
+        assert sum(line.lstrip().startswith("{\"") for line in text.splitlines()) == len(info["samples"])
+    ds = _scene_dataset(tmp_path / "ds")
+    assert len(read_dataset(ds.path)) == 2

@@ -209,7 +209,17 @@ class _Index:
         pending = sorted(self.pending - self.listed_files())
         if pending:
             info[PENDING_KEY] = pending
-        return _commit_index(self.root / DATASET_JSON, _dumps(info))
+        return _commit_index(self.root / DATASET_JSON, _index_text(info))
+
+
+def _index_text(info: dict[str, Any]) -> str:
+    """dataset.json: the header indented, then one line per sample. json's ``indent`` falls back to
+    its pure-Python encoder, which made rewriting the index dominate large imports (measured
+    0.5 s per sample at 1200 samples); one C-encoded line per sample is ~20x faster."""
+    head = _dumps({k: v for k, v in info.items() if k != "samples"}).rstrip()[:-1].rstrip()
+    rows = ",\n    ".join(json.dumps(e, default=_jsonable, ensure_ascii=False) for e in info["samples"])
+    samples = f'[\n    {rows}\n  ]' if rows else "[]"
+    return f'{head}{"," if head != "{" else ""}\n  "samples": {samples}\n}}\n'
 
 
 def _in_the_way(root: Path, blocked: list[str]) -> DatasetError:
