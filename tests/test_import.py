@@ -331,6 +331,11 @@ def test_image_and_mask_folders(tmp_path, capsys):
     assert (ds["a"].read_mask() == np.where(a == 9, 255, a)).all()
     assert (ds["b"].read_mask() == b).all()
     assert ds["b"].read_image().dtype == np.uint16  # kept as a TIFF
+    # Headers over the pixel limit are skipped before any pixel is decoded.
+    rc = main(["import", str(images), "--masks", str(masks), "--classes", "leaf, stem",
+               "--max-pixels", "100", "--out", str(tmp_path / "small"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err and "pixel limit" in err
 
 
 def test_append_evaluate_and_refusals(tmp_path, capsys):
@@ -492,3 +497,32 @@ def test_index_is_one_line_per_sample_and_reads_back(tmp_path):
         assert sum(line.lstrip().startswith("{\"") for line in text.splitlines()) == len(info["samples"])
     ds = _scene_dataset(tmp_path / "ds")
     assert len(read_dataset(ds.path)) == 2
+
+
+def test_coco_and_import_run_without_torch_or_ui(tmp_path):
+    """The core modules do their whole job (export, COCO round trip) without torch or Qt."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+import numpy as np
+from napari_maskclip.export import export_sample
+from napari_maskclip.export.coco import export_coco
+from napari_maskclip.export.import_coco import plan_coco
+from napari_maskclip.export.importing import import_plan
+labels = np.zeros((8, 8), np.uint8); labels[2:5, 2:5] = 1
+export_sample({str(tmp_path / "ds")!r}, "a", np.zeros((8, 8, 3), np.uint8), labels, "cat")
+export_coco({str(tmp_path / "ds")!r}, {str(tmp_path / "i.json")!r})
+import_plan(plan_coco({str(tmp_path / "i.json")!r}, images_dir={str(tmp_path / "ds")!r}),
+            {str(tmp_path / "back")!r})
+print(json.dumps(sorted(sys.modules)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "pycocotools" in modules and "napari_maskclip.export.import_coco" in modules
+    heavy = [m for m in modules if m.split(".")[0] in ("torch", "open_clip", "napari", "qtpy",
+                                                        "PyQt5", "PyQt6", "PySide2", "PySide6")]
+    assert heavy == [], heavy[:10]
+    assert (tmp_path / "back" / "dataset.json").is_file()
