@@ -13,7 +13,7 @@ pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_api  # noqa: E402
 
 from napari_maskclip.cli import main  # noqa: E402
-from napari_maskclip.errors import InvalidInputError  # noqa: E402
+from napari_maskclip.errors import DatasetError  # noqa: E402
 from napari_maskclip.export import export_sample, read_dataset  # noqa: E402
 from napari_maskclip.export.coco import export_coco  # noqa: E402
 from napari_maskclip.export.coco_masks import counts_to_string, encode_mask, polygons_to_mask  # noqa: E402
@@ -374,11 +374,18 @@ def test_append_evaluate_and_refusals(tmp_path, capsys):
         out, "painted", np.zeros((6, 6, 3), np.uint8), np.zeros((6, 6), np.uint8), list(VOC_CLASSES)
     )
     assert len(read_dataset(out)) == 4
-    # Ground truth for evaluate: a dataset against itself scores 1.
+    # Ground truth for evaluate: its own masks as predictions score 1, a wrong one less.
+    import shutil
+
+    pred = tmp_path / "pred"
+    shutil.copytree(out / "masks", pred)
     capsys.readouterr()
-    assert main(["evaluate", str(out), str(out)]) == 0
+    assert main(["evaluate", str(pred), str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["miou"] == pytest.approx(1.0) and result["n_images"] == 4
+    Image.open(pred / "z.png").point(lambda v: 0).save(pred / "z.png")
+    assert main(["evaluate", str(pred), str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["miou"] < 1.0
 
 
 def _write(path, text):
@@ -482,7 +489,7 @@ def test_import_refuses_foreign_folder(tmp_path, coco):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(InvalidInputError, match="not empty and not a dataset"):
+    with pytest.raises(DatasetError, match="not empty and not a dataset"):
         import_plan(plan_coco(coco["path"], images_dir=coco["images"]), out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 

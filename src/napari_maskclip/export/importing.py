@@ -31,7 +31,7 @@ from .class_table import DEFAULT_BACKGROUND, DatasetClasses, read_class_table
 from .layout import CLASSES_JSON, ignore_index, mask_dtype
 from .reader import is_dataset, read_dataset
 from .remap import plan_class_mapping
-from .writer import export_sample_iter
+from .writer import check_export_target, export_sample_iter
 
 __all__ = [
     "ImportItem",
@@ -271,6 +271,8 @@ def _precheck(plan: ImportPlan, out: Path, overwrite: bool, remap: bool, add_cla
                 f"{item.image_path}); rename one."
             )
         folded[key] = str(item.image_path)
+    # A foreign non-empty folder, links, unlisted files in the way: refused before any write.
+    check_export_target(out, [item.name for item in plan.items])
     if not is_dataset(out):
         return
     dataset = read_dataset(out, check_files=False)

@@ -214,8 +214,8 @@ class _Index:
 
 def _index_text(info: dict[str, Any]) -> str:
     """dataset.json: the header indented, then one line per sample. json's ``indent`` falls back to
-    its pure-Python encoder, which made rewriting the index dominate large imports (measured
-    0.5 s per sample at 1200 samples); one C-encoded line per sample is ~20x faster."""
+    its pure-Python encoder; each export rewrites the index (twice), so at 1200 samples that cost
+    0.19 s per rewrite, 0.06 s with one C-encoded line per sample (measured on 2 busy cores)."""
     head = _dumps({k: v for k, v in info.items() if k != "samples"}).rstrip()[:-1].rstrip()
     rows = ",\n    ".join(json.dumps(e, default=_jsonable, ensure_ascii=False) for e in info["samples"])
     samples = f'[\n    {rows}\n  ]' if rows else "[]"
