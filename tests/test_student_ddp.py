@@ -1,0 +1,110 @@
+"""Data-parallel student training: real ``torchrun`` processes (gloo on the CPU), nothing mocked.
+
+The configuration has frozen batch norm (``--frozen-batch-norm``), so two ranks compute exactly
+what one process computes on the same global batch; half of every image's pixels are a person's
+labels and the other half come from the frozen CLIP teacher (which runs on each rank's share),
+and crops larger than the images are padded with ignored pixels, so the ranks count different
+numbers of pixels (the loss normalisation must use the global count).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_maskclip.cli import main
+from napari_maskclip.export import export_sample
+from napari_maskclip.student import load_checkpoint, read_checkpoint_meta
+
+from test_student_train import COLOURS, shapes_data
+
+pytestmark = pytest.mark.slow  # starts torchrun with two Python processes (about a minute)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+OPTIONS = ["--backbone", "tiny", "--backbone-weights", "random", "--crop-size", "48",
+           "--batch-size", "4", "--val-every", "2", "--save-every", "0", "--frozen-batch-norm",
+           "--self-train-fraction", "0.5", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def dataset(tmp_path, tiny_vit_files):
+    """Six 40x40 shape images; the left half of each is a person's labels, the teacher labels
+    the rest (the tiny random ViT recorded as the dataset's model)."""
+    config, ckpt = tiny_vit_files
+    provenance = {"model": str(config), "pretrained": str(ckpt),
+                  "settings": {"templates": "single", "denoise": False}}
+    folder = tmp_path / "ds"
+    for i, sample in enumerate(shapes_data(6, size=40).samples):
+        labels = np.where(sample.labels < 0, 255, sample.labels).astype(np.uint8)
+        edited = np.zeros(labels.shape, bool)
+        edited[:, : labels.shape[1] // 2] = True
+        export_sample(folder, f"img{i}", sample.image, labels, list(COLOURS), edited=edited,
+                      provenance=provenance)
+    return folder
+
+
+def _torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", NAPARI_MASKCLIP_DIST_TIMEOUT="120")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "napari_maskclip.cli", "train", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    sa, sb = load_checkpoint(a).model_state, load_checkpoint(b).model_state
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.allclose(sa[key].float(), sb[key].float(), atol=atol, rtol=1e-4), key
+
+
+def test_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
+    two = tmp_path / "two" / "student.safetensors"
+    done = _torchrun(2, [str(dataset), "--out", str(two), "--iterations", "4", *OPTIONS])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # One checkpoint (and its lock), nothing from rank 1, one summary line (rank 0's).
+    assert sorted(p.name for p in two.parent.iterdir()) == [f".{two.name}.lock", two.name]
+    assert done.stdout.count("4 iterations") == 1, done.stdout
+    meta = read_checkpoint_meta(two)
+    assert meta["world_size"] == 2 and meta["iteration"] == 4 and meta["complete"]
+    assert [h["iteration"] for h in meta["history"]] == [1, 2, 3, 4]
+    assert any(h.get("val_miou") is not None for h in meta["history"])  # rank 0 validated
+
+    one = tmp_path / "one" / "student.safetensors"
+    assert main(["train", str(dataset), "--out", str(one), "--iterations", "4", *OPTIONS]) == 0
+    meta_one = read_checkpoint_meta(one)
+    assert meta_one["world_size"] == 1
+    # The same global batches: the same losses and, to float tolerance, the same weights.
+    np.testing.assert_allclose([h["loss"] for h in meta["history"]],
+                               [h["loss"] for h in meta_one["history"]], rtol=1e-4)
+    _assert_same_weights(two, one)
+    initial = tmp_path / "init.safetensors"
+    assert main(["train", str(dataset), "--out", str(initial), "--iterations", "1", "--lr", "1e-9",
+                 *OPTIONS]) == 0
+    with pytest.raises(AssertionError):  # training moved the weights (the comparison can fail)
+        _assert_same_weights(two, initial)
+
+    # The 2-process checkpoint continues in one process exactly as the 1-process one does.
+    assert main(["train", str(dataset), "--out", str(two), "--resume", "--iterations", "6",
+                 "--quiet"]) == 0
+    assert main(["train", str(dataset), "--out", str(one), "--resume", "--iterations", "6",
+                 "--quiet"]) == 0
+    resumed = read_checkpoint_meta(two)
+    assert resumed["iteration"] == 6 and resumed["world_size"] == 1
+    _assert_same_weights(two, one)
+
+
+def test_batch_not_divisible_is_one_line(dataset, tmp_path):
+    out = tmp_path / "student.safetensors"
+    args = [str(dataset), "--out", str(out), "--iterations", "2", *OPTIONS, "--batch-size", "3"]
+    done = _torchrun(2, args)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("napari-maskclip")]
+    assert len(ours) == 1 and "divisible by 2" in ours[0], done.stderr[-3000:]
+    assert not out.exists()
