@@ -18,6 +18,7 @@ saves and reports, the other ranks print only errors of their own.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
             raise
         if not ranks.main and not bar.started:
             return 1  # rank 0 stopped during setup and has said why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no source position
         holds = f"; {_holds(Path(args.out))}" if ranks.main else ""
         print(f"napari-maskclip train: error (rank {ranks.rank}): the training processes lost "
               f"contact ({first}){holds}.", file=sys.stderr)
