@@ -3,8 +3,9 @@
 The configuration has frozen batch norm (``--frozen-batch-norm``), so two ranks compute exactly
 what one process computes on the same global batch; half of every image's pixels are a person's
 labels and the other half come from the frozen CLIP teacher (which runs on each rank's share),
-and crops larger than the images are padded with ignored pixels, so the ranks count different
-numbers of pixels (the loss normalisation must use the global count).
+every other image is mostly ignored (255) and crops larger than the images are padded with
+ignored pixels, so the ranks count very different numbers of pixels (the loss normalisation must
+use the global count, else the two runs part).
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ pytestmark = pytest.mark.slow  # starts torchrun with two Python processes (abou
 SRC = Path(__file__).resolve().parents[1] / "src"
 OPTIONS = ["--backbone", "tiny", "--backbone-weights", "random", "--crop-size", "48",
            "--batch-size", "4", "--val-every", "2", "--save-every", "0", "--frozen-batch-norm",
-           "--self-train-fraction", "0.5", "--device", "cpu", "--quiet"]
+           "--self-train-fraction", "0.5", "--lr", "0.05", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture
 def dataset(tmp_path, tiny_vit_files):
     """Six 40x40 shape images; the left half of each is a person's labels, the teacher labels
-    the rest (the tiny random ViT recorded as the dataset's model)."""
+    the rest (the tiny random ViT recorded as the dataset's model); odd images are ignored (255)
+    but for a strip 8 pixels wide."""
     config, ckpt = tiny_vit_files
     provenance = {"model": str(config), "pretrained": str(ckpt),
                   "settings": {"templates": "single", "denoise": False}}
     folder = tmp_path / "ds"
     for i, sample in enumerate(shapes_data(6, size=40).samples):
         labels = np.where(sample.labels < 0, 255, sample.labels).astype(np.uint8)
+        if i % 2:
+            labels[:, 8:] = 255
         edited = np.zeros(labels.shape, bool)
         edited[:, : labels.shape[1] // 2] = True
         export_sample(folder, f"img{i}", sample.image, labels, list(COLOURS), edited=edited,
@@ -57,11 +61,11 @@ def _torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.C
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+def _weight_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between the two checkpoints' weights."""
     sa, sb = load_checkpoint(a).model_state, load_checkpoint(b).model_state
     assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.allclose(sa[key].float(), sb[key].float(), atol=atol, rtol=1e-4), key
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
 
 
 def test_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
@@ -81,14 +85,11 @@ def test_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
     meta_one = read_checkpoint_meta(one)
     assert meta_one["world_size"] == 1
     # The same global batches: the same losses and, to float tolerance, the same weights.
+    difference = _weight_difference(two, one)
+    print(f"largest weight difference, 2 processes vs 1: {difference:.2e}")
+    assert difference < 1e-5
     np.testing.assert_allclose([h["loss"] for h in meta["history"]],
-                               [h["loss"] for h in meta_one["history"]], rtol=1e-4)
-    _assert_same_weights(two, one)
-    initial = tmp_path / "init.safetensors"
-    assert main(["train", str(dataset), "--out", str(initial), "--iterations", "1", "--lr", "1e-9",
-                 *OPTIONS]) == 0
-    with pytest.raises(AssertionError):  # training moved the weights (the comparison can fail)
-        _assert_same_weights(two, initial)
+                               [h["loss"] for h in meta_one["history"]], rtol=1e-5)
 
     # The 2-process checkpoint continues in one process exactly as the 1-process one does.
     assert main(["train", str(dataset), "--out", str(two), "--resume", "--iterations", "6",
@@ -97,7 +98,7 @@ def test_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
                  "--quiet"]) == 0
     resumed = read_checkpoint_meta(two)
     assert resumed["iteration"] == 6 and resumed["world_size"] == 1
-    _assert_same_weights(two, one)
+    assert _weight_difference(two, one) < 1e-5
 
 
 def test_batch_not_divisible_is_one_line(dataset, tmp_path):
