@@ -11,8 +11,10 @@ use the global count, else the two runs part).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,36 @@ def test_batch_not_divisible_is_one_line(dataset, tmp_path):
     ours = [line for line in done.stderr.splitlines() if line.startswith("napari-maskclip")]
     assert len(ours) == 1 and "divisible by 2" in ours[0], done.stderr[-3000:]
     assert not out.exists()
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_iteration(dataset, tmp_path):
+    """Ctrl-C on torchrun (which passes SIGINT on to each rank): all ranks stop after the same
+    completed iteration, rank 0 saves it and says so in one line, nothing hangs."""
+    out = tmp_path / "run" / "student.safetensors"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", NAPARI_MASKCLIP_DIST_TIMEOUT="120")
+    options = [o for o in OPTIONS if o != "--quiet"]  # the progress bar tells when steps run
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "napari_maskclip.cli", "train", str(dataset), "--out", str(out),
+               "--iterations", "100000", *options]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while "loss=" not in log.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            time.sleep(2.0)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    ours = [line for line in log.read_text().replace("\r", "\n").splitlines()
+            if line.startswith("napari-maskclip")]
+    meta = read_checkpoint_meta(out)
+    assert 1 <= meta["iteration"] < 100000 and meta["world_size"] == 2 and not meta["complete"]
+    assert ours == [f"napari-maskclip train: interrupted; {out} holds iteration "
+                    f"{meta['iteration']} (continue with --resume)."], ours
+    assert sorted(p.name for p in out.parent.iterdir()) == [f".{out.name}.lock", out.name]
