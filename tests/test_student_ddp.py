@@ -23,11 +23,14 @@ import torch
 
 from napari_maskclip.cli import main
 from napari_maskclip.export import export_sample
-from napari_maskclip.student import load_checkpoint, read_checkpoint_meta
+from napari_maskclip.student import TrainSettings, load_checkpoint, read_checkpoint_meta, train
+from napari_maskclip.student.data import augment_batch, iteration_rng
+from napari_maskclip.student.distributed import Ranks
 
-from test_student_train import COLOURS, shapes_data
+from test_student_train import COLOURS, random_embeddings, shapes_data
 
-pytestmark = pytest.mark.slow  # starts torchrun with two Python processes (about a minute)
+#: The torchrun tests start two Python processes each (about a minute).
+slow = pytest.mark.slow
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 OPTIONS = ["--backbone", "tiny", "--backbone-weights", "random", "--crop-size", "48",
@@ -70,6 +73,7 @@ def _weight_difference(a: Path, b: Path) -> float:
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
 
 
+@slow
 def test_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
     two = tmp_path / "two" / "student.safetensors"
     done = _torchrun(2, [str(dataset), "--out", str(two), "--iterations", "4", *OPTIONS])
@@ -103,6 +107,7 @@ def test_two_processes_match_one_and_resume_with_one(dataset, tmp_path):
     assert _weight_difference(two, one) < 1e-5
 
 
+@slow
 def test_batch_not_divisible_is_one_line(dataset, tmp_path):
     out = tmp_path / "student.safetensors"
     args = [str(dataset), "--out", str(out), "--iterations", "2", *OPTIONS, "--batch-size", "3"]
@@ -113,6 +118,7 @@ def test_batch_not_divisible_is_one_line(dataset, tmp_path):
     assert not out.exists()
 
 
+@slow
 def test_ctrl_c_stops_every_rank_after_the_same_iteration(dataset, tmp_path):
     """Ctrl-C on torchrun (which passes SIGINT on to each rank): all ranks stop after the same
     completed iteration, rank 0 saves it and says so in one line, nothing hangs."""
@@ -144,3 +150,28 @@ def test_ctrl_c_stops_every_rank_after_the_same_iteration(dataset, tmp_path):
     assert ours == [f"napari-maskclip train: interrupted; {out} holds iteration "
                     f"{meta['iteration']} (continue with --resume)."], ours
     assert sorted(p.name for p in out.parent.iterdir()) == [f".{out.name}.lock", out.name]
+
+
+def test_rank_shares_are_slices_of_the_global_batch():
+    """Each rank computes exactly its slice of the crops one process draws (same random draws)."""
+    samples = shapes_data(6, size=40).samples
+    whole = augment_batch(samples, iteration_rng(3, 7), 48, (0.5, 2.0), True)
+    parts = []
+    for rank in range(3):
+        share = Ranks(3, rank).share(6)
+        assert share == slice(2 * rank, 2 * rank + 2)
+        parts.append(augment_batch(samples, iteration_rng(3, 7), 48, (0.5, 2.0), True, keep=share))
+    for field in ("images", "labels", "trusted", "valid"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_batch_norm_keeps_the_statistics(frozen):
+    settings = TrainSettings(iterations=2, batch_size=2, crop_size=32, backbone="tiny",
+                             backbone_weights="random", val_fraction=0.0, val_interval=0,
+                             save_interval=0, frozen_batch_norm=frozen)
+    result = train(shapes_data(3, size=40), None, settings=settings,
+                   class_embeddings=random_embeddings(4), device="cpu")
+    means = [m.running_mean for m in result.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert means and all(bool((m == 0).all()) for m in means) == frozen
+    assert result.meta["world_size"] == 1 and result.meta["settings"]["frozen_batch_norm"] is frozen
