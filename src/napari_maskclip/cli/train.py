@@ -12,7 +12,9 @@ save); ``--resume`` continues it exactly.
 
 Under ``torchrun --nproc_per_node N -m napari_maskclip.cli train ...`` the N processes train one
 student data-parallel (see :mod:`napari_maskclip.student.distributed`); rank 0 shows the progress,
-saves and reports, the other ranks print only errors of their own.
+saves and reports, also errors (every rank makes the same checks, and a rank that dies is seen by
+rank 0 as lost contact). The other ranks print nothing of their own; unexpected errors keep
+their traceback on any rank.
 """
 
 from __future__ import annotations
@@ -82,24 +84,19 @@ def _run(args: argparse.Namespace) -> int:
         if ranks.main:
             raise
         return 130  # rank 0 says what the checkpoint holds
-    except MaskClipError as exc:
+    except MaskClipError:
         if ranks.main:
             raise
-        if not bar.started:
-            return 1  # setup runs on rank 0 first: it has reported the same problem
-        print(f"napari-maskclip train: error (rank {ranks.rank}): {' '.join(str(exc).split())}",
-              file=sys.stderr)
-        return 1
+        return 1  # every rank checks the same things: rank 0 has said it (see the module doc)
     except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
         if not (ranks.active and _lost_contact(exc)):
             raise
-        if not ranks.main and not bar.started:
-            return 1  # rank 0 stopped during setup and has said why
+        if not ranks.main:
+            return 1  # rank 0 failed and said why (or died, and torchrun's summary says so)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no source position
-        holds = f"; {_holds(Path(args.out))}" if ranks.main else ""
-        print(f"napari-maskclip train: error (rank {ranks.rank}): the training processes lost "
-              f"contact ({first}){holds}.", file=sys.stderr)
+        print(f"napari-maskclip train: error: the training processes lost contact ({first}); "
+              f"{_holds(Path(args.out))}.", file=sys.stderr)
         return 1
     finally:
         distributed.stop()
@@ -209,10 +206,8 @@ class _TrainBar:
     def __init__(self, disable: bool) -> None:
         self.disable = disable
         self.bar = None
-        self.started = False  # the first iteration has begun (setup is over)
 
     def update(self, step) -> None:
-        self.started = self.started or step.stage == "train"
         if step.stage == "setup":
             if step.message and not self.disable and step.message.startswith("backbone"):
                 print(step.message, file=sys.stderr)
