@@ -102,7 +102,9 @@ def _timeout_s() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise InvalidInputError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}.")
+        raise InvalidInputError(
+            f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}."
+        )
     return value
 
 
@@ -118,13 +120,15 @@ def start(device: torch.device) -> Ranks:
         return current()
     missing = [name for name in _ENV if not os.environ.get(name)]
     try:
-        world, rank, local = (int(os.environ.get(n, "")) for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+        world, rank, local = (int(os.environ.get(n, ""))
+                              for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     except ValueError:
         missing = missing or ["WORLD_SIZE/RANK/LOCAL_RANK as whole numbers"]
     if missing or not dist.is_available():
         raise InvalidInputError(
-            f"WORLD_SIZE is set but {', '.join(missing) or 'torch.distributed'} is missing; start "
-            "data-parallel training with torchrun --nproc_per_node N -m napari_maskclip.cli train ..."
+            f"WORLD_SIZE is set, but not {', '.join(missing) or 'torch.distributed'}; start "
+            "data-parallel training with "
+            "torchrun --nproc_per_node N -m napari_maskclip.cli train ..."
         )
     if not 0 <= rank < world:
         raise InvalidInputError(f"RANK {rank} is not in 0..{world - 1}; start with torchrun.")
