@@ -9,11 +9,18 @@ schedule) the student's own. The teacher defaults to the model recorded in the d
 checkpoint is saved every ``--save-every`` iterations, at the end, and on Ctrl-C (which takes
 effect when the iteration in progress is complete; press it twice to stop at once and keep the last
 save); ``--resume`` continues it exactly.
+
+Under ``torchrun --nproc_per_node N -m napari_maskclip.cli train ...`` the N processes train one
+student data-parallel (see :mod:`napari_maskclip.student.distributed`); rank 0 shows the progress,
+saves and reports, also errors (every rank makes the same checks, and a rank that dies is seen by
+rank 0 as lost contact). The other ranks print nothing of their own; unexpected errors keep
+their traceback on any rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -47,7 +54,7 @@ def _settings_overrides(args: argparse.Namespace) -> dict:
     """The training settings given on the command line (unset ones keep their defaults)."""
     names = ("iterations", "batch_size", "crop_size", "lr", "self_train_fraction", "backbone",
              "backbone_weights", "confidence_threshold", "unknown_edits", "val_fraction",
-             "val_interval", "save_interval", "seed")
+             "val_interval", "save_interval", "seed", "frozen_batch_norm")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -64,6 +71,49 @@ def _teacher_settings(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Train; under torchrun, as one rank of a data-parallel run (see the module doc)."""
+    from ..engine.device import resolve_device
+    from ..errors import MaskClipError
+    from ..student import distributed
+
+    ranks = distributed.start(resolve_device(args.device))  # 1 of 1 unless started by torchrun
+    bar = _TrainBar(disable=args.quiet or not ranks.main)
+    try:
+        return _train(args, bar, report=ranks.main)
+    except KeyboardInterrupt:
+        if ranks.main:
+            raise
+        return 130  # rank 0 says what the checkpoint holds
+    except MaskClipError:
+        if ranks.main:
+            raise
+        return 1  # every rank checks the same things: rank 0 has said it (see the module doc)
+    except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
+        if not (ranks.active and _lost_contact(exc)):
+            raise
+        if not ranks.main:
+            return 1  # rank 0 failed and said why (or died, and torchrun's summary says so)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no source position
+        print(f"napari-maskclip train: error: the training processes lost contact ({first}); "
+              f"{_holds(Path(args.out))}.", file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
+
+
+def _lost_contact(exc: RuntimeError) -> bool:
+    """Whether ``exc`` says that another rank stopped or stopped answering."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout",
+                                         "peer"))
+
+
+def _train(args: argparse.Namespace, bar: "_TrainBar", report: bool = True) -> int:
     from ..engine.settings import SegmentSettings
     from ..progress import run_to_completion
     from ..student.data import load_training_data
@@ -107,16 +157,18 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume, overwrite=args.overwrite, device=args.device,
         **({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES} if args.resume else {}),
     )
-    bar = _TrainBar(disable=args.quiet)
     try:
         result = run_to_completion(gen, bar.update)
     except KeyboardInterrupt:
         gen.close()  # saves the last completed iteration (Ctrl-C acts between iterations)
         bar.close()
-        print(f"napari-maskclip train: interrupted; {_holds(out)}.", file=sys.stderr)
+        if report:
+            print(f"napari-maskclip train: interrupted; {_holds(out)}.", file=sys.stderr)
         return 130
     finally:
         bar.close()
+    if not report:
+        return 0  # not rank 0: it reports
     miou = result.val_miou
     summary = f"{out}: {result.iteration} iterations"
     if result.history:
@@ -239,6 +291,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     student.add_argument("--save-every", dest="save_interval", type=_nonneg_int, default=None,
                          metavar="N", help="save the checkpoint every N iterations (default 250)")
     student.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    student.add_argument("--frozen-batch-norm", action="store_true", default=None,
+                         help="keep batch-norm statistics fixed (only their scale and shift "
+                         "train); makes several torchrun processes compute exactly what one does")
     student.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
                          help="axis holding channels of multichannel images")
     student.add_argument("--channels", type=_channels, default=None, metavar="I[,J,K]",
