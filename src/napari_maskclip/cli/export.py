@@ -20,17 +20,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InvalidInputError
+from .args import unit_float
 
 __all__ = ["register"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in 0..1, got {text}")
-    return value
 
 
 def _check_files(paths: list[Path], what: str) -> None:
@@ -146,14 +140,13 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..export import export_sample_iter
     from ..export.class_table import DatasetClasses, read_class_table
     from ..export.layout import CLASSES_JSON
     from ..export.reader import is_dataset, read_dataset
     from ..export.remap import plan_class_mapping
     from ..progress import run_to_completion
+    from .batch import Task, run_tasks
 
     if bool(args.from_segment) == bool(args.images):
         raise InvalidInputError("Give either --images with --labels, or --from-segment (not both).")
@@ -189,25 +182,29 @@ def _run(args: argparse.Namespace) -> int:
         existing = plan_class_mapping(existing, new, remap=args.remap,
                                       add_classes=args.add_classes).target
 
-    total_samples = 0
-    bar = tqdm(jobs, desc="export", unit="image", file=sys.stderr, disable=args.quiet, leave=False)
-    for job in bar:
-        data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
-        report = run_to_completion(
-            export_sample_iter(
-                out, job["name"], data["image"], data["labels"], job["classes"],
-                background=job["background"], probabilities=data["probabilities"],
-                edited=data["edited"], min_confidence=args.min_confidence,
-                save_confidence=not args.no_confidence, overwrite=args.overwrite,
-                remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
-                source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+    def task(job: dict[str, Any]) -> Task:
+        def run(update) -> str:
+            data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
+            report = run_to_completion(
+                export_sample_iter(
+                    out, job["name"], data["image"], data["labels"], job["classes"],
+                    background=job["background"], probabilities=data["probabilities"],
+                    edited=data["edited"], min_confidence=args.min_confidence,
+                    save_confidence=not args.no_confidence, overwrite=args.overwrite,
+                    remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
+                    source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+                ),
+                update,
             )
-        )
-        total_samples += len(report.samples)
-        bar.write(f"{Path(job['image']).name}: {report.summary()}", file=sys.stdout)
-    bar.close()
-    print(f"{total_samples} sample(s) in {out}")
-    return 0
+            samples.extend(report.samples)
+            return f"{Path(job['image']).name}: {report.summary()}"
+
+        return Task(Path(job["image"]).name, run)
+
+    samples: list[str] = []
+    code = run_tasks([task(job) for job in jobs], quiet=args.quiet, unit="sample")
+    print(f"{len(samples)} sample(s) in {out}")
+    return code
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -236,7 +233,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--images-dir", metavar="DIR",
                      help="folder of the source images (found by stem); default: the paths segment recorded")
     parser.add_argument("--out", required=True, metavar="DATASET", help="dataset folder (created or appended to)")
-    parser.add_argument("--min-confidence", type=_unit_float, default=None, metavar="P",
+    parser.add_argument("--min-confidence", type=unit_float, default=None, metavar="P",
                         help="unedited pixels whose label has probability below P become 255 (ignore)")
     parser.add_argument("--no-confidence", action="store_true", help="do not store confidence maps")
     parser.add_argument("--overwrite", action="store_true", help="replace samples that exist")
