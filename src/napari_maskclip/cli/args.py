@@ -80,4 +80,5 @@ def add_batch_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-confidence", action="store_true",
                         help="skip the confidence TIFF (saves space)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar and no notes on stderr (errors only)")

@@ -4,18 +4,38 @@ A command checks its inputs, turns each one into a :class:`Task` (a name and a f
 the work, reporting :class:`~napari_maskclip.progress.Progress`, and returns the line to print),
 and hands the list to :func:`run_tasks`, which drives a progress bar per task and prints each
 task's line on stdout.
+
+Batches survive bad inputs: an input that fails prints one line on stderr and the batch goes on
+with the next; at the end the failed ones are listed and the exit code is 1. A file-system error
+(full disk, read-only folder) stops the batch, since every later input would fail the same way.
+Before any work, :func:`plan_results` checks every file a ``segment``/``predict`` run will write:
+images whose results exist from the same request are skipped (a rerun after a failure redoes only
+the failed ones), and files that are not ours, or belong to another request, are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, MaskClipError
+from .messages import one_line
 
-__all__ = ["Task", "run_tasks", "progress_bar", "input_images", "result_task"]
+__all__ = [
+    "Task",
+    "run_tasks",
+    "progress_bar",
+    "input_images",
+    "result_task",
+    "check_output_folder",
+    "check_file_name",
+    "plan_results",
+]
 
 Update = Callable[[Any], None]
 
@@ -48,16 +68,53 @@ class Task:
     run: Callable[[Update], str]
 
 
-def run_tasks(tasks: Sequence[Task], *, quiet: bool = False, unit: str = "win") -> int:
-    """Run every task in order with a progress bar each; print each task's line. Exit code."""
-    for task in tasks:
+def run_tasks(
+    tasks: Sequence[Task],
+    *,
+    command: str,
+    quiet: bool = False,
+    unit: str = "win",
+    what: str = "image",
+) -> int:
+    """Run every task in order with a progress bar each; print each task's line. Exit code.
+
+    A task that raises one of the project's errors is reported in one line on stderr and the
+    batch goes on; a file-system error stops it. With failures, the exit code is 1 and (for more
+    than one task) a last line lists them.
+    """
+    failed: list[str] = []
+    stopped: Optional[int] = None
+    for i, task in enumerate(tasks):
         bar, update = progress_bar(task.name, disable=quiet, unit=unit)
         try:
             line = task.run(update)
+        except (MaskClipError, OSError, MemoryError) as exc:
+            bar.close()
+            message = one_line(exc)
+            print(f"napari-maskclip {command}: error: {task.name}: {message}", file=sys.stderr)
+            failed.append(task.name)
+            if isinstance(exc, OSError):
+                stopped = i
+                break
+            continue
         finally:
             bar.close()
-        print(line)
-    return 0
+        print(line, flush=True)
+    if not failed:
+        return 0
+    if len(tasks) > 1:
+        not_run = [t.name for t in tasks[stopped + 1:]] if stopped is not None else []
+        parts = [f"{len(failed)} of {len(tasks)} {what}(s) failed: {_names(failed)}"]
+        if not_run:
+            parts.append(f"stopped before {len(not_run)} more: {_names(not_run)}")
+        parts.append("finished ones are kept; run the same command again to do only the rest")
+        print(f"napari-maskclip {command}: " + "; ".join(parts) + ".", file=sys.stderr)
+    return 1
+
+
+def _names(names: Sequence[str], shown: int = 5) -> str:
+    extra = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + extra
 
 
 def input_images(paths: Sequence[str]) -> list[Path]:
@@ -72,18 +129,117 @@ def input_images(paths: Sequence[str]) -> list[Path]:
     return images
 
 
-def check_outputs(out: Path, images: Sequence[Path], *, overwrite: bool) -> None:
-    """Refuse before any work when an image's result exists already (unless ``overwrite``)."""
-    from ..result_files import result_paths
-
-    if overwrite:
-        return
-    existing = [str(result_paths(out, p.stem).classes_path) for p in images
-                if result_paths(out, p.stem).classes_path.exists()]
-    if existing:
+def check_file_name(path: Path) -> None:
+    """Refuse an output name the file system cannot hold (over 255 bytes), before any work."""
+    limit = 255
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no pathconf: POSIX's 255
+        limit = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    if len(os.fsencode(path.name)) > limit:
         raise InvalidInputError(
-            f"Outputs exist already (e.g. {existing[0]}); pass --overwrite to replace them."
+            f"The output name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes long; file "
+            f"names hold at most {limit}. Rename the input file to a shorter name."
         )
+
+
+def check_output_folder(out: Path) -> None:
+    """The output folder exists or can be made, and files can be written into it.
+
+    Checked before any work, so a read-only disk, a path that is a file or a folder without
+    permission fails at once rather than after the work: an existing folder gets a probe file
+    (written and removed); for a new one, its nearest existing parent must be a writable folder
+    on a writable file system (nothing is created before the first result).
+    """
+    from ..atomic import TEMP_PREFIX
+
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file, not a folder; choose a folder.")
+    try:
+        if out.is_dir():
+            fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".probe", dir=out)
+            try:
+                os.write(fd, b"napari-maskclip write test")
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+            return
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InvalidInputError(f"--out {out}: {parent} is a file, not a folder; choose another path.")
+        read_only = bool(os.statvfs(parent).f_flag & getattr(os, "ST_RDONLY", 1))
+        if read_only or not os.access(parent, os.W_OK | os.X_OK):
+            reason = "the file system is read-only" if read_only else "permission denied"
+            raise InvalidInputError(
+                f"Cannot create the output folder {out} in {parent}: {reason}; choose a folder "
+                "you can write to."
+            )
+    except OSError as exc:
+        raise InvalidInputError(f"Cannot write into the output folder {out}: {one_line(exc)}") from exc
+
+
+def plan_results(
+    out: Path,
+    images: Sequence[Path],
+    *,
+    command: str,
+    request: dict[str, Any],
+    n_classes: int,
+    confidence: bool,
+    overwrite: bool,
+) -> tuple[list[tuple[Path, dict[str, Any]]], int]:
+    """Which images still need a result, and how many are finished; refuse before any work.
+
+    Returns ``[(image, run record)]`` to do and the count skipped. Raises when any output is a
+    folder, a file napari-maskclip did not write, or (without ``overwrite``) the result of another
+    request.
+    """
+    from ..result_files import plan_result, request_digest, result_paths, source_fingerprint
+
+    check_output_folder(out)
+    digest = request_digest({"command": command, **request})
+    todo: list[tuple[Path, dict[str, Any]]] = []
+    refused: list[str] = []
+    skipped = 0
+    for path in images:
+        files = result_paths(out, path.stem, n_classes=n_classes, confidence=confidence)
+        for target in files.paths:
+            check_file_name(target)
+        record = {"command": command, "request": digest, "source": source_fingerprint(path)}
+        plan = plan_result(files, run_record=record, overwrite=overwrite)
+        if plan.state == "refused":
+            refused.append(plan.reason)
+        elif plan.state == "finished":
+            skipped += 1
+        else:
+            todo.append((path, record))
+    if refused:
+        more = f" ({len(refused) - 1} more image(s) likewise)" if len(refused) > 1 else ""
+        raise InvalidInputError(f"Not starting: {refused[0]}{more}")
+    return todo, skipped
+
+
+def skipped_line(skipped: int, what: str = "image") -> Optional[str]:
+    """The note for finished inputs that were skipped (None when there are none)."""
+    if not skipped:
+        return None
+    return (f"skipped {skipped} finished {what}{'s' if skipped != 1 else ''} (results of the "
+            "same command exist; --overwrite redoes them)")
+
+
+def check_2d(path: Path, image: Any, *, channel_axis: Optional[int], channels: Any) -> None:
+    """Refuse a stack or time series with a message that says what to do instead."""
+    shape = tuple(image.shape)
+    multichannel = len(shape) == 3 and (
+        channel_axis is not None or channels is not None or shape[-1] in (1, 3, 4))
+    if len(shape) <= 2 or multichannel:
+        return
+    raise InvalidInputError(
+        f"{path} has shape {shape}: a stack or time series, not one 2D image. The command line "
+        "segments 2D images only for now: save the slice you want as its own file, or open the "
+        "stack in napari and use the MaskCLIP widget (current slice or all slices). If an axis "
+        "holds channels, say which with --channel-axis."
+    )
 
 
 def result_task(
@@ -92,7 +248,10 @@ def result_task(
     make_run: Callable[[Any], Any],
     *,
     confidence: bool,
+    record: Optional[dict[str, Any]] = None,
     note: Optional[Callable[[Any], str]] = None,
+    channel_axis: Optional[int] = None,
+    channels: Optional[Sequence[int]] = None,
 ) -> Task:
     """A task that reads image ``path``, runs ``make_run(image)`` (a progress generator that
     returns a segmentation result) and writes the three result files of ``path.stem``."""
@@ -103,9 +262,12 @@ def result_task(
         from ..result_files import write_result
 
         image = read_image(path)
+        check_2d(path, image, channel_axis=channel_axis, channels=channels)
         result = run_to_completion(make_run(image), update)
-        files = write_result(result, out, path.stem, confidence=confidence,
-                             extra={"source_image": str(path)})
+        extra: dict[str, Any] = {"source_image": str(path)}
+        if record is not None:
+            extra["run"] = record
+        files = write_result(result, out, path.stem, confidence=confidence, extra=extra)
         return f"{path.name}: {files.labels_path.name}, {files.classes_path.name}" + (
             note(result) if note else "")
 

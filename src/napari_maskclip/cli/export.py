@@ -15,7 +15,6 @@ Everything is checked before the first sample is written; existing samples are k
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -139,14 +138,48 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
     return {"image": image, "labels": labels, "probabilities": probabilities, "edited": edited}
 
 
+def _request(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What an export of ``job`` was asked to do: its input files (as they are now) and options."""
+    from ..result_files import source_fingerprint
+
+    files = {key: source_fingerprint(job[key]) for key in ("image", "labels", "confidence",
+                                                            "edited", "result") if job.get(key)}
+    as_text = (lambda v: v if isinstance(v, str) or v is None else [getattr(c, "text", c) for c in v])
+    return {"command": "export", "files": files, "classes": as_text(job["classes"]),
+            "background": as_text(job["background"]), "min_confidence": args.min_confidence,
+            "confidence": not args.no_confidence, "remap": args.remap,
+            "add_classes": args.add_classes, "channel_axis": args.channel_axis}
+
+
+def _finished_jobs(dataset: Any, jobs: list[dict[str, Any]]) -> set[str]:
+    """Inputs whose samples the dataset lists from the same request, all of them."""
+    counts: dict[tuple[str, str], int] = {}
+    expected: dict[tuple[str, str], Any] = {}
+    for sample in dataset:
+        run = sample.provenance.get("cli_run")
+        if isinstance(run, dict) and isinstance(run.get("job"), str) and isinstance(run.get("request"), str):
+            key = (run["job"], run["request"])
+            counts[key] = counts.get(key, 0) + 1
+            expected[key] = run.get("samples")
+    done = set()
+    for job in jobs:
+        key = (job["name"], job["run"]["request"])
+        if key in counts and counts[key] == expected[key]:
+            done.add(job["name"])
+    return done
+
+
 def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..export import export_sample_iter
     from ..export.class_table import DatasetClasses, read_class_table
     from ..export.layout import CLASSES_JSON
     from ..export.reader import is_dataset, read_dataset
     from ..export.remap import plan_class_mapping
     from ..progress import run_to_completion
-    from .batch import Task, run_tasks
+    from ..result_files import request_digest
+    from .batch import Task, run_tasks, skipped_line
 
     if bool(args.from_segment) == bool(args.images):
         raise InvalidInputError("Give either --images with --labels, or --from-segment (not both).")
@@ -168,8 +201,16 @@ def _run(args: argparse.Namespace) -> int:
     # Checks against the dataset before anything is written (2D names; stacks are checked per file).
     out = Path(args.out)
     existing = None
+    skipped = 0
+    for job in jobs:
+        job["run"] = {"job": job["name"], "request": request_digest(_request(job, args))}
     if is_dataset(out):
         dataset = read_dataset(out, check_files=False)
+        finished = _finished_jobs(dataset, jobs)
+        if not args.overwrite and finished:
+            jobs = [job for job in jobs if job["name"] not in finished]
+            names = [job["name"] for job in jobs]
+            skipped = len(finished)
         taken = [n for n in names if n in dataset]
         if taken and not args.overwrite:
             raise InvalidInputError(
@@ -182,9 +223,15 @@ def _run(args: argparse.Namespace) -> int:
         existing = plan_class_mapping(existing, new, remap=args.remap,
                                       add_classes=args.add_classes).target
 
+    if skipped:
+        print(skipped_line(skipped))
+
     def task(job: dict[str, Any]) -> Task:
         def run(update) -> str:
             data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
+            shape = data["labels"].shape
+            # Which samples this input makes, so a rerun knows when it is finished.
+            job["provenance"]["cli_run"] = {**job["run"], "samples": int(np.prod(shape[:-2], dtype=np.int64))}
             report = run_to_completion(
                 export_sample_iter(
                     out, job["name"], data["image"], data["labels"], job["classes"],
@@ -202,7 +249,8 @@ def _run(args: argparse.Namespace) -> int:
         return Task(Path(job["image"]).name, run)
 
     samples: list[str] = []
-    code = run_tasks([task(job) for job in jobs], quiet=args.quiet, unit="sample")
+    code = run_tasks([task(job) for job in jobs], command="export", quiet=args.quiet,
+                     unit="sample")
     print(f"{len(samples)} sample(s) in {out}")
     return code
 

@@ -20,23 +20,37 @@ __all__ = ["register"]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..result_files import source_fingerprint
     from ..student.predict import StudentSegmenter
-    from .batch import check_outputs, input_images, result_task, run_tasks
+    from .batch import input_images, plan_results, result_task, run_tasks, skipped_line
 
     images = input_images(args.images)
     out = Path(args.out)
-    check_outputs(out, images, overwrite=args.overwrite)
     segmenter = StudentSegmenter(args.student, device=args.device, window=args.window)
-    segmenter.resolve_classes(args.classes)  # unknown class names fail before any work
-    print(f"model: {segmenter.describe()}", file=sys.stderr)
+    picked = segmenter.resolve_classes(args.classes)  # unknown class names fail before any work
+    request = {
+        "student": source_fingerprint(args.student), "classes": picked, "window": args.window,
+        "channel_axis": args.channel_axis, "channels": args.channels,
+        "confidence": not args.no_confidence,
+    }
+    todo, skipped = plan_results(out, images, command="predict", request=request,
+                                 n_classes=len(picked), confidence=not args.no_confidence,
+                                 overwrite=args.overwrite)
+    if skipped:
+        print(skipped_line(skipped))
+    if not todo:
+        return 0
+    if not args.quiet:
+        print(f"model: {segmenter.describe()}", file=sys.stderr)
 
     def make_run(image):
         return segmenter.run_iter(image, args.classes, channel_axis=args.channel_axis,
                                   channels=args.channels)
 
-    tasks = [result_task(path, out, make_run, confidence=not args.no_confidence)
-             for path in images]
-    return run_tasks(tasks, quiet=args.quiet)
+    tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, record=record,
+                         channel_axis=args.channel_axis, channels=args.channels)
+             for path, record in todo]
+    return run_tasks(tasks, command="predict", quiet=args.quiet)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -109,22 +109,36 @@ def default_pretrained(model: str, pretrained: Optional[str]) -> Optional[str]:
 
 def _run(args: argparse.Namespace) -> int:
     from ..classes import parse_classes
-    from ..engine import Segmenter, load_clip
-    from .batch import check_outputs, input_images, result_task, run_tasks
+    from .batch import input_images, plan_results, result_task, run_tasks, skipped_line
 
-    # Validate everything cheap before loading a model.
+    # Validate everything cheap, and every file the run will write, before loading a model.
     classes = parse_classes(args.classes)
     background = parse_classes(args.background, allow_empty=True) if args.background else []
     parse_classes(classes + background)
     settings = settings_from_args(args)
     images = input_images(args.images)
     out = Path(args.out)
-    check_outputs(out, images, overwrite=args.overwrite)
+    pretrained = default_pretrained(args.model, args.pretrained)
+    request = {
+        "model": args.model, "pretrained": pretrained, "precision": args.precision,
+        "classes": [c.text for c in classes], "background": [c.text for c in background],
+        "settings": settings.to_dict(), "channel_axis": args.channel_axis,
+        "channels": args.channels, "confidence": not args.no_confidence,
+    }
+    todo, skipped = plan_results(out, images, command="segment", request=request,
+                                 n_classes=len(classes), confidence=not args.no_confidence,
+                                 overwrite=args.overwrite)
+    if skipped:
+        print(skipped_line(skipped))
+    if not todo:
+        return 0
 
-    loaded = load_clip(args.model, default_pretrained(args.model, args.pretrained),
-                       device=args.device, precision=args.precision)
+    from ..engine import Segmenter, load_clip
+
+    loaded = load_clip(args.model, pretrained, device=args.device, precision=args.precision)
     segmenter = Segmenter(loaded, settings=settings)
-    print(f"model: {loaded.describe()}", file=sys.stderr)
+    if not args.quiet:
+        print(f"model: {loaded.describe()}", file=sys.stderr)
 
     def make_run(image):
         return segmenter.run_iter(image, classes, background=background or None,
@@ -134,9 +148,11 @@ def _run(args: argparse.Namespace) -> int:
         removed = result.removed_classes
         return f", removed by denoising: {', '.join(removed)}" if removed else ""
 
-    tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, note=note)
-             for path in images]
-    return run_tasks(tasks, quiet=args.quiet)
+    tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, record=record,
+                         channel_axis=args.channel_axis, channels=args.channels,
+                         note=note)
+             for path, record in todo]
+    return run_tasks(tasks, command="segment", quiet=args.quiet)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

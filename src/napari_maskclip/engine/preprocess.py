@@ -62,8 +62,8 @@ def check_image_array(image: np.ndarray) -> np.ndarray:
     if data.ndim < 2 or data.ndim > 3:
         raise InvalidInputError(
             f"Got an array of shape {data.shape}: the engine segments one 2D image at a time "
-            "(gray, RGB, RGBA, or channels with channel_axis). Pass 2D slices of stacks and "
-            "time series (the napari widget and the CLI do this for you)."
+            "(gray, RGB, RGBA, or channels with channel_axis). Pass one 2D slice of a stack or "
+            "time series at a time (the napari widget does this for you, slice by slice)."
         )
     return data
 
@@ -88,8 +88,8 @@ def prepare_image(
                          and channels is None):
         raise InvalidInputError(
             f"Got an image of shape {data.shape}: the engine segments one 2D image at a time "
-            "(gray, RGB, RGBA, or channels with channel_axis). Pass 2D slices of stacks and "
-            "time series (the napari widget and the CLI do this for you)."
+            "(gray, RGB, RGBA, or channels with channel_axis). Pass one 2D slice of a stack or "
+            "time series at a time (the napari widget does this for you, slice by slice)."
         )
     if data.ndim < 2:
         raise InvalidInputError(f"Got an array of shape {data.shape}; an image needs 2 dimensions.")
