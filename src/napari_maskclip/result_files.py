@@ -36,6 +36,7 @@ __all__ = [
     "read_result",
     "result_paths",
     "find_results",
+    "read_result_table",
     "ResultPlan",
     "plan_result",
     "request_digest",
@@ -115,7 +116,11 @@ def write_result(
     }
     if extra:
         table.update(extra)
-    atomic_write_text(paths.classes_path, json.dumps(table, indent=2, default=_jsonable))
+    try:
+        text = json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
+    except ValueError as exc:  # NaN in a setting: never written (the file would not be JSON)
+        raise InvalidInputError(f"Refusing to write {paths.classes_path}: {exc}.") from exc
+    atomic_write_text(paths.classes_path, text)
     if previous is not None:
         # Only names this module gives a result of ``stem`` (a hand-edited table cannot point
         # the clean-up at other files).
@@ -225,23 +230,52 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def read_result_table(classes_json: str | os.PathLike) -> dict[str, Any]:
+    """The table of a ``<stem>_classes.json``, checked: size, JSON, and the file names it lists
+    (plain names of this folder), so an edited table cannot point readers elsewhere."""
+    path = Path(classes_json)
+    try:
+        size = path.stat().st_size
+        if size > _MAX_TABLE_BYTES:
+            raise InvalidInputError(f"{path} is {size} bytes: too large to be a result table.")
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except InvalidInputError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InvalidInputError(
+            f"Cannot read {path} ({' '.join(str(exc).split())}): restore it, or run segment again."
+        ) from exc
+    files = table.get("files", {}) if isinstance(table, dict) else None
+    if not isinstance(table, dict) or not isinstance(files, dict):
+        raise InvalidInputError(f"{path} is not a result table written by napari-maskclip segment.")
+    for key in ("labels", "confidence"):
+        name = files.get(key)
+        if name is not None and (not isinstance(name, str) or Path(name).name != name
+                                 or name in ("", ".", "..")):
+            raise InvalidInputError(f"{path}: files.{key} {name!r} is not a file name of this folder.")
+    return table
+
+
 def read_result(classes_json: str | os.PathLike, *, confidence: bool = False) -> ResultFiles:
     """Read one image's result files back, starting from its ``*_classes.json``."""
     path = Path(classes_json)
     if not path.name.endswith(CLASSES_SUFFIX):
         raise InvalidInputError(f"{path} is not a '*{CLASSES_SUFFIX}' file written by segment.")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"Cannot read {path}: {exc}") from exc
+    table = read_result_table(path)
     files = table.get("files", {})
-    labels_path = path.parent / files.get("labels", path.name.replace(CLASSES_SUFFIX, LABELS_SUFFIX + ".png"))
+    labels_path = path.parent / (files.get("labels") or path.name.replace(CLASSES_SUFFIX, LABELS_SUFFIX + ".png"))
     conf_name = files.get("confidence")
     confidence_path = path.parent / conf_name if conf_name else None
     out = ResultFiles(labels_path, confidence_path, path, table=table)
     out.labels = read_label_image(labels_path)
     if confidence and confidence_path is not None and confidence_path.is_file():
         out.confidence = read_float_stack(confidence_path)
+        expected = (len(table.get("classes") or []), *out.labels.shape)
+        if out.confidence.shape != expected:
+            raise InvalidInputError(
+                f"{confidence_path} has shape {out.confidence.shape}, but {path} says "
+                f"{expected}; run segment again for this image."
+            )
     return out
 
 

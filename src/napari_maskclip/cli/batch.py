@@ -88,6 +88,9 @@ def run_tasks(
         bar, update = progress_bar(task.name, disable=quiet, unit=unit)
         try:
             line = task.run(update)
+        except SetupFailed as exc:
+            bar.close()
+            raise exc.error from None
         except (MaskClipError, OSError, MemoryError) as exc:
             bar.close()
             message = one_line(exc)
@@ -227,6 +230,35 @@ def skipped_line(skipped: int, what: str = "image") -> Optional[str]:
             "same command exist; --overwrite redoes them)")
 
 
+@dataclass
+class _Shape:
+    shape: tuple[int, ...]
+
+
+class SetupFailed(Exception):
+    """Loading what every task needs (the model) failed: the batch stops with that error."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def lazy(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """``factory()`` run once, on first use: a batch whose inputs all fail early (bad files)
+    never loads the model. Its errors stop the batch (:class:`SetupFailed`)."""
+    state: dict[str, Any] = {}
+
+    def get() -> Any:
+        if "value" not in state:
+            try:
+                state["value"] = factory()
+            except (MaskClipError, OSError, MemoryError) as exc:
+                raise SetupFailed(exc) from exc
+        return state["value"]
+
+    return get
+
+
 def check_2d(path: Path, image: Any, *, channel_axis: Optional[int], channels: Any) -> None:
     """Refuse a stack or time series with a message that says what to do instead."""
     shape = tuple(image.shape)
@@ -261,13 +293,25 @@ def result_task(
         from ..progress import run_to_completion
         from ..result_files import write_result
 
+        from ..image_files import image_header
+
+        # The header first: a file that is not an image, too large or a stack fails here,
+        # before the model is loaded or a pixel decoded.
+        shape, _ = image_header(path)
+        check_2d(path, _Shape(shape),
+                 channel_axis=channel_axis, channels=channels)
         image = read_image(path)
         check_2d(path, image, channel_axis=channel_axis, channels=channels)
         result = run_to_completion(make_run(image), update)
         extra: dict[str, Any] = {"source_image": str(path)}
         if record is not None:
             extra["run"] = record
-        files = write_result(result, out, path.stem, confidence=confidence, extra=extra)
+        try:
+            files = write_result(result, out, path.stem, confidence=confidence, extra=extra)
+        except OSError as exc:  # name the output folder when the error does not (a full disk)
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
+            raise
         return f"{path.name}: {files.labels_path.name}, {files.classes_path.name}" + (
             note(result) if note else "")
 

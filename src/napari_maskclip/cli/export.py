@@ -78,10 +78,8 @@ def _jobs_from_files(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import json
-
     from ..export import DatasetClasses, safe_sample_name
-    from ..result_files import find_results
+    from ..result_files import find_results, read_result_table
 
     folder = Path(args.from_segment)
     if not folder.is_dir():
@@ -94,7 +92,7 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise InvalidInputError(f"--images-dir {images_dir} is not a folder.")
     jobs, missing = [], []
     for path in results:
-        table = json.loads(path.read_text(encoding="utf-8"))
+        table = read_result_table(path)
         stem = path.name[: -len("_classes.json")]
         classes = DatasetClasses.from_json(table, source=str(path))
         image = _find_image(stem, table, images_dir)
@@ -120,6 +118,8 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
+    import numpy as np
+
     from ..image_files import read_float_stack, read_image, read_label_image
     from ..result_files import read_result
 
@@ -130,11 +130,29 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
                 "edited": None}
     labels = read_label_image(job["labels"])
     probabilities = read_float_stack(job["confidence"]) if job.get("confidence") else None
+    if probabilities is not None:
+        if probabilities.shape[1:] != labels.shape:
+            raise InvalidInputError(
+                f"{job['confidence']} has shape {probabilities.shape}; for labels of shape "
+                f"{labels.shape} it must be C x {' x '.join(map(str, labels.shape))} (one map per class)."
+            )
+        if not np.issubdtype(probabilities.dtype, np.floating) or not np.all(
+                (probabilities >= 0) & (probabilities <= 1)):  # also false for NaN
+            raise InvalidInputError(
+                f"{job['confidence']} must hold probabilities in 0..1 (no NaN); give the "
+                "confidence TIFF written by segment, or leave --confidence out."
+            )
     edited = None
     if job.get("edited"):
         edited = read_image(job["edited"]) != 0
         if edited.ndim == labels.ndim + 1:  # an RGB(A) picture of the mask
             edited = edited.any(axis=-1)
+        if edited.shape != labels.shape:
+            raise InvalidInputError(
+                f"The edited-pixels mask {job['edited']} is {edited.shape[-1]}x{edited.shape[0]} "
+                f"px but the labels {job['labels']} are {labels.shape[-1]}x{labels.shape[0]}; "
+                "give a mask of the same size (non-zero = painted by a person)."
+            )
     return {"image": image, "labels": labels, "probabilities": probabilities, "edited": edited}
 
 

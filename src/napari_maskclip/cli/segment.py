@@ -109,7 +109,7 @@ def default_pretrained(model: str, pretrained: Optional[str]) -> Optional[str]:
 
 def _run(args: argparse.Namespace) -> int:
     from ..classes import parse_classes
-    from .batch import input_images, plan_results, result_task, run_tasks, skipped_line
+    from .batch import input_images, lazy, plan_results, result_task, run_tasks, skipped_line
 
     # Validate everything cheap, and every file the run will write, before loading a model.
     classes = parse_classes(args.classes)
@@ -133,16 +133,19 @@ def _run(args: argparse.Namespace) -> int:
     if not todo:
         return 0
 
-    from ..engine import Segmenter, load_clip
+    def load():
+        from ..engine import Segmenter, load_clip
 
-    loaded = load_clip(args.model, pretrained, device=args.device, precision=args.precision)
-    segmenter = Segmenter(loaded, settings=settings)
-    if not args.quiet:
-        print(f"model: {loaded.describe()}", file=sys.stderr)
+        loaded = load_clip(args.model, pretrained, device=args.device, precision=args.precision)
+        if not args.quiet:
+            print(f"model: {loaded.describe()}", file=sys.stderr)
+        return Segmenter(loaded, settings=settings)
+
+    segmenter = lazy(load)  # loaded with the first image that needs it
 
     def make_run(image):
-        return segmenter.run_iter(image, classes, background=background or None,
-                                  channel_axis=args.channel_axis, channels=args.channels)
+        return segmenter().run_iter(image, classes, background=background or None,
+                                    channel_axis=args.channel_axis, channels=args.channels)
 
     def note(result) -> str:
         removed = result.removed_classes
