@@ -27,6 +27,7 @@ from .atomic import atomic_write
 from .errors import InvalidInputError
 
 __all__ = [
+    "FloatStackWriter",
     "MAX_IMAGE_PIXELS",
     "MAX_IMAGE_BYTES",
     "image_header",
@@ -281,6 +282,76 @@ def write_float_stack(
         tifffile.imwrite(tmp, np.asarray(stack, dtype=dtype), compression="zlib",
                          photometric="minisblack")
     return target
+
+
+class FloatStackWriter:
+    """Writes a float32 ``C x H x W`` TIFF (as :func:`write_float_stack`) from blocks of rows.
+
+    For maps too large to hold: each ``C x rows x W`` block (all channels of some rows, the way
+    the engine finishes them) is appended to a temporary raw file beside the target; :meth:`commit`
+    then compresses each channel's strips into the TIFF, atomically. Memory holds one block; the
+    disk holds the raw maps until the commit. A block with NaN or infinite values is refused.
+    """
+
+    def __init__(self, folder: str | os.PathLike, channels: int, height: int, width: int) -> None:
+        import tempfile
+
+        from .atomic import TEMP_PREFIX
+
+        self.channels, self.height, self.width = int(channels), int(height), int(width)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".raw", dir=folder)
+        self._raw = Path(name)
+        self._file = os.fdopen(fd, "wb+")
+        self._blocks: list[tuple[int, int, int]] = []  # (y0, y1, offset)
+        self._rows = 0
+
+    def __call__(self, y0: int, y1: int, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if block.shape != (self.channels, y1 - y0, self.width) or y0 != self._rows:
+            raise ValueError(f"block {y0}:{y1} of shape {block.shape} out of order or shape")
+        if not _all_finite(block):
+            raise InvalidInputError("Refusing to write confidence maps holding NaN or infinite "
+                                    "values (a bug); nothing was written, please report it.")
+        self._blocks.append((y0, y1, self._file.tell()))
+        self._file.write(block.astype("<f4", copy=False).tobytes())
+        self._rows = y1
+
+    def commit(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the TIFF at ``path`` from the blocks (all rows must be in) and drop the temp file."""
+        import zlib
+
+        import tifffile
+
+        if self._rows != self.height:
+            raise ValueError(f"{self._rows} of {self.height} rows written")
+        self._file.flush()
+        rows = [(y1 - y0, offset) for y0, y1, offset in self._blocks]
+        strip_rows = rows[0][0]
+
+        def strips() -> Iterator[bytes]:
+            for c in range(self.channels):
+                for n, offset in rows:
+                    self._file.seek(offset + c * n * self.width * 4)
+                    yield zlib.compress(self._file.read(n * self.width * 4), 6)
+
+        target = Path(path)
+        try:
+            with atomic_write(target, overwrite=overwrite) as tmp:
+                tifffile.imwrite(tmp, strips(), shape=(self.channels, self.height, self.width),
+                                 dtype="<f4", compression="zlib", photometric="minisblack",
+                                 rowsperstrip=strip_rows)
+        finally:
+            self.discard()
+        return target
+
+    def discard(self) -> None:
+        """Drop the temporary file (also after a failure)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self._raw.unlink()
 
 
 def _all_finite(array: np.ndarray, rows: int = 256) -> bool:

@@ -97,9 +97,12 @@ def write_result(
     *,
     confidence: bool = True,
     extra: Optional[dict[str, Any]] = None,
+    confidence_writer: Any = None,
 ) -> ResultFiles:
     """Write a :class:`~napari_maskclip.engine.SegmentationResult` (or alike) as three files.
 
+    ``confidence_writer``: a :class:`~napari_maskclip.image_files.FloatStackWriter` the maps were
+    streamed into (when ``result.probabilities`` is None because they were too large to hold).
     Files an earlier result of ``stem`` listed and this one does not (a confidence TIFF now
     skipped, a labels TIFF now a PNG) are removed after the new table is in place.
     """
@@ -107,7 +110,9 @@ def write_result(
     previous = _read_own_table(paths.classes_path)
     labels_path = write_label_image(paths.labels_path, result.labels, result.colors)
     confidence_path = None
-    if confidence:
+    if confidence and confidence_writer is not None:
+        confidence_path = confidence_writer.commit(paths.confidence_path)
+    elif confidence:
         confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
     table = result.classes_table()
     table["files"] = {

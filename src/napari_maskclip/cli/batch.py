@@ -274,44 +274,70 @@ def check_2d(path: Path, image: Any, *, channel_axis: Optional[int], channels: A
     )
 
 
+#: Confidence maps larger than this are not held in memory by ``segment``: they go to the TIFF
+#: block of rows by block of rows, through a temporary file beside it (see FloatStackWriter).
+CONFIDENCE_IN_MEMORY = 512 << 20
+
+
+def _spatial(shape: Sequence[int], channel_axis: Optional[int]) -> tuple[int, int]:
+    dims = list(shape)
+    if len(dims) == 3:
+        del dims[channel_axis if channel_axis is not None and -3 <= channel_axis < 3 else -1]
+    return int(dims[0]), int(dims[1])
+
+
 def result_task(
     path: Path,
     out: Path,
-    make_run: Callable[[Any], Any],
+    make_run: Callable[[Any, Any], Any],
     *,
     confidence: bool,
     record: Optional[dict[str, Any]] = None,
     note: Optional[Callable[[Any], str]] = None,
     channel_axis: Optional[int] = None,
     channels: Optional[Sequence[int]] = None,
+    n_classes: Optional[int] = None,
 ) -> Task:
-    """A task that reads image ``path``, runs ``make_run(image)`` (a progress generator that
-    returns a segmentation result) and writes the three result files of ``path.stem``."""
+    """A task that reads image ``path``, runs ``make_run(image, probabilities)`` (a progress
+    generator that returns a segmentation result) and writes the three result files.
+
+    ``probabilities`` is what the engine should do with the confidence maps (see
+    :meth:`~napari_maskclip.engine.Segmenter.segment_iter`): False with ``--no-confidence`` (not
+    computed), a streaming writer when ``n_classes`` maps of the image's size exceed
+    :data:`CONFIDENCE_IN_MEMORY`, else True (held, then written).
+    """
 
     def run(update: Update) -> str:
-        from ..image_files import read_image
+        from ..image_files import FloatStackWriter, image_header, read_image
         from ..progress import run_to_completion
         from ..result_files import write_result
-
-        from ..image_files import image_header
 
         # The header first: a file that is not an image, too large or a stack fails here,
         # before the model is loaded or a pixel decoded.
         shape, _ = image_header(path)
-        check_2d(path, _Shape(shape),
-                 channel_axis=channel_axis, channels=channels)
+        check_2d(path, _Shape(shape), channel_axis=channel_axis, channels=channels)
         image = read_image(path)
         check_2d(path, image, channel_axis=channel_axis, channels=channels)
-        result = run_to_completion(make_run(image), update)
-        extra: dict[str, Any] = {"source_image": str(path)}
-        if record is not None:
-            extra["run"] = record
+        probabilities: Any = confidence
+        writer = None
+        height, width = _spatial(image.shape, channel_axis)
+        if confidence and n_classes is not None and n_classes * height * width * 4 > CONFIDENCE_IN_MEMORY:
+            writer = probabilities = FloatStackWriter(out, n_classes, height, width)
         try:
-            files = write_result(result, out, path.stem, confidence=confidence, extra=extra)
+            result = run_to_completion(make_run(image, probabilities), update)
+            del image
+            extra: dict[str, Any] = {"source_image": str(path)}
+            if record is not None:
+                extra["run"] = record
+            files = write_result(result, out, path.stem, confidence=confidence, extra=extra,
+                                 confidence_writer=writer)
         except OSError as exc:  # name the output folder when the error does not (a full disk)
             if exc.filename is None:
                 raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
             raise
+        finally:
+            if writer is not None:
+                writer.discard()
         return f"{path.name}: {files.labels_path.name}, {files.classes_path.name}" + (
             note(result) if note else "")
 

@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"model: {segmenter.describe()}", file=sys.stderr)
 
-    def make_run(image):
+    def make_run(image, probabilities):  # the student always returns its maps
         return segmenter.run_iter(image, args.classes, channel_axis=args.channel_axis,
                                   channels=args.channels)
 

@@ -143,9 +143,10 @@ def _run(args: argparse.Namespace) -> int:
 
     segmenter = lazy(load)  # loaded with the first image that needs it
 
-    def make_run(image):
+    def make_run(image, probabilities):
         return segmenter().run_iter(image, classes, background=background or None,
-                                    channel_axis=args.channel_axis, channels=args.channels)
+                                    channel_axis=args.channel_axis, channels=args.channels,
+                                    probabilities=probabilities)
 
     def note(result) -> str:
         removed = result.removed_classes
@@ -153,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
     tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, record=record,
                          channel_axis=args.channel_axis, channels=args.channels,
-                         note=note)
+                         n_classes=len(classes), note=note)
              for path, record in todo]
     return run_tasks(tasks, command="segment", quiet=args.quiet)
 
