@@ -329,3 +329,50 @@ def test_bad_export_inputs(tmp_path):
         assert_one_line_failure(run_cli(*base, *extra), *needles)
     assert snapshot(inputs) == before
     assert not (tmp_path / "ds" / "dataset.json").exists()
+
+
+# ---- the same guarantees, in process (fast) --------------------------------------------------
+@pytest.mark.parametrize("dtype, big", [(np.float32, 3e38), (np.float32, -3.4e38), (np.float64, 1e308),
+                                        (np.float64, -1.7e308)])
+def test_extreme_floats_normalise_without_overflow(dtype, big):
+    import warnings
+
+    from napari_maskclip.engine.preprocess import prepare_image
+
+    data = (np.random.default_rng(1).random((30, 40)) * 2 - 1).astype(dtype) * dtype(big)
+    data[:10] = dtype(big)
+    data[10:, :5] = -dtype(big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        unit = prepare_image(data)
+    assert np.isfinite(unit).all() and unit.min() >= 0 and unit.max() <= 1
+    assert len(np.unique(unit)) > 100  # the values still differ: not saturated to two levels
+
+
+def test_writers_refuse_nan(tmp_path):
+    from napari_maskclip.errors import InvalidInputError
+    from napari_maskclip.image_files import FloatStackWriter, write_float_stack
+
+    maps = np.full((2, 8, 9), 0.5, np.float32)
+    maps[1, 3, 4] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        write_float_stack(tmp_path / "c.tif", maps)
+    writer = FloatStackWriter(tmp_path, 2, 8, 9)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        writer(0, 8, maps)
+    writer.discard()
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_result_table_with_nan_setting_is_refused(tmp_path):
+    from napari_maskclip.classes import parse_classes
+    from napari_maskclip.engine import SegmentationResult
+    from napari_maskclip.errors import InvalidInputError
+    from napari_maskclip.result_files import write_result
+
+    result = SegmentationResult(labels=np.zeros((4, 4), np.uint8),
+                                probabilities=np.zeros((1, 4, 4), np.float32),
+                                classes=parse_classes("cat"), settings={"logit_scale": float("nan")})
+    with pytest.raises(InvalidInputError, match="NaN|not JSON compliant|Out of range"):
+        write_result(result, tmp_path, "a")
+    assert not (tmp_path / "a_classes.json").exists()

@@ -106,18 +106,14 @@ def write_result(
     Files an earlier result of ``stem`` listed and this one does not (a confidence TIFF now
     skipped, a labels TIFF now a PNG) are removed after the new table is in place.
     """
-    paths = result_paths(out_dir, stem)
+    colors = result.colors
+    paths = result_paths(out_dir, stem, n_classes=len(colors), confidence=confidence)
     previous = _read_own_table(paths.classes_path)
-    labels_path = write_label_image(paths.labels_path, result.labels, result.colors)
-    confidence_path = None
-    if confidence and confidence_writer is not None:
-        confidence_path = confidence_writer.commit(paths.confidence_path)
-    elif confidence:
-        confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
+    # The table first: a result that cannot be written whole (NaN in a setting) writes nothing.
     table = result.classes_table()
     table["files"] = {
-        "labels": labels_path.name,
-        "confidence": confidence_path.name if confidence_path else None,
+        "labels": paths.labels_path.name,
+        "confidence": paths.confidence_path.name if paths.confidence_path else None,
     }
     if extra:
         table.update(extra)
@@ -125,6 +121,15 @@ def write_result(
         text = json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
     except ValueError as exc:  # NaN in a setting: never written (the file would not be JSON)
         raise InvalidInputError(f"Refusing to write {paths.classes_path}: {exc}.") from exc
+    labels_path = write_label_image(paths.labels_path, result.labels, colors)
+    if labels_path != paths.labels_path:  # label values beyond the class count: not a result
+        labels_path.unlink()
+        raise InvalidInputError(f"{stem}: label values exceed the {len(colors)} classes; not written.")
+    confidence_path = None
+    if confidence and confidence_writer is not None:
+        confidence_path = confidence_writer.commit(paths.confidence_path)
+    elif confidence:
+        confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
     atomic_write_text(paths.classes_path, text)
     if previous is not None:
         # Only names this module gives a result of ``stem`` (a hand-edited table cannot point
