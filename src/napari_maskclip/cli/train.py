@@ -25,29 +25,9 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from .args import add_channel_options, nonneg_int, positive_int, unit_float
 
 __all__ = ["register"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in 0..1, got {text}")
-    return value
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict:
@@ -259,7 +239,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "default: the model recorded in the dataset")
     teacher.add_argument("--pretrained", default=None, help="its weights (tag or file)")
     teacher.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    teacher.add_argument("--confidence-threshold", type=_unit_float, default=None, metavar="P",
+    teacher.add_argument("--confidence-threshold", type=unit_float, default=None, metavar="P",
                          help="ignore teacher pixels whose probability is below P (default off)")
     teacher.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
                          help="prompt denoising of the teacher (default: as in the dataset)")
@@ -269,7 +249,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="samples without edit information: trust their labels (default) or "
                          "let the teacher relabel them")
     student = parser.add_argument_group("student")
-    student.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+    student.add_argument("--iterations", type=positive_int, default=None, metavar="N",
                          help="optimiser steps (default 2000)")
     student.add_argument("--backbone", choices=list(BACKBONES), default=None,
                          help="network (default mobilenet_v3_large; resnet50/101 are slower, "
@@ -277,31 +257,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     student.add_argument("--backbone-weights", default=None, metavar="W",
                          help="auto (ImageNet if cached or downloadable, else random), imagenet, "
                          "random, or a state-dict file")
-    student.add_argument("--batch-size", type=_positive_int, default=None, help="crops per step (default 4)")
-    student.add_argument("--crop-size", type=_positive_int, default=None, metavar="PX",
+    student.add_argument("--batch-size", type=positive_int, default=None, help="crops per step (default 4)")
+    student.add_argument("--crop-size", type=positive_int, default=None, metavar="PX",
                          help="training crop (default 320)")
     student.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01)")
-    student.add_argument("--self-train-fraction", type=_unit_float, default=None, metavar="F",
+    student.add_argument("--self-train-fraction", type=unit_float, default=None, metavar="F",
                          help="start self-training after this fraction of the schedule "
                          "(default 0.1; 1 = never)")
-    student.add_argument("--val-fraction", type=_unit_float, default=None, metavar="F",
+    student.add_argument("--val-fraction", type=unit_float, default=None, metavar="F",
                          help="share of images held out for validation (default 0.1)")
-    student.add_argument("--val-every", dest="val_interval", type=_nonneg_int, default=None,
+    student.add_argument("--val-every", dest="val_interval", type=nonneg_int, default=None,
                          metavar="N", help="validate every N iterations (default 200)")
-    student.add_argument("--save-every", dest="save_interval", type=_nonneg_int, default=None,
+    student.add_argument("--save-every", dest="save_interval", type=nonneg_int, default=None,
                          metavar="N", help="save the checkpoint every N iterations (default 250)")
     student.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     student.add_argument("--frozen-batch-norm", action="store_true", default=None,
                          help="keep batch-norm statistics fixed (only their scale and shift "
                          "train); makes several torchrun processes compute exactly what one does")
-    student.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
-                         help="axis holding channels of multichannel images")
-    student.add_argument("--channels", type=_channels, default=None, metavar="I[,J,K]",
-                         help="1 or 3 channels to use from multichannel images")
+    add_channel_options(student, plural=True)
     parser.set_defaults(func=_run)
 
-
-def _channels(text: str) -> list[int]:
-    from .segment import _channels as parse
-
-    return parse(text)
