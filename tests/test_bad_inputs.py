@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import shutil
 import subprocess
 import sys
 import zlib
@@ -289,9 +290,11 @@ DATASET_CASES = [
 @pytest.mark.parametrize("damage, needles", [c[1:] for c in DATASET_CASES], ids=[c[0] for c in DATASET_CASES])
 def test_bad_dataset_metadata_in_evaluate(tmp_path, damage, needles):
     ds = _dataset(tmp_path)
+    pred = tmp_path / "inputs" / "pred"
+    shutil.copytree(ds / "masks", pred)  # intact predictions: only the ground truth is damaged
     damage(ds)
     before = snapshot(tmp_path / "inputs")
-    assert_one_line_failure(run_cli("evaluate", ds, ds), *needles)
+    assert_one_line_failure(run_cli("evaluate", pred, ds), *needles)
     assert snapshot(tmp_path / "inputs") == before
 
 
