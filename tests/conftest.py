@@ -20,7 +20,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Load torch's compiler stack (Triton, on Linux) at collection, before any napari canvas exists:
-# Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip._widget_models). This
+# Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip.plugin.models). This
 # keeps GUI tests independent of the order tests run in.
 import open_clip  # noqa: F401
 import torch

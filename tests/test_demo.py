@@ -29,7 +29,7 @@ def test_demo_model_ships_small_fp16_weights_and_its_vocabulary():
 
 
 def test_shapes_sample_suggests_the_demo_model_and_its_classes():
-    from napari_maskclip._sample_data import shapes
+    from napari_maskclip.plugin.sample_data import shapes
     from napari_maskclip.classes import parse_classes
 
     (image, kwargs), = shapes()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from qtpy.QtCore import Qt
 
-import open_clip  # noqa: F401  (Triton before any canvas: see _widget_models._import_engine)
+import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py _import_engine)
 
-from napari_maskclip._widget_export import SLICE_CURRENT, ExportWidget
+from napari_maskclip.plugin._qt.export_panel import SLICE_CURRENT, ExportWidget
 from napari_maskclip.export import read_dataset
 
 from test_widget import (  # noqa: F401  (fixtures: the config dir, the widget, notifications)

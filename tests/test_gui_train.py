@@ -8,10 +8,10 @@ import pytest
 import torch
 from qtpy.QtCore import Qt
 
-import open_clip  # noqa: F401  (Triton before any canvas: see _widget_models._import_engine)
+import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py _import_engine)
 
-from napari_maskclip._widget_train import TrainWidget, loss_sparkline
-from napari_maskclip._widget_train_job import DEFAULTS
+from napari_maskclip.plugin._qt.train_panel import TrainWidget, loss_sparkline
+from napari_maskclip.plugin.train_job import DEFAULTS
 from napari_maskclip.export import export_sample
 from napari_maskclip.student import TrainSettings, read_checkpoint_meta
 

@@ -12,13 +12,13 @@ import pytest
 from qtpy.QtCore import Qt
 
 # Load torch's compiler stack (and Triton, on Linux) now, at collection, before any napari canvas
-# exists: Triton loaded after Mesa's LLVM crashes the process (see _widget_models._import_engine).
+# exists: Triton loaded after Mesa's LLVM crashes the process (see plugin/models.py _import_engine).
 # The fixtures of tests/conftest.py import open_clip lazily, i.e. possibly after a viewer.
 import open_clip  # noqa: F401,E402
 
-from napari_maskclip._widget import MaskClipWidget
-from napari_maskclip._widget_layers import META_KEY
-from napari_maskclip._widget_settings import CONFIG_ENV, WidgetPreferences
+from napari_maskclip.plugin._qt.segment_panel import MaskClipWidget
+from napari_maskclip.plugin.layers import META_KEY
+from napari_maskclip.plugin.preferences import CONFIG_ENV, WidgetPreferences
 from napari_maskclip.classes import class_color
 
 TIMEOUT_MS = 60_000

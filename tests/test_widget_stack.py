@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_maskclip._widget_stack import StackLayout, StackRequest, segment_stack_iter
+from napari_maskclip.plugin.stack_run import StackLayout, StackRequest, segment_stack_iter
 from napari_maskclip.errors import InvalidInputError
 from napari_maskclip.progress import run_to_completion
 

@@ -122,11 +122,11 @@ def _headless(args: argparse.Namespace) -> int:
 def _gui(args: argparse.Namespace) -> int:
     # The engine (torch, open_clip, and Triton with them) must load before napari creates an
     # OpenGL canvas: Triton loaded after Mesa's LLVM crashes the process.
-    import napari_maskclip._widget_models  # noqa: F401  (hides Triton inside napari)
+    import napari_maskclip.plugin.models  # noqa: F401  (hides Triton inside napari)
     import napari_maskclip.engine.loading  # noqa: F401
     import napari
 
-    from .._sample_data import shapes
+    from ..plugin.sample_data import shapes
 
     viewer = napari.Viewer(title="napari-maskclip demo")
     for data, kwargs in shapes():

@@ -3,8 +3,8 @@
 A small dock widget, opened from the MaskCLIP widget's **Export to dataset...** button or from
 napari's Plugins menu. It gathers the choices (dataset folder, sample name, which slices, the
 confidence threshold, overwrite, remap), plans the export on the main thread
-(:func:`._widget_export_plan.plan_layer_export`: metadata only, no pixels) and runs
-:meth:`~._widget_export_plan.ExportPlan.export_iter` in a napari worker with a progress bar.
+(:func:`napari_maskclip.plugin.export_plan.plan_layer_export`: metadata only, no pixels) and runs
+:meth:`~napari_maskclip.plugin.export_plan.ExportPlan.export_iter` in a napari worker with a progress bar.
 A refused export (other classes, an existing sample, no folder...) is a notification with the
 exporter's message; nothing is written then.
 """
@@ -29,14 +29,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
-from ._widget_job import JobControl, JobOutcome, guarded_job
-from ._widget_layers import META_KEY
-from ._widget_notify import notify, show_exception
-from ._widget_qt import row, small_button
-from ._widget_settings import WidgetPreferences, update_preferences
-from .errors import InvalidInputError, MaskClipError
-from .progress import Progress
+from ..export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
+from ..jobs import JobControl, JobOutcome, guarded_job
+from ..layers import META_KEY
+from ..notify import notify, show_exception
+from .controls import row, small_button
+from ..preferences import WidgetPreferences, update_preferences
+from ...errors import InvalidInputError, MaskClipError
+from ...progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari

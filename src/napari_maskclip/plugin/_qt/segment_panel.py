@@ -1,19 +1,19 @@
 """The MaskCLIP dock widget: type class names, get editable labels and per-class confidence maps.
 
-A thin layer over the engine. It gathers the choices of its sections (:mod:`._widget_sections`),
-runs :func:`._widget_job.segmentation_job` in a napari worker thread with a napari progress bar,
-and turns the result into layers with :func:`._widget_layers.apply_result`, which never overwrites
-labels the user edited. Models stay loaded in a :class:`._widget_models.SegmenterPool`, so asking
+A thin layer over the engine. It gathers the choices of its sections (:mod:`napari_maskclip.plugin._qt.sections`),
+runs :func:`napari_maskclip.plugin.jobs.segmentation_job` in a napari worker thread with a napari progress bar,
+and turns the result into layers with :func:`napari_maskclip.plugin.layers.apply_result`, which never overwrites
+labels the user edited. Models stay loaded in a :class:`napari_maskclip.plugin.models.SegmenterPool`, so asking
 the same image for other class names reuses the cached image features and text embeddings: the
 status line says whether the image encoder ran.
 
 A trained MaskCLIP+ student can be the model (``student...``): the run goes through the same
 job and gives the same layers. **Export to dataset...** and **Train a student...** open the
-Export (:mod:`._widget_export`) and Train (:mod:`._widget_train`) panels.
+Export (:mod:`napari_maskclip.plugin._qt.export_panel`) and Train (:mod:`napari_maskclip.plugin._qt.train_panel`) panels.
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
-traceback (:mod:`._widget_notify`). Opening the widget imports no torch; the first run does, in
+traceback (:mod:`napari_maskclip.plugin.notify`). Opening the widget imports no torch; the first run does, in
 the worker.
 """
 
@@ -25,22 +25,22 @@ from typing import TYPE_CHECKING, Any, Optional
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
-from ._widget_job import JobControl, JobOutcome, segmentation_job
-from ._widget_layers import EDIT_POLICY, META_KEY, Geometry, apply_result
-from ._widget_models import DEMO_MODEL, ModelChoice, SegmenterPool
-from ._widget_notify import notify, show_exception
-from ._widget_sections import (
+from ..jobs import JobControl, JobOutcome, segmentation_job
+from ..layers import EDIT_POLICY, META_KEY, Geometry, apply_result
+from ..models import DEMO_MODEL, ModelChoice, SegmenterPool
+from ..notify import notify, show_exception
+from .sections import (
     INFERENCE_SLIDING,
     ClassesSection,
     ImageSection,
     ModelSection,
     SettingsSection,
 )
-from ._widget_settings import WidgetPreferences, update_preferences
-from ._widget_stack import StackRequest
-from .classes import parse_classes
-from .errors import MaskClipError
-from .progress import Progress
+from ..preferences import WidgetPreferences, update_preferences
+from ..stack_run import StackRequest
+from ...classes import parse_classes
+from ...errors import MaskClipError
+from ...progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -166,7 +166,7 @@ class MaskClipWidget(QWidget):
 
     def _on_model_changed(self, text: str) -> None:
         if text.strip() == DEMO_MODEL:  # one prompt template, windows of its 64 px training size
-            from .demo import recommended_settings
+            from ...demo import recommended_settings
 
             preset = recommended_settings()
             self.settings.templates.setCurrentText(preset["templates"])
@@ -214,13 +214,13 @@ class MaskClipWidget(QWidget):
 
     def open_export(self) -> Any:
         """Open (or show) the Export panel, set to this widget's latest Labels layer."""
-        from ._widget_export import ExportWidget
+        from .export_panel import ExportWidget
 
         return self._open_panel(EXPORT_NAME, ExportWidget)
 
     def open_train(self) -> Any:
         """Open (or show) the Train panel; it offers its student back to this widget."""
-        from ._widget_train import TrainWidget
+        from .train_panel import TrainWidget
 
         return self._open_panel(TRAIN_NAME, TrainWidget)
 
@@ -410,7 +410,7 @@ class MaskClipWidget(QWidget):
         self._set_status("Cancelled: no layer was added or changed.")
         self.run_finished.emit("cancelled")
 
-    def _on_errored(self, exc: BaseException) -> None:  # only reached by bugs (see _widget_job)
+    def _on_errored(self, exc: BaseException) -> None:  # only reached by bugs (see jobs)
         self._show_error(exc)
         self.run_finished.emit("error")
 

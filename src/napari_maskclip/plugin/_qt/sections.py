@@ -2,7 +2,7 @@
 
 Each section is a small Qt group box that owns its controls and turns them into plain values
 (a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, a dict of engine settings). The
-widget in :mod:`napari_maskclip._widget` assembles them and runs the work. Imports no torch: the
+widget in :mod:`napari_maskclip.plugin._qt.segment_panel` assembles them and runs the work. Imports no torch: the
 engine's settings object is built in the worker, from the dict returned here. (Choosing a trained
 student reads its checkpoint's description, which loads torch once.)
 """
@@ -28,18 +28,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_layers import META_KEY
-from ._widget_qt import ask_clip_checkpoint, ask_model_config, row, small_button
-from ._widget_models import (
+from ..layers import META_KEY
+from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
+from ..models import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
     DEMO_MODEL,
     ModelChoice,
     import_student,
 )
-from ._widget_settings import WidgetPreferences
-from ._widget_stack import StackLayout
-from .errors import InvalidInputError
+from ..preferences import WidgetPreferences
+from ..stack_run import StackLayout
+from ...errors import InvalidInputError
 
 __all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
 
@@ -411,7 +411,7 @@ class ModelSection(QGroupBox):
             try:
                 self.use_student(path)
             except Exception as exc:  # noqa: BLE001 - a bad file is the user's to fix
-                from ._widget_notify import show_exception
+                from ..notify import show_exception
 
                 show_exception(exc)
 

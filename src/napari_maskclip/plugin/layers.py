@@ -19,7 +19,7 @@ Image per class, only the top few visible.
   result goes into a **new** Labels layer. Nothing the user painted is ever overwritten.
 
 Besides the fingerprints, the layer keeps a compressed copy of every slice the plugin wrote
-(``predicted``, see :mod:`._widget_edits`), so an export can tell *which pixels* were edited, and
+(``predicted``, see :mod:`napari_maskclip.plugin.edits`), so an export can tell *which pixels* were edited, and
 a ``run_id`` shared with its confidence layers, so an export pairs the labels with the maps of
 the same run (after a re-run into a new layer, the old layer's maps are gone, not mixed up).
 
@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._widget_edits import PREDICTED, leading_indices, record_planes, slice_key
+from .edits import PREDICTED, leading_indices, record_planes, slice_key
 
 __all__ = [
     "EDIT_POLICY",
@@ -279,7 +279,7 @@ def apply_result(
 ) -> ApplyReport:
     """Show a stack result in ``viewer`` following the re-run rules in the module doc.
 
-    ``result`` is a :class:`~napari_maskclip._widget_stack.StackResult` (full-shape ``labels``,
+    ``result`` is a :class:`~napari_maskclip.plugin.stack_run.StackResult` (full-shape ``labels``,
     one full-shape map per class, ``output_indices`` of the slices it computed).
     """
     names = list(result.class_names)

@@ -10,7 +10,7 @@ machinery unnoticed.
 
 Cancelling sets :attr:`JobControl.cancel`; the job checks it after every progress step (each
 window of each slice) and stops there, closing the engine generators so nothing partial is kept.
-A trained student goes through the same job (:func:`._widget_stack.predict_stack_iter`).
+A trained student goes through the same job (:func:`napari_maskclip.plugin.stack_run.predict_stack_iter`).
 
 :func:`guarded_job` is the same contract for any other progress generator (the Export and Train
 panels): its result, or the reason there is none.
@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Optional
 
-from ._widget_models import ModelChoice, SegmenterPool
-from ._widget_stack import StackRequest, predict_stack_iter, segment_stack_iter
-from .errors import Cancelled, MaskClipError
-from .progress import Progress
+from .models import ModelChoice, SegmenterPool
+from .stack_run import StackRequest, predict_stack_iter, segment_stack_iter
+from ..errors import Cancelled, MaskClipError
+from ..progress import Progress
 
 __all__ = ["JobControl", "JobOutcome", "guarded_job", "segmentation_job"]
 

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Generator, Optional, Sequence
 
 import numpy as np
 
-from .classes import class_colors, parse_classes
-from .errors import InvalidInputError
-from .progress import Progress
+from ..classes import class_colors, parse_classes
+from ..errors import InvalidInputError
+from ..progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Segmenter, SegmentSettings
-    from .student import StudentSegmenter
+    from ..engine import Segmenter, SegmentSettings
+    from ..student import StudentSegmenter
 
 __all__ = [
     "MEMORY_BUDGET",

@@ -1,8 +1,8 @@
 """The Train panel: train (or resume) a MaskCLIP+ student on exported datasets, in the background.
 
 A dock widget, opened from the MaskCLIP widget's **Train a student...** button or napari's Plugins
-menu. It gathers the choices into a :class:`._widget_train_job.TrainRequest`, runs
-:func:`._widget_train_job.training_iter` (the core's ``train_iter``) in a napari worker with a
+menu. It gathers the choices into a :class:`napari_maskclip.plugin.train_job.TrainRequest`, runs
+:func:`napari_maskclip.plugin.train_job.training_iter` (the core's ``train_iter``) in a napari worker with a
 progress bar, and shows a live line (iteration, loss, stage, learning rate, validation mIoU,
 speed) and a small text plot of the loss. **Cancel** stops after the current iteration and the
 checkpoint keeps the last completed one (the core saves it), so ticking **resume** continues
@@ -33,14 +33,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_job import JobControl, JobOutcome, guarded_job
-from ._widget_notify import notify, show_exception
-from ._widget_qt import ask_clip_checkpoint, ask_model_config, row, small_button
-from ._widget_sections import DEVICES
-from ._widget_settings import WidgetPreferences, update_preferences
-from ._widget_train_job import BACKBONES, DEFAULTS, TrainRequest, training_iter
-from .errors import MaskClipError
-from .progress import Progress
+from ..jobs import JobControl, JobOutcome, guarded_job
+from ..notify import notify, show_exception
+from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
+from .sections import DEVICES
+from ..preferences import WidgetPreferences, update_preferences
+from ..train_job import BACKBONES, DEFAULTS, TrainRequest, training_iter
+from ...errors import MaskClipError
+from ...progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -393,7 +393,7 @@ class TrainWidget(QWidget):
         if request is None or not request.path.is_file():
             return "Cancelled before the first iteration: nothing was saved."
         try:
-            from .student import read_checkpoint_meta  # torch is loaded by now
+            from ...student import read_checkpoint_meta  # torch is loaded by now
 
             iteration = read_checkpoint_meta(request.path)["iteration"]
         except Exception:  # noqa: BLE001 - the message below still holds
@@ -422,7 +422,7 @@ class TrainWidget(QWidget):
             return None
         main = self.main
         if main is None:
-            from ._widget import PLUGIN, WIDGET_NAME
+            from .segment_panel import PLUGIN, WIDGET_NAME
 
             try:
                 _, main = self.viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)

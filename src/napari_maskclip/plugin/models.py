@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator, Optional
 
-from .errors import ModelLoadError
-from .progress import Progress
+from ..errors import ModelLoadError
+from ..progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Segmenter
-    from .student import StudentSegmenter
+    from ..engine import Segmenter
+    from ..student import StudentSegmenter
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEMO_MODEL", "STUDENT", "ModelChoice", "SegmenterPool",
@@ -119,7 +119,7 @@ def _import_engine():
         and not os.environ.get("NAPARI_MASKCLIP_ALLOW_TRITON")
     ):
         sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail
-    from . import engine
+    from .. import engine
 
     return engine
 
@@ -127,7 +127,7 @@ def _import_engine():
 def import_student():
     """Import the student package (torch, torchvision) the same safe way as the engine."""
     _import_engine()
-    from . import student
+    from .. import student
 
     return student
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Optional
 
-from ._widget_models import import_student
-from .errors import InvalidInputError
-from .progress import Progress
+from .models import import_student
+from ..errors import InvalidInputError
+from ..progress import Progress
 
 __all__ = ["DEFAULTS", "TrainRequest", "TrainSummary", "training_iter"]
 
@@ -99,7 +99,7 @@ def training_iter(request: TrainRequest) -> Generator[Progress, None, TrainSumma
     student = import_student()
     teacher, pretrained = request.teacher or None, request.pretrained or None
     if teacher and pretrained is None:
-        from .cli.segment import default_pretrained
+        from ..cli.segment import default_pretrained
 
         pretrained = default_pretrained(teacher, None)
     if request.resume:

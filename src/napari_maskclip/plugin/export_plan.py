@@ -1,7 +1,7 @@
 """From a Labels layer (and its viewer) to a dataset export: what, from where, which slices.
 
-Shared by the Export panel (:mod:`._widget_export`, in a worker) and napari's Save
-(:mod:`._writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
+Shared by the Export panel (:mod:`napari_maskclip.plugin._qt.export_panel`, in a worker) and napari's Save
+(:mod:`napari_maskclip.plugin.writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
 (cheap, on the main thread); :meth:`ExportPlan.export_iter` reads pixels, one slice at a time,
 and runs :func:`napari_maskclip.export.export_sample_iter`.
 
@@ -16,7 +16,7 @@ What the plugin's layer metadata gives (``metadata["napari_maskclip"]``, written
 * **confidence maps**: the confidence layers of the same run (``run_id``), one per class; slices
   the run did not compute are NaN in the file ("not queried");
 * **edited pixels**: ``edited`` (an explicit mask) if present, else the ``predicted`` record
-  (:mod:`._widget_edits`): edited = current labels != what MaskCLIP wrote;
+  (:mod:`napari_maskclip.plugin.edits`): edited = current labels != what MaskCLIP wrote;
 * **geometry**: a channel axis kept as length 1 in the labels (``Z x 1 x H x W`` for a
   ``Z x C x H x W`` source) is dropped, so a stack exports one sample per slice (``<name>_z0003``).
 
@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ._widget_edits import PREDICTED, edited_plane, leading_indices, record_shapes_fit, slice_key
-from ._widget_stack import StackLayout
-from .classes import parse_classes
-from .errors import DatasetError, InvalidInputError
-from .progress import Progress, ProgressGenerator
+from .edits import PREDICTED, edited_plane, leading_indices, record_shapes_fit, slice_key
+from .stack_run import StackLayout
+from ..classes import parse_classes
+from ..errors import DatasetError, InvalidInputError
+from ..progress import Progress, ProgressGenerator
 
 __all__ = [
     "META_KEY",
@@ -327,8 +327,8 @@ class ExportPlan:
 
     def slice_name(self, lead: Lead) -> str:
         """The sample name the exporter gives the slice ``lead`` (for messages)."""
-        from .export.layout import slice_name
-        from .export.slices import DEFAULT_AXES
+        from ..export.layout import slice_name
+        from ..export.slices import DEFAULT_AXES
 
         axes = self.axis_names or DEFAULT_AXES.get(len(lead), ())
         if not lead:
@@ -389,7 +389,7 @@ class ExportPlan:
     ) -> ProgressGenerator[Any]:
         """Check, then export; yields progress, returns the export's
         :class:`~napari_maskclip.export.ExportReport`."""
-        from .export import export_sample_iter, ignore_index, safe_sample_name
+        from ..export import export_sample_iter, ignore_index, safe_sample_name
 
         if not str(dataset_dir).strip():
             raise InvalidInputError("Choose a dataset folder to export into.")
@@ -465,7 +465,7 @@ def plan_layer_export(
     # The image.
     path = options.get("source_path")
     if path and Path(path).is_file():
-        from .image_files import read_image
+        from ..image_files import read_image
 
         image = read_image(path)
         if _fits(image.shape, axes.shape):

@@ -64,7 +64,7 @@ def shapes() -> LayerData:
     The layer suggests the demo model, its 12 classes and its background name, so the widget is
     ready to run as soon as the sample opens.
     """
-    from .cli.demo import demo_classes, demo_scene
+    from ..cli.demo import demo_classes, demo_scene
 
     scene = demo_scene()
     classes, background = demo_classes()
