@@ -28,7 +28,7 @@ CORE_FULL_IMPORT = (
     "for p in ('napari_maskclip.student', 'napari_maskclip.export') "
     "for m in pkgutil.iter_modules(importlib.import_module(p).__path__)]; "
     "import napari_maskclip.evaluate, napari_maskclip.synthetic, napari_maskclip.demo, "
-    "napari_maskclip.result_files, napari_maskclip.image_files"
+    "napari_maskclip.result_files, napari_maskclip.image_files, napari_maskclip.stacks"
 )
 
 

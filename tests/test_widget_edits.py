@@ -18,12 +18,12 @@ from napari_maskclip.plugin.edits import (  # noqa: E402
     edited_plane,
     encode_plane,
     record_planes,
-    slice_key,
 )
 from napari_maskclip.plugin.export_plan import SLICES_ALL, plan_layer_export  # noqa: E402
 from napari_maskclip.errors import InvalidInputError  # noqa: E402
 from napari_maskclip.export import read_dataset  # noqa: E402
 from napari_maskclip.progress import run_to_completion  # noqa: E402
+from napari_maskclip.stacks import slice_key  # noqa: E402
 
 RNG = np.random.default_rng(0)
 

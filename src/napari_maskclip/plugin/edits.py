@@ -24,32 +24,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..stacks import slice_key
+
 __all__ = [
     "PREDICTED",
     "decode_plane",
     "encode_plane",
     "edited_plane",
-    "leading_indices",
     "record_planes",
     "record_shapes_fit",
-    "slice_key",
 ]
 
 #: Key of the record inside ``metadata["napari_maskclip"]``.
 PREDICTED = "predicted"
 _LEVEL = 1  # zlib: fast; label maps compress well even at the lowest level
-
-
-def slice_key(index: Sequence[Any]) -> str:
-    """A slice's key: its leading integer indices (``""`` for a 2D layer, ``"3"``, ``"0,3"``)."""
-    return ",".join(str(int(i)) for i in index if not isinstance(i, slice))
-
-
-def leading_indices(shape: Sequence[int]) -> Iterable[tuple[int, ...]]:
-    """Every leading (non-plane) index of an array of ``shape``, in C order."""
-    if len(shape) <= 2:
-        return [()]
-    return [tuple(int(i) for i in idx) for idx in np.ndindex(*shape[:-2])]
 
 
 def encode_plane(plane: np.ndarray) -> dict[str, Any]:

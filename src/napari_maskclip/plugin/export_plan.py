@@ -33,11 +33,19 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .edits import PREDICTED, edited_plane, leading_indices, record_shapes_fit, slice_key
-from .stack_run import StackLayout
 from ..classes import parse_classes
 from ..errors import DatasetError, InvalidInputError
 from ..progress import Progress, ProgressGenerator
+from ..stacks import (
+    Index,
+    SampleAxes,
+    StackLayout,
+    index_of_key,
+    leading_axis_names,
+    leading_indices,
+    slice_key,
+)
+from .edits import PREDICTED, edited_plane, record_shapes_fit
 
 __all__ = [
     "META_KEY",
@@ -56,7 +64,7 @@ SLICES_ALL = "all"
 #: Slices MaskCLIP wrote or someone painted (all slices of a layer the plugin did not make).
 SLICES_LABELLED = "labelled"
 Selection = Union[str, tuple[int, ...]]
-Lead = tuple[int, ...]
+Lead = Index
 
 
 # ---- lazy arrays ---------------------------------------------------------------------------------
@@ -99,42 +107,10 @@ class SliceView:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-@dataclass(frozen=True)
-class _Axes:
-    """The layer's (output) leading axes, and a length-1 channel axis among them to drop."""
-
-    output_shape: tuple[int, ...]
-    squeeze: Optional[int] = None  # position among the leading axes
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.squeeze is None:
-            return self.output_shape
-        return self.output_shape[: self.squeeze] + self.output_shape[self.squeeze + 1:]
-
-    @property
-    def n_lead(self) -> int:
-        return len(self.shape) - 2
-
-    def to_output(self, lead: Lead) -> Lead:
-        if self.squeeze is None:
-            return lead
-        return lead[: self.squeeze] + (0,) + lead[self.squeeze:]
-
-    def from_output(self, lead: Sequence[int]) -> Lead:
-        lead = tuple(int(i) for i in lead)
-        if self.squeeze is None:
-            return lead
-        return lead[: self.squeeze] + lead[self.squeeze + 1:]
-
-    def all_leads(self) -> list[Lead]:
-        return list(leading_indices(self.shape))
-
-
 class _LabelsSnapshot:
     """Copies of labels slices, one at a time; the edited mask is computed from the same copy."""
 
-    def __init__(self, data: Any, axes: _Axes):
+    def __init__(self, data: Any, axes: SampleAxes):
         self._data = data
         self._axes = axes
         self._last: Optional[tuple[Lead, np.ndarray]] = None
@@ -256,26 +232,14 @@ def _fits(image_shape: Sequence[int], labels_shape: Sequence[int]) -> bool:
 
 
 def _layout_view(
-    data: Any, layout: StackLayout, channels: Optional[tuple[int, ...]], axes: _Axes
+    data: Any, layout: StackLayout, channels: Optional[tuple[int, ...]], axes: SampleAxes
 ) -> SliceView:
     """The source as the exporter wants it: shaped like the (squeezed) labels, channels last."""
-    if layout.rgb:
-        extra: tuple[int, ...] = (layout.data_shape[-1],)
-    elif layout.channel_axis is not None:
-        n = len(channels) if channels else layout.n_channels
-        extra = (n,) if n and n > 1 else ()
-    else:
-        extra = ()
 
     def read(lead: Lead) -> np.ndarray:
-        plane = layout.read_plane(data, lead)  # the loop index is the squeezed leading index
-        if layout.channel_axis is not None:
-            if channels:
-                plane = plane[list(channels)]
-            plane = plane[0] if plane.shape[0] == 1 else np.moveaxis(plane, 0, -1)
-        return plane
+        return layout.read_sample(data, lead, channels)  # the loop index is the sample index
 
-    return SliceView(axes.shape + extra, data.dtype, axes.n_lead, read)
+    return SliceView(axes.shape + layout.sample_channels(channels), data.dtype, axes.n_lead, read)
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -285,7 +249,7 @@ class ExportPlan:
 
     name: str
     labels_data: Any
-    axes: _Axes
+    axes: SampleAxes
     classes: list[str]
     background: str
     provenance: dict[str, Any]
@@ -310,27 +274,20 @@ class ExportPlan:
             return []
         leads = []
         for key in self.record:
-            out = tuple(int(i) for i in key.split(",")) if key else ()
+            out = index_of_key(key)
             if len(out) == len(self.axes.output_shape) - 2:
                 leads.append(self.axes.from_output(out))
         return sorted(leads)
 
     def current_lead(self, data_point: Sequence[float]) -> Lead:
         """The slice at a point in the labels layer's data coordinates (``world_to_data``)."""
-        shape = self.axes.output_shape
-        lead = []
-        for ax in range(len(shape) - 2):
-            value = float(data_point[ax]) if ax < len(data_point) else 0.0
-            value = 0.0 if not np.isfinite(value) else value
-            lead.append(int(min(max(round(value), 0), shape[ax] - 1)))
-        return self.axes.from_output(lead)
+        return self.axes.lead_at(data_point)
 
     def slice_name(self, lead: Lead) -> str:
         """The sample name the exporter gives the slice ``lead`` (for messages)."""
         from ..export.layout import slice_name
-        from ..export.slices import DEFAULT_AXES
 
-        axes = self.axis_names or DEFAULT_AXES.get(len(lead), ())
+        axes = self.axis_names or leading_axis_names(len(lead))
         if not lead:
             return self.name
         return slice_name(self.name, lead, axes, self.axes.shape[: len(lead)])
@@ -441,11 +398,7 @@ def plan_layer_export(
         raise InvalidInputError(f"Labels of shape {output_shape}: at least 2D (H x W) are needed.")
     found = _layout(plugin)
     layout, channels = found if found else (None, None)
-    squeeze = None
-    kept_channel = layout is not None and layout.channel_axis not in (None, 0)
-    if kept_channel and layout.output_shape == output_shape:
-        squeeze = layout.output_axes.index(layout.channel_axis)
-    axes = _Axes(output_shape, squeeze)
+    axes = SampleAxes.of(output_shape, layout)
     n_lead = axes.n_lead
     notes: list[str] = []
 
@@ -453,7 +406,7 @@ def plan_layer_export(
         name=options["name"], labels_data=data, axes=axes, classes=options["classes"],
         background=options["background"], provenance=options["provenance"],
         source={k: v for k, v in options["source"].items() if v},
-        axis_names=None if n_lead <= 2 else tuple(f"d{i}" for i in range(n_lead)),
+        axis_names=None if n_lead <= 2 else leading_axis_names(n_lead),
         notes=notes,
     )
     plan._snapshot = _LabelsSnapshot(data, axes)
@@ -524,7 +477,7 @@ def plan_layer_export(
     return plan
 
 
-def _confidence_view(data: Any, axes: _Axes, record: Optional[dict[str, Any]]) -> SliceView:
+def _confidence_view(data: Any, axes: SampleAxes, record: Optional[dict[str, Any]]) -> SliceView:
     """One class's map, slice by slice; NaN ("not queried") where the run computed nothing."""
 
     def read(lead: Lead) -> np.ndarray:

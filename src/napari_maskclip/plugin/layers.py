@@ -35,7 +35,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .edits import PREDICTED, leading_indices, record_planes, slice_key
+from ..stacks import leading_indices, slice_key
+from .edits import PREDICTED, record_planes
 
 __all__ = [
     "EDIT_POLICY",
@@ -185,10 +186,6 @@ def slice_fingerprint(plane: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-_slice_key = slice_key  # the fingerprint key of an output index: its leading (integer) part
-_leading_indices = leading_indices
-
-
 def edited_slices(layer: Any) -> set[str]:
     """Keys of the slices of a managed Labels layer that differ from what the plugin wrote.
 
@@ -200,8 +197,8 @@ def edited_slices(layer: Any) -> set[str]:
     if not isinstance(data, np.ndarray):
         return {"*"}
     edited = set()
-    for lead in _leading_indices(data.shape):
-        key = _slice_key(lead)
+    for lead in leading_indices(data.shape):
+        key = slice_key(lead)
         plane = data[lead] if lead else data
         if key in prints:
             if slice_fingerprint(plane) != prints[key]:
@@ -283,7 +280,7 @@ def apply_result(
     one full-shape map per class, ``output_indices`` of the slices it computed).
     """
     names = list(result.class_names)
-    written = {_slice_key(idx): idx for idx in result.output_indices}
+    written = {slice_key(idx): idx for idx in result.output_indices}
     labels_layer, confidence = managed_layers(viewer, source_id)
 
     mode = "new"

@@ -38,7 +38,7 @@ from ..models import (
     import_student,
 )
 from ..preferences import WidgetPreferences
-from ..stack_run import StackLayout
+from ...stacks import StackLayout
 from ...errors import InvalidInputError
 
 __all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
