@@ -11,9 +11,8 @@ from qtpy.QtCore import Qt
 import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py _import_engine)
 
 from napari_maskclip.plugin._qt.train_panel import TrainWidget, loss_sparkline
-from napari_maskclip.plugin.train_job import DEFAULTS
 from napari_maskclip.export import export_sample
-from napari_maskclip.student import TrainSettings, read_checkpoint_meta
+from napari_maskclip.student import read_checkpoint_meta
 
 from test_student_train import COLOURS, shapes_data
 from test_widget import RGB, _config_dir, make_widget, notifications, run_and_wait  # noqa: F401
@@ -64,11 +63,6 @@ def train_and_wait(qtbot, panel: TrainWidget, setup=None) -> str:
             setup(worker)
     qtbot.waitUntil(lambda: not panel.running, timeout=TIMEOUT_MS)
     return blocker.args[0]
-
-
-def test_defaults_are_the_cores():
-    settings = TrainSettings()
-    assert DEFAULTS == {k: getattr(settings, k) for k in DEFAULTS}
 
 
 def test_trains_in_a_worker_with_live_progress_then_offers_the_student(panel, qtbot, tmp_path,

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.window.resize(width, height)
     background = None
     if use_demo:
-        from napari_maskclip.cli.demo import demo_classes
+        from napari_maskclip.demo.scene import demo_classes
 
         viewer.open_sample("napari-maskclip", "shapes")  # what `napari-maskclip demo` shows
         classes, background = demo_classes()

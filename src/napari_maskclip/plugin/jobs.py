@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Optional
 
-from .models import ModelChoice, SegmenterPool
-from .stack_run import StackRequest, predict_stack_iter, segment_stack_iter
 from ..errors import Cancelled, MaskClipError
 from ..progress import Progress
+from .models import ModelChoice, SegmenterPool
+from .stack_run import StackRequest, predict_stack_iter, segment_stack_iter
 
 __all__ = ["JobControl", "JobOutcome", "guarded_job", "segmentation_job"]
 

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..engine.names import DEMO_MODEL
+
 __all__ = ["SAMPLES", "astronaut", "cat", "coffee", "rocket", "shapes"]
 
 LayerData = list[tuple[np.ndarray, dict[str, Any]]]
@@ -64,7 +66,7 @@ def shapes() -> LayerData:
     The layer suggests the demo model, its 12 classes and its background name, so the widget is
     ready to run as soon as the sample opens.
     """
-    from ..cli.demo import demo_classes, demo_scene
+    from ..demo.scene import demo_classes, demo_scene
 
     scene = demo_scene()
     classes, background = demo_classes()
@@ -72,7 +74,7 @@ def shapes() -> LayerData:
         "napari_maskclip": {
             "suggested_classes": classes,
             "suggested_background": background,
-            "suggested_model": "demo",
+            "suggested_model": DEMO_MODEL,
             "description": "Synthetic shapes scene for the offline demo model",
         }
     }

@@ -13,23 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Optional
 
-from .models import import_student
+from ..engine.names import default_pretrained
 from ..errors import InvalidInputError
 from ..progress import Progress
+from .models import import_student
 
-__all__ = ["DEFAULTS", "TrainRequest", "TrainSummary", "training_iter"]
-
-#: The panel's defaults: :class:`~napari_maskclip.student.TrainSettings`'s, restated here so the
-#: panel opens without importing torch (a test checks they agree).
-DEFAULTS: dict[str, Any] = {
-    "iterations": 2000,
-    "batch_size": 4,
-    "crop_size": 320,
-    "self_train_fraction": 0.1,
-    "backbone": "mobilenet_v3_large",
-    "backbone_weights": "auto",
-}
-BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101", "tiny")
+__all__ = ["TrainRequest", "TrainSummary", "training_iter"]
 
 
 @dataclass
@@ -99,8 +88,6 @@ def training_iter(request: TrainRequest) -> Generator[Progress, None, TrainSumma
     student = import_student()
     teacher, pretrained = request.teacher or None, request.pretrained or None
     if teacher and pretrained is None:
-        from ..cli.segment import default_pretrained
-
         pretrained = default_pretrained(teacher, None)
     if request.resume:
         extra = {k: v for k, v in request.settings.items() if k == "iterations"}

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .export_plan import SLICES_LABELLED, export_options_from_meta, plan_layer_export
 from ..errors import InvalidInputError
 from ..progress import run_to_completion
+from .export_plan import SLICES_LABELLED, export_options_from_meta, plan_layer_export
 
 __all__ = ["write_labels_dataset", "export_options_from_meta"]
 

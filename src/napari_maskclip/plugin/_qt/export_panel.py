@@ -29,14 +29,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ...errors import InvalidInputError, MaskClipError
+from ...progress import Progress
 from ..export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
 from ..jobs import JobControl, JobOutcome, guarded_job
 from ..layers import META_KEY
 from ..notify import notify, show_exception
-from .controls import row, small_button
 from ..preferences import WidgetPreferences, update_preferences
-from ...errors import InvalidInputError, MaskClipError
-from ...progress import Progress
+from .controls import row, small_button
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari

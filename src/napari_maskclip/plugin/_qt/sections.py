@@ -28,30 +28,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..layers import META_KEY
-from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
-from ..models import (
-    DEFAULT_MODEL,
-    DEFAULT_PRETRAINED,
-    DEMO_MODEL,
-    ModelChoice,
-    import_student,
-)
-from ..preferences import WidgetPreferences
-from ...stacks import StackLayout
+from ...engine.modes import MODE_HELP, MODES
+from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDOM_WEIGHTS
 from ...errors import InvalidInputError
+from ...stacks import StackLayout
+from ..layers import META_KEY
+from ..models import ModelChoice, import_student
+from ..preferences import WidgetPreferences
+from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
 
 __all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
 
-#: The engine's read-out modes (napari_maskclip.engine.MODES; listed here to keep torch unloaded).
-MODES = ("maskclip", "sclip", "clearclip", "naclip", "naive")
-MODE_TIPS = {
-    "maskclip": "MaskCLIP (paper): value path of the last attention block",
-    "sclip": "SCLIP: correlative self-attention (ViT only)",
-    "clearclip": "ClearCLIP: q-q attention, no residual, no FFN (ViT only)",
-    "naclip": "NACLIP: neighbourhood attention (ViT only)",
-    "naive": "the unmodified last layer (a baseline; ViT only)",
-}
 SLICE_CURRENT = "current slice"
 SLICE_ALL = "all slices"
 CHANNEL_NONE = "none"
@@ -59,7 +46,7 @@ INFERENCE_AUTO = "auto"
 INFERENCE_WHOLE = "whole image"
 INFERENCE_SLIDING = "sliding window"
 KNOWN_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "RN50", "RN101", DEMO_MODEL)
-KNOWN_TAGS = ("openai", "laion2b_s34b_b88k", "laion400m_e32", "random")
+KNOWN_TAGS = (DEFAULT_PRETRAINED, "laion2b_s34b_b88k", "laion400m_e32", RANDOM_WEIGHTS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: How a trained student is listed in the model box.
 STUDENT_PREFIX = "student: "
@@ -480,7 +467,7 @@ class SettingsSection(QGroupBox):
         self.mode = QComboBox()
         for i, mode in enumerate(MODES):
             self.mode.addItem(mode)
-            self.mode.setItemData(i, MODE_TIPS[mode], Qt.ToolTipRole)
+            self.mode.setItemData(i, MODE_HELP[mode], Qt.ToolTipRole)
         self.mode.setToolTip("How the last attention layer is read out into dense features.")
         self.denoise = QCheckBox("prompt denoising")
         self.denoise.setChecked(True)

@@ -25,10 +25,17 @@ from typing import TYPE_CHECKING, Any, Optional
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
+from ...classes import parse_classes
+from ...engine.names import DEMO_MODEL
+from ...errors import MaskClipError
+from ...progress import Progress
 from ..jobs import JobControl, JobOutcome, segmentation_job
 from ..layers import EDIT_POLICY, META_KEY, Geometry, apply_result
-from ..models import DEMO_MODEL, ModelChoice, SegmenterPool
+from ..models import ModelChoice, SegmenterPool
 from ..notify import notify, show_exception
+from ..preferences import WidgetPreferences, update_preferences
+from ..stack_run import StackRequest
+from .docks import EXPORT_NAME, TRAIN_NAME, show_panel
 from .sections import (
     INFERENCE_SLIDING,
     ClassesSection,
@@ -36,23 +43,13 @@ from .sections import (
     ModelSection,
     SettingsSection,
 )
-from ..preferences import WidgetPreferences, update_preferences
-from ..stack_run import StackRequest
-from ...classes import parse_classes
-from ...errors import MaskClipError
-from ...progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["MaskClipWidget", "PLUGIN", "WIDGET_NAME"]
+__all__ = ["MaskClipWidget"]
 
 _BAR_STEPS = 1000
-#: The plugin and the display names of its dock widgets (as in napari.yaml).
-PLUGIN = "napari-maskclip"
-WIDGET_NAME = "MaskCLIP segmentation"
-EXPORT_NAME = "Export labels to a dataset"
-TRAIN_NAME = "Train MaskCLIP+ student"
 
 
 @dataclass
@@ -197,18 +194,7 @@ class MaskClipWidget(QWidget):
     def _open_panel(self, name: str, factory: Any) -> Any:
         """The plugin's dock panel ``name`` (the one already open, else a new one), shown and
         linked to this widget."""
-        try:
-            dock, panel = self.viewer.window.add_plugin_dock_widget(PLUGIN, name)
-        except Exception:  # noqa: BLE001 - plugin not registered with npe2 (e.g. run from source)
-            panel = self._panels.get(name)
-            if panel is None:
-                panel = self._panels[name] = factory(self.viewer)
-                dock = self.viewer.window.add_dock_widget(panel, name=name, area="right")
-            else:
-                dock = panel.parent()
-        if dock is not None:
-            dock.show()
-            dock.raise_()
+        panel = show_panel(self.viewer, name, factory, self._panels)
         panel.attach(self)
         return panel
 

@@ -33,14 +33,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..jobs import JobControl, JobOutcome, guarded_job
-from ..notify import notify, show_exception
-from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
-from .sections import DEVICES
-from ..preferences import WidgetPreferences, update_preferences
-from ..train_job import BACKBONES, DEFAULTS, TrainRequest, training_iter
 from ...errors import MaskClipError
 from ...progress import Progress
+from ...student.settings import BACKBONE_WEIGHTS, BACKBONES, TrainSettings
+from ..jobs import JobControl, JobOutcome, guarded_job
+from ..notify import notify, show_exception
+from ..preferences import WidgetPreferences, update_preferences
+from ..train_job import TrainRequest, training_iter
+from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
+from .docks import SEGMENT_NAME, show_panel
+from .sections import DEVICES
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -107,38 +109,40 @@ class TrainWidget(QWidget):
         )
         self.overwrite = QCheckBox("replace it if it exists")
 
-        # Settings.
+        # Settings (the core's defaults: student.settings imports no torch).
+        defaults = TrainSettings()
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 10_000_000)
-        self.iterations.setValue(DEFAULTS["iterations"])
+        self.iterations.setValue(defaults.iterations)
         self.iterations.setToolTip(
             "Optimiser steps in the whole schedule (the learning rate decays over them)."
         )
         self.backbone = QComboBox()
         self.backbone.addItems(BACKBONES)
-        self.backbone.setCurrentText(DEFAULTS["backbone"])
+        self.backbone.setCurrentText(defaults.backbone)
         self.backbone.setToolTip(
             "mobilenet_v3_large: trainable on a CPU; resnet50/101: closer to the paper, use a GPU; "
             "tiny: quick trials."
         )
         self.backbone_weights = QComboBox()
         self.backbone_weights.setEditable(True)
-        self.backbone_weights.addItems(["auto", "imagenet", "random"])
+        self.backbone_weights.addItems(BACKBONE_WEIGHTS)
+        self.backbone_weights.setCurrentText(defaults.backbone_weights)
         self.backbone_weights.setToolTip(
             "auto: ImageNet weights if cached or downloadable, else random (the progress says "
             "which); imagenet: required; random: none; or the path of a state-dict file."
         )
         self.crop = QSpinBox()
         self.crop.setRange(32, 4096)
-        self.crop.setValue(DEFAULTS["crop_size"])
+        self.crop.setValue(defaults.crop_size)
         self.crop.setSuffix(" px")
         self.batch = QSpinBox()
         self.batch.setRange(2, 1024)
-        self.batch.setValue(DEFAULTS["batch_size"])
+        self.batch.setValue(defaults.batch_size)
         self.self_train = QDoubleSpinBox()
         self.self_train.setRange(0.0, 1.0)
         self.self_train.setSingleStep(0.05)
-        self.self_train.setValue(DEFAULTS["self_train_fraction"])
+        self.self_train.setValue(defaults.self_train_fraction)
         self.self_train.setToolTip(
             "After this share of the schedule, the student's own predictions replace the "
             "teacher's for pixels nobody edited (1 = never)."
@@ -422,10 +426,8 @@ class TrainWidget(QWidget):
             return None
         main = self.main
         if main is None:
-            from .segment_panel import PLUGIN, WIDGET_NAME
-
             try:
-                _, main = self.viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+                main = show_panel(self.viewer, SEGMENT_NAME)
             except Exception as exc:  # noqa: BLE001 - shown, never raised out
                 self.status.setText(show_exception(exc))
                 return None
