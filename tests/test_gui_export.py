@@ -187,11 +187,10 @@ def test_cancel_keeps_the_slices_already_exported(make_widget, qtbot, tmp_path):
 
     with qtbot.waitSignal(panel.export_finished, timeout=TIMEOUT_MS) as blocker:
         worker = panel.export()
-        control = panel._control  # what the Cancel button sets
 
         def on_step(step):  # in the worker thread: stop right after the first sample
             if step.stage == "export" and step.done >= 1:
-                control.cancel.set()
+                panel.runner.request_cancel()  # what Cancel does, safe from any thread
         worker.yielded.connect(on_step, Qt.DirectConnection)
     qtbot.waitUntil(lambda: not panel.running, timeout=TIMEOUT_MS)
     assert blocker.args[0] == "cancelled"

@@ -97,12 +97,10 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_continues(panel, qtbot, 
     stopped = {}
 
     def cancel_on_first_iteration(worker):
-        control = panel._control
-
         def on_step(step):  # in the worker thread: cancels right after this iteration's report
             if step.stage == "train" and "loss" in step.info and not stopped:
                 stopped["at"] = step.done
-                control.cancel.set()
+                panel.runner.request_cancel()
         worker.yielded.connect(on_step, Qt.DirectConnection)
 
     assert train_and_wait(qtbot, panel, cancel_on_first_iteration) == "cancelled"

@@ -240,14 +240,12 @@ def test_cancel_leaves_no_layer_and_keeps_previous_results(make_widget, qtbot):
     n_layers = len(viewer.layers)
 
     def cancel_on_first_window(worker):
-        control = widget._control  # the widget's Cancel sets this event
-
         def on_step(step):  # in the worker thread (direct connection): no race with its windows
             # The worker starts before this is connected, so its first reports may be missed.
             words = step.message.split()
             if step.info.get("inner_stage") == "encode" and words[-2:-1] == ["window"] \
                     and int(words[-1].split("/")[0]) >= 2:
-                control.cancel.set()
+                widget.runner.request_cancel()  # what Cancel does, safe from the worker thread
         worker.yielded.connect(on_step, Qt.DirectConnection)
 
     assert run_and_wait(qtbot, widget, cancel_on_first_window) == "cancelled"

@@ -104,7 +104,9 @@ class StackLayout:
                 f"The layer's data has shape {self.data_shape}: segmenting needs at least 2 axes."
             )
         if self.rgb and self.data_shape[-1] not in (3, 4):
-            raise InvalidInputError(f"An RGB layer needs 3 or 4 colours, got {self.data_shape[-1]}.")
+            raise InvalidInputError(
+                f"An RGB layer needs 3 or 4 colours, got {self.data_shape[-1]}."
+            )
         if self.channel_axis is not None:
             if self.rgb:
                 raise InvalidInputError(

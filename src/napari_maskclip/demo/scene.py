@@ -43,7 +43,7 @@ def demo_scene(seed: int = DEMO_SEED, size: tuple[int, int] = DEMO_SIZE) -> "Sce
 
 
 def demo_classes() -> tuple[str, str]:
-    """(class names, background names) the demo model knows, as the widget's text boxes take them."""
+    """(class names, background names) the demo model knows, as the widget's boxes take them."""
     from ..synthetic import BACKGROUND_NAME, CLASS_NAMES
 
     return ", ".join(CLASS_NAMES), BACKGROUND_NAME

@@ -1,7 +1,7 @@
 """From a Labels layer (and its viewer) to a dataset export: what, from where, which slices.
 
-Shared by the Export panel (:mod:`napari_maskclip.plugin._qt.export_panel`, in a worker) and napari's Save
-(:mod:`napari_maskclip.plugin.writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
+Shared by the Export panel (:mod:`._qt.export_panel`, in a worker) and napari's Save
+(:mod:`.writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
 (cheap, on the main thread); :meth:`ExportPlan.export_iter` reads pixels, one slice at a time,
 and runs :func:`napari_maskclip.export.export_sample_iter`.
 
@@ -16,7 +16,7 @@ What the plugin's layer metadata gives (``metadata["napari_maskclip"]``, written
 * **confidence maps**: the confidence layers of the same run (``run_id``), one per class; slices
   the run did not compute are NaN in the file ("not queried");
 * **edited pixels**: ``edited`` (an explicit mask) if present, else the ``predicted`` record
-  (:mod:`napari_maskclip.plugin.edits`): edited = current labels != what MaskCLIP wrote;
+  (:mod:`.edits`): edited = current labels != what MaskCLIP wrote;
 * **geometry**: a channel axis kept as length 1 in the labels (``Z x 1 x H x W`` for a
   ``Z x C x H x W`` source) is dropped, so a stack exports one sample per slice (``<name>_z0003``).
 

@@ -10,7 +10,7 @@ machinery unnoticed.
 
 Cancelling sets :attr:`JobControl.cancel`; the job checks it after every progress step (each
 window of each slice) and stops there, closing the engine generators so nothing partial is kept.
-A trained student goes through the same job (:func:`napari_maskclip.plugin.stack_run.predict_stack_iter`).
+A trained student goes through the same job (:func:`.stack_run.predict_stack_iter`).
 
 :func:`guarded_job` is the same contract for any other progress generator (the Export and Train
 panels): its result, or the reason there is none.

@@ -19,8 +19,8 @@ Image per class, only the top few visible.
   result goes into a **new** Labels layer. Nothing the user painted is ever overwritten.
 
 Besides the fingerprints, the layer keeps a compressed copy of every slice the plugin wrote
-(``predicted``, see :mod:`napari_maskclip.plugin.edits`), so an export can tell *which pixels* were edited, and
-a ``run_id`` shared with its confidence layers, so an export pairs the labels with the maps of
+(``predicted``, see :mod:`.edits`), so an export can tell *which pixels* were edited, and a
+``run_id`` shared with its confidence layers, so an export pairs the labels with the maps of
 the same run (after a re-run into a new layer, the old layer's maps are gone, not mixed up).
 
 Uses public napari API only.

@@ -2,8 +2,8 @@
 
 An npe2 single-layer writer (``write_labels_dataset(path, data, meta)``); ``path`` is the dataset
 folder (created, or appended to). What the layer says about itself (classes, image, confidence
-maps, edited pixels) is read by :func:`napari_maskclip.plugin.export_plan.plan_layer_export`, the same code the
-widget's Export panel uses, and the work is :func:`napari_maskclip.export.export_sample_iter`:
+maps, edited pixels) is read by :func:`.export_plan.plan_layer_export`, the same code the widget's
+Export panel uses, and the work is :func:`napari_maskclip.export.export_sample_iter`:
 
 * class names: the plugin's metadata, else the layer's ``features`` table (``index``, ``name``);
 * the image: a writer call receives only the Labels layer, so the image comes from

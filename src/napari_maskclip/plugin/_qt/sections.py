@@ -2,7 +2,7 @@
 
 Each section is a small Qt group box that owns its controls and turns them into plain values
 (a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, a dict of engine settings). The
-widget in :mod:`napari_maskclip.plugin._qt.segment_panel` assembles them and runs the work. Imports no torch: the
+Segment panel (:mod:`.segment_panel`) assembles them and runs the work. Imports no torch: the
 engine's settings object is built in the worker, from the dict returned here. (Choosing a trained
 student reads its checkpoint's description, which loads torch once.)
 """

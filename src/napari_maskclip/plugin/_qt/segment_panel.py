@@ -1,20 +1,20 @@
 """The MaskCLIP dock widget: type class names, get editable labels and per-class confidence maps.
 
-A thin layer over the engine. It gathers the choices of its sections (:mod:`napari_maskclip.plugin._qt.sections`),
-runs :func:`napari_maskclip.plugin.jobs.segmentation_job` in a napari worker thread with a napari progress bar,
-and turns the result into layers with :func:`napari_maskclip.plugin.layers.apply_result`, which never overwrites
-labels the user edited. Models stay loaded in a :class:`napari_maskclip.plugin.models.SegmenterPool`, so asking
-the same image for other class names reuses the cached image features and text embeddings: the
-status line says whether the image encoder ran.
+A thin layer over the engine. It gathers the choices of its sections (:mod:`.sections`), runs
+:func:`..jobs.segmentation_job` through the panels' job runner (:mod:`.job_runner`: a napari
+worker and progress bar), and turns the result into layers with :func:`..layers.apply_result`,
+which never overwrites labels the user edited. Models stay loaded in a
+:class:`..models.SegmenterPool`, so asking the same image for other class names reuses the cached
+image features and text embeddings: the status line says whether the image encoder ran.
 
 A trained MaskCLIP+ student can be the model (``student...``): the run goes through the same
 job and gives the same layers. **Export to dataset...** and **Train a student...** open the
-Export (:mod:`napari_maskclip.plugin._qt.export_panel`) and Train (:mod:`napari_maskclip.plugin._qt.train_panel`) panels.
+Export (:mod:`.export_panel`) and Train (:mod:`.train_panel`) panels.
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
-traceback (:mod:`napari_maskclip.plugin.notify`). Opening the widget imports no torch; the first run does, in
-the worker.
+traceback (:mod:`..notify`). Opening the widget imports no torch; the first run does, in the
+worker.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from ...classes import parse_classes
 from ...engine.names import DEMO_MODEL
 from ...errors import MaskClipError
 from ...progress import Progress
-from ..jobs import JobControl, JobOutcome, segmentation_job
+from ..jobs import JobOutcome, segmentation_job
 from ..layers import EDIT_POLICY, META_KEY, Geometry, apply_result
 from ..models import ModelChoice, SegmenterPool
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..stack_run import StackRequest
 from .docks import EXPORT_NAME, TRAIN_NAME, show_panel
+from .job_runner import BarState, JobRunner
 from .sections import (
     INFERENCE_SLIDING,
     ClassesSection,
@@ -77,11 +78,8 @@ class MaskClipWidget(QWidget):
         self.viewer = napari_viewer
         self.pool = SegmenterPool()
         self.prefs = WidgetPreferences.load()
-        self.worker: Any = None
         self.last_outcome: Optional[JobOutcome] = None
         self.last_report: Any = None
-        self._control: Optional[JobControl] = None
-        self._pbar: Any = None
         self._pending: Optional[_Run] = None
         self._panels: dict[str, Any] = {}  # Export/Train panels opened without npe2
 
@@ -130,6 +128,12 @@ class MaskClipWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
 
+        self.runner = JobRunner(
+            self, title="MaskCLIP", start_button=self.run_button,
+            cancel_button=self.cancel_button, show=self._show_progress, finish=self._finish,
+            on_error=self._set_status,
+        )
+        self.runner.ended.connect(self.run_finished.emit)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.export_button.clicked.connect(self.open_export)
@@ -217,7 +221,12 @@ class MaskClipWidget(QWidget):
     # ---- running -------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.runner.running
+
+    @property
+    def worker(self) -> Any:
+        """The napari worker of the run in progress (None when idle)."""
+        return self.runner.worker
 
     def run(self) -> Any:
         """Start a run; returns the napari worker, or None (with a notification) if refused."""
@@ -280,69 +289,39 @@ class MaskClipWidget(QWidget):
         )
 
     def _start(self, job: _Run) -> Any:
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         self._pending = job
-        self._control = JobControl()
-        worker = create_worker(
-            segmentation_job,
-            self.pool,
-            job.choice,
-            job.request,
-            job.settings,
-            self._control,
-            _start_thread=False,
-            _connect={"errored": self._on_errored},
-        )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._pbar = progress(total=0, desc="MaskCLIP")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
         self._set_status(f"Segmenting {job.what} of '{job.layer.name}'...")
-        worker.start()
-        return worker
+        return self.runner.start(
+            lambda control: segmentation_job(
+                self.pool, job.choice, job.request, job.settings, control
+            )
+        )
 
     def cancel(self) -> None:
         """Stop the run after the current window; no layer is added or changed."""
-        if self._control is not None:
-            self._control.cancel.set()
+        if self.runner.request_cancel():
             self._set_status("Cancelling...")
 
-    # ---- worker signals (main thread) -------------------------------------------------------
-    def _on_progress(self, step: Progress) -> None:
-        pbar = self._pbar
-        if pbar is None or self.worker is None:
-            return
+    # ---- the run's progress and outcome (main thread, see JobRunner) ----------------------------
+    def _show_progress(self, step: Progress) -> Optional[BarState]:
         if step.message:
             self._set_status(step.message)
-        # Updating napari's bar can process pending events, including the end of the run, so the
-        # status is written first and the bar is left alone once the run has ended.
         fraction = step.info.get("fraction") if step.stage != "load" else None
-        if step.message:
-            pbar.set_description(f"MaskCLIP: {step.message}")
-        if fraction is not None and self._pbar is pbar:
-            if pbar.total != _BAR_STEPS:
-                pbar.total = _BAR_STEPS
-            target = int(round(float(fraction) * _BAR_STEPS))
-            if target > pbar.n:
-                pbar.update(target - pbar.n)
+        return BarState(
+            done=None if fraction is None else int(round(float(fraction) * _BAR_STEPS)),
+            total=None if fraction is None else _BAR_STEPS,
+            description=f"MaskCLIP: {step.message}" if step.message else None,
+        )
 
-    def _on_returned(self, outcome: JobOutcome) -> None:
+    def _finish(self, outcome: JobOutcome) -> str:
         self.last_outcome = outcome
         job = self._pending
         if outcome.cancelled:
             self._set_status("Cancelled: no layer was added or changed.")
-            self.run_finished.emit("cancelled")
-            return
+            return "cancelled"
         if outcome.error is not None:
             self._show_error(outcome.error)
-            self.run_finished.emit("error")
-            return
+            return "error"
         result = outcome.result
         layer = job.layer
         report = apply_result(
@@ -365,7 +344,7 @@ class MaskClipWidget(QWidget):
 
         self.prefs = update_preferences(remember)
         self.classes.set_recent(self.prefs)
-        self.run_finished.emit("done")
+        return "done"
 
     def _run_info(self, job: _Run, result: Any) -> dict[str, Any]:
         """What the Labels layer keeps about the run, for exports (provenance, image layout)."""
@@ -391,23 +370,6 @@ class MaskClipWidget(QWidget):
             # again as the teacher of a student trained on the export.
             info.update(model=job.choice.model, pretrained=job.choice.pretrained)
         return info
-
-    def _on_aborted(self) -> None:  # napari's own task manager can abort the worker too
-        self._set_status("Cancelled: no layer was added or changed.")
-        self.run_finished.emit("cancelled")
-
-    def _on_errored(self, exc: BaseException) -> None:  # only reached by bugs (see jobs)
-        self._show_error(exc)
-        self.run_finished.emit("error")
-
-    def _on_finished(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-        self._pbar = None
-        self.worker = None
-        self._control = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
 
     # ---- messages ------------------------------------------------------------------------
     @staticmethod
