@@ -1,7 +1,7 @@
 """Which pixels a person edited: a compact copy of what MaskCLIP wrote, compared at export time.
 
-The widget keeps, in the Labels layer's ``metadata["napari_maskclip"]["predicted"]``, a copy of
-every slice it wrote, zlib-compressed (level 1): ``{slice key: {"shape", "dtype", "zlib"}}``.
+The widget keeps, in the Labels layer's run record (:attr:`.records.RunRecord.predicted`), a copy
+of every slice it wrote, zlib-compressed (level 1): ``{slice key: {"shape", "dtype", "zlib"}}``.
 At export time a pixel is *edited* when the layer's current value differs from that copy, so a
 pixel painted back to the value MaskCLIP gave it counts as unedited (a pseudo-label), which is
 what it is. A slice MaskCLIP never wrote was all 0 before anyone painted it, so there every
@@ -27,7 +27,6 @@ import numpy as np
 from ..stacks import slice_key
 
 __all__ = [
-    "PREDICTED",
     "decode_plane",
     "encode_plane",
     "edited_plane",
@@ -35,8 +34,6 @@ __all__ = [
     "record_shapes_fit",
 ]
 
-#: Key of the record inside ``metadata["napari_maskclip"]``.
-PREDICTED = "predicted"
 _LEVEL = 1  # zlib: fast; label maps compress well even at the lowest level
 
 

@@ -45,10 +45,10 @@ from ..stacks import (
     leading_indices,
     slice_key,
 )
-from .edits import PREDICTED, edited_plane, record_shapes_fit
+from .edits import edited_plane, record_shapes_fit
+from .records import LABELS, ConfidenceRecord, RunRecord, SourceLayout
 
 __all__ = [
-    "META_KEY",
     "SLICES_ALL",
     "SLICES_LABELLED",
     "ExportPlan",
@@ -57,7 +57,6 @@ __all__ = [
     "plan_layer_export",
 ]
 
-META_KEY = "napari_maskclip"
 _LAYER_SUFFIX = " [maskclip]"
 #: Every slice of the layer.
 SLICES_ALL = "all"
@@ -123,11 +122,6 @@ class _LabelsSnapshot:
 
 
 # ---- what the layer says about itself ------------------------------------------------------------
-def _plugin_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    value = (meta.get("metadata") or {}).get(META_KEY)
-    return value if isinstance(value, dict) else {}
-
-
 def _names_from_features(features: Any) -> Optional[tuple[list[str], Optional[str]]]:
     """(class names for labels 1..n, background name) from a ``features`` table, if it has one."""
     if features is None:
@@ -152,9 +146,9 @@ def _names_from_features(features: Any) -> Optional[tuple[list[str], Optional[st
 def export_options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """What a Labels layer's state (``name``, ``metadata``, ``features``) says about its classes,
     provenance and origin (pure; raises DatasetError when the classes are unknown)."""
-    plugin = _plugin_meta(meta)
-    classes = plugin.get("class_texts") or plugin.get("class_names")
-    background = plugin.get("background")
+    record = RunRecord.from_metadata(meta.get("metadata")) or RunRecord(role=None)
+    classes = record.texts
+    background = record.background
     if not classes:
         found = _names_from_features(meta.get("features"))
         if found:
@@ -166,45 +160,31 @@ def export_options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
             "the widget, or give the layer a features table with 'index' and 'name' columns "
             "(row 0 = background)."
         )
-    settings = plugin.get("settings") or {}
     provenance: dict[str, Any] = {
-        "model": plugin.get("model", settings.get("model")),
-        "pretrained": plugin.get("pretrained", settings.get("pretrained")),
-        "settings": settings,
+        "model": record.model,
+        "pretrained": record.pretrained,
+        "settings": record.settings or {},
     }
-    for key in ("labelled_by", "student_checkpoint"):
-        if plugin.get(key):
-            provenance[key] = plugin[key]
+    if record.labelled_by:
+        provenance["labelled_by"] = record.labelled_by
+    if record.student_checkpoint:
+        provenance["student_checkpoint"] = record.student_checkpoint
     layer_name = str(meta.get("name") or "labels")
-    source_name = plugin.get("source_name")
+    source_name = record.source_name
     name = source_name or (
         layer_name[: -len(_LAYER_SUFFIX)] if layer_name.endswith(_LAYER_SUFFIX) else layer_name
     )
-    edited = plugin.get("edited")
     return {
         "name": name,
         "classes": list(classes),
         "background": background or "background",
         "provenance": provenance,
-        "edited": edited if isinstance(edited, (bool, np.ndarray)) else None,
+        "edited": record.edited,
         "source": {"labels_layer": layer_name, "image_layer": source_name,
-                   "image_path": plugin.get("source_path")},
-        "source_id": plugin.get("source_id"),
-        "source_path": plugin.get("source_path"),
+                   "image_path": record.source_path},
+        "source_id": record.source_id,
+        "source_path": record.source_path,
     }
-
-
-def _layout(plugin: dict[str, Any]) -> Optional[tuple[StackLayout, Optional[tuple[int, ...]]]]:
-    raw = plugin.get("source_layout")
-    if not isinstance(raw, dict):
-        return None
-    try:
-        layout = StackLayout(tuple(int(s) for s in raw["data_shape"]), rgb=bool(raw.get("rgb")),
-                             channel_axis=raw.get("channel_axis"))
-    except (KeyError, TypeError, ValueError, InvalidInputError):
-        return None
-    channels = raw.get("channels")
-    return layout, (tuple(int(c) for c in channels) if channels else None)
 
 
 def _is_image(layer: Any) -> bool:
@@ -257,7 +237,8 @@ class ExportPlan:
     image: Any = None
     probabilities: Optional[list[Any]] = None
     edited: Any = None
-    record: Optional[dict[str, Any]] = None
+    #: What the plugin wrote, per slice (:mod:`.edits`), when the layer records it.
+    predicted: Optional[dict[str, Any]] = None
     axis_names: Optional[tuple[str, ...]] = None
     #: What the user should know (missing image, maps or edit information).
     notes: list[str] = field(default_factory=list)
@@ -270,10 +251,10 @@ class ExportPlan:
     @property
     def written_leads(self) -> list[Lead]:
         """Slices MaskCLIP wrote (squeezed leading indices), from the record."""
-        if not self.record:
+        if not self.predicted:
             return []
         leads = []
-        for key in self.record:
+        for key in self.predicted:
             out = index_of_key(key)
             if len(out) == len(self.axes.output_shape) - 2:
                 leads.append(self.axes.from_output(out))
@@ -297,7 +278,7 @@ class ExportPlan:
             return None
         if isinstance(selection, tuple):
             return [selection]
-        if selection == SLICES_ALL or self.record is None:
+        if selection == SLICES_ALL or self.predicted is None:
             return None
         written = set(self.written_leads)
         picked = []
@@ -391,13 +372,14 @@ def plan_layer_export(
     viewer holding ``layers``. Reads no pixels; raises DatasetError if the classes are unknown."""
     meta = {"name": layer_name, "metadata": metadata or {}, "features": features}
     options = export_options_from_meta(meta)
-    plugin = _plugin_meta(meta)
+    record = RunRecord.from_metadata(meta["metadata"]) or RunRecord(role=None)
     layers = list(layers)
     output_shape = tuple(int(s) for s in data.shape)
     if len(output_shape) < 2:
         raise InvalidInputError(f"Labels of shape {output_shape}: at least 2D (H x W) are needed.")
-    found = _layout(plugin)
-    layout, channels = found if found else (None, None)
+    source_layout: Optional[SourceLayout] = record.source_layout
+    layout = source_layout.stack_layout() if source_layout is not None else None
+    channels = source_layout.channels if source_layout is not None else None
     axes = SampleAxes.of(output_shape, layout)
     n_lead = axes.n_lead
     notes: list[str] = []
@@ -411,9 +393,8 @@ def plan_layer_export(
     )
     plan._snapshot = _LabelsSnapshot(data, axes)
 
-    record = plugin.get(PREDICTED)
-    if isinstance(record, dict) and record and record_shapes_fit(record, output_shape):
-        plan.record = record
+    if record.predicted and record_shapes_fit(record.predicted, output_shape):
+        plan.predicted = record.predicted
 
     # The image.
     path = options.get("source_path")
@@ -440,20 +421,20 @@ def plan_layer_export(
             notes[-1] += ": the samples are mask-only (no image)"
 
     # Confidence maps of the same run.
-    names = plugin.get("class_names") or [parse_classes(t)[0].name for t in plan.classes]
-    run_id, source_id = plugin.get("run_id"), plugin.get("source_id")
+    names = record.class_names or [parse_classes(t)[0].name for t in plan.classes]
+    run_id, source_id = record.run_id, record.source_id
     maps: dict[str, Any] = {}
     if source_id:
         for layer in layers:
-            m = getattr(layer, "metadata", {}).get(META_KEY)
-            if not (isinstance(m, dict) and m.get("role") == "confidence"):
+            conf = ConfidenceRecord.from_metadata(getattr(layer, "metadata", None))
+            if conf is None:
                 continue
-            same_run = m.get("run_id") == run_id if run_id else m.get("source_id") == source_id
+            same_run = conf.run_id == run_id if run_id else conf.source_id == source_id
             if same_run and tuple(layer.data.shape) == output_shape:
-                maps.setdefault(m.get("class_name"), layer.data)
+                maps.setdefault(conf.class_name, layer.data)
     if names and all(n in maps for n in names):
-        plan.probabilities = [_confidence_view(maps[n], axes, plan.record) for n in names]
-    elif plugin.get("role") == "labels" and plugin.get("settings") is not None:
+        plan.probabilities = [_confidence_view(maps[n], axes, plan.predicted) for n in names]
+    elif record.role == LABELS and record.settings is not None:
         notes.append("this run's confidence maps are no longer in the viewer: no confidence saved")
 
     # Edited pixels.
@@ -463,14 +444,14 @@ def plan_layer_export(
     elif isinstance(explicit, np.ndarray) and tuple(explicit.shape) == output_shape:
         plan.edited = SliceView(axes.shape, bool, n_lead,
                                 lambda lead: np.asarray(explicit[axes.to_output(lead)], dtype=bool))
-    elif plan.record is not None:
-        snapshot, record_ = plan._snapshot, plan.record
+    elif plan.predicted is not None:
+        snapshot, predicted = plan._snapshot, plan.predicted
 
         def edited(lead: Lead) -> np.ndarray:
-            return edited_plane(snapshot.plane(lead), slice_key(axes.to_output(lead)), record_)
+            return edited_plane(snapshot.plane(lead), slice_key(axes.to_output(lead)), predicted)
 
         plan.edited = SliceView(axes.shape, bool, n_lead, edited)
-    elif plugin.get("role") == "labels":
+    elif record.role == LABELS:
         notes.append(
             "which pixels were edited is unknown (the layer has no record of MaskCLIP's output)"
         )

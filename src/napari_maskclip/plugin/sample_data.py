@@ -1,8 +1,8 @@
 """Sample images for the File > Open Sample menu, each with class names worth trying.
 
 Natural photos shipped with scikit-image (no download). Each layer carries suggested class names
-in ``metadata["napari_maskclip"]``; the MaskCLIP widget fills them in when its class box is empty,
-so a first run is one click. Imports neither torch nor Qt.
+(a :class:`~.records.SampleSuggestion` in its metadata); the MaskCLIP widget fills them in when
+its class box is empty, so a first run is one click. Imports neither torch nor Qt.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..engine.names import DEMO_MODEL
+from .records import SampleSuggestion
 
 __all__ = ["SAMPLES", "astronaut", "cat", "coffee", "rocket", "shapes"]
 
@@ -35,13 +36,7 @@ def _sample(name: str) -> LayerData:
 
     loader, classes, background, description = SAMPLES[name]
     image: np.ndarray = getattr(skimage.data, loader)()
-    meta = {
-        "napari_maskclip": {
-            "suggested_classes": classes,
-            "suggested_background": background,
-            "description": description,
-        }
-    }
+    meta = SampleSuggestion(classes, background, description=description).to_metadata()
     return [(image, {"name": name, "rgb": True, "metadata": meta})]
 
 
@@ -70,12 +65,8 @@ def shapes() -> LayerData:
 
     scene = demo_scene()
     classes, background = demo_classes()
-    meta = {
-        "napari_maskclip": {
-            "suggested_classes": classes,
-            "suggested_background": background,
-            "suggested_model": DEMO_MODEL,
-            "description": "Synthetic shapes scene for the offline demo model",
-        }
-    }
+    meta = SampleSuggestion(
+        classes, background, model=DEMO_MODEL,
+        description="Synthetic shapes scene for the offline demo model",
+    ).to_metadata()
     return [(scene.image, {"name": "shapes (demo)", "rgb": True, "metadata": meta})]

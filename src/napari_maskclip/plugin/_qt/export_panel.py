@@ -33,9 +33,9 @@ from ...errors import InvalidInputError, MaskClipError
 from ...progress import Progress
 from ..export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
 from ..jobs import JobOutcome, guarded_job
-from ..layers import META_KEY
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
+from ..records import LABELS, role_of
 from .controls import row, small_button
 from .job_runner import BarState, JobRunner
 
@@ -182,8 +182,7 @@ class ExportWidget(QWidget):
         if current in self._layers:
             self.layer_combo.setCurrentIndex(self._layers.index(current))
         elif self._layers:
-            plugin = [layer for layer in self._layers
-                      if isinstance(layer.metadata.get(META_KEY), dict)]
+            plugin = [layer for layer in self._layers if role_of(layer) == LABELS]
             self.layer_combo.setCurrentIndex(self._layers.index((plugin or self._layers)[-1]))
         self.layer_combo.blockSignals(False)
         if self.current_layer() is not current:
@@ -219,7 +218,7 @@ class ExportWidget(QWidget):
         self.name.setText(plan.name)
         self.slices.setEnabled(plan.is_stack)
         parts = [f"classes: {', '.join(plan.display_names)}"]
-        if plan.is_stack and plan.record is not None:
+        if plan.is_stack and plan.predicted is not None:
             parts.append(f"MaskCLIP wrote {len(plan.written_leads)} slice(s)")
         parts += plan.notes
         self.info.setText("; ".join(parts) + ".")

@@ -32,9 +32,9 @@ from ...engine.modes import MODE_HELP, MODES
 from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDOM_WEIGHTS
 from ...errors import InvalidInputError
 from ...stacks import StackLayout
-from ..layers import META_KEY
 from ..models import ModelChoice, import_student
 from ..preferences import WidgetPreferences
+from ..records import SampleSuggestion, role_of
 from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
 
 __all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
@@ -53,8 +53,7 @@ STUDENT_PREFIX = "student: "
 
 
 def _is_plugin_output(layer: Any) -> bool:
-    meta = getattr(layer, "metadata", {}) or {}
-    return isinstance(meta.get(META_KEY), dict) and "role" in meta[META_KEY]
+    return role_of(layer) is not None
 
 
 class ImageSection(QGroupBox):
@@ -269,13 +268,12 @@ class ClassesSection(QGroupBox):
 
     def suggest(self, layer: Any) -> None:
         """Fill in the class names a sample image suggests, if the user typed none yet."""
-        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
-        if not isinstance(meta, dict) or self.classes_text():
+        suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
+        if suggestion is None or self.classes_text():
             return
-        if meta.get("suggested_classes"):
-            self.text.setPlainText(str(meta["suggested_classes"]))
-            if meta.get("suggested_background") and not self.background_text():
-                self.background.setEditText(str(meta["suggested_background"]))
+        self.text.setPlainText(suggestion.classes)
+        if suggestion.background and not self.background_text():
+            self.background.setEditText(suggestion.background)
 
 
 class ModelSection(QGroupBox):

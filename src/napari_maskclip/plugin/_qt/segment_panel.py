@@ -30,10 +30,11 @@ from ...engine.names import DEMO_MODEL
 from ...errors import MaskClipError
 from ...progress import Progress
 from ..jobs import JobOutcome, segmentation_job
-from ..layers import EDIT_POLICY, META_KEY, Geometry, apply_result
+from ..layers import EDIT_POLICY, Geometry, apply_result
 from ..models import ModelChoice, SegmenterPool
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
+from ..records import RunRecord, SampleSuggestion, SourceLayout
 from ..stack_run import StackRequest
 from .docks import EXPORT_NAME, TRAIN_NAME, show_panel
 from .job_runner import BarState, JobRunner
@@ -160,10 +161,9 @@ class MaskClipWidget(QWidget):
             return
         typed = bool(self.classes.classes_text())
         self.classes.suggest(layer)
-        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
-        model = meta.get("suggested_model") if isinstance(meta, dict) else None
-        if model and not typed:  # e.g. the demo scene suggests the demo model
-            self.model.model.setCurrentText(str(model))
+        suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
+        if suggestion is not None and suggestion.model and not typed:
+            self.model.model.setCurrentText(suggestion.model)  # e.g. the demo scene's model
 
     def _on_model_changed(self, text: str) -> None:
         if text.strip() == DEMO_MODEL:  # one prompt template, windows of its 64 px training size
@@ -330,7 +330,7 @@ class MaskClipWidget(QWidget):
             source_id=str(layer.unique_id),
             source_name=layer.name,
             geometry=job.geometry,
-            run_info=self._run_info(job, result),
+            run=self._run_record(job, result),
         )
         self.last_report = report
         self._set_status(self._summary(outcome, job, report))
@@ -346,30 +346,26 @@ class MaskClipWidget(QWidget):
         self.classes.set_recent(self.prefs)
         return "done"
 
-    def _run_info(self, job: _Run, result: Any) -> dict[str, Any]:
+    def _run_record(self, job: _Run, result: Any) -> RunRecord:
         """What the Labels layer keeps about the run, for exports (provenance, image layout)."""
         layout = job.request.layout
-        info: dict[str, Any] = {
-            "class_texts": result.class_texts,
-            "background": result.background,
-            "settings": result.settings,
-            "source_layout": {
-                "data_shape": list(layout.data_shape), "rgb": layout.rgb,
-                "channel_axis": layout.channel_axis,
-                "channels": list(job.request.channels) if job.request.channels else None,
-            },
-        }
+        record = RunRecord(
+            class_names=list(result.class_names),
+            class_texts=list(result.class_texts),
+            background=result.background,
+            settings=result.settings,
+            source_layout=SourceLayout(layout.data_shape, layout.rgb, layout.channel_axis,
+                                       job.request.channels or None),
+        )
         if job.choice.is_student:
             # A dataset labelled by a student names the student's teacher as its model, so a
             # student trained on it gets the same teacher by default.
             teacher = (self.model.student_meta() or {}).get("teacher") or {}
-            info.update(labelled_by="student", student_checkpoint=job.choice.model,
-                        model=teacher.get("model"), pretrained=teacher.get("pretrained"))
-        else:
-            # The model as chosen (a config JSON's path, not just its name), so it can be loaded
-            # again as the teacher of a student trained on the export.
-            info.update(model=job.choice.model, pretrained=job.choice.pretrained)
-        return info
+            return record.replace(labelled_by="student", student_checkpoint=job.choice.model,
+                                  model=teacher.get("model"), pretrained=teacher.get("pretrained"))
+        # The model as chosen (a config JSON's path, not just its name), so it can be loaded
+        # again as the teacher of a student trained on the export.
+        return record.replace(model=job.choice.model, pretrained=job.choice.pretrained)
 
     # ---- messages ------------------------------------------------------------------------
     @staticmethod
