@@ -313,6 +313,29 @@ def test_empty_class_list_is_a_notification(make_widget, qtbot, notifications):
     assert widget.worker is None  # refused before any thread started
 
 
+def test_impossible_settings_are_refused_before_any_worker_starts(make_widget, qtbot,
+                                                                  notifications):
+    viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
+    widget.classes.text.setPlainText("cat")
+    widget.settings.inference.setCurrentText("sliding window")
+    widget.settings.window.setValue(32)
+    widget.settings.stride.setValue(48)
+    assert run_and_wait(qtbot, widget) == "error"
+    assert widget.worker is None and len(widget.pool) == 0  # no thread, no model loaded
+    assert any("stride (48) is larger than the window (32)" in str(n.message)
+               for n in notifications)
+    assert plugin_layers(viewer) == []
+
+
+def test_fresh_settings_are_the_engines_defaults(qtbot):
+    from napari_maskclip.engine.settings import SegmentSettings
+    from napari_maskclip.plugin._qt.sections import SettingsSection
+
+    section = SettingsSection()
+    qtbot.addWidget(section)
+    assert section.segment_settings() == SegmentSettings()
+
+
 def test_missing_checkpoint_is_a_notification(make_widget, qtbot, notifications, tmp_path):
     viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
     widget.model.pretrained.setCurrentText(str(tmp_path / "missing.safetensors"))

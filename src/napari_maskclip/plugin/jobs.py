@@ -76,10 +76,10 @@ def segmentation_job(
     pool: SegmenterPool,
     choice: ModelChoice,
     request: StackRequest,
-    settings: dict[str, Any],
     control: JobControl,
 ) -> Generator[Progress, None, JobOutcome]:
-    """Load (or reuse) the model and segment ``request``; never raises (see :class:`JobOutcome`)."""
+    """Load (or reuse) the model and segment ``request`` (its settings built and checked on the
+    main thread: ``request.settings``); never raises (see :class:`JobOutcome`)."""
     started = time.perf_counter()
     outcome = JobOutcome(model=choice.describe())
     try:
@@ -91,8 +91,6 @@ def segmentation_job(
             outcome.result = yield from _cancellable(predict, control)
             outcome.seconds = time.perf_counter() - started
             return outcome
-        # SegmentSettings lives in the engine (torch): built here, in the worker thread.
-        request.settings = segmenter.settings.replace(**settings).validate()
         text_before = segmenter.text.forward_calls
         outcome.model = f"{choice.describe()} on {segmenter.loaded.device.type}"
         outcome.result = yield from _cancellable(segment_stack_iter(segmenter, request), control)

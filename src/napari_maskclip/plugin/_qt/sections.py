@@ -1,10 +1,11 @@
 """The sections of the MaskCLIP dock widget: image, classes, model, settings.
 
 Each section is a small Qt group box that owns its controls and turns them into plain values
-(a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, a dict of engine settings). The
-Segment panel (:mod:`.segment_panel`) assembles them and runs the work. Imports no torch: the
-engine's settings object is built in the worker, from the dict returned here. (Choosing a trained
-student reads its checkpoint's description, which loads torch once.)
+(a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, the engine's checked
+:class:`~napari_maskclip.engine.settings.SegmentSettings`). The Segment panel
+(:mod:`.segment_panel`) assembles them and runs the work. Imports no torch (the engine's settings
+and modes modules are torch-free; choosing a trained student reads its checkpoint's description,
+which loads torch once).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from qtpy.QtWidgets import (
 
 from ...engine.modes import MODE_HELP, MODES
 from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDOM_WEIGHTS
+from ...engine.settings import SegmentSettings
+from ...engine.templates import TEMPLATE_SETS
 from ...errors import InvalidInputError
 from ...stacks import StackLayout
 from ..models import ModelChoice, import_student
@@ -462,24 +465,27 @@ class SettingsSection(QGroupBox):
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__("Settings", parent)
+        defaults = SegmentSettings()  # the engine's (the paper's) defaults
         self.mode = QComboBox()
         for i, mode in enumerate(MODES):
             self.mode.addItem(mode)
             self.mode.setItemData(i, MODE_HELP[mode], Qt.ToolTipRole)
+        self.mode.setCurrentText(defaults.mode)
         self.mode.setToolTip("How the last attention layer is read out into dense features.")
         self.denoise = QCheckBox("prompt denoising")
-        self.denoise.setChecked(True)
+        self.denoise.setChecked(defaults.denoise)
         self.denoise.setToolTip(
             "Drop classes whose best pixel stays below the threshold (paper section 3.3), so "
             "absent classes do not take pixels."
         )
-        self.denoise_threshold = self._unit_spin(0.5)
+        self.denoise_threshold = self._unit_spin(defaults.denoise_threshold)
         self.key_smoothing = QCheckBox("key smoothing")
+        self.key_smoothing.setChecked(defaults.key_smoothing)
         self.key_smoothing.setToolTip(
             "Smooth class probabilities between patches with similar attention keys (paper eq. 5). "
             "Changing it re-encodes the image."
         )
-        self.ks_threshold = self._unit_spin(1.0)
+        self.ks_threshold = self._unit_spin(defaults.ks_threshold)
         self.ks_threshold.setToolTip("Only pixels whose confidence is below this are smoothed.")
         self.inference = QComboBox()
         self.inference.addItems([INFERENCE_AUTO, INFERENCE_WHOLE, INFERENCE_SLIDING])
@@ -496,11 +502,12 @@ class SettingsSection(QGroupBox):
         self.stride.setValue(224)
         self.stride.setSuffix(" px")
         self.templates = QComboBox()
-        self.templates.addItems(["maskclip85", "single"])
+        self.templates.addItems(TEMPLATE_SETS)
+        self.templates.setCurrentText(str(defaults.templates))
         self.templates.setToolTip(
             "maskclip85: the 85 prompt templates of the paper (better); single: 'a photo of a {}.'"
         )
-        self.min_confidence = self._unit_spin(0.0)
+        self.min_confidence = self._unit_spin(defaults.background_threshold or 0.0)
         self.min_confidence.setToolTip(
             "Pixels whose best class is less confident than this stay unlabelled (0 = off)."
         )
@@ -519,7 +526,8 @@ class SettingsSection(QGroupBox):
         self.denoise.toggled.connect(self.denoise_threshold.setEnabled)
         self.key_smoothing.toggled.connect(self.ks_threshold.setEnabled)
         self.inference.currentTextChanged.connect(self._update_windows)
-        self.ks_threshold.setEnabled(False)
+        self.denoise_threshold.setEnabled(self.denoise.isChecked())
+        self.ks_threshold.setEnabled(self.key_smoothing.isChecked())
         self._update_windows()
 
     def set_student_mode(self, student: bool) -> None:
@@ -546,6 +554,11 @@ class SettingsSection(QGroupBox):
         sliding = self.inference.currentText() == INFERENCE_SLIDING
         self.window.setEnabled(sliding)
         self.stride.setEnabled(sliding)
+
+    def segment_settings(self) -> SegmentSettings:
+        """The engine's settings for these choices, checked (InvalidInputError says what to fix).
+        The engine's settings module imports no torch, so this runs before any worker starts."""
+        return SegmentSettings().replace(**self.overrides()).validate()
 
     def overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``SegmentSettings.replace``."""

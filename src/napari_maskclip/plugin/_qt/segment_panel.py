@@ -60,8 +60,7 @@ class _Run:
 
     layer: Any
     choice: ModelChoice
-    request: StackRequest
-    settings: dict[str, Any]
+    request: StackRequest  # with the MaskCLIP settings, built and checked (None for a student)
     geometry: Geometry
     what: str  # "the image", "slice 3", "12 slices"
     classes: str
@@ -248,7 +247,8 @@ class MaskClipWidget(QWidget):
         classes = self.classes.classes_text()
         background = self.classes.background_text()
         choice = self.model.choice()
-        if choice.is_student:  # its own classes (empty = all) and background
+        settings = None
+        if choice.is_student:  # its own classes (empty = all) and background; no MaskCLIP settings
             if classes:
                 parse_classes(classes)
             background = ""
@@ -256,6 +256,7 @@ class MaskClipWidget(QWidget):
             fg = parse_classes(classes)  # instant message on an empty or duplicated list
             if background:
                 parse_classes(fg + parse_classes(background, allow_empty=True))
+            settings = self.settings.segment_settings()  # checked now, not in the worker
         if self.image.all_slices() or not layout.loop_axes:
             slices = layout.all_slices()
         else:
@@ -274,6 +275,7 @@ class MaskClipWidget(QWidget):
             classes=classes,
             background=background,
             channels=self.image.channel_indices(),
+            settings=settings,
             keep_confidence=self.settings.keep_confidence(),
         )
         what = layout.describe_slice(slices[0]) if len(slices) == 1 else f"{len(slices)} slices"
@@ -281,7 +283,6 @@ class MaskClipWidget(QWidget):
             layer=layer,
             choice=choice,
             request=request,
-            settings=self.settings.overrides(),
             geometry=geometry,
             what=what,
             classes=classes,
@@ -292,9 +293,7 @@ class MaskClipWidget(QWidget):
         self._pending = job
         self._set_status(f"Segmenting {job.what} of '{job.layer.name}'...")
         return self.runner.start(
-            lambda control: segmentation_job(
-                self.pool, job.choice, job.request, job.settings, control
-            )
+            lambda control: segmentation_job(self.pool, job.choice, job.request, control)
         )
 
     def cancel(self) -> None:

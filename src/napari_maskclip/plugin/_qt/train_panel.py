@@ -266,14 +266,15 @@ class TrainWidget(QWidget):
 
     def request(self) -> TrainRequest:
         """The panel's choices, checked (InvalidInputError says what to fix)."""
-        settings: dict[str, Any] = {"iterations": int(self.iterations.value())}
-        if not self.resume.isChecked():
-            settings.update(
+        settings = TrainSettings(iterations=int(self.iterations.value()))
+        if not self.resume.isChecked():  # a resumed run keeps the checkpoint's settings
+            settings = settings.replace(
                 batch_size=int(self.batch.value()),
                 crop_size=int(self.crop.value()),
                 self_train_fraction=float(self.self_train.value()),
                 backbone=self.backbone.currentText(),
-                backbone_weights=self.backbone_weights.currentText().strip() or "auto",
+                backbone_weights=(self.backbone_weights.currentText().strip()
+                                  or settings.backbone_weights),
             )
         return TrainRequest(
             datasets=self.dataset_folders(),
