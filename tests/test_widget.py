@@ -121,6 +121,38 @@ def test_shapes_sample_presets_the_demo_model_and_its_classes(make_napari_viewer
     assert widget.settings.templates.currentText() == "single"
 
 
+def remember_demo() -> None:
+    """A second launch: widget.json already remembers a run of the demo model."""
+    from napari_maskclip.demo.scene import demo_classes
+
+    prefs = WidgetPreferences()
+    prefs.remember_run(*demo_classes(), "demo", "")
+    assert prefs.save()
+
+
+def assert_demo_preset(widget) -> None:
+    assert widget.model.model.currentText() == "demo"
+    assert widget.settings.templates.currentText() == "single"
+    assert widget.settings.inference.currentText() == "sliding window"
+    assert (widget.settings.window.value(), widget.settings.stride.value()) == (64, 16)
+
+
+def test_shapes_sample_presets_the_demo_even_when_it_is_remembered(make_napari_viewer):
+    remember_demo()
+    viewer = make_napari_viewer()
+    widget = MaskClipWidget(viewer)
+    assert widget.model.model.currentText() == "demo"  # restored, so the text never changes
+    assert widget.settings.inference.currentText() == "auto"
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert_demo_preset(widget)
+    # A preset is applied whenever asked, also over settings the user changed since.
+    widget.classes.text.setPlainText("")
+    widget.settings.window.setValue(200)
+    viewer.layers.clear()
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert_demo_preset(widget)
+
+
 def test_a_suggested_model_never_replaces_the_users_choice(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = MaskClipWidget(viewer)
@@ -410,8 +442,12 @@ def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
     np.testing.assert_allclose(confidence[1], viewer.layers["photo [maskclip] dog"].data, atol=1e-3)
 
 
-def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypatch, qtbot):
-    """``napari-maskclip demo`` with a display: the shapes scene and the widget, preset."""
+@pytest.mark.parametrize("launch", ["first", "second"])
+def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypatch, qtbot, launch):
+    """``napari-maskclip demo`` with a display: the shapes scene and the widget, preset; also on
+    a second launch, when widget.json already remembers the demo model."""
+    if launch == "second":
+        remember_demo()
     import napari
 
     from napari_maskclip.cli import demo as demo_cli
@@ -428,8 +464,18 @@ def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypat
         assert [layer.name for layer in viewer.layers] == ["shapes (demo)"]
         widget = seen["widget"]
         assert isinstance(widget, MaskClipWidget)
-        assert widget.model.model.currentText() == "demo"
         assert widget.classes.classes_text().startswith("red circle")
-        assert widget.settings.inference.currentText() == "sliding window"
+        assert_demo_preset(widget)
+        if launch == "second":  # Run labels the scene, not ~all of it as one class
+            from napari_maskclip.demo.scene import demo_scene
+
+            widget.model.device.setCurrentText("cpu")
+            assert run_and_wait(qtbot, widget) == "done", widget.status.text()
+            labels = viewer.layers["shapes (demo) [maskclip]"].data
+            truth = demo_scene().mask
+            accuracy = float((labels == truth).mean())
+            print(f"second launch: pixel accuracy {accuracy:.2f}")
+            # Without the preset, 85 templates read whole give ~1 % (one class everywhere).
+            assert accuracy > 0.5 and len(np.unique(labels)) >= 4
     finally:
         viewer.close()

@@ -109,9 +109,10 @@ def _gui(args: argparse.Namespace) -> int:
 
 
 def _preset(widget: Any) -> None:
-    """Point the widget at the demo model and its classes (the sample's suggestions)."""
+    """Point the widget at the demo model, with its preset, and its classes (the sample's
+    suggestions), whatever the widget remembered from an earlier launch."""
     classes, background = demo_classes()
-    widget.model.model.setCurrentText(DEMO_MODEL)
+    widget.use_model(DEMO_MODEL)
     widget.classes.text.setPlainText(classes)
     widget.classes.background.setEditText(background)
 

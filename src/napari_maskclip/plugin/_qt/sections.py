@@ -530,6 +530,14 @@ class SettingsSection(QGroupBox):
         self.ks_threshold.setEnabled(self.key_smoothing.isChecked())
         self._update_windows()
 
+    def apply_preset(self, *, templates: str, window: int, stride: int) -> None:
+        """Settings a model asks for (see :func:`napari_maskclip.demo.recommended_settings`):
+        its prompt templates, and sliding windows of the given size and stride."""
+        self.templates.setCurrentText(templates)
+        self.inference.setCurrentText(INFERENCE_SLIDING)
+        self.window.setValue(int(window))
+        self.stride.setValue(int(stride))
+
     def set_student_mode(self, student: bool) -> None:
         """Disable MaskCLIP's settings while a student is the model (confidence maps stay)."""
         for control in (self.mode, self.denoise, self.denoise_threshold, self.key_smoothing,

@@ -39,7 +39,6 @@ from ..stack_run import StackRequest
 from .docks import EXPORT_NAME, TRAIN_NAME, show_panel
 from .job_runner import BarState, JobRunner
 from .sections import (
-    INFERENCE_SLIDING,
     ClassesSection,
     ImageSection,
     ModelSection,
@@ -162,17 +161,23 @@ class MaskClipWidget(QWidget):
         self.classes.suggest(layer)
         suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
         if suggestion is not None and suggestion.model and not typed:
-            self.model.model.setCurrentText(suggestion.model)  # e.g. the demo scene's model
+            self.use_model(suggestion.model)  # e.g. the demo scene asks for the demo model
+
+    def use_model(self, model: str) -> None:
+        """Choose ``model`` with its preset (the demo model: one template, windows of its
+        training size), whatever was chosen or remembered before: a preset applies whenever a
+        sample or the demo asks for it, not only when the model's name changes."""
+        self.model.model.setCurrentText(model)
+        self._apply_preset(model)
 
     def _on_model_changed(self, text: str) -> None:
-        if text.strip() == DEMO_MODEL:  # one prompt template, windows of its 64 px training size
+        self._apply_preset(text.strip())  # the user picked another model
+
+    def _apply_preset(self, model: str) -> None:
+        if model == DEMO_MODEL:
             from ...demo import recommended_settings
 
-            preset = recommended_settings()
-            self.settings.templates.setCurrentText(preset["templates"])
-            self.settings.inference.setCurrentText(INFERENCE_SLIDING)
-            self.settings.window.setValue(preset["window"])
-            self.settings.stride.setValue(preset["stride"])
+            self.settings.apply_preset(**recommended_settings())
 
     def _on_student_changed(self, meta: Optional[dict[str, Any]]) -> None:
         if meta is None:
