@@ -74,7 +74,7 @@ def test_writer_command_resolves(manifest):
 @pytest.mark.parametrize(
     "modules, forbidden",
     [
-        (["napari_maskclip"], ["torch", "qtpy", "PyQt5", "napari"]),
+        (["napari_maskclip"], ["torch", "qtpy", "PyQt5", "PyQt6", "napari"]),
         (["napari_maskclip.plugin.sample_data", "napari_maskclip.plugin.preferences"], ["torch", "qtpy"]),
         (["napari_maskclip.plugin._qt.segment_panel"], ["torch", "open_clip"]),
     ],
