@@ -31,6 +31,17 @@ if "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == "1":
 
 DATA = Path(__file__).parent / "data"
 
+#: Fixtures that mean "this test drives Qt" (a viewer, widgets, or the Qt event loop).
+GUI_FIXTURES = {"make_napari_viewer", "make_napari_viewer_proxy", "qtbot", "qapp"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a viewer or Qt ``gui``, so ``pytest -m "not gui"`` runs the
+    core alone (see the markers in pyproject.toml)."""
+    for item in items:
+        if GUI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.gui)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

@@ -43,6 +43,7 @@ def _is_ui(name: str) -> bool:
     return name.split(".")[0] in UI_PREFIXES
 
 
+@pytest.mark.slow
 def test_engine_imports_no_napari_or_qt():
     modules = _modules_after_import(ENGINE_FULL_IMPORT)
     # The probe really loaded the engine's heavy modules...
@@ -54,6 +55,7 @@ def test_engine_imports_no_napari_or_qt():
     assert ui == [], f"napari_maskclip.engine imported UI modules: {ui[:10]}"
 
 
+@pytest.mark.slow
 def test_student_export_and_helpers_import_no_napari_or_qt():
     modules = _modules_after_import(CORE_FULL_IMPORT)
     for name in ("torch", "napari_maskclip.student.training", "napari_maskclip.student.teacher",

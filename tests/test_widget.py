@@ -242,7 +242,7 @@ def test_requery_with_new_names_runs_no_image_encoder(make_widget, qtbot):
     viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
     widget.classes.text.setPlainText("cat, dog")
     assert run_and_wait(qtbot, widget) == "done"
-    segmenter = next(iter(widget.pool._items.values()))
+    segmenter = widget.pool.cached(widget.model.choice())
     encoder_calls = segmenter.image_encoder_calls
     assert encoder_calls >= 1
     widget.classes.text.setPlainText("sofa, floor, wall")
@@ -284,7 +284,7 @@ def test_cancel_leaves_no_layer_and_keeps_previous_results(make_widget, qtbot):
     assert len(viewer.layers) == n_layers
     assert "Cancelled" in widget.status.text()
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
-    segmenter = next(iter(widget.pool._items.values()))
+    segmenter = widget.pool.cached(widget.model.choice())
     assert 2 <= segmenter.image_encoder_calls < 81  # stopped early: 9x9 windows in all
 
     # A cancelled re-run does not touch the layers of the previous run either.
@@ -442,7 +442,7 @@ def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
     np.testing.assert_allclose(confidence[1], viewer.layers["photo [maskclip] dog"].data, atol=1e-3)
 
 
-@pytest.mark.parametrize("launch", ["first", "second"])
+@pytest.mark.parametrize("launch", ["first", pytest.param("second", marks=pytest.mark.slow)])
 def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypatch, qtbot, launch):
     """``napari-maskclip demo`` with a display: the shapes scene and the widget, preset; also on
     a second launch, when widget.json already remembers the demo model."""

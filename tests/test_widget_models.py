@@ -40,6 +40,7 @@ def test_pool_reuses_models_and_evicts_the_oldest(tiny_vit_files, tiny_resnet_fi
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard is Linux-only")
+@pytest.mark.slow
 def test_engine_import_hides_triton_inside_napari():
     code = (
         "import sys, vispy\n"  # stands for a running napari canvas
