@@ -1,7 +1,7 @@
 """Exporting labels (2D or stacks) into a dataset folder, safely.
 
 :func:`export_sample_iter` is the one exporter: the widget's Export button, napari's Save
-(``_writer``), the CLI and Python all call it (or :func:`export_sample`, which runs it to the end).
+(``plugin.writer``), the CLI and Python all call it (or :func:`export_sample`, which runs it to the end).
 It yields :class:`~napari_maskclip.progress.Progress` per slice and returns an
 :class:`ExportReport`.
 
