@@ -148,7 +148,7 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..export import check_export_target, export_sample_iter
+    from ..export import ExportSession, check_export_target
     from ..export.class_table import DatasetClasses, read_class_table
     from ..export.layout import CLASSES_JSON
     from ..export.reader import is_dataset, read_dataset
@@ -192,20 +192,27 @@ def _run(args: argparse.Namespace) -> int:
 
     total_samples = 0
     bar = tqdm(jobs, desc="export", unit="image", file=sys.stderr, disable=args.quiet, leave=False)
-    for job in bar:
-        data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
-        report = run_to_completion(
-            export_sample_iter(
-                out, job["name"], data["image"], data["labels"], job["classes"],
+    # One writer session for every input: one lock, one index read, few dataset.json rewrites.
+    # Opened once the first input has loaded (an unreadable first input creates nothing).
+    session = ExportSession(out)
+    try:
+        for job in bar:
+            data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
+            if not session.opened:
+                run_to_completion(session.open_iter(len(jobs)))
+                session.expect(names, overwrite=args.overwrite)
+            report = session.export(
+                job["name"], data["image"], data["labels"], job["classes"],
                 background=job["background"], probabilities=data["probabilities"],
                 edited=data["edited"], min_confidence=args.min_confidence,
                 save_confidence=not args.no_confidence, overwrite=args.overwrite,
                 remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
                 source={"image": str(job["image"])}, channel_axis=args.channel_axis,
             )
-        )
-        total_samples += len(report.samples)
-        bar.write(f"{Path(job['image']).name}: {report.summary()}", file=sys.stdout)
+            total_samples += len(report.samples)
+            bar.write(f"{Path(job['image']).name}: {report.summary()}", file=sys.stdout)
+    finally:
+        session.close()
     bar.close()
     print(f"{total_samples} sample(s) in {out}")
     return 0

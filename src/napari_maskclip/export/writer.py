@@ -533,6 +533,11 @@ class ExportSession:
         self._lock, self._index = lock, index
         self._last_commit = time.monotonic()
 
+    @property
+    def opened(self) -> bool:
+        """True once :meth:`open_iter` has taken the lock (also after :meth:`close`)."""
+        return self._index is not None
+
     def __enter__(self) -> "ExportSession":
         run_to_completion(self.open_iter())
         return self
