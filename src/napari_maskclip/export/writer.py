@@ -480,6 +480,7 @@ class ExportSession:
         self.lock_timeout = LOCK_TIMEOUT_S if lock_timeout is None else float(lock_timeout)
         #: Names of the samples exported, in order.
         self.samples: list[str] = []
+        self._exported: set[str] = set()
         #: How many times ``dataset.json`` was written.
         self.commits = 0
         self._lock: Optional[DatasetLock] = None
@@ -607,12 +608,13 @@ class ExportSession:
         index = self._index
         assert index is not None
         if journal:
+            # Journaled but not written yet: at most this many (with overwrite, the old versions
+            # a kill would lose); enough that a sample rarely waits for a commit of its own.
             ahead = max(JOURNAL_AHEAD, 2 * self._since_commit)
-            taken = 0
-            while self._ahead and taken < ahead:
+            while self._ahead and len(self._in_journal) < ahead:
                 name, overwrite = self._ahead.popleft()
-                if name not in self._in_journal and self._journal(name, overwrite):
-                    taken += 1
+                if name not in self._in_journal and name not in self._exported:
+                    self._journal(name, overwrite)
         start = time.monotonic()
         path = index.commit()
         self._commit_s = time.monotonic() - start
@@ -724,6 +726,7 @@ class ExportSession:
                 index.pending |= set(remove_own_files(root, sorted(stale & old)))
                 report.samples.append(piece.name)
                 self.samples.append(piece.name)
+                self._exported.add(piece.name)
                 self._since_commit += 1
                 if self._commit_due():
                     report.files.append(self._commit())
