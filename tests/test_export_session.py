@@ -319,3 +319,29 @@ def test_killed_overwrite_session_never_pairs_old_and_new_files(tmp_path, point,
     assert _assert_valid(root, new) == sorted(new)
     assert _own_files(root) == {f"{d}/{m}.png" for m in new for d in ("images", "masks")}
     assert not list(root.rglob(f"{TEMP_PREFIX}*"))
+
+
+def test_a_name_differing_in_case_from_a_journaled_one_is_refused(tmp_path, monkeypatch):
+    """'Cat' replaced ahead is out of the index for a while; 'cat' still may not take its files."""
+    from napari_maskclip.errors import DatasetError
+
+    monkeypatch.setattr(writer, "COMMIT_INTERVAL_S", 1e9)
+    export_sample(tmp_path, "Cat", *_arrays(0), "a, b")
+    with ExportSession(tmp_path) as session:
+        session.expect(["Cat"], overwrite=True)
+        session.export("dog", *_arrays(1), "a, b")
+        assert "Cat" not in session._index
+        with pytest.raises(DatasetError, match="letter case"):
+            session.export("cat", *_arrays(2), "a, b", overwrite=True)
+    assert _assert_valid(tmp_path, {"Cat": _arrays(0), "dog": _arrays(1)}) == ["dog", "Cat"]
+
+
+def test_a_malformed_index_is_refused_with_one_line(tmp_path):
+    from napari_maskclip.errors import DatasetError
+
+    export_sample(tmp_path, "a", *_arrays(0), "a, b")
+    info = _disk_index(tmp_path)
+    info["samples"].append(dict(info["samples"][0]))
+    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match="twice"):
+        export_sample(tmp_path, "b", *_arrays(1), "a, b")

@@ -3,7 +3,10 @@
 :func:`export_sample_iter` is the one exporter: the widget's Export button, napari's Save
 (``_writer``), the CLI and Python all call it (or :func:`export_sample`, which runs it to the end).
 It yields :class:`~napari_maskclip.progress.Progress` per slice and returns an
-:class:`ExportReport`.
+:class:`ExportReport`. It is a one-call :class:`ExportSession`; many samples (``import``, the CLI
+``export`` of many inputs) go through one session, which takes the lock, reads ``dataset.json``,
+settles leftovers and removes stale temp files once, and rewrites the index about once a second
+instead of twice per sample (a per-sample export costs time that grows with the dataset).
 
 Safety, in order:
 
@@ -16,14 +19,18 @@ Safety, in order:
    wait (up to ``lock_timeout`` seconds, then it is refused with one line).
 3. **A journal first**: before any sample file is written, ``dataset.json`` lists the paths the
    export may create (``"pending"``) and drops the samples it replaces. A crash therefore leaves
-   only files the index accounts for; the next export removes the unlisted pending ones.
+   only files the index accounts for; the next export removes the unlisted pending ones. A
+   session journals the samples announced with :meth:`ExportSession.expect` ahead, a bounded
+   number at a time, so most samples need no commit of their own.
 4. **A sample's files are committed together**: each is written to a temporary file beside its
    target and fsynced; only when all are complete are they renamed into place.
-5. **``dataset.json`` is rewritten (atomically) after the files it lists**, at least once a
-   second and at the end. A crash leaves either the old index or the new one, never a listed
-   sample with missing or partial files. Replacing a sample first drops it from the index, so an
-   interrupted overwrite loses the old version (which was being replaced) but never pairs an old
-   mask with a new image.
+5. **``dataset.json`` is rewritten (atomically) after the files it lists**, about once a
+   second (:data:`COMMIT_INTERVAL_S`) and at the end (close, cancel). A crash leaves either the
+   old index or the new one, never a listed sample with missing or partial files. Replacing a
+   sample first drops it from the index, so an interrupted overwrite loses the old version (which
+   was being replaced; in a session, those of the samples journaled ahead) but never pairs an old
+   mask with a new image. A session that stops (close, cancel, error) lists again the replaced
+   samples it had not started.
 
 Closing the generator stops after the current slice; the slices already exported stay (each is a
 complete sample) and are listed.
@@ -187,8 +194,14 @@ class _Index:
         self._listed: Counter[str] = Counter()
         self._folded: dict[str, str] = {}
         for entry in samples:
-            if isinstance(entry, dict) and "name" in entry:
-                self.add(entry)
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise DatasetError(
+                    f"{root / DATASET_JSON}: a sample entry is malformed (no name); restore the "
+                    "file, or export into another folder."
+                )
+            if entry["name"] in self._entries:
+                raise DatasetError(f"{root / DATASET_JSON} lists sample {entry['name']!r} twice.")
+            self.add(entry)
 
     @property
     def entries(self) -> list[dict[str, Any]]:
@@ -468,8 +481,9 @@ class ExportSession:
     announced with :meth:`expect`, so most samples need no commit of their own before their files
     are written (a sample that is not journaled yet forces one). With ``overwrite`` those samples,
     if listed, leave the index in that commit (never pairing an old file with a new one); a killed
-    session therefore loses the old versions of the samples journaled but not yet rewritten
-    (at most one journal's worth), and :meth:`close` lists again those it never reached.
+    session therefore loses the old versions of the samples journaled but not listed again by a
+    commit (the journal ahead plus about a second of work), and :meth:`close` lists again those it
+    never reached.
 
     Use as ``with ExportSession(root) as session: session.export(...)``, or from a generator:
     ``yield from session.open_iter()`` then ``try: ... finally: session.close()``.
@@ -583,8 +597,7 @@ class ExportSession:
             return True
         index = self._index
         assert index is not None
-        folded = self._journal_folded.get(name.casefold())
-        if index.same_but_case(name) or (folded is not None and folded != name):
+        if self._same_but_case(name):
             return False
         owned: set[str] = set()
         if name in index:
@@ -631,6 +644,12 @@ class ExportSession:
             interval = max(interval, 4.0 * self._commit_s)
         return time.monotonic() - self._last_commit >= interval
 
+    def _same_but_case(self, name: str) -> Optional[str]:
+        """A listed or journaled sample whose name differs from ``name`` in letter case only."""
+        assert self._index is not None
+        journaled = self._journal_folded.get(name.casefold())
+        return self._index.same_but_case(name) or (journaled if journaled not in (None, name) else None)
+
     # ---- exporting -------------------------------------------------------------------------------
     def export_iter(
         self, name: str, image: Any, labels: Any, classes: ClassesLike, **options: Any
@@ -655,7 +674,7 @@ class ExportSession:
         )
         mapping.target = mapping.target.with_colors()  # classes.json and every mask palette agree
         names = prepared.names
-        clashes = [(n, index.same_but_case(n)) for n in names if index.same_but_case(n)]
+        clashes = [(n, self._same_but_case(n)) for n in names if self._same_but_case(n)]
         if clashes:
             new, old = clashes[0]
             raise DatasetError(
