@@ -429,8 +429,21 @@ def export_sample_iter(
     labels: Any,
     classes: ClassesLike,
     *,
+    background: Optional[ClassesLike] = DEFAULT_BACKGROUND,
+    probabilities: Any = None,
+    edited: EditedLike = None,
+    min_confidence: Optional[float] = None,
+    save_confidence: bool = True,
+    overwrite: bool = False,
+    remap: bool = False,
+    add_classes: bool = False,
+    provenance: Optional[dict[str, Any]] = None,
+    source: Optional[dict[str, Any]] = None,
+    input_ignore: Optional[int] = None,
+    channel_axis: Optional[int] = None,
+    slices: Optional[Iterable[Union[int, Sequence[int]]]] = None,
+    axis_names: Optional[Sequence[str]] = None,
     lock_timeout: Optional[float] = None,
-    **options: Any,
 ) -> ProgressGenerator[ExportReport]:
     """Export ``labels`` (and ``image``) as sample(s) ``name`` of the dataset ``dataset_dir``.
 
@@ -454,7 +467,13 @@ def export_sample_iter(
 
     One export is a one-call :class:`ExportSession`; many samples go faster through one session.
     """
-    prepared = _prepare(name, image, labels, classes, **options)
+    prepared = _prepare(
+        name, image, labels, classes, background=background, probabilities=probabilities,
+        edited=edited, min_confidence=min_confidence, save_confidence=save_confidence,
+        overwrite=overwrite, remap=remap, add_classes=add_classes, provenance=provenance,
+        source=source, input_ignore=input_ignore, channel_axis=channel_axis, slices=slices,
+        axis_names=axis_names,
+    )
     session = ExportSession(dataset_dir, lock_timeout=lock_timeout)
     yield from session.open_iter(total=len(prepared.plan.slices))
     try:
