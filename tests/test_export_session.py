@@ -345,3 +345,36 @@ def test_a_malformed_index_is_refused_with_one_line(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     with pytest.raises(DatasetError, match="twice"):
         export_sample(tmp_path, "b", *_arrays(1), "a, b")
+
+
+def test_import_and_cli_export_of_many_inputs_use_one_session(tmp_path, monkeypatch):
+    """Counted: 30 images -> one journal commit and the final one, not two per image."""
+    from PIL import Image
+
+    from napari_maskclip.cli import main
+    from napari_maskclip.export.import_folders import plan_mask_folder
+    from napari_maskclip.export.importing import class_list, import_plan
+
+    commits = []
+    real = writer._commit_index
+    monkeypatch.setattr(writer, "_commit_index", lambda path, text: commits.append(path) or real(path, text))
+    monkeypatch.setattr(writer, "COMMIT_INTERVAL_S", 1e9)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(30):
+        image, labels = _arrays(i)
+        Image.fromarray(image).save(images / f"p{i:02d}.png")
+        Image.fromarray(labels).save(masks / f"p{i:02d}.png")
+    report = import_plan(plan_mask_folder(images, masks, class_list("a, b")), tmp_path / "imp")
+    assert len(report.samples) == 30 and len(read_dataset(tmp_path / "imp")) == 30
+    assert len(commits) == 2
+
+    commits.clear()
+    stems = [f"p{i:02d}" for i in range(30)]
+    argv = ["export", "--images", *[str(images / f"{s}.png") for s in stems],
+            "--labels", *[str(masks / f"{s}.png") for s in stems],
+            "--classes", "a, b", "--out", str(tmp_path / "exp"), "--quiet"]
+    assert main(argv) == 0
+    assert read_dataset(tmp_path / "exp").names == stems
+    assert len(commits) == 2
