@@ -88,9 +88,16 @@ def test_the_journal_lists_every_file_before_it_is_written_and_commits_list_comp
     export_sample(tmp_path, "old", *_arrays(99), "a, b")
     real_write = writer._write_sample_files
     real_commit = writer._commit_index
+    real_sync = writer._sync_files
     checked = []
+    synced = {(tmp_path / rel).as_posix() for e in _disk_index(tmp_path)["samples"]
+              for rel in (e["image"], e["mask"])}
 
-    def write(root, jobs):
+    def sync(paths):
+        real_sync(paths)
+        synced.update(p.as_posix() for p in paths)
+
+    def write(root, jobs, **options):
         on_disk = _disk_index(root)
         journal = set(on_disk.get("pending", []))
         listed = {e["name"] for e in on_disk["samples"]}
@@ -98,17 +105,19 @@ def test_the_journal_lists_every_file_before_it_is_written_and_commits_list_comp
             assert rel in journal, rel
             assert rel.split("/")[1].rsplit(".", 1)[0] not in listed  # replaced: dropped first
         checked.append(len(jobs))
-        return real_write(root, jobs)
+        return real_write(root, jobs, **options)
 
     def commit(path, text):
         for entry in json.loads(text)["samples"]:  # everything listed is complete already
             for key in ("image", "mask"):
                 assert (tmp_path / entry[key]).is_file()
+                assert (tmp_path / entry[key]).as_posix() in synced  # flushed to disk first
                 assert not list(tmp_path.rglob(f"{TEMP_PREFIX}*"))
         return real_commit(path, text)
 
     monkeypatch.setattr(writer, "_write_sample_files", write)
     monkeypatch.setattr(writer, "_commit_index", commit)
+    monkeypatch.setattr(writer, "_sync_files", sync)
     names = [f"n{i}" for i in range(10)] + ["old"]
     with ExportSession(tmp_path) as session:
         session.expect(names, overwrite=True)
@@ -199,8 +208,8 @@ _CHILD = textwrap.dedent("""
         files.write_mask_file = mask
     elif point == "after-rename":
         real_write = writer._write_sample_files
-        def write(r, jobs):
-            out = real_write(r, jobs)
+        def write(r, jobs, **options):
+            out = real_write(r, jobs, **options)
             count["written"] += 1
             if count["written"] == kill_at + 1:
                 die()  # the sample's files are in place, no commit lists them yet

@@ -109,7 +109,11 @@ def remove_stale_temps(target: str | os.PathLike, temp_prefix: str) -> list[Path
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike, *, overwrite: bool = True, temp_prefix: str = TEMP_PREFIX
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    temp_prefix: str = TEMP_PREFIX,
+    fsync: bool = True,
 ) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces ``path`` atomically.
 
@@ -130,7 +134,8 @@ def atomic_write(
         with open(tmp, "rb+") as handle:
             if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) != mode:
                 os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one
-            os.fsync(handle.fileno())
+            if fsync:  # False: the caller syncs the file before anything relies on it
+                os.fsync(handle.fileno())
         if not overwrite and target.exists():
             raise FileExistsError(target)
         os.replace(tmp, target)
