@@ -120,6 +120,10 @@ def atomic_write(
     ``temp_prefix`` (starting with :data:`TEMP_PREFIX`) names the temporary file; a prefix that
     names the target lets :func:`remove_stale_temps` find a killed writer's leftovers.
 
+    ``fsync=False`` renames without flushing the data to disk first (a crash of the process still
+    leaves the whole file; a power loss may not): for callers that flush many files at once
+    before anything refers to them (the dataset writer's sessions).
+
     With ``overwrite=False`` an existing target is kept and :class:`FileExistsError` is raised
     (checked again just before the rename, to narrow the race with other writers).
     """
