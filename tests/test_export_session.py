@@ -387,3 +387,41 @@ def test_import_and_cli_export_of_many_inputs_use_one_session(tmp_path, monkeypa
     assert main(argv) == 0
     assert read_dataset(tmp_path / "exp").names == stems
     assert len(commits) == 2
+
+
+def test_cli_export_waits_for_the_lock_once_then_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from napari_maskclip.cli import main
+    from napari_maskclip.export.lock import DatasetLock
+
+    root = tmp_path / "ds"
+    export_sample(root, "first", *_arrays(0), "a, b")
+    for i in range(3):
+        image, labels = _arrays(i)
+        Image.fromarray(image).save(tmp_path / f"in{i}.png")
+        Image.fromarray(labels).save(tmp_path / f"in{i}_labels.png")
+    args = ["export", "--images", *[str(tmp_path / f"in{i}.png") for i in range(3)],
+            "--labels", *[str(tmp_path / f"in{i}_labels.png") for i in range(3)],
+            "--classes", "a, b", "--out", str(root), "--quiet"]
+    monkeypatch.setattr(writer, "LOCK_TIMEOUT_S", 0.5)
+    waits = []
+
+    class Counted(DatasetLock):
+        def acquire_iter(self, timeout):
+            waits.append(timeout)
+            return super().acquire_iter(timeout)
+
+    holder = DatasetLock(root)
+    list(holder.acquire_iter(timeout=1))
+    monkeypatch.setattr(writer, "DatasetLock", Counted)
+    try:
+        assert main(args) != 0
+        assert waits == [0.5]  # one wait, not one per input
+    finally:
+        holder.release()
+    err = capsys.readouterr().err.strip()
+    assert "Another export is writing" in err and "\n" not in err, err
+    assert read_dataset(root).names == ["first"]
+    assert main(args) == 0
+    assert read_dataset(root).names == ["first", "in0", "in1", "in2"]
