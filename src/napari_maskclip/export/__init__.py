@@ -12,6 +12,7 @@ from .reader import Dataset, DatasetSample, is_dataset, read_dataset
 from .remap import ClassMapping, plan_class_mapping
 from .writer import (
     ExportReport,
+    ExportSession,
     check_export_target,
     export_result,
     export_sample,
@@ -28,6 +29,7 @@ __all__ = [
     "export_result",
     "check_export_target",
     "ExportReport",
+    "ExportSession",
     "ClassMapping",
     "plan_class_mapping",
     "is_dataset",
