@@ -94,3 +94,16 @@ def test_export_without_coco_writes_none(panel_with_labels, qtbot, tmp_path):
     panel.folder.setText(str(tmp_path / "ds"))
     assert export_and_wait(qtbot, panel) == "done", panel.status.text()
     assert not (tmp_path / "ds" / COCO_FILE).exists() and panel.last_coco_report is None
+
+
+def test_export_panel_instances_button(panel_with_labels, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, panel = panel_with_labels
+    assert panel.current_layer().name == "photo [maskclip]"
+    qtbot.mouseClick(panel.instances_button, Qt.MouseButton.LeftButton)
+    inst = viewer.layers["photo [maskclip] [instances]"]
+    assert inst.data.max() == 4 and list(inst.features["class"])[1:] == ["cat", "dog", "cat", "cat"]
+    # The instance layer is no class layer: selecting it explains why it cannot be exported.
+    panel.select(inst)
+    assert "does not say which class" in panel.info.text()

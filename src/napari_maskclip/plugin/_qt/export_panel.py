@@ -77,6 +77,11 @@ class ExportWidget(QWidget):
         self.layer_combo.setToolTip(
             "The Labels layer to export (MaskCLIP's, or any with class names)."
         )
+        self.instances_button = QPushButton("Instances")
+        self.instances_button.setToolTip(
+            "Show this layer's instances (connected components of each class) as a "
+            "new Labels layer '<name> [instances]' (a stack: the slice the viewer shows)."
+        )
         self.folder = QLineEdit(prefs.last_dataset or "")
         self.folder.setPlaceholderText("dataset folder (new, empty, or an existing dataset)")
         self.folder.setToolTip(
@@ -138,7 +143,7 @@ class ExportWidget(QWidget):
         self.status.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("labels", self.layer_combo)
+        form.addRow("labels", row(self.layer_combo, self.instances_button))
         form.addRow("dataset", row(self.folder, self.folder_button))
         form.addRow("sample name", self.name)
         form.addRow("slices", self.slices)
@@ -165,6 +170,7 @@ class ExportWidget(QWidget):
         )
         self.runner.ended.connect(self.export_finished.emit)
         self.folder_button.clicked.connect(self._choose_folder)
+        self.instances_button.clicked.connect(self.show_instances)
         self.use_threshold.toggled.connect(self.threshold.setEnabled)
         self.remap.toggled.connect(self.add_classes.setEnabled)
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
@@ -238,6 +244,16 @@ class ExportWidget(QWidget):
             parts.append(f"MaskCLIP wrote {len(plan.written_leads)} slice(s)")
         parts += plan.notes
         self.info.setText("; ".join(parts) + ".")
+
+    def show_instances(self) -> Any:
+        """Add the chosen layer's instance layer (current slice of a stack); returns it."""
+        from ..instances_command import add_instances_layer
+
+        try:
+            return add_instances_layer(self.viewer, self.current_layer(), current_slice=True)
+        except MaskClipError as exc:
+            self.status.setText(show_exception(exc))
+            return None
 
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Dataset folder", self.folder.text())
