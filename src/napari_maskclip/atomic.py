@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_text",
     "is_temp_name",
     "is_stale_temp",
+    "remove_stale_temps",
     "TEMP_PREFIX",
 ]
 
@@ -35,11 +36,11 @@ TEMP_PREFIX = ".tmp-"
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-[0-9a-f]{{16}}(\.[^/]*)?$")
 
 
-def _create_temp(directory: Path, suffix: str) -> Path:
+def _create_temp(directory: Path, suffix: str, prefix: str = TEMP_PREFIX) -> Path:
     """A new, empty temporary file in ``directory``, with the umask's normal mode."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+        tmp = directory / f"{prefix}{os.getpid()}-{secrets.token_hex(8)}{suffix}"
         try:
             os.close(os.open(tmp, flags, 0o666))
         except FileExistsError:
@@ -62,21 +63,58 @@ def is_stale_temp(path: str | os.PathLike) -> bool:
     match = _TEMP_NAME.match(Path(path).name)
     if match is None:
         return False
-    pid = int(match.group(1))
+    return not _process_alive(int(match.group(1)))
+
+
+def _process_alive(pid: int) -> bool:
+    """False only when ``pid`` is certainly not running (unknown counts as alive)."""
     if pid == os.getpid() or os.name == "nt":  # Windows: os.kill would terminate the process
-        return False
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except (PermissionError, OSError):
-        return False  # alive (another user's process), or unknown: keep it
-    return False
+        return True  # alive (another user's process), or unknown: keep it
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike, temp_prefix: str) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` (with ``temp_prefix``) left beside
+    ``target`` when its writer was killed; return them.
+
+    Only regular files named exactly like such a temporary file (the prefix, a process id, 16 hex
+    digits, the target's suffix) whose process is no longer running are removed, nothing else.
+    """
+    if not temp_prefix.startswith(TEMP_PREFIX):
+        raise ValueError(f"temp_prefix must start with {TEMP_PREFIX!r}")
+    target = Path(target)
+    pattern = re.compile(re.escape(temp_prefix) + r"(\d+)-[0-9a-f]{16}" + re.escape(target.suffix))
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(entry.path).st_mode):
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_write(
+    path: str | os.PathLike, *, overwrite: bool = True, temp_prefix: str = TEMP_PREFIX
+) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces ``path`` atomically.
+
+    ``temp_prefix`` (starting with :data:`TEMP_PREFIX`) names the temporary file; a prefix that
+    names the target lets :func:`remove_stale_temps` find a killed writer's leftovers.
 
     With ``overwrite=False`` an existing target is kept and :class:`FileExistsError` is raised
     (checked again just before the rename, to narrow the race with other writers).
@@ -85,7 +123,7 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     target.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and target.exists():
         raise FileExistsError(target)
-    tmp = _create_temp(target.parent, target.suffix)
+    tmp = _create_temp(target.parent, target.suffix, temp_prefix)
     mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 less the umask, as the kernel applied it
     try:
         yield tmp

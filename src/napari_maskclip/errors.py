@@ -42,3 +42,8 @@ class Cancelled(MaskClipError):
 
 class PreferencesError(MaskClipError):
     """Something the user chose to keep (e.g. a class colour) cannot be saved in the config dir."""
+
+
+class OutputError(MaskClipError):
+    """A result cannot be written where asked (a folder in the way, a read-only or full disk,
+    another run writing the same file)."""

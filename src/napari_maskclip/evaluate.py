@@ -296,12 +296,12 @@ class FolderEvaluation:
 
 def _lut_onto(pred_classes: Any, gt_classes: Any, k: int) -> np.ndarray:
     """Predicted label -> ground-truth label by class name (unknown names -> ``k``: not a class)."""
-    from .export.remap import _match
+    from .export.remap import match_class
 
     lut = np.full(len(pred_classes.classes) + 1, k, dtype=np.int64)
     lut[0] = 0
     for i, spec in enumerate(pred_classes.classes, start=1):
-        j = _match(spec, list(gt_classes.classes))
+        j = match_class(spec, list(gt_classes.classes))
         if j is not None:
             lut[i] = j + 1
     return lut

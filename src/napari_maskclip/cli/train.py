@@ -6,8 +6,9 @@
 People's labels (edited pixels) are targets as they are; every other pixel gets the MaskCLIP
 teacher's label on the same augmented crop, then (after ``--self-train-fraction`` of the
 schedule) the student's own. The teacher defaults to the model recorded in the dataset. The
-checkpoint is saved every ``--save-every`` iterations, at the end, and on Ctrl-C; ``--resume``
-continues it exactly.
+checkpoint is saved every ``--save-every`` iterations, at the end, and on Ctrl-C (which takes
+effect when the iteration in progress is complete; press it twice to stop at once and keep the last
+save); ``--resume`` continues it exactly.
 """
 
 from __future__ import annotations
@@ -110,10 +111,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_to_completion(gen, bar.update)
     except KeyboardInterrupt:
-        gen.close()  # saves the last completed iteration
+        gen.close()  # saves the last completed iteration (Ctrl-C acts between iterations)
         bar.close()
-        print(f"napari-maskclip train: interrupted; {out} holds the last completed iteration "
-              "(continue with --resume).", file=sys.stderr)
+        print(f"napari-maskclip train: interrupted; {_holds(out)}.", file=sys.stderr)
         return 130
     finally:
         bar.close()
@@ -125,6 +125,18 @@ def _run(args: argparse.Namespace) -> int:
         summary += f", validation mIoU {miou:.3f}"
     print(summary)
     return 0
+
+
+def _holds(out: Path) -> str:
+    """What the checkpoint holds after an interrupted run, in words."""
+    from ..errors import MaskClipError
+    from ..student.checkpoint import read_checkpoint_meta
+
+    try:
+        iteration = read_checkpoint_meta(out)["iteration"]
+    except MaskClipError:
+        return "nothing was saved"
+    return f"{out} holds iteration {iteration} (continue with --resume)"
 
 
 def _resumed_policy(out: Path) -> str:

@@ -10,11 +10,12 @@ Both steps exist as generators (:meth:`Segmenter.encode_iter`, :meth:`Segmenter.
 window, so the napari widget, the CLI and tests share them; closing the generator cancels between
 windows and nothing partial is cached or returned.
 
-The pipeline of a query, per window at patch resolution: cosine logits of every prompt; prompt
-denoising decided over the whole image (all windows); with key smoothing, class probabilities
-smoothed by key similarity. Scores are upsampled bilinearly to pixels, averaged where windows
-overlap, resized back to the input size, and turned into class probabilities (softmax over
-prompts, max over synonyms) and labels (argmax; background classes and low-confidence pixels 0).
+A query is the engine's read-out (:mod:`.readout`, shared with the student's teacher) applied to
+the windows of one image: cosine logits of every prompt per window; prompt denoising decided over
+the whole image (all windows); cell scores (with key smoothing, class probabilities smoothed by
+key similarity) upsampled bilinearly to pixels. Here the windows are averaged where they overlap
+and resized back to the input size; the read-out then turns the scores into class probabilities
+and labels (argmax; background classes and low-confidence pixels 0), in blocks of rows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
 from .preprocess import check_image_array, prepare_image
-from .refine import class_probabilities, denoise_keep, key_smoothing
+from .readout import ActiveClasses, PromptLayout, Readout, resize_rows
 from .result import SegmentationResult
 from .settings import SegmentSettings
 from .templates import resolve_templates
@@ -43,10 +44,6 @@ from .text import TextEmbeddingCache, TextEncoder
 from .windows import Box, coverage, window_boxes
 
 __all__ = ["Segmenter"]
-
-# Prompt denoising's threshold is calibrated at CLIP's scale (paper and official code: 100), so it
-# is decided at that scale whatever temperature the user picks for the confidence maps.
-DENOISE_SCALE = 100.0
 
 # Output rows processed per block when turning scores into probabilities and labels.
 _ROW_BLOCK = 256
@@ -241,56 +238,36 @@ class Segmenter:
                 "encode the image with key_smoothing=True."
             )
         fg, bg = self._class_lists(classes, background)
-        specs = fg + bg
-        prompts = [syn for spec in specs for syn in spec.synonyms]
-        groups: list[list[int]] = []
-        for spec in specs:
-            first = sum(len(g) for g in groups)
-            groups.append(list(range(first, first + len(spec.synonyms))))
+        layout = PromptLayout.from_classes(fg, bg)
         templates = resolve_templates(s.templates)
-        text = self.text.embed_texts(prompts, templates)  # Q x D
+        text = self.text.embed_texts(list(layout.prompts), templates)  # Q x D
+        readout = Readout(layout, text, s)
 
+        # One window at a time (batch of 1): windows differ in place, not in how they are read.
         windows = features.windows
-        window_logits = [
-            torch.einsum("dhw,qd->qhw", w.features, text.to(w.features.dtype)) for w in windows
-        ]
-
-        # Prompt denoising, decided over the whole image.
-        keep = torch.ones(len(specs), dtype=torch.bool)
+        window_logits = [readout.logits(w.features[None]) for w in windows]
+        # Prompt denoising, decided over the whole image (all windows).
+        class_max = None
         if s.denoise:
-            class_max = torch.full((len(specs),), -1.0)
+            class_max = torch.full((len(layout),), -1.0)
             for lg in window_logits:
-                probs = class_probabilities(lg.flatten(1), groups, DENOISE_SCALE)
-                class_max = torch.maximum(class_max, probs.amax(dim=1).cpu())
-            keep = denoise_keep(class_max, s.denoise_threshold)
-        active = [k for k in range(len(specs)) if keep[k]]
-        removed = [specs[k].name for k in range(len(specs)) if not keep[k]]
-        active_prompts = [q for k in active for q in groups[k]]
-        active_groups: list[list[int]] = []
-        for k in active:
-            first = sum(len(g) for g in active_groups)
-            active_groups.append(list(range(first, first + len(groups[k]))))
+                class_max = torch.maximum(class_max, readout.class_max(lg)[0].cpu())
+        active = readout.select(class_max)
+        kept = set(active.classes)
+        removed = [layout.names[k] for k in range(len(layout)) if k not in kept]
 
         proc_h, proc_w = features.proc_shape
         patch = features.patch
-        channels = len(active) if s.key_smoothing else len(active_prompts)
+        channels = len(active.classes) if s.key_smoothing else len(active.prompts)
         scores = torch.zeros(channels, proc_h, proc_w, dtype=torch.float32, device=text.device)
         total = len(windows)
         yield Progress("segment", 0, total, "reading features")
-        prompt_index = torch.tensor(active_prompts, device=text.device)
         for i, (win, lg) in enumerate(zip(windows, window_logits)):
-            lg = lg.index_select(0, prompt_index.to(lg.device))
-            gh, gw = win.grid
-            if s.key_smoothing:
-                probs = class_probabilities(lg.flatten(1), active_groups, s.logit_scale)
-                probs = key_smoothing(probs, win.keys, threshold=s.ks_threshold)
-                score = probs.reshape(-1, gh, gw)
-            else:
-                score = lg
-            up = F.interpolate(score[None].float(), size=(gh * patch, gw * patch), mode="bilinear",
-                               align_corners=False)[0]
+            keys = None if win.keys is None else win.keys[None]
+            cells = readout.cell_scores(lg.to(text.device), active, keys)
             box = win.box
-            scores[:, box.y0:box.y1, box.x0:box.x1] += up[:, :box.height, :box.width]
+            up = readout.upsample(cells, patch, (box.height, box.width))[0]
+            scores[:, box.y0:box.y1, box.x0:box.x1] += up
             yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
         if features.plan.get("inference") == "sliding":
             window, stride = features.plan["window"], features.plan["stride"]
@@ -298,11 +275,7 @@ class Segmenter:
             cols = torch.from_numpy(coverage(proc_w, window, stride)).to(scores.device)
             scores /= rows[None, :, None] * cols[None, None, :]
 
-        height, width = features.image_shape
-        labels, probabilities = self._finish(
-            scores, (height, width), s, fg_count=len(fg), active=active,
-            active_groups=active_groups,
-        )
+        labels, probabilities = self._finish(scores, features.image_shape, readout, active)
         result = SegmentationResult(
             labels=labels,
             probabilities=probabilities,
@@ -313,42 +286,26 @@ class Segmenter:
         )
         return result
 
+    @staticmethod
     def _finish(
-        self,
-        scores: torch.Tensor,
-        size: tuple[int, int],
-        s: SegmentSettings,
-        *,
-        fg_count: int,
-        active: list[int],
-        active_groups: list[list[int]],
+        scores: torch.Tensor, size: tuple[int, int], readout: Readout, active: ActiveClasses
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores at processing size -> labels and foreground probabilities at image size."""
+        """Scores at processing size -> labels and foreground probabilities at image size, in
+        blocks of rows (bounded memory on big images)."""
         height, width = size
+        fg_count = readout.layout.fg_count
         resize = tuple(scores.shape[-2:]) != (height, width)
         label_dtype = np.uint8 if fg_count <= 255 else np.uint16
         labels = np.zeros((height, width), dtype=label_dtype)
         probabilities = np.zeros((fg_count, height, width), dtype=np.float32)
-        # Label value of each active class: k+1 for the user's classes, 0 for background ones.
-        values = torch.tensor([k + 1 if k < fg_count else 0 for k in active], dtype=torch.int64)
-        fg_rows = [(j, k) for j, k in enumerate(active) if k < fg_count]
+        fg_rows = [(j, k) for j, k in enumerate(active.classes) if k < fg_count]
         for y0 in range(0, height, _ROW_BLOCK):
             y1 = min(height, y0 + _ROW_BLOCK)
-            if resize:
-                # Resample only the rows this block needs (bounded memory on big images).
-                block = _resize_rows(scores, y0, y1, height, width)
-            else:
-                block = scores[:, y0:y1]
-            if s.key_smoothing:
-                probs = block / block.sum(dim=0, keepdim=True).clamp_min(1e-12)
-            else:
-                probs = class_probabilities(block, active_groups, s.logit_scale)
-            best_p, best = probs.max(dim=0)
-            lab = values[best.cpu()]
-            if s.background_threshold is not None:
-                lab[best_p.cpu() < s.background_threshold] = 0
-            labels[y0:y1] = lab.numpy().astype(label_dtype)
-            probs_np = probs.cpu().numpy()
+            # Resample only the rows this block needs.
+            block = resize_rows(scores, y0, y1, height, width) if resize else scores[:, y0:y1]
+            decision = readout.decide(block[None], active)
+            labels[y0:y1] = decision.labels[0].cpu().numpy().astype(label_dtype)
+            probs_np = decision.probabilities[0].cpu().numpy()
             for j, k in fg_rows:
                 probabilities[k, y0:y1] = probs_np[j]
         return labels, probabilities
@@ -404,35 +361,3 @@ class Segmenter:
         """Segment ``image`` into ``classes`` (see :meth:`run_iter`)."""
         return run_to_completion(self.run_iter(image, classes, **kwargs))
 
-
-def _resize_rows(scores: torch.Tensor, y0: int, y1: int, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of ``scores`` to ``height x width``, computing only output rows y0..y1.
-
-    Equivalent to resizing the whole map (align_corners=False) and slicing, because each output
-    row only reads the source rows around ``(y + 0.5) * scale - 0.5``.
-    """
-    src_h = scores.shape[-2]
-    scale = src_h / height
-    ys = (torch.arange(y0, y1, dtype=torch.float64) + 0.5) * scale - 0.5
-    ys = ys.clamp(min=0.0)
-    top = ys.floor().long().clamp(max=src_h - 1)
-    bottom = (top + 1).clamp(max=src_h - 1)
-    frac = (ys - top.double()).float().to(scores.device)
-    rows_top = scores[:, top.to(scores.device)]
-    rows_bottom = scores[:, bottom.to(scores.device)]
-    rows = rows_top + (rows_bottom - rows_top) * frac[None, :, None]
-    return _resize_cols(rows, width)
-
-
-def _resize_cols(rows: torch.Tensor, width: int) -> torch.Tensor:
-    src_w = rows.shape[-1]
-    if src_w == width:
-        return rows
-    scale = src_w / width
-    xs = ((torch.arange(width, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
-    left = xs.floor().long().clamp(max=src_w - 1)
-    right = (left + 1).clamp(max=src_w - 1)
-    frac = (xs - left.double()).float().to(rows.device)
-    a = rows[..., left.to(rows.device)]
-    b = rows[..., right.to(rows.device)]
-    return a + (b - a) * frac
