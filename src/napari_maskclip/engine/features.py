@@ -54,6 +54,11 @@ class ImageFeatures:
     model_identity: str
     encode_settings: dict[str, Any]
     plan: dict[str, Any] = field(default_factory=dict)
+    #: The image as the model saw it before resizing (``H x W x 3``, 0..1, float16): the guide
+    #: of PAMR and the source of superpixels, so both stay query-time refinements.
+    guide: Optional[np.ndarray] = None
+    #: Superpixel maps computed so far, by method and parameters (re-queries reuse them).
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def has_keys(self) -> bool:
@@ -61,7 +66,9 @@ class ImageFeatures:
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.windows)
+        size = sum(w.nbytes for w in self.windows)
+        size += 0 if self.guide is None else self.guide.nbytes
+        return size + sum(r.nbytes for r in self.regions.values())
 
 
 def image_digest(image: np.ndarray, extra: str = "") -> str:

@@ -89,6 +89,16 @@ class RegionVote:
         self.sums.index_add_(1, ids, probs.reshape(probs.shape[0], -1).to(self.sums))
         self.counts.index_add_(0, ids, torch.ones_like(ids, dtype=self.counts.dtype))
 
+    def covers(self, y0: int, y1: int) -> bool:
+        """Whether every pixel of rows ``y0..y1`` lies in a region (then :meth:`voted` suffices)."""
+        return bool((self.regions[y0:y1] != 0).all())
+
+    def voted(self, y0: int, y1: int) -> torch.Tensor:
+        """The region means of rows ``y0..y1`` (``K x rows x W``), for rows that :meth:`covers`."""
+        ids = self._ids(y0, y1, self.sums.device)
+        means = (self.sums / self.counts.clamp_min(1.0)).float()
+        return means[:, ids].reshape(-1, y1 - y0, self.regions.shape[1])
+
     def apply(self, probs: torch.Tensor, y0: int) -> torch.Tensor:
         """Rows ``y0..`` with each region's mean (region 0 keeps its own probabilities)."""
         ids = self._ids(y0, y0 + probs.shape[1], self.sums.device)

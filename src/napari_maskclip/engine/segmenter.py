@@ -35,8 +35,10 @@ from .dense import dense_features
 from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
+from .pamr import pamr_halo
 from .preprocess import check_image_array, prepare_image
 from .readout import ActiveClasses, PromptLayout, Readout, resize_rows
+from .regions import RegionVote, check_regions, superpixels
 from .result import SegmentationResult
 from .settings import SegmentSettings
 from .templates import resolve_templates
@@ -170,6 +172,7 @@ class Segmenter:
         else:
             boxes = [Box(0, 0, proc[0], proc[1])]
         pixels = self._pixels(unit, proc)
+        guide = unit.astype(np.float16)
         del unit
         patch = self.loaded.patch_size
         total = len(boxes)
@@ -202,6 +205,7 @@ class Segmenter:
                                                                   "short_side", "max_whole_pixels",
                                                                   "auto_window")},
             plan=plan,
+            guide=guide,
         )
         self.features_cache.put(features)
         return features
@@ -225,11 +229,20 @@ class Segmenter:
         classes: ClassesLike,
         *,
         background: Optional[ClassesLike] = None,
+        regions: Optional[np.ndarray | str] = None,
         settings: Optional[SegmentSettings] = None,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
-        """Read cached features against class names; yields progress per window."""
+        """Read cached features against class names; yields progress per window.
+
+        ``regions``: a label image of the image's size (0 = no region) for region voting (it
+        sets the setting ``regions="labels"``), or the setting itself (``"slic"``, ...)."""
+        if isinstance(regions, str):
+            overrides, regions = {**overrides, "regions": regions}, None
+        elif regions is not None:
+            overrides = {**overrides, "regions": "labels"}
         s = self._resolve(settings, overrides)
+        region_map = self._region_map(features, s, regions)
         if features.model_identity != self.loaded.identity:
             raise InvalidInputError("These features were encoded by another model; encode again.")
         if s.key_smoothing and not features.has_keys:
@@ -275,7 +288,8 @@ class Segmenter:
             cols = torch.from_numpy(coverage(proc_w, window, stride)).to(scores.device)
             scores /= rows[None, :, None] * cols[None, None, :]
 
-        labels, probabilities = self._finish(scores, features.image_shape, readout, active)
+        labels, probabilities = self._finish(scores, features.image_shape, readout, active,
+                                             guide=features.guide, regions=region_map)
         result = SegmentationResult(
             labels=labels,
             probabilities=probabilities,
@@ -287,23 +301,74 @@ class Segmenter:
         return result
 
     @staticmethod
+    def _region_map(
+        features: ImageFeatures, s: SegmentSettings, regions: Optional[np.ndarray]
+    ) -> Optional[np.ndarray]:
+        """The id map for region voting (superpixels cached on the features), or None."""
+        if s.regions is None:
+            return None
+        if s.regions == "labels":
+            if regions is None:
+                raise InvalidInputError(
+                    "regions='labels' needs a label image: pass regions=ARRAY (same size as the image)."
+                )
+            return check_regions(regions, features.image_shape)
+        if features.guide is None:
+            raise InvalidInputError("These features hold no image for superpixels; encode again.")
+        params = s.region_params()
+        key = f"{s.regions}|{sorted(params.items())}"
+        if key not in features.regions:
+            features.regions[key] = superpixels(features.guide, s.regions, **params)
+        return features.regions[key]
+
+    @staticmethod
     def _finish(
-        scores: torch.Tensor, size: tuple[int, int], readout: Readout, active: ActiveClasses
+        scores: torch.Tensor,
+        size: tuple[int, int],
+        readout: Readout,
+        active: ActiveClasses,
+        *,
+        guide: Optional[np.ndarray] = None,
+        regions: Optional[np.ndarray] = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores at processing size -> labels and foreground probabilities at image size, in
-        blocks of rows (bounded memory on big images)."""
+        blocks of rows (bounded memory on big images). PAMR reads each block with a halo of
+        rows (exact); region voting takes a first pass to sum each region's probabilities."""
         height, width = size
+        s = readout.settings
         fg_count = readout.layout.fg_count
         resize = tuple(scores.shape[-2:]) != (height, width)
         label_dtype = np.uint8 if fg_count <= 255 else np.uint16
         labels = np.zeros((height, width), dtype=label_dtype)
         probabilities = np.zeros((fg_count, height, width), dtype=np.float32)
         fg_rows = [(j, k) for j, k in enumerate(active.classes) if k < fg_count]
+        if s.pamr and guide is None:
+            raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
+        halo = pamr_halo(s.pamr_iterations, s.pamr_dilations) if s.pamr else 0
+
+        def block_probs(y0: int, y1: int) -> torch.Tensor:
+            a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
+            # Resample only the rows this block needs.
+            block = resize_rows(scores, a0, a1, height, width) if resize else scores[:, a0:a1]
+            if s.pamr:
+                g = torch.from_numpy(guide[a0:a1].astype(np.float32)).permute(2, 0, 1)[None]
+                block = readout.refine_pixels(block[None], g.to(block.device))[0]
+            return readout.probabilities(block[None, :, y0 - a0:y1 - a0], active)[0]
+
+        vote = None
+        if regions is not None:
+            vote = RegionVote(regions, len(active.classes), scores.device)
+            for y0 in range(0, height, _ROW_BLOCK):
+                vote.add(block_probs(y0, min(height, y0 + _ROW_BLOCK)), y0)
         for y0 in range(0, height, _ROW_BLOCK):
             y1 = min(height, y0 + _ROW_BLOCK)
-            # Resample only the rows this block needs.
-            block = resize_rows(scores, y0, y1, height, width) if resize else scores[:, y0:y1]
-            decision = readout.decide(block[None], active)
+            if vote is not None and vote.covers(y0, y1):
+                probs = vote.voted(y0, y1)
+            else:
+                probs = block_probs(y0, y1)
+                if vote is not None:
+                    probs = vote.apply(probs, y0)
+            decision = readout.label(probs[None], active)
             labels[y0:y1] = decision.labels[0].cpu().numpy().astype(label_dtype)
             probs_np = decision.probabilities[0].cpu().numpy()
             for j, k in fg_rows:
@@ -344,6 +409,7 @@ class Segmenter:
         background: Optional[ClassesLike] = None,
         channel_axis: Optional[int] = None,
         channels: Optional[Sequence[int]] = None,
+        regions: Optional[np.ndarray | str] = None,
         settings: Optional[SegmentSettings] = None,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
@@ -354,7 +420,8 @@ class Segmenter:
         features = yield from self.encode_iter(
             image, channel_axis=channel_axis, channels=channels, settings=s
         )
-        result = yield from self.segment_iter(features, classes, background=background, settings=s)
+        result = yield from self.segment_iter(features, classes, background=background,
+                                              regions=regions, settings=s)
         return result
 
     def __call__(self, image: np.ndarray, classes: ClassesLike, **kwargs: Any) -> SegmentationResult:
