@@ -44,6 +44,50 @@ def _channels(text: str) -> list[int]:
     return picks
 
 
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"dilations are integers separated by commas, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("give whole numbers >= 1, e.g. 1,2")
+    return values
+
+
+def region_source(args: argparse.Namespace) -> Optional[str]:
+    """The ``regions`` setting of ``--regions``: a method name, ``labels`` for a file, or None."""
+    from ..engine.settings import REGION_SOURCES
+
+    value = getattr(args, "regions", None)
+    if value is None:
+        return None
+    if value in REGION_SOURCES[:-1]:
+        return value
+    return "labels"
+
+
+def region_labels(args: argparse.Namespace, stem: str, *, read: bool = True):
+    """The label image ``--regions FILE`` names for the image ``stem`` (None for superpixels);
+    ``read=False`` only checks that the file exists."""
+    if region_source(args) != "labels":
+        return None
+    from ..image_files import read_label_image
+
+    path = Path(args.regions.replace("{stem}", stem))
+    if not path.is_file():
+        raise InvalidInputError(
+            f"--regions {args.regions!r}: no label image {path} (use slic, felzenszwalb or a file)."
+        )
+    return read_label_image(path) if read else None
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--pretrained``, ``--device``, ``--precision`` (shared with other commands)."""
     group = parser.add_argument_group("model")
@@ -64,8 +108,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("MaskCLIP")
     group.add_argument("--mode", default="maskclip", choices=[m for m in MODES],
-                       help="last-layer read-out: maskclip (paper), sclip, clearclip, naclip "
-                       "(ViT only), naive (baseline).")
+                       help="last-layer read-out: maskclip (paper), sclip, clearclip, naclip, "
+                       "scclip (ViT only), naive (baseline).")
     group.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                        help="prompt denoising: drop classes absent from the image (default on).")
     group.add_argument("--denoise-threshold", type=_unit_float, default=0.5, metavar="P")
@@ -90,6 +134,21 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--short-side", type=_positive_int, default=None, metavar="PX",
                        help="resize so the short side has PX pixels before inference (outputs "
                        "keep the original size).")
+    refine = parser.add_argument_group("refinements (query time, every mode)")
+    refine.add_argument("--pamr", action="store_true",
+                        help="PAMR: refine scores by local colour affinity (as SCLIP/NACLIP).")
+    refine.add_argument("--pamr-iterations", type=_nonneg_int, default=10, metavar="N")
+    refine.add_argument("--pamr-dilations", type=_dilations, default=(1, 2), metavar="D[,D]",
+                        help="neighbour distances in pixels (default 1,2).")
+    refine.add_argument("--regions", default=None, metavar="slic|felzenszwalb|FILE",
+                        help="region voting: each region gets its mean class probabilities. "
+                        "Regions from superpixels (slic, felzenszwalb) or a label image FILE of "
+                        "the image's size (0 = no region); '{stem}' in FILE is each image's stem.")
+    refine.add_argument("--slic-segments", type=_positive_int, default=400, metavar="N")
+    refine.add_argument("--slic-compactness", type=float, default=10.0, metavar="C")
+    refine.add_argument("--felzenszwalb-scale", type=float, default=100.0, metavar="S")
+    refine.add_argument("--felzenszwalb-sigma", type=float, default=0.8, metavar="S")
+    refine.add_argument("--felzenszwalb-min-size", type=_positive_int, default=50, metavar="PX")
     group.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
                        help="axis holding channels of a multichannel image.")
     group.add_argument("--channels", type=_channels, default=None, metavar="I[,J,K]",
@@ -120,6 +179,15 @@ def settings_from_args(args: argparse.Namespace):
         logit_scale=args.temperature,
         templates=templates,
         background_threshold=args.background_threshold,
+        pamr=args.pamr,
+        pamr_iterations=args.pamr_iterations,
+        pamr_dilations=tuple(args.pamr_dilations),
+        regions=region_source(args),
+        slic_segments=args.slic_segments,
+        slic_compactness=args.slic_compactness,
+        felzenszwalb_scale=args.felzenszwalb_scale,
+        felzenszwalb_sigma=args.felzenszwalb_sigma,
+        felzenszwalb_min_size=args.felzenszwalb_min_size,
     ).validate()
 
 
@@ -168,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     for path in images:
         if not path.is_file():
             raise InvalidInputError(f"Image file not found: {path}")
+        region_labels(args, path.stem, read=False)  # a missing region file fails before any work
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise InvalidInputError("Two input images share a file name stem; outputs would collide.")
@@ -192,7 +261,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = run_to_completion(
                 segmenter.run_iter(image, classes, background=background or None,
-                                   channel_axis=args.channel_axis, channels=args.channels),
+                                   channel_axis=args.channel_axis, channels=args.channels,
+                                   regions=region_labels(args, path.stem)),
                 update,
             )
         finally:
