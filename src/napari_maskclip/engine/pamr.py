@@ -49,17 +49,17 @@ def _affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     h, w = image.shape[-2:]
     pad = max(dilations)
     padded = F.pad(image, [pad] * 4, mode="replicate")
-    window, diffs = [], []
-    for d in dilations:
-        for oy, ox in _OFFSETS:
-            shifted = _shifted(padded, pad, oy * d, ox * d, h, w)
-            window.append(shifted)
-            if (oy, ox) != (0, 0):
-                diffs.append((image - shifted).abs())
-    std = torch.stack(window, dim=2).std(dim=2)  # B x C x H x W, unbiased, centre included
-    del window
-    aff = -torch.stack(diffs, dim=2) / (1e-8 + 0.1 * std[:, :, None])  # B x C x P x H x W
-    return aff.mean(dim=1).softmax(dim=1)
+    shifts = [(oy * d, ox * d) for d in dilations for oy, ox in _OFFSETS]
+    # Unbiased std of the 3x3 windows at every dilation (centre included), in two passes.
+    mean = sum(_shifted(padded, pad, dy, dx, h, w) for dy, dx in shifts) / len(shifts)
+    var = sum((_shifted(padded, pad, dy, dx, h, w) - mean).square_() for dy, dx in shifts)
+    inv = 1.0 / (1e-8 + 0.1 * (var / (len(shifts) - 1)).sqrt_())  # B x C x H x W
+    channels = image.shape[1]
+    logits = torch.stack([
+        ((image - _shifted(padded, pad, oy * d, ox * d, h, w)).abs_().mul_(inv)).sum(dim=1)
+        for d in dilations for oy, ox in _OFFSETS if (oy, ox) != (0, 0)
+    ], dim=1).div_(-channels)  # B x P x H x W: mean over channels of -|dI| / (0.1 std)
+    return logits.softmax(dim=1)
 
 
 def _refine_whole(image: torch.Tensor, scores: torch.Tensor, iterations: int,
@@ -72,7 +72,7 @@ def _refine_whole(image: torch.Tensor, scores: torch.Tensor, iterations: int,
         padded = F.pad(scores, [pad] * 4, mode="replicate")
         out = torch.zeros_like(scores)
         for i, (dy, dx) in enumerate(offsets):
-            out += weights[:, i:i + 1] * _shifted(padded, pad, dy, dx, h, w)
+            out.addcmul_(weights[:, i:i + 1], _shifted(padded, pad, dy, dx, h, w))
         scores = out
     return scores
 
