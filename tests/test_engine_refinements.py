@@ -38,7 +38,7 @@ def test_pamr_labels_match_reference_and_requery_needs_no_encoder(tiny_vit):
     with EncoderCalls(tiny_vit.visual) as calls:
         features = seg.encode(image)
         plain = seg.segment(features, CLASSES)
-        refined = seg.segment(features, CLASSES, pamr=True, pamr_iterations=3)
+        refined = seg.segment(features, CLASSES, pamr=True, pamr_iterations=3, pamr_dilations=(1, 2))
         assert calls.count == 1  # PAMR is a query-time option
     ref = _reference_probs(tiny_vit, image, pamr_iters=3)
     np.testing.assert_allclose(refined.probabilities, ref.numpy(), atol=1e-3)
@@ -50,13 +50,19 @@ def test_pamr_labels_match_reference_and_requery_needs_no_encoder(tiny_vit):
 
 def test_pamr_in_row_blocks_with_halo_equals_one_block(tiny_vit, monkeypatch):
     image = blocky_rgb(72, 40, seed=2, block=8)
-    seg = _segmenter(tiny_vit, pamr=True, short_side=24)  # resized: rows are resampled per block
+    # Resized, so rows are resampled per block; halo 3 x 2 = 6 rows, blocks of max(7, 4 x 6) rows.
+    seg = _segmenter(tiny_vit, pamr=True, pamr_iterations=3, pamr_dilations=(1, 2), short_side=24)
     features = seg.encode(image)
     whole = seg.segment(features, CLASSES)
     monkeypatch.setattr(segmenter_module, "_ROW_BLOCK", 7)
     blocks = seg.segment(features, CLASSES)
     np.testing.assert_allclose(blocks.probabilities, whole.probabilities, atol=1e-5)
     assert np.mean(blocks.labels == whole.labels) > 0.999
+    # The default (official) dilations 8 and 16: a 160-px halo, blocks of 640 rows.
+    default = _segmenter(tiny_vit, pamr=True)
+    monkeypatch.setattr(segmenter_module, "_ROW_BLOCK", 256)
+    one = default.segment(default.encode(image), CLASSES)
+    assert one.settings["pamr_dilations"] == [8, 16]
 
 
 def test_region_voting_with_a_label_image(tiny_vit, monkeypatch):

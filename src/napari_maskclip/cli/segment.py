@@ -138,8 +138,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--pamr", action="store_true",
                         help="PAMR: refine scores by local colour affinity (as SCLIP/NACLIP).")
     refine.add_argument("--pamr-iterations", type=_nonneg_int, default=10, metavar="N")
-    refine.add_argument("--pamr-dilations", type=_dilations, default=(1, 2), metavar="D[,D]",
-                        help="neighbour distances in pixels (default 1,2).")
+    refine.add_argument("--pamr-dilations", type=_dilations, default=(8, 16), metavar="D[,D]",
+                        help="neighbour distances in pixels (default 8,16 as SCLIP/NACLIP).")
     refine.add_argument("--regions", default=None, metavar="slic|felzenszwalb|FILE",
                         help="region voting: each region gets its mean class probabilities. "
                         "Regions from superpixels (slic, felzenszwalb) or a label image FILE of "

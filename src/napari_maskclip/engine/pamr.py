@@ -3,8 +3,8 @@
 Class scores at image resolution are repeatedly replaced by an affinity-weighted mean of their
 neighbours, the affinity coming from local colour differences, so labels snap to image edges:
 
-* neighbours: the 8 pixels around ``p`` at each dilation ``d`` (default 1 and 2; 16 in all),
-  the image replicate-padded at its borders;
+* neighbours: the 8 pixels around ``p`` at each dilation ``d`` (default 8 and 16 pixels, the
+  successors' ``pamr_stride``; 16 neighbours in all), the image replicate-padded at its borders;
 * per image channel ``c``: ``a_c(p, n) = -|I_c(p) - I_c(n)| / (1e-8 + 0.1 * std_c(p))`` where
   ``std_c(p)`` is the (unbiased) standard deviation of the 3x3 neighbourhoods of ``p`` at every
   dilation, centre included (9 values per dilation);
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 __all__ = ["pamr", "pamr_halo", "PAMR_ITERATIONS", "PAMR_DILATIONS"]
 
 PAMR_ITERATIONS = 10
-PAMR_DILATIONS = (1, 2)
+PAMR_DILATIONS = (8, 16)  # SCLIP/NACLIP/SC-CLIP (pamr_stride); the PAMR paper used 1..24
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 
@@ -84,7 +84,7 @@ def pamr(
     *,
     iterations: int = PAMR_ITERATIONS,
     dilations: Sequence[int] = PAMR_DILATIONS,
-    tile: int = 512,
+    tile: int = 1024,
 ) -> torch.Tensor:
     """Refine ``B x K x H x W`` (or ``K x H x W``) ``scores`` guided by ``image`` of the same size
     (``B x C x H x W`` / ``C x H x W``, any channel count). Returns a new float32 tensor."""

@@ -345,6 +345,7 @@ class Segmenter:
         if s.pamr and guide is None:
             raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
         halo = pamr_halo(s.pamr_iterations, s.pamr_dilations) if s.pamr else 0
+        rows_per_block = max(_ROW_BLOCK, 4 * halo)  # the halo's rows cost at most 1.5x
 
         def block_probs(y0: int, y1: int) -> torch.Tensor:
             a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
@@ -358,10 +359,10 @@ class Segmenter:
         vote = None
         if regions is not None:
             vote = RegionVote(regions, len(active.classes), scores.device)
-            for y0 in range(0, height, _ROW_BLOCK):
-                vote.add(block_probs(y0, min(height, y0 + _ROW_BLOCK)), y0)
-        for y0 in range(0, height, _ROW_BLOCK):
-            y1 = min(height, y0 + _ROW_BLOCK)
+            for y0 in range(0, height, rows_per_block):
+                vote.add(block_probs(y0, min(height, y0 + rows_per_block)), y0)
+        for y0 in range(0, height, rows_per_block):
+            y1 = min(height, y0 + rows_per_block)
             if vote is not None and vote.covers(y0, y1):
                 probs = vote.voted(y0, y1)
             else:

@@ -64,7 +64,7 @@ class SegmentSettings:
     #: scores at image resolution, refined by local colour affinity before the softmax.
     pamr: bool = False
     pamr_iterations: int = 10
-    pamr_dilations: tuple[int, ...] = (1, 2)
+    pamr_dilations: tuple[int, ...] = (8, 16)
     #: Region voting: every pixel of a region gets the region's mean class probabilities.
     #: ``slic`` / ``felzenszwalb`` (superpixels of the image), ``labels`` (a label image the
     #: caller gives, e.g. ``Segmenter.segment(..., regions=array)``), or ``None`` (off).

@@ -109,7 +109,7 @@ class Teacher:
         dense = dense_features(loaded.visual, x, s.mode, with_keys=s.key_smoothing)
         regions = None
         if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
-            crops = images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+            crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()
             regions = [superpixels(c, s.regions, **s.region_params()) for c in crops]
         labels, confidence = self._readout(dense.features, patch, (height, width), dense.keys,
                                            guide=_half_guide(images, loaded.device) if s.pamr else None,
@@ -120,6 +120,6 @@ class Teacher:
 
 
 def _half_guide(images: torch.Tensor, device: Any) -> torch.Tensor:
-    """PAMR's guide rounded through float16, as the engine caches it, so the teacher refines a
-    crop exactly as the engine refines the same image."""
+    """The crops rounded through float16, as the engine caches an image for PAMR and superpixels,
+    so the teacher refines a crop exactly as the engine refines the same image."""
     return images.to(device=device, dtype=torch.float16).float()
