@@ -124,8 +124,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=100.0, metavar="S",
                        help="softmax scale on cosines (100 as in CLIP; 40-50 gives softer maps).")
     group.add_argument("--templates", default="maskclip85",
-                       help="maskclip85 (default, 85 prompts), single ('a photo of a {}.'), or a "
-                       "text file with one template containing {} per line.")
+                       help="maskclip85 (default, 85 prompts), openai80 (CLIP's 80, as the "
+                       "successors), single ('a photo of a {}.'), or a text file with one "
+                       "template containing {} per line.")
     group.add_argument("--window", type=_positive_int, default=None, metavar="PX",
                        help="sliding-window crop size; default whole image (large images switch "
                        "to windows automatically).")
@@ -149,10 +150,17 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--felzenszwalb-scale", type=float, default=100.0, metavar="S")
     refine.add_argument("--felzenszwalb-sigma", type=float, default=0.8, metavar="S")
     refine.add_argument("--felzenszwalb-min-size", type=_positive_int, default=50, metavar="PX")
+    from ..engine.presets import PRESETS
+
+    group.add_argument("--preset", default=None, choices=list(PRESETS),
+                       help="a paper's evaluation settings (mode, templates, temperature, window, "
+                       "stride, short side, PAMR, denoising; see the README); options you give "
+                       "explicitly win. Recorded in the result's settings.")
     group.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
                        help="axis holding channels of a multichannel image.")
     group.add_argument("--channels", type=_channels, default=None, metavar="I[,J,K]",
                        help="1 or 3 channels to use from a multichannel image.")
+    parser.set_defaults(engine_option_defaults={a.dest: a.default for a in parser._actions})
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -160,14 +168,14 @@ def settings_from_args(args: argparse.Namespace):
     from ..engine.settings import SegmentSettings
 
     templates: Any = args.templates
-    if templates not in ("maskclip85", "single") and "{}" not in templates:
+    if templates not in ("maskclip85", "openai80", "single") and "{}" not in templates:
         path = Path(templates)
         if not path.is_file():
             raise InvalidInputError(
-                f"--templates {templates!r}: use maskclip85, single, or a file of templates."
+                f"--templates {templates!r}: use maskclip85, openai80, single, or a file of templates."
             )
         templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    return SegmentSettings(
+    values = dict(
         mode=args.mode,
         window=args.window,
         stride=args.stride,
@@ -188,7 +196,26 @@ def settings_from_args(args: argparse.Namespace):
         felzenszwalb_scale=args.felzenszwalb_scale,
         felzenszwalb_sigma=args.felzenszwalb_sigma,
         felzenszwalb_min_size=args.felzenszwalb_min_size,
-    ).validate()
+    )
+    preset = getattr(args, "preset", None)
+    if preset:
+        from ..engine.presets import preset_settings
+
+        # The preset fills every option left at its default; options the user changed win.
+        defaults = getattr(args, "engine_option_defaults", {})
+        for field, value in preset_settings(preset).items():
+            dest = _PRESET_OPTIONS.get(field)
+            if dest is None or getattr(args, dest) == defaults.get(dest):
+                values[field] = value
+    return SegmentSettings(**values).validate()
+
+
+#: SegmentSettings field -> option dest, for the fields a preset sets.
+_PRESET_OPTIONS = {"mode": "mode", "templates": "templates", "logit_scale": "temperature",
+                   "denoise": "denoise", "key_smoothing": "key_smoothing",
+                   "short_side": "short_side", "window": "window", "stride": "stride",
+                   "pamr": "pamr", "pamr_iterations": "pamr_iterations",
+                   "pamr_dilations": "pamr_dilations"}
 
 
 def default_pretrained(model: str, pretrained: Optional[str]) -> Optional[str]:

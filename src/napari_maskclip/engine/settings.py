@@ -74,7 +74,16 @@ class SegmentSettings:
     felzenszwalb_scale: float = 100.0
     felzenszwalb_sigma: float = 0.8
     felzenszwalb_min_size: int = 50
+    #: The paper preset these settings started from (recorded only; see :mod:`.presets`).
+    preset: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> "SegmentSettings":
+        """A paper's evaluation settings (:mod:`.presets`), then ``changes``; records ``preset``."""
+        from .presets import preset_settings
+
+        return cls().replace(**preset_settings(name)).replace(**changes)
 
     def replace(self, **changes: Any) -> "SegmentSettings":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
