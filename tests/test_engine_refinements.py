@@ -55,6 +55,7 @@ def test_pamr_in_row_blocks_with_halo_equals_one_block(tiny_vit, monkeypatch):
     features = seg.encode(image)
     whole = seg.segment(features, CLASSES)
     monkeypatch.setattr(segmenter_module, "_ROW_BLOCK", 7)
+    monkeypatch.setattr(segmenter_module, "_PAMR_WHOLE_PIXELS", 0)
     blocks = seg.segment(features, CLASSES)
     np.testing.assert_allclose(blocks.probabilities, whole.probabilities, atol=1e-5)
     assert np.mean(blocks.labels == whole.labels) > 0.999

@@ -49,6 +49,8 @@ __all__ = ["Segmenter"]
 
 # Output rows processed per block when turning scores into probabilities and labels.
 _ROW_BLOCK = 256
+# Images up to this many pixels are refined by PAMR in one block (no repeated halo rows).
+_PAMR_WHOLE_PIXELS = 1 << 21
 
 
 class Segmenter:
@@ -346,6 +348,8 @@ class Segmenter:
             raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
         halo = pamr_halo(s.pamr_iterations, s.pamr_dilations) if s.pamr else 0
         rows_per_block = max(_ROW_BLOCK, 4 * halo)  # the halo's rows cost at most 1.5x
+        if s.pamr and height * width <= _PAMR_WHOLE_PIXELS:
+            rows_per_block = height  # small enough to refine at once: no halo rows at all
 
         def block_probs(y0: int, y1: int) -> torch.Tensor:
             a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
