@@ -54,14 +54,14 @@ def test_pamr_in_row_blocks_with_halo_equals_one_block(tiny_vit, monkeypatch):
     seg = _segmenter(tiny_vit, pamr=True, pamr_iterations=3, pamr_dilations=(1, 2), short_side=24)
     features = seg.encode(image)
     whole = seg.segment(features, CLASSES)
-    monkeypatch.setattr(segmenter_module, "_ROW_BLOCK", 7)
+    monkeypatch.setattr(segmenter_module, "_REFINE_ROWS", 7)
     monkeypatch.setattr(segmenter_module, "_PAMR_WHOLE_PIXELS", 0)
     blocks = seg.segment(features, CLASSES)
     np.testing.assert_allclose(blocks.probabilities, whole.probabilities, atol=1e-5)
     assert np.mean(blocks.labels == whole.labels) > 0.999
     # The default (official) dilations 8 and 16: a 160-px halo, blocks of 640 rows.
     default = _segmenter(tiny_vit, pamr=True)
-    monkeypatch.setattr(segmenter_module, "_ROW_BLOCK", 256)
+    monkeypatch.setattr(segmenter_module, "_REFINE_ROWS", 256)
     one = default.segment(default.encode(image), CLASSES)
     assert one.settings["pamr_dilations"] == [8, 16]
 
@@ -72,7 +72,7 @@ def test_region_voting_with_a_label_image(tiny_vit, monkeypatch):
     regions[:12, :16] = 5
     regions[12:, 8:] = 9  # the rest is 0: no region, pixels keep their own probabilities
     seg = _segmenter(tiny_vit)
-    monkeypatch.setattr(segmenter_module, "_ROW_BLOCK", 5)  # the two passes cross blocks
+    monkeypatch.setattr(segmenter_module, "_REFINE_ROWS", 5)  # the two passes cross blocks
     result = seg(image, CLASSES, regions=regions)
     ref = _reference_probs(tiny_vit, image).numpy()
     for r in (5, 9):

@@ -25,7 +25,6 @@ labels onto the ground truth's classes by name.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -228,6 +227,14 @@ class MaskSource:
     #: The class table of the whole folder (a dataset, or ``masks/`` beside ``classes.json``).
     shared_classes: Optional["DatasetClasses"] = None
     kind: str = "masks"
+    #: Per stem, the dataset sample (its mask is read through the dataset's checked reader).
+    samples: dict[str, Any] = field(default_factory=dict)
+
+    def read(self, stem: str) -> np.ndarray:
+        """The 2D mask of ``stem`` (checked: readable, 2D integers, the size its dataset says)."""
+        if stem in self.samples:
+            return self.samples[stem].read_mask()
+        return _read_mask(self.files[stem])
 
 
 def find_masks(folder: str | os.PathLike) -> MaskSource:
@@ -235,7 +242,7 @@ def find_masks(folder: str | os.PathLike) -> MaskSource:
     from .export.class_table import DatasetClasses, read_class_table
     from .export.layout import CLASSES_JSON
     from .export.reader import is_dataset, read_dataset
-    from .result_files import LABELS_SUFFIX, find_results
+    from .result_files import LABELS_SUFFIX, find_results, read_result_table
 
     root = Path(folder)
     if not root.is_dir():
@@ -243,13 +250,13 @@ def find_masks(folder: str | os.PathLike) -> MaskSource:
     if is_dataset(root):
         ds = read_dataset(root)
         return MaskSource(root, {s.name: s.mask_path for s in ds}, shared_classes=ds.classes,
-                          kind="dataset")
+                          kind="dataset", samples={s.name: s for s in ds})
     results = find_results(root)
     if results:
         files: dict[str, Path] = {}
         classes: dict[str, DatasetClasses] = {}
         for path in results:
-            table = json.loads(path.read_text(encoding="utf-8"))
+            table = read_result_table(path)
             stem = path.name[: -len("_classes.json")]
             label_name = (table.get("files") or {}).get("labels") or f"{stem}{LABELS_SUFFIX}.png"
             files[stem] = path.parent / label_name
@@ -370,8 +377,8 @@ def evaluate_folders(
     cm = np.zeros((k, k + 1), dtype=np.int64)
     remapped = False
     for stem in matched:
-        g = _read_mask(gt.files[stem])
-        p = _read_mask(pred.files[stem])
+        g = gt.read(stem)
+        p = pred.read(stem)
         if g.shape != p.shape:
             raise InvalidInputError(
                 f"{stem}: the prediction is {p.shape[1]}x{p.shape[0]} px but the ground truth is "

@@ -24,14 +24,17 @@ __all__ = ["interrupts_deferred"]
 
 
 @contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Run the block with SIGINT held back; deliver a held SIGINT when the block completes."""
+def interrupts_deferred() -> Iterator[list[int]]:
+    """Run the block with SIGINT held back; deliver a held SIGINT when the block completes.
+
+    The block gets the list of held signals (empty until a Ctrl-C comes), so it can tell others
+    (data-parallel ranks) that this unit is the last."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     previous = signal.getsignal(signal.SIGINT)
     if not callable(previous):  # ignored, the OS default, or set outside Python: leave it alone
-        yield
+        yield []
         return
     held: list[int] = []
 
@@ -44,7 +47,7 @@ def interrupts_deferred() -> Iterator[None]:
 
     signal.signal(signal.SIGINT, hold)
     try:
-        yield
+        yield held
     finally:
         signal.signal(signal.SIGINT, previous)
     if held:

@@ -13,7 +13,7 @@ one image) and the student's teacher (a batch of training crops) read features t
    prompts' cosines, or, with key smoothing, class probabilities smoothed by key similarity.
    (Cell-level refinements belong here.)
 4. :meth:`Readout.upsample` - bilinear to the padded pixel size the cells cover, cropped. The
-   engine then stitches windows and resizes to the image (:func:`resize_rows`).
+   engine then stitches windows and resizes to the image (:mod:`.stitch`).
    :meth:`Readout.refine_pixels` - with ``pamr``, PAMR on these pixel scores (prompt cosines, or
    smoothed probabilities), guided by the image at the same size (as the official code does,
    before the softmax).
@@ -45,7 +45,6 @@ __all__ = [
     "ActiveClasses",
     "Decision",
     "Readout",
-    "resize_rows",
 ]
 
 #: Prompt denoising's threshold is calibrated at CLIP's scale (paper and official code: 100), so
@@ -257,37 +256,3 @@ class Readout:
             labels[index] = decision.labels
             confidence[index] = decision.confidence
         return labels, confidence
-
-
-def resize_rows(scores: torch.Tensor, y0: int, y1: int, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of ``... x h x w`` scores to ``height x width``, computing only output
-    rows ``y0..y1`` (bounded memory on big images).
-
-    Equivalent to resizing the whole map (align_corners=False) and slicing, because each output
-    row only reads the source rows around ``(y + 0.5) * scale - 0.5``.
-    """
-    src_h = scores.shape[-2]
-    scale = src_h / height
-    ys = (torch.arange(y0, y1, dtype=torch.float64) + 0.5) * scale - 0.5
-    ys = ys.clamp(min=0.0)
-    top = ys.floor().long().clamp(max=src_h - 1)
-    bottom = (top + 1).clamp(max=src_h - 1)
-    frac = (ys - top.double()).float().to(scores.device)
-    rows_top = scores[..., top.to(scores.device), :]
-    rows_bottom = scores[..., bottom.to(scores.device), :]
-    rows = rows_top + (rows_bottom - rows_top) * frac[:, None]
-    return _resize_cols(rows, width)
-
-
-def _resize_cols(rows: torch.Tensor, width: int) -> torch.Tensor:
-    src_w = rows.shape[-1]
-    if src_w == width:
-        return rows
-    scale = src_w / width
-    xs = ((torch.arange(width, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
-    left = xs.floor().long().clamp(max=src_w - 1)
-    right = (left + 1).clamp(max=src_w - 1)
-    frac = (xs - left.double()).float().to(rows.device)
-    a = rows[..., left.to(rows.device)]
-    b = rows[..., right.to(rows.device)]
-    return a + (b - a) * frac

@@ -13,15 +13,16 @@ windows and nothing partial is cached or returned.
 A query is the engine's read-out (:mod:`.readout`, shared with the student's teacher) applied to
 the windows of one image: cosine logits of every prompt per window; prompt denoising decided over
 the whole image (all windows); cell scores (with key smoothing, class probabilities smoothed by
-key similarity) upsampled bilinearly to pixels. Here the windows are averaged where they overlap
-and resized back to the input size; the read-out then turns the scores into class probabilities
-and labels (argmax; background classes and low-confidence pixels 0), in blocks of rows.
+key similarity) upsampled bilinearly to pixels. The windows are averaged where they overlap, a
+band of rows at a time (:mod:`.stitch`), and resized back to the input size; the read-out then
+turns each block of rows into class probabilities and labels (argmax; background classes and
+low-confidence pixels 0).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Generator, Optional, Sequence
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,20 +37,23 @@ from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
 from .pamr import pamr_halo
-from .preprocess import check_image_array, prepare_image
-from .readout import ActiveClasses, PromptLayout, Readout, resize_rows
+from .preprocess import check_image_array, plan_image
+from .readout import ActiveClasses, PromptLayout, Readout
 from .regions import RegionVote, check_regions, superpixels
 from .result import SegmentationResult
 from .settings import SegmentSettings
 from .templates import resolve_templates
 from .text import TextEmbeddingCache, TextEncoder
-from .windows import Box, coverage, window_boxes
+from .stitch import RowStitcher
+from .windows import Box, window_boxes
 
 __all__ = ["Segmenter"]
 
-# Output rows processed per block when turning scores into probabilities and labels.
-_ROW_BLOCK = 256
-# Images up to this many pixels are refined by PAMR in one block (no repeated halo rows).
+#: Features of one image above this are not kept: the image is streamed (see run_iter).
+STREAM_BYTES = 1 << 30
+#: Rows per block when PAMR / region voting finish a query (PAMR adds a halo to each block).
+_REFINE_ROWS = 256
+#: Images up to this many pixels are refined by PAMR in one block (no repeated halo rows).
 _PAMR_WHOLE_PIXELS = 1 << 21
 
 
@@ -78,6 +82,8 @@ class Segmenter:
         self.features_cache = FeatureCache(max_items=feature_cache_items)
         #: Image-encoder forward passes run so far (one per window batch).
         self.image_encoder_calls = 0
+        #: Images whose features would take more bytes than this are streamed (see run_iter).
+        self.stream_bytes = STREAM_BYTES
 
     # ---- settings --------------------------------------------------------------------------
     def _checked(self, settings: SegmentSettings) -> SegmentSettings:
@@ -143,6 +149,62 @@ class Segmenter:
         self.image_encoder_calls += 1
         return dense_features(self.loaded.visual, batch, mode, with_keys=with_keys)
 
+    def _windows_plan(
+        self,
+        image: np.ndarray,
+        channel_axis: Optional[int],
+        channels: Optional[Sequence[int]],
+        s: SegmentSettings,
+    ) -> tuple[tuple[int, int], tuple[int, int], dict[str, Any], list[Box], Callable[[Box], torch.Tensor]]:
+        """Image size, processing size, plan, windows, and how to get a window's network input.
+
+        Sliding windows without a resize are prepared window by window from the raw image (only
+        the windows being encoded are ever in float; bit for bit the same pixels as converting
+        the whole image); otherwise the whole image is converted (and resized) once.
+        """
+        prepared = plan_image(image, channel_axis=channel_axis, channels=channels)
+        height, width = prepared.shape
+        proc = self._proc_shape(height, width, s)
+        plan = self._plan(proc, s)
+        if plan["inference"] == "sliding":
+            boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
+        else:
+            boxes = [Box(0, 0, proc[0], proc[1])]
+        if plan["inference"] == "sliding" and proc == (height, width):
+            def crop(box: Box) -> torch.Tensor:
+                unit = prepared.window(box.y0, box.y1, box.x0, box.x1)
+                return self._pixels(unit, (box.height, box.width))
+        else:
+            pixels = self._pixels(prepared.whole(), proc)
+
+            def crop(box: Box) -> torch.Tensor:
+                return pixels[:, :, box.y0:box.y1, box.x0:box.x1]
+        return (height, width), proc, plan, boxes, crop
+
+    def _encoded(
+        self, boxes: Sequence[Box], crop: Callable[[Box], torch.Tensor], mode: str,
+        with_keys: bool, batch: int,
+    ) -> Iterator[list[WindowFeatures]]:
+        """The windows' dense features, ``batch`` windows per forward pass, a list per pass."""
+        patch = self.loaded.patch_size
+        for start in range(0, len(boxes), batch):
+            group = boxes[start:start + batch]
+            crops = [crop(b) for b in group]
+            with torch.no_grad():
+                out = self._encode_batch(crops, mode, with_keys)
+            del crops
+            encoded = []
+            for i, box in enumerate(group):
+                gh, gw = math.ceil(box.height / patch), math.ceil(box.width / patch)
+                feat = out.features[i, :, :gh, :gw].contiguous()
+                keys = None
+                if out.keys is not None:
+                    full_w = out.features.shape[-1]
+                    grid_keys = out.keys[i].reshape(out.features.shape[-2], full_w, -1)
+                    keys = grid_keys[:gh, :gw].reshape(gh * gw, -1).contiguous()
+                encoded.append(WindowFeatures(box=box, features=feat, keys=keys))
+            yield encoded
+
     def encode_iter(
         self,
         image: np.ndarray,
@@ -164,53 +226,34 @@ class Segmenter:
             n = len(cached.windows)
             yield Progress("encode", n, n, "cached image features")
             return cached
-        unit = prepare_image(image, channel_axis=channel_axis, channels=channels)
-        height, width = unit.shape[:2]
-        proc = self._proc_shape(height, width, s)
-        plan = self._plan(proc, s)
-
-        if plan["inference"] == "sliding":
-            boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
-        else:
-            boxes = [Box(0, 0, proc[0], proc[1])]
-        pixels = self._pixels(unit, proc)
-        guide = unit.astype(np.float16)
-        del unit
-        patch = self.loaded.patch_size
+        shape, proc, plan, boxes, crop = self._windows_plan(image, channel_axis, channels, s)
         total = len(boxes)
         yield Progress("encode", 0, total, f"encoding {total} window(s)")
         windows: list[WindowFeatures] = []
-        step = s.window_batch
-        for start in range(0, total, step):
-            group = boxes[start:start + step]
-            crops = [pixels[:, :, b.y0:b.y1, b.x0:b.x1] for b in group]
-            with torch.no_grad():
-                out = self._encode_batch(crops, s.mode, s.key_smoothing)
-            for i, box in enumerate(group):
-                gh, gw = math.ceil(box.height / patch), math.ceil(box.width / patch)
-                feat = out.features[i, :, :gh, :gw].contiguous()
-                keys = None
-                if out.keys is not None:
-                    full_w = out.features.shape[-1]
-                    grid_keys = out.keys[i].reshape(out.features.shape[-2], full_w, -1)
-                    keys = grid_keys[:gh, :gw].reshape(gh * gw, -1).contiguous()
-                windows.append(WindowFeatures(box=box, features=feat, keys=keys))
+        for group in self._encoded(boxes, crop, s.mode, s.key_smoothing, s.window_batch):
+            windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
-        features = ImageFeatures(
+        features = self._features(key, shape, proc, plan, s, windows)
+        features.guide = _guide(image, channel_axis, channels)
+        self.features_cache.put(features)
+        return features
+
+    def _features(
+        self, key: str, shape: tuple[int, int], proc: tuple[int, int], plan: dict[str, Any],
+        s: SegmentSettings, windows: list[WindowFeatures],
+    ) -> ImageFeatures:
+        return ImageFeatures(
             key=key,
-            image_shape=(height, width),
+            image_shape=shape,
             proc_shape=proc,
-            patch=patch,
+            patch=self.loaded.patch_size,
             windows=windows,
             model_identity=self.loaded.identity,
             encode_settings={name: getattr(s, name) for name in ("mode", "window", "stride",
                                                                   "short_side", "max_whole_pixels",
                                                                   "auto_window")},
             plan=plan,
-            guide=guide,
         )
-        self.features_cache.put(features)
-        return features
 
     def encode(self, image: np.ndarray, **kwargs: Any) -> ImageFeatures:
         """:meth:`encode_iter`, run to the end."""
@@ -225,6 +268,12 @@ class Segmenter:
         parse_classes(fg + bg)  # duplicates across the two lists are an error too
         return fg, bg
 
+    def _query(self, fg: list[ClassSpec], bg: list[ClassSpec], s: SegmentSettings) -> "_Query":
+        layout = PromptLayout.from_classes(fg, bg)
+        templates = resolve_templates(s.templates)
+        text = self.text.embed_texts(list(layout.prompts), templates)  # Q x D
+        return _Query(fg, bg, Readout(layout, text, s), templates)
+
     def segment_iter(
         self,
         features: ImageFeatures,
@@ -233,12 +282,19 @@ class Segmenter:
         background: Optional[ClassesLike] = None,
         regions: Optional[np.ndarray | str] = None,
         settings: Optional[SegmentSettings] = None,
+        probabilities: "ProbabilitiesOut" = True,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Read cached features against class names; yields progress per window.
 
         ``regions``: a label image of the image's size (0 = no region) for region voting (it
-        sets the setting ``regions="labels"``), or the setting itself (``"slic"``, ...)."""
+        sets the setting ``regions="labels"``), or the setting itself (``"slic"``, ...).
+
+        ``probabilities``: True (the result holds the ``C x H x W`` maps), False (it holds None:
+        labels only, 4 bytes per pixel and class less memory), or a callable
+        ``sink(y0, y1, block)`` given the float32 ``C x (y1 - y0) x W`` maps of each block of
+        rows as they are finished (the result holds None).
+        """
         if isinstance(regions, str):
             overrides, regions = {**overrides, "regions": regions}, None
         elif regions is not None:
@@ -253,53 +309,11 @@ class Segmenter:
                 "encode the image with key_smoothing=True."
             )
         fg, bg = self._class_lists(classes, background)
-        layout = PromptLayout.from_classes(fg, bg)
-        templates = resolve_templates(s.templates)
-        text = self.text.embed_texts(list(layout.prompts), templates)  # Q x D
-        readout = Readout(layout, text, s)
-
-        # One window at a time (batch of 1): windows differ in place, not in how they are read.
+        query = self._query(fg, bg, s)
         windows = features.windows
-        window_logits = [readout.logits(w.features[None]) for w in windows]
-        # Prompt denoising, decided over the whole image (all windows).
-        class_max = None
-        if s.denoise:
-            class_max = torch.full((len(layout),), -1.0)
-            for lg in window_logits:
-                class_max = torch.maximum(class_max, readout.class_max(lg)[0].cpu())
-        active = readout.select(class_max)
-        kept = set(active.classes)
-        removed = [layout.names[k] for k in range(len(layout)) if k not in kept]
-
-        proc_h, proc_w = features.proc_shape
-        patch = features.patch
-        channels = len(active.classes) if s.key_smoothing else len(active.prompts)
-        scores = torch.zeros(channels, proc_h, proc_w, dtype=torch.float32, device=text.device)
-        total = len(windows)
-        yield Progress("segment", 0, total, "reading features")
-        for i, (win, lg) in enumerate(zip(windows, window_logits)):
-            keys = None if win.keys is None else win.keys[None]
-            cells = readout.cell_scores(lg.to(text.device), active, keys)
-            box = win.box
-            up = readout.upsample(cells, patch, (box.height, box.width))[0]
-            scores[:, box.y0:box.y1, box.x0:box.x1] += up
-            yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
-        if features.plan.get("inference") == "sliding":
-            window, stride = features.plan["window"], features.plan["stride"]
-            rows = torch.from_numpy(coverage(proc_h, window, stride)).to(scores.device)
-            cols = torch.from_numpy(coverage(proc_w, window, stride)).to(scores.device)
-            scores /= rows[None, :, None] * cols[None, None, :]
-
-        labels, probabilities = self._finish(scores, features.image_shape, readout, active,
-                                             guide=features.guide, regions=region_map)
-        result = SegmentationResult(
-            labels=labels,
-            probabilities=probabilities,
-            classes=fg,
-            background=bg,
-            removed_classes=removed,
-            settings=self._settings_record(s, features, templates),
-        )
+        window_logits = [query.logits(w.features) for w in windows]
+        result = yield from self._read(query, s, features, [w.box for w in windows], window_logits,
+                                       lambda i: windows[i].keys, probabilities, region_map)
         return result
 
     @staticmethod
@@ -323,62 +337,74 @@ class Segmenter:
             features.regions[key] = superpixels(features.guide, s.regions, **params)
         return features.regions[key]
 
-    @staticmethod
-    def _finish(
-        scores: torch.Tensor,
-        size: tuple[int, int],
-        readout: Readout,
-        active: ActiveClasses,
-        *,
-        guide: Optional[np.ndarray] = None,
+    def _read(
+        self,
+        query: "_Query",
+        s: SegmentSettings,
+        features: ImageFeatures,
+        boxes: Sequence[Box],
+        window_logits: list[Optional[torch.Tensor]],
+        keys_of: Callable[[int], Optional[torch.Tensor]],
+        probabilities: "ProbabilitiesOut",
         regions: Optional[np.ndarray] = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores at processing size -> labels and foreground probabilities at image size, in
-        blocks of rows (bounded memory on big images). PAMR reads each block with a halo of
-        rows (exact); region voting takes a first pass to sum each region's probabilities."""
-        height, width = size
-        s = readout.settings
-        fg_count = readout.layout.fg_count
-        resize = tuple(scores.shape[-2:]) != (height, width)
-        label_dtype = np.uint8 if fg_count <= 255 else np.uint16
-        labels = np.zeros((height, width), dtype=label_dtype)
-        probabilities = np.zeros((fg_count, height, width), dtype=np.float32)
-        fg_rows = [(j, k) for j, k in enumerate(active.classes) if k < fg_count]
-        if s.pamr and guide is None:
-            raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
-        halo = pamr_halo(s.pamr_iterations, s.pamr_dilations) if s.pamr else 0
-        rows_per_block = max(_ROW_BLOCK, 4 * halo)  # the halo's rows cost at most 1.5x
-        if s.pamr and height * width <= _PAMR_WHOLE_PIXELS:
-            rows_per_block = height  # small enough to refine at once: no halo rows at all
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """Window cosines -> denoising -> window scores -> stitched rows -> labels, probabilities.
 
-        def block_probs(y0: int, y1: int) -> torch.Tensor:
-            a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
-            # Resample only the rows this block needs.
-            block = resize_rows(scores, a0, a1, height, width) if resize else scores[:, a0:a1]
-            if s.pamr:
-                g = torch.from_numpy(guide[a0:a1].astype(np.float32)).permute(2, 0, 1)[None]
-                block = readout.refine_pixels(block[None], g.to(block.device))[0]
-            return readout.probabilities(block[None, :, y0 - a0:y1 - a0], active)[0]
+        The windows' scores are summed a band of rows at a time (:class:`RowStitcher`), so the
+        memory is the band, not ``C x H x W``.
+        """
+        readout = query.readout
+        layout = readout.layout
+        # Prompt denoising, decided over the whole image (all windows).
+        class_max = None
+        if s.denoise:
+            class_max = torch.full((len(layout),), -1.0)
+            for lg in window_logits:
+                class_max = torch.maximum(class_max, readout.class_max(lg)[0].cpu())
+        active = readout.select(class_max)
+        kept = set(active.classes)
+        removed = [layout.names[k] for k in range(len(layout)) if k not in kept]
 
-        vote = None
-        if regions is not None:
-            vote = RegionVote(regions, len(active.classes), scores.device)
-            for y0 in range(0, height, rows_per_block):
-                vote.add(block_probs(y0, min(height, y0 + rows_per_block)), y0)
-        for y0 in range(0, height, rows_per_block):
-            y1 = min(height, y0 + rows_per_block)
-            if vote is not None and vote.covers(y0, y1):
-                probs = vote.voted(y0, y1)
-            else:
-                probs = block_probs(y0, y1)
-                if vote is not None:
-                    probs = vote.apply(probs, y0)
-            decision = readout.label(probs[None], active)
-            labels[y0:y1] = decision.labels[0].cpu().numpy().astype(label_dtype)
-            probs_np = decision.probabilities[0].cpu().numpy()
-            for j, k in fg_rows:
-                probabilities[k, y0:y1] = probs_np[j]
-        return labels, probabilities
+        patch = features.patch
+        channels = len(active.classes) if s.key_smoothing else len(active.prompts)
+        device = readout.text.device
+        stitch = RowStitcher(channels, features.proc_shape, features.image_shape, features.plan,
+                             device=device)
+        out = _Outputs(features.image_shape, readout, active, probabilities)
+        refine = s.pamr or regions is not None
+        if refine:  # PAMR and region voting need neighbouring rows / every row: keep the scores
+            if s.pamr and features.guide is None:
+                raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
+            full = torch.zeros(channels, *features.image_shape, dtype=torch.float32, device=device)
+
+            def finish(y0: int, y1: int, block: torch.Tensor) -> None:
+                full[:, y0:y1] = block
+        else:
+            finish = out.finish
+        total = len(boxes)
+        yield Progress("segment", 0, total, "reading features")
+        for i, box in enumerate(boxes):
+            lg = window_logits[i].to(device)
+            window_logits[i] = None  # read: its memory can go
+            keys = keys_of(i) if s.key_smoothing else None
+            cells = readout.cell_scores(lg, active, None if keys is None else keys[None])
+            up = readout.upsample(cells, patch, (box.height, box.width))[0]
+            for y0, y1, block in stitch.add(box, up):
+                finish(y0, y1, block)
+            yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
+        for y0, y1, block in stitch.close():
+            finish(y0, y1, block)
+        if refine:
+            _refined(full, out, readout, active, features.guide, regions)
+
+        return SegmentationResult(
+            labels=out.labels,
+            probabilities=out.probabilities,
+            classes=query.fg,
+            background=query.bg,
+            removed_classes=removed,
+            settings=self._settings_record(s, features, query.templates),
+        )
 
     def _settings_record(
         self, s: SegmentSettings, features: ImageFeatures, templates: Sequence[str]
@@ -416,20 +442,199 @@ class Segmenter:
         channels: Optional[Sequence[int]] = None,
         regions: Optional[np.ndarray | str] = None,
         settings: Optional[SegmentSettings] = None,
+        probabilities: "ProbabilitiesOut" = True,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
-        """Encode (or reuse cached features) and query, as one generator."""
+        """Encode (or reuse cached features) and query, as one generator.
+
+        An image whose features would take more than :attr:`stream_bytes` (a huge image: 4 GB
+        for 16000^2 px with the demo model) is streamed instead: each window is encoded, read
+        against the text and its features dropped, so memory holds only the small per-window
+        cosines (with key smoothing each window is encoded a second time, for its keys). Labels
+        and maps are the same; nothing is cached for a re-query. ``probabilities``: see
+        :meth:`segment_iter`.
+        """
         s = self._resolve(settings, overrides)
         # Validate the class list before the expensive part.
         self._class_lists(classes, background)
+        image = check_image_array(image)
+        if self._feature_bytes(image.shape, channel_axis, s) > self.stream_bytes:
+            if s.pamr or s.regions is not None or regions is not None:
+                raise InvalidInputError(
+                    "PAMR and region voting need the whole image's scores, which a streamed image "
+                    "this large does not keep: turn them off, or segment a smaller image."
+                )
+            result = yield from self._stream_iter(image, classes, background, channel_axis,
+                                                  channels, s, probabilities)
+            return result
         features = yield from self.encode_iter(
             image, channel_axis=channel_axis, channels=channels, settings=s
         )
         result = yield from self.segment_iter(features, classes, background=background,
-                                              regions=regions, settings=s)
+                                              regions=regions, settings=s,
+                                              probabilities=probabilities)
+        return result
+
+    def _feature_bytes(
+        self, shape: Sequence[int], channel_axis: Optional[int], s: SegmentSettings
+    ) -> int:
+        """What the encoded features of an image of ``shape`` would take (from its size only)."""
+        dims = list(shape)
+        if len(dims) == 3:
+            axis = channel_axis if channel_axis is not None else -1
+            if not -3 <= axis < 3:
+                return 0  # the real run says what is wrong
+            del dims[axis]
+        if len(dims) != 2:
+            return 0  # not an image: the real run says so
+        try:
+            proc = self._proc_shape(dims[0], dims[1], s)
+            plan = self._plan(proc, s)
+        except InvalidInputError:
+            return 0
+        patch = self.loaded.patch_size
+        if plan["inference"] == "sliding":
+            boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
+        else:
+            boxes = [Box(0, 0, proc[0], proc[1])]
+        cells = sum(math.ceil(b.height / patch) * math.ceil(b.width / patch) for b in boxes)
+        dim = int(getattr(self.loaded.visual, "output_dim", 512) or 512)
+        per_cell = dim * (2 if s.key_smoothing else 1) * (torch.finfo(self.loaded.dtype).bits // 8)
+        return cells * per_cell
+
+    def _stream_iter(
+        self,
+        image: np.ndarray,
+        classes: ClassesLike,
+        background: Optional[ClassesLike],
+        channel_axis: Optional[int],
+        channels: Optional[Sequence[int]],
+        s: SegmentSettings,
+        probabilities: "ProbabilitiesOut",
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """Encode and read window by window, keeping only each window's cosines (see run_iter)."""
+        shape, proc, plan, boxes, crop = self._windows_plan(image, channel_axis, channels, s)
+        fg, bg = self._class_lists(classes, background)
+        query = self._query(fg, bg, s)
+        total = len(boxes)
+        yield Progress("encode", 0, total, f"encoding {total} window(s), streamed")
+        window_logits: list[Optional[torch.Tensor]] = []
+        for group in self._encoded(boxes, crop, s.mode, False, s.window_batch):
+            window_logits.extend(query.logits(w.features) for w in group)
+            yield Progress("encode", len(window_logits), total, f"window {len(window_logits)}/{total}")
+
+        def keys_of(i: int) -> Optional[torch.Tensor]:  # key smoothing: encode the window again
+            (window,) = next(self._encoded([boxes[i]], crop, s.mode, True, 1))
+            return window.keys
+
+        meta = self._features("", shape, proc, plan, s, [])
+        result = yield from self._read(query, s, meta, boxes, window_logits, keys_of, probabilities)
         return result
 
     def __call__(self, image: np.ndarray, classes: ClassesLike, **kwargs: Any) -> SegmentationResult:
         """Segment ``image`` into ``classes`` (see :meth:`run_iter`)."""
         return run_to_completion(self.run_iter(image, classes, **kwargs))
 
+
+ProbabilitiesOut = Union[bool, Callable[[int, int, np.ndarray], None]]
+
+
+class _Query:
+    """The classes of one query and their read-out (prompt layout and prompt embeddings)."""
+
+    def __init__(self, fg: list[ClassSpec], bg: list[ClassSpec], readout: Readout,
+                 templates: Sequence[str]) -> None:
+        self.fg, self.bg, self.readout, self.templates = fg, bg, readout, templates
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``D x h x w`` features -> ``1 x Q x h x w`` cosines with every prompt."""
+        return self.readout.logits(features[None])
+
+
+class _Outputs:
+    """Labels and class probabilities at image size, filled block of rows by block of rows."""
+
+    def __init__(self, size: tuple[int, int], readout: Readout, active: ActiveClasses,
+                 probabilities: ProbabilitiesOut) -> None:
+        height, width = size
+        self.readout, self.active, self.width = readout, active, width
+        self.fg_count = fg_count = readout.layout.fg_count
+        self.label_dtype = np.uint8 if fg_count <= 255 else np.uint16
+        self.labels = np.zeros((height, width), dtype=self.label_dtype)
+        self.probabilities = (np.zeros((fg_count, height, width), dtype=np.float32)
+                              if probabilities is True else None)
+        self.sink = probabilities if callable(probabilities) else None
+        self.fg_rows = [(j, k) for j, k in enumerate(active.classes) if k < fg_count]
+
+    def finish(self, y0: int, y1: int, block: torch.Tensor) -> None:
+        """Scores of output rows ``y0..y1`` -> their probabilities and labels."""
+        self.finish_probs(y0, y1, self.readout.probabilities(block[None], self.active)[0])
+
+    def finish_probs(self, y0: int, y1: int, probs: torch.Tensor) -> None:
+        """Class probabilities (``K' x rows x W``) of output rows ``y0..y1`` -> labels, maps."""
+        decision = self.readout.label(probs[None], self.active)
+        self.labels[y0:y1] = decision.labels[0].cpu().numpy().astype(self.label_dtype)
+        if self.probabilities is None and self.sink is None:
+            return
+        probs_np = decision.probabilities[0].cpu().numpy()
+        if self.probabilities is not None:
+            for j, k in self.fg_rows:
+                self.probabilities[k, y0:y1] = probs_np[j]
+        if self.sink is not None:
+            part = np.zeros((self.fg_count, y1 - y0, self.width), dtype=np.float32)
+            for j, k in self.fg_rows:
+                part[k] = probs_np[j]
+            self.sink(y0, y1, part)
+
+
+def _guide(image: np.ndarray, channel_axis: Optional[int], channels: Optional[Sequence[int]]) -> np.ndarray:
+    """The image as the model sees it before resizing (``H x W x 3``, 0..1) in float16, converted
+    a band of rows at a time: PAMR's guide and the source of superpixels."""
+    prepared = plan_image(image, channel_axis=channel_axis, channels=channels)
+    height, width = prepared.shape
+    guide = np.empty((height, width, 3), dtype=np.float16)
+    for y0 in range(0, height, 512):
+        y1 = min(height, y0 + 512)
+        guide[y0:y1] = prepared.window(y0, y1, 0, width)
+    return guide
+
+
+def _refined(
+    scores: torch.Tensor,
+    out: _Outputs,
+    readout: Readout,
+    active: ActiveClasses,
+    guide: Optional[np.ndarray],
+    regions: Optional[np.ndarray],
+) -> None:
+    """Image-size scores -> PAMR (blocks of rows with an exact halo) -> region voting (a first
+    pass sums each region's probabilities) -> labels and maps in ``out``."""
+    s = readout.settings
+    height, width = scores.shape[-2:]
+    halo = pamr_halo(s.pamr_iterations, s.pamr_dilations) if s.pamr else 0
+    rows = max(_REFINE_ROWS, 4 * halo)  # the halo's rows cost at most 1.5x
+    if s.pamr and height * width <= _PAMR_WHOLE_PIXELS:
+        rows = height  # small enough to refine at once: no halo rows at all
+
+    def block_probs(y0: int, y1: int) -> torch.Tensor:
+        a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
+        block = scores[:, a0:a1]
+        if s.pamr:
+            g = torch.from_numpy(guide[a0:a1].astype(np.float32)).permute(2, 0, 1)[None]
+            block = readout.refine_pixels(block[None], g.to(block.device))[0]
+        return readout.probabilities(block[None, :, y0 - a0:y1 - a0], active)[0]
+
+    vote = None
+    if regions is not None:
+        vote = RegionVote(regions, len(active.classes), scores.device)
+        for y0 in range(0, height, rows):
+            vote.add(block_probs(y0, min(height, y0 + rows)), y0)
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        if vote is not None and vote.covers(y0, y1):
+            probs = vote.voted(y0, y1)
+        else:
+            probs = block_probs(y0, y1)
+            if vote is not None:
+                probs = vote.apply(probs, y0)
+        out.finish_probs(y0, y1, probs)

@@ -1,7 +1,7 @@
 """Training data: export refined labels as a dataset folder, and read it back.
 
 UI-free (no napari, no Qt, no torch). The widget's Export button, napari's Save for Labels layers
-(``napari_maskclip._writer``), the ``napari-maskclip export`` command and the MaskCLIP+ student
+(``napari_maskclip.plugin.writer``), the ``napari-maskclip export`` command and the MaskCLIP+ student
 all go through this package: :func:`read_dataset` is the single reader of the format described in
 :mod:`napari_maskclip.export.layout`.
 """

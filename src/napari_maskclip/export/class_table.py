@@ -117,6 +117,7 @@ class DatasetClasses:
     def from_json(cls, table: dict[str, Any], *, source: str = "classes.json") -> "DatasetClasses":
         """Read a dataset ``classes.json`` or a ``segment`` ``<stem>_classes.json`` table."""
         try:
+            _check_table_entries(table, source)
             entries = sorted(table["classes"], key=lambda e: int(e["index"]))
             fg = [e for e in entries if not e.get("background", False) and int(e["index"]) > 0]
             for k, entry in enumerate(fg, start=1):
@@ -192,14 +193,44 @@ def _stored_colors(entries: list[dict[str, Any]], specs: list[ClassSpec]) -> dic
     return out
 
 
+#: Label values fit uint16 with 65535 left for "ignore"; a class table is far below 64 MB.
+MAX_TABLE_CLASSES = 65534
+MAX_TABLE_BYTES = 64 << 20
+
+
+def _check_table_entries(table: Any, source: str) -> None:
+    """Types and bounds of a class table's entries (an edited file must not crash or hang us)."""
+    entries = table.get("classes") if isinstance(table, dict) else None
+    if not isinstance(entries, list) or len(entries) > MAX_TABLE_CLASSES + 1:
+        raise DatasetError(f"{source}: 'classes' must be a list of at most {MAX_TABLE_CLASSES} entries.")
+    for entry in entries:
+        ok = isinstance(entry, dict) and isinstance(entry.get("index"), int) and not isinstance(
+            entry.get("index"), bool) and 0 <= entry["index"] <= MAX_TABLE_CLASSES
+        synonyms = entry.get("synonyms") if isinstance(entry, dict) else None
+        ok = ok and isinstance(entry.get("name", ""), str) and (
+            synonyms is None or (isinstance(synonyms, list) and len(synonyms) <= 1000
+                                 and all(isinstance(s, str) and len(s) <= 1000 for s in synonyms)))
+        if not ok:
+            raise DatasetError(
+                f"{source}: class entry {str(entry)[:80]!r} is malformed (index 0..{MAX_TABLE_CLASSES}, "
+                "name text, synonyms a list of text). Restore the file or export again."
+            )
+    for key in ("background_prompts",):
+        value = table.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DatasetError(f"{source}: {key!r} must be a list of text.")
+
+
 def read_class_table(path: str | os.PathLike) -> DatasetClasses:
     """Read ``classes.json`` (a dataset's, or a ``segment`` ``<stem>_classes.json``)."""
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_TABLE_BYTES:
+            raise DatasetError(f"{p} is too large to be a class table ({p.stat().st_size} bytes).")
         table = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DatasetError(f"Class table not found: {p}") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DatasetError(f"Cannot read the class table {p}: {exc}") from exc
     if not isinstance(table, dict):
         raise DatasetError(f"{p} is not a class table (expected a JSON object).")

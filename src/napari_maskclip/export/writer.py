@@ -1,7 +1,7 @@
 """Exporting labels (2D or stacks) into a dataset folder, safely.
 
 :func:`export_sample_iter` is the one exporter: the widget's Export button, napari's Save
-(``_writer``), the CLI and Python all call it (or :func:`export_sample`, which runs it to the end).
+(``plugin.writer``), the CLI and Python all call it (or :func:`export_sample`, which runs it to the end).
 It yields :class:`~napari_maskclip.progress.Progress` per slice and returns an
 :class:`ExportReport`.
 
@@ -209,7 +209,17 @@ class _Index:
         pending = sorted(self.pending - self.listed_files())
         if pending:
             info[PENDING_KEY] = pending
-        return _commit_index(self.root / DATASET_JSON, _dumps(info))
+        return _commit_index(self.root / DATASET_JSON, _index_text(info))
+
+
+def _index_text(info: dict[str, Any]) -> str:
+    """dataset.json: the header indented, then one line per sample. json's ``indent`` falls back to
+    its pure-Python encoder; each export rewrites the index (twice), so at 1200 samples that cost
+    0.19 s per rewrite, 0.06 s with one C-encoded line per sample (measured on 2 busy cores)."""
+    head = _dumps({k: v for k, v in info.items() if k != "samples"}).rstrip()[:-1].rstrip()
+    rows = ",\n    ".join(json.dumps(e, default=_jsonable, ensure_ascii=False) for e in info["samples"])
+    samples = f'[\n    {rows}\n  ]' if rows else "[]"
+    return f'{head}{"," if head != "{" else ""}\n  "samples": {samples}\n}}\n'
 
 
 def _in_the_way(root: Path, blocked: list[str]) -> DatasetError:

@@ -61,6 +61,10 @@ class TrainSettings:
     #: by ``feature_scale`` (off, as in the official MaskCLIP+ configs: raw dot products).
     normalize_features: bool = False
     feature_scale: float = 20.0
+    #: Batch-norm layers in eval mode: their statistics stay as initialised (or as the ImageNet
+    #: weights have them) and only their scale and shift train. Makes a data-parallel run compute
+    #: exactly what one process computes on the same global batch (see ``README: Scaling out``).
+    frozen_batch_norm: bool = False
     #: Teacher pixels whose max class probability is below this are ignored (None: off, as in
     #: the official configs).
     confidence_threshold: Optional[float] = None

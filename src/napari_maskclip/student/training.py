@@ -29,6 +29,11 @@ The code is a prepare-the-run step (:func:`_prepare_iter`: settings, the checkpo
 unit is one whole iteration (:func:`_iteration`: :func:`_train_step`, whose forward pass and loss
 are :func:`_forward_loss`, then validation and saving when due). Ctrl-C is held back until the
 unit is complete (:mod:`napari_maskclip.interrupts`), so a saved state is never half a step.
+
+Under ``torchrun`` (a process group is initialised, see :mod:`.distributed`) the same code trains
+data-parallel: each rank computes its share of every global batch, DDP averages the gradients,
+and rank 0 alone locks, validates and saves; the ranks agree after every iteration whether one of
+them was interrupted, so all stop after the same iteration.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from ..engine.text import TextEmbeddingCache
 from ..errors import DatasetError, InvalidInputError, ModelLoadError
 from ..interrupts import interrupts_deferred
 from ..progress import Progress, run_to_completion
+from . import distributed
 from .checkpoint import StudentCheckpoint, classes_to_json, load_checkpoint
 from .data import (
     IGNORE,
@@ -106,11 +112,21 @@ def poly_lr(settings: TrainSettings, iteration: int) -> float:
     return settings.lr * (1.0 - iteration / settings.iterations) ** settings.poly_power
 
 
-def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over pixels whose target is not :data:`~.data.IGNORE` (0 if none)."""
-    if not bool((targets != IGNORE).any()):
+def segmentation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, pixels: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Mean cross-entropy over pixels whose target is not :data:`~.data.IGNORE` (0 if none).
+
+    With ``pixels`` the sum is divided by that count instead of this batch's own: a data-parallel
+    rank divides by the global count, so that the ranks' losses add up to the global mean."""
+    if pixels is None:
+        if not bool((targets != IGNORE).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    if not bool(pixels > 0):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    summed = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return summed / pixels.to(summed.dtype)
 
 
 def _load_data(data: DataLike, settings: TrainSettings) -> TrainingData:
@@ -269,7 +285,13 @@ class _Run:
     meta: dict[str, Any]
     history: list[dict[str, Any]]
     start: int
-    output: Optional[CheckpointOutput]
+    output: Optional[CheckpointOutput]  # None on ranks other than 0
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
+    model: Optional[torch.nn.Module] = None  # what the step runs: DDP(net) on several ranks
+
+    @property
+    def forward(self) -> torch.nn.Module:
+        return self.model if self.model is not None else self.net
 
     @property
     def total(self) -> int:
@@ -290,6 +312,7 @@ class _Run:
 
     def result(self, iteration: int) -> TrainResult:
         self.meta.update(iteration=iteration, complete=True)
+        self.ranks.barrier()  # the others wait for rank 0's last validation and save
         return TrainResult(self.net.eval(), self.meta, self.path, iteration, True, self.history)
 
 
@@ -359,7 +382,13 @@ def _prepare_iter(
     """Everything before the first iteration: settings, the checkpoint's place (locked, proven
     writable), data and split, teacher, network and optimiser (restored when resuming)."""
     settings = settings or TrainSettings()
+    ranks = distributed.current()
     path = output.path if output is not None else None
+    if not ranks.main:
+        # Rank 0 prepares first: it checks and locks the output, fills the caches, downloads;
+        # the others neither lock nor write (their output is None), they read what rank 0 wrote.
+        ranks.barrier()
+        output = None
     if resume and path is None:
         raise InvalidInputError("resume=True needs a checkpoint path.")
     if resume:
@@ -378,13 +407,26 @@ def _prepare_iter(
         if not path.is_file():
             raise InvalidInputError(f"Nothing to resume: {path} does not exist. Start without --resume.")
         ckpt = load_checkpoint(path)
-        output.saved = ckpt.iteration
+        if output is not None:
+            output.saved = ckpt.iteration
         settings = ckpt.settings.replace(**overrides)
     elif path is not None and path.exists() and not overwrite:
         raise InvalidInputError(
             f"{path} exists already: pass --resume to continue it or --overwrite to replace it."
         )
     settings.validate()
+    if settings.batch_size % ranks.world_size:
+        raise InvalidInputError(
+            f"The batch of {settings.batch_size} crops does not split evenly over "
+            f"{ranks.world_size} processes; use a batch size divisible by {ranks.world_size} "
+            "(a resumed run keeps its batch size: start a number of processes that divides it)."
+        )
+    per_rank = settings.batch_size // ranks.world_size
+    if per_rank < 2 and settings.backbone != "tiny" and not settings.frozen_batch_norm:
+        raise InvalidInputError(
+            f"Each of the {ranks.world_size} processes would get {per_rank} crop per step, too "
+            "few for batch norm; use a larger batch, fewer processes, or --frozen-batch-norm."
+        )
     dev = resolve_device(device)
     start = ckpt.iteration if ckpt is not None else 0
     total = settings.iterations
@@ -453,13 +495,26 @@ def _prepare_iter(
             load_backbone_state(net, state, weights_note)
     yield Progress("setup", 0, 0, f"backbone {settings.backbone}: {weights_note}",
                    info={"backbone_weights": weights_note})
-    net.to(dev).train()
+    if ranks.active and dev.type == "cuda" and not settings.frozen_batch_norm:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # statistics of the global batch
+    net.to(dev)
+    _train_mode(net, settings)
     optimizer = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     if ckpt is not None:
         _restore(net, optimizer, ckpt)
     if output is not None:
         output.require_space(_checkpoint_bytes(net, total))
+    model = None
+    if ranks.active:
+        if ranks.main:
+            ranks.barrier()  # now the others prepare (from the caches rank 0 filled)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = None
+        if dev.type == "cuda":
+            ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+        model = DistributedDataParallel(net, device_ids=ids)  # checks that all ranks agree
 
     history: list[dict[str, Any]] = list(ckpt.meta.get("history", [])) if ckpt is not None else []
     meta: dict[str, Any] = {
@@ -471,9 +526,19 @@ def _prepare_iter(
         "split": names,
         "datasets": list(data.sources),
         "history": history,
+        "world_size": ranks.world_size,
     }
     return _Run(settings, dev, net, optimizer, teacher_obj, train_samples, val_samples, meta,
-                history, start, output)
+                history, start, output, ranks, model)
+
+
+def _train_mode(net: StudentNet, settings: TrainSettings) -> None:
+    """Training mode, with the batch-norm layers in eval mode when they are frozen."""
+    net.train()
+    if settings.frozen_batch_norm:
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _steps_iter(run: _Run) -> Generator[Progress, None, TrainResult]:
@@ -493,10 +558,14 @@ def _steps_iter(run: _Run) -> Generator[Progress, None, TrainResult]:
     try:
         while it < total:
             whole = False
-            with interrupts_deferred():
+            with interrupts_deferred() as held:
                 record = _iteration(run, it)
                 it += 1
                 whole = True
+                # Data-parallel: all ranks stop after the iteration in which one was interrupted.
+                stop = run.ranks.active and run.ranks.any(bool(held), run.device)
+            if stop:
+                raise KeyboardInterrupt
             elapsed = time.perf_counter() - tic
             rate = (it - run.start) / elapsed if elapsed > 0 else None
             stage = record["stage"]
@@ -524,11 +593,16 @@ def _iteration(run: _Run, it: int) -> dict[str, Any]:
     record = _train_step(run, it)
     done = it + 1
     due = settings.val_interval and done % settings.val_interval == 0
-    if (done == run.total or due) and run.val_samples:
+    validate = bool((done == run.total or due) and run.val_samples)
+    if validate and run.ranks.main:
         record["val_miou"] = _validate(run.net, run.val_samples, settings.crop_size, run.device)
+        _train_mode(run.net, settings)
     run.history.append(record)
-    if (settings.save_interval and done % settings.save_interval == 0) or done == run.total:
-        run.save(done)
+    save = bool(settings.save_interval and done % settings.save_interval == 0) or done == run.total
+    if save:
+        run.save(done)  # on rank 0 only: the others have no output
+    if (validate or save) and done < run.total:
+        run.ranks.barrier()  # the others wait for rank 0 (after the last one, in result())
     return record
 
 
@@ -540,22 +614,28 @@ def _train_step(run: _Run, it: int) -> dict[str, Any]:
     lr = poly_lr(settings, it)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    # The global batch (the crops one process draws), of which this rank computes its share.
     picked = [run.train_samples[i]
               for i in batch_indices(len(run.train_samples), settings.batch_size, it, settings.seed)]
     batch = augment_batch(picked, iteration_rng(settings.seed, it), settings.crop_size,
-                          (settings.scale_min, settings.scale_max), settings.flip).to(run.device)
+                          (settings.scale_min, settings.scale_max), settings.flip,
+                          keep=run.ranks.share(settings.batch_size)).to(run.device)
     open_pixels = bool((~batch.trusted & batch.valid & (batch.labels != IGNORE)).any())
     teacher_labels = None
     if open_pixels and stage == "teacher":
         teacher_labels = run.teacher.pseudo_labels(batch.images)
     fork_devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(int(iteration_rng(settings.seed, it, 1).integers(2**62)))
-        loss = _forward_loss(run.net, batch, teacher_labels,
-                             self_training=open_pixels and stage == "self-training")
+        # Rank 0 draws what one process draws; other ranks their own (dropout is not shared).
+        stream = 1 if run.ranks.main else (1 << 16) + run.ranks.rank
+        torch.manual_seed(int(iteration_rng(settings.seed, it, stream).integers(2**62)))
+        loss = _forward_loss(run.forward, batch, teacher_labels,
+                             self_training=open_pixels and stage == "self-training",
+                             ranks=run.ranks)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    loss_value = float(loss.detach())
+        loss.backward()  # DDP: all-reduces (averages) the gradients
+    # The global batch's loss: the ranks' shares add up to it, times W (see _forward_loss).
+    loss_value = float(run.ranks.sum(loss.detach())) / run.ranks.world_size
     if not math.isfinite(loss_value):
         raise InvalidInputError(
             f"The loss became {loss_value} at iteration {it + 1}; lower the learning rate "
@@ -566,19 +646,27 @@ def _train_step(run: _Run, it: int) -> dict[str, Any]:
 
 
 def _forward_loss(
-    net: StudentNet, batch: Batch, pseudo: Optional[torch.Tensor], *, self_training: bool
+    net: torch.nn.Module, batch: Batch, pseudo: Optional[torch.Tensor], *, self_training: bool,
+    ranks: distributed.Ranks = distributed.Ranks(),
 ) -> torch.Tensor:
     """The student's forward pass and loss on one batch.
 
     Targets: a person's labels where trusted, else ``pseudo`` (the teacher's labels), or in the
     self-training stage the student's own: the argmax of this same forward pass, detached, as in
     the official MaskCLIP+ head (so the stage costs no extra forward); ignored pixels do not count.
+
+    On several ranks the loss is the rank's summed cross-entropy divided by the global batch's
+    number of counted pixels, times the number of ranks: DDP averages the gradients over the
+    ranks, so the update is that of the global batch's mean (ranks count different pixels).
     """
     logits = net(batch.images)
     if self_training:
         pseudo = logits.detach().argmax(dim=1)
     targets = compose_targets(batch.labels, batch.trusted, batch.valid, pseudo)
-    return segmentation_loss(logits, targets)
+    if not ranks.active:
+        return segmentation_loss(logits, targets)
+    counted = ranks.sum((targets != IGNORE).sum())
+    return segmentation_loss(logits, targets, counted) * ranks.world_size
 
 
 def train(data: DataLike, checkpoint: Optional[str | os.PathLike] = None, **kwargs: Any) -> TrainResult:
