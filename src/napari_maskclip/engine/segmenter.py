@@ -234,7 +234,7 @@ class Segmenter:
             windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
         features = self._features(key, shape, proc, plan, s, windows)
-        features.guide = _guide(image, channel_axis, channels)
+        features.source = plan_image(image, channel_axis=channel_axis, channels=channels)
         self.features_cache.put(features)
         return features
 
@@ -329,12 +329,12 @@ class Segmenter:
                     "regions='labels' needs a label image: pass regions=ARRAY (same size as the image)."
                 )
             return check_regions(regions, features.image_shape)
-        if features.guide is None:
+        if features.source is None:
             raise InvalidInputError("These features hold no image for superpixels; encode again.")
         params = s.region_params()
         key = f"{s.regions}|{sorted(params.items())}"
         if key not in features.regions:
-            features.regions[key] = superpixels(features.guide, s.regions, **params)
+            features.regions[key] = superpixels(features.guide(), s.regions, **params)
         return features.regions[key]
 
     def _read(
@@ -373,7 +373,7 @@ class Segmenter:
         out = _Outputs(features.image_shape, readout, active, probabilities)
         refine = s.pamr or regions is not None
         if refine:  # PAMR and region voting need neighbouring rows / every row: keep the scores
-            if s.pamr and features.guide is None:
+            if s.pamr and features.source is None:
                 raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
             full = torch.zeros(channels, *features.image_shape, dtype=torch.float32, device=device)
 
@@ -587,24 +587,12 @@ class _Outputs:
             self.sink(y0, y1, part)
 
 
-def _guide(image: np.ndarray, channel_axis: Optional[int], channels: Optional[Sequence[int]]) -> np.ndarray:
-    """The image as the model sees it before resizing (``H x W x 3``, 0..1) in float16, converted
-    a band of rows at a time: PAMR's guide and the source of superpixels."""
-    prepared = plan_image(image, channel_axis=channel_axis, channels=channels)
-    height, width = prepared.shape
-    guide = np.empty((height, width, 3), dtype=np.float16)
-    for y0 in range(0, height, 512):
-        y1 = min(height, y0 + 512)
-        guide[y0:y1] = prepared.window(y0, y1, 0, width)
-    return guide
-
-
 def _refined(
     scores: torch.Tensor,
     out: _Outputs,
     readout: Readout,
     active: ActiveClasses,
-    guide: Optional[np.ndarray],
+    guide: Callable[[int, int], np.ndarray],
     regions: Optional[np.ndarray],
 ) -> None:
     """Image-size scores -> PAMR (blocks of rows with an exact halo) -> region voting (a first
@@ -620,7 +608,7 @@ def _refined(
         a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
         block = scores[:, a0:a1]
         if s.pamr:
-            g = torch.from_numpy(guide[a0:a1].astype(np.float32)).permute(2, 0, 1)[None]
+            g = torch.from_numpy(guide(a0, a1)).permute(2, 0, 1)[None]
             block = readout.refine_pixels(block[None], g.to(block.device))[0]
         return readout.probabilities(block[None, :, y0 - a0:y1 - a0], active)[0]
 
