@@ -7,7 +7,11 @@ Uses ViT-B-16's real architecture with random weights (no download). Measures:
   image features and cached text, 10 classes on a 1024x1024 image;
 * text_speedup: truncated vs full 77-token text encoding, 20 classes x 85 templates;
 * peak_rss_gib: peak resident memory of segmenting a 4096x4096 image with sliding windows and
-  key smoothing (in a fresh subprocess, so nothing else counts).
+  key smoothing (in a fresh subprocess, so nothing else counts);
+* refinements: on a 1024x1024 image with cached features, the seconds of a re-query with PAMR,
+  with region voting on SLIC / Felzenszwalb superpixels (first query, which computes the
+  superpixels, and a repeat, which reuses them), each as a ratio to a plain re-query; and the
+  encode time of mode scclip vs naclip. ``--refinements`` runs only this part.
 
 Prints a table, then one JSON object as the last line. ``--quick`` shrinks every size for a smoke
 run (figures then mean little).
@@ -109,6 +113,39 @@ def bench_text(loaded, classes: list[str], repeats: int) -> dict:
             "text_speedup": t_full / t_trunc}
 
 
+def bench_refinements(loaded, size: int, classes: list[str]) -> dict:
+    """Query-time refinements on cached features, against a plain re-query (seconds, ratio)."""
+    rng = np.random.default_rng(1)
+    image = (rng.random((size // 16, size // 16, 3)) * 255).astype(np.uint8)
+    image = np.repeat(np.repeat(image, 16, axis=0), 16, axis=1)  # flat blocks: some structure
+    seg = Segmenter(loaded, text_cache=TextEmbeddingCache(None), templates="single", denoise=False)
+    out: dict = {}
+    for mode in ("naclip", "scclip"):
+        start = time.perf_counter()
+        features = seg.encode(image, mode=mode)
+        out[f"encode_{mode}_s"] = time.perf_counter() - start
+    features = seg.encode(image, mode="naclip")
+    seg.segment(features, classes, mode="naclip")  # text now cached
+    calls = seg.image_encoder_calls
+
+    def query(**refinement) -> float:
+        start = time.perf_counter()
+        seg.segment(features, classes, mode="naclip", **refinement)
+        return time.perf_counter() - start
+
+    plain = statistics.median(query() for _ in range(3))
+    out["plain_s"] = plain
+    out["pamr_s"] = statistics.median(query(pamr=True) for _ in range(2))
+    for method in ("slic", "felzenszwalb"):
+        out[f"{method}_first_s"] = query(regions=method)
+        out[f"{method}_s"] = query(regions=method)
+    assert seg.image_encoder_calls == calls, "a refinement ran the image encoder"
+    for key in ("pamr_s", "slic_first_s", "slic_s", "felzenszwalb_first_s", "felzenszwalb_s"):
+        out[key.replace("_s", "_ratio")] = out[key] / plain
+    out["scclip_encode_ratio"] = out["encode_scclip_s"] / out["encode_naclip_s"]
+    return out
+
+
 _RSS_CHILD = """
 import json, resource, sys, time
 import numpy as np
@@ -203,6 +240,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--refinements", action="store_true",
+                        help="only the refinements' costs on a 1024x1024 image (a quick option)")
     parser.add_argument("--huge", type=int, default=None, metavar="SIZE",
                         help="only measure the peak RSS of segment on a SIZE x SIZE gray image")
     parser.add_argument("--huge-model", default="tiny", help="tiny (random, fast) or demo")
@@ -224,6 +263,26 @@ def main() -> None:
 
     loaded = load_clip(args.model, "random", device="cpu")
     quick = args.quick
+    refine = bench_refinements(loaded, 256 if quick else 1024, CLASSES_10)
+    refine_rows = [
+        (f"re-query + PAMR (10 it.), {256 if quick else 1024}^2", f"{refine['pamr_s']:.2f}s vs {refine['plain_s']:.2f}s",
+         f"{refine['pamr_ratio']:.1f}x plain", "-"),
+        ("re-query + SLIC regions (first / cached)", f"{refine['slic_first_s']:.2f}s / {refine['slic_s']:.2f}s",
+         f"{refine['slic_first_ratio']:.1f}x / {refine['slic_ratio']:.1f}x", "-"),
+        ("re-query + Felzenszwalb regions (first / cached)",
+         f"{refine['felzenszwalb_first_s']:.2f}s / {refine['felzenszwalb_s']:.2f}s",
+         f"{refine['felzenszwalb_first_ratio']:.1f}x / {refine['felzenszwalb_ratio']:.1f}x", "-"),
+        ("encode scclip vs naclip", f"{refine['encode_scclip_s']:.2f}s vs {refine['encode_naclip_s']:.2f}s",
+         f"{refine['scclip_encode_ratio']:.2f}x", "-"),
+    ]
+    refine_json = {k: round(v, 4) for k, v in refine.items()}
+    if args.refinements:
+        print(f"model {args.model} (random weights), {args.threads} threads, torch {torch.__version__}")
+        print("| measure | times | result | target |\n|---|---|---|---|")
+        for row in refine_rows:
+            print("| " + " | ".join(row) + " |")
+        print(json.dumps({"refinements": refine_json}))
+        return
     dense = bench_dense(loaded, batch=2 if quick else 8, repeats=1 if quick else 3)
     requery = bench_requery(loaded, 256 if quick else 1024, CLASSES_10)
     text = bench_text(loaded, CLASSES_20[:4] if quick else CLASSES_20, repeats=1 if quick else 2)
@@ -239,7 +298,7 @@ def main() -> None:
          f"{text['truncated_s']:.2f}s vs {text['full_s']:.2f}s", f"{text['text_speedup']:.1f}x faster", ">= 3x"),
         (f"peak RSS, {rss['shape'][0]}^2, sliding + KS ({rss['windows']} windows, {rss['seconds']:.0f}s)",
          f"{rss['after_load_gib']:.2f} GiB after load", f"{rss['peak_rss_gib']:.2f} GiB", "< 4 GiB"),
-    ]
+    ] + refine_rows
     print(f"model {args.model} (random weights), {args.threads} threads, torch {torch.__version__}")
     print(f"| measure | times | result | target |\n|---|---|---|---|")
     for row in rows:
@@ -250,6 +309,7 @@ def main() -> None:
         "requery_seconds": round(requery["requery_s"], 4),
         "text_speedup": round(text["text_speedup"], 3),
         "peak_rss_gib": round(rss["peak_rss_gib"], 3),
+        "refinements": refine_json,
     }))
 
 

@@ -15,14 +15,51 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..engine.names import default_pretrained  # also imported from here by cli.train
 from ..errors import InvalidInputError
-from .args import add_batch_output_options, add_channel_options, positive_int, unit_float
+from .args import add_batch_output_options, add_channel_options, nonneg_int, positive_int, unit_float
 from .batch import progress_bar
 
 __all__ = ["register", "add_engine_options", "settings_from_args", "progress_bar"]
+
+
+def _dilations(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"dilations are integers separated by commas, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("give whole numbers >= 1, e.g. 8,16")
+    return values
+
+
+def region_source(args: argparse.Namespace) -> Optional[str]:
+    """The ``regions`` setting of ``--regions``: a method name, ``labels`` for a file, or None."""
+    from ..engine.settings import REGION_SOURCES
+
+    value = getattr(args, "regions", None)
+    if value is None:
+        return None
+    if value in REGION_SOURCES[:-1]:
+        return value
+    return "labels"
+
+
+def region_labels(args: argparse.Namespace, stem: str, *, read: bool = True):
+    """The label image ``--regions FILE`` names for the image ``stem`` (None for superpixels);
+    ``read=False`` only checks that the file exists."""
+    if region_source(args) != "labels":
+        return None
+    from ..image_files import read_label_image
+
+    path = Path(args.regions.replace("{stem}", stem))
+    if not path.is_file():
+        raise InvalidInputError(
+            f"--regions {args.regions!r}: no label image {path} (use slic, felzenszwalb or a file)."
+        )
+    return read_label_image(path) if read else None
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +82,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("MaskCLIP")
     group.add_argument("--mode", default="maskclip", choices=[m for m in MODES],
-                       help="last-layer read-out: maskclip (paper), sclip, clearclip, naclip "
-                       "(ViT only), naive (baseline).")
+                       help="last-layer read-out: maskclip (paper), sclip, clearclip, naclip, "
+                       "scclip (ViT only), naive (baseline).")
     group.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                        help="prompt denoising: drop classes absent from the image (default on).")
     group.add_argument("--denoise-threshold", type=unit_float, default=0.5, metavar="P")
@@ -61,8 +98,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float, default=100.0, metavar="S",
                        help="softmax scale on cosines (100 as in CLIP; 40-50 gives softer maps).")
     group.add_argument("--templates", default="maskclip85",
-                       help="maskclip85 (default, 85 prompts), single ('a photo of a {}.'), or a "
-                       "text file with one template containing {} per line.")
+                       help="maskclip85 (default, 85 prompts), openai80 (CLIP's 80, as the "
+                       "successors), single ('a photo of a {}.'), or a text file with one "
+                       "template containing {} per line.")
     group.add_argument("--window", type=positive_int, default=None, metavar="PX",
                        help="sliding-window crop size; default whole image (large images switch "
                        "to windows automatically).")
@@ -71,7 +109,29 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--short-side", type=positive_int, default=None, metavar="PX",
                        help="resize so the short side has PX pixels before inference (outputs "
                        "keep the original size).")
+    refine = parser.add_argument_group("refinements (query time, every mode)")
+    refine.add_argument("--pamr", action="store_true",
+                        help="PAMR: refine scores by local colour affinity (as SCLIP/NACLIP).")
+    refine.add_argument("--pamr-iterations", type=nonneg_int, default=10, metavar="N")
+    refine.add_argument("--pamr-dilations", type=_dilations, default=(8, 16), metavar="D[,D]",
+                        help="neighbour distances in pixels (default 8,16 as SCLIP/NACLIP).")
+    refine.add_argument("--regions", default=None, metavar="slic|felzenszwalb|FILE",
+                        help="region voting: each region gets its mean class probabilities. "
+                        "Regions from superpixels (slic, felzenszwalb) or a label image FILE of "
+                        "the image's size (0 = no region); '{stem}' in FILE is each image's stem.")
+    refine.add_argument("--slic-segments", type=positive_int, default=400, metavar="N")
+    refine.add_argument("--slic-compactness", type=float, default=10.0, metavar="C")
+    refine.add_argument("--felzenszwalb-scale", type=float, default=100.0, metavar="S")
+    refine.add_argument("--felzenszwalb-sigma", type=float, default=0.8, metavar="S")
+    refine.add_argument("--felzenszwalb-min-size", type=positive_int, default=50, metavar="PX")
+    from ..engine.presets import PRESETS
+
+    group.add_argument("--preset", default=None, choices=list(PRESETS),
+                       help="a paper's evaluation settings (mode, templates, temperature, window, "
+                       "stride, short side, PAMR, denoising; see the README); options you give "
+                       "explicitly win. Recorded in the result's settings.")
     add_channel_options(group)
+    parser.set_defaults(engine_option_defaults={a.dest: a.default for a in parser._actions})
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -79,14 +139,14 @@ def settings_from_args(args: argparse.Namespace):
     from ..engine.settings import SegmentSettings
 
     templates: Any = args.templates
-    if templates not in ("maskclip85", "single") and "{}" not in templates:
+    if templates not in ("maskclip85", "openai80", "single") and "{}" not in templates:
         path = Path(templates)
         if not path.is_file():
             raise InvalidInputError(
-                f"--templates {templates!r}: use maskclip85, single, or a file of templates."
+                f"--templates {templates!r}: use maskclip85, openai80, single, or a file of templates."
             )
         templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    return SegmentSettings(
+    values = dict(
         mode=args.mode,
         window=args.window,
         stride=args.stride,
@@ -98,7 +158,35 @@ def settings_from_args(args: argparse.Namespace):
         logit_scale=args.temperature,
         templates=templates,
         background_threshold=args.background_threshold,
-    ).validate()
+        pamr=args.pamr,
+        pamr_iterations=args.pamr_iterations,
+        pamr_dilations=tuple(args.pamr_dilations),
+        regions=region_source(args),
+        slic_segments=args.slic_segments,
+        slic_compactness=args.slic_compactness,
+        felzenszwalb_scale=args.felzenszwalb_scale,
+        felzenszwalb_sigma=args.felzenszwalb_sigma,
+        felzenszwalb_min_size=args.felzenszwalb_min_size,
+    )
+    preset = getattr(args, "preset", None)
+    if preset:
+        from ..engine.presets import preset_settings
+
+        # The preset fills every option left at its default; options the user changed win.
+        defaults = getattr(args, "engine_option_defaults", {})
+        for field, value in preset_settings(preset).items():
+            dest = _PRESET_OPTIONS.get(field)
+            if dest is None or getattr(args, dest) == defaults.get(dest):
+                values[field] = value
+    return SegmentSettings(**values).validate()
+
+
+#: SegmentSettings field -> option dest, for the fields a preset sets.
+_PRESET_OPTIONS = {"mode": "mode", "templates": "templates", "logit_scale": "temperature",
+                   "denoise": "denoise", "key_smoothing": "key_smoothing",
+                   "short_side": "short_side", "window": "window", "stride": "stride",
+                   "pamr": "pamr", "pamr_iterations": "pamr_iterations",
+                   "pamr_dilations": "pamr_dilations"}
 
 
 
@@ -113,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
     parse_classes(classes + background)
     settings = settings_from_args(args)
     images = input_images(args.images)
+    for path in images:
+        region_labels(args, Path(path).stem, read=False)  # a missing region file fails before any work
     out = Path(args.out)
     pretrained = default_pretrained(args.model, args.pretrained)
     request = {
@@ -139,16 +229,19 @@ def _run(args: argparse.Namespace) -> int:
 
     segmenter = lazy(load)  # loaded with the first image that needs it
 
-    def make_run(image, probabilities):
-        return segmenter().run_iter(image, classes, background=background or None,
-                                    channel_axis=args.channel_axis, channels=args.channels,
-                                    probabilities=probabilities)
+    def make_run_for(path):
+        def make_run(image, probabilities):
+            return segmenter().run_iter(image, classes, background=background or None,
+                                        channel_axis=args.channel_axis, channels=args.channels,
+                                        regions=region_labels(args, Path(path).stem),
+                                        probabilities=probabilities)
+        return make_run
 
     def note(result) -> str:
         removed = result.removed_classes
         return f", removed by denoising: {', '.join(removed)}" if removed else ""
 
-    tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, record=record,
+    tasks = [result_task(path, out, make_run_for(path), confidence=not args.no_confidence, record=record,
                          channel_axis=args.channel_axis, channels=args.channels,
                          n_classes=len(classes), note=note)
              for path, record in todo]

@@ -12,6 +12,8 @@ ViT (open_clip ``VisionTransformer``), last block, per ``mode``:
 * ``clearclip``: attention ``softmax(q q^T s)``; residual and MLP removed.
 * ``naclip``: attention ``softmax(k k^T s + G)``, G a Gaussian of patch distance (sigma 5
   patches, zero for the class token); residual and MLP removed.
+* ``scclip``: SC-CLIP (anomaly tokens fixed, intermediate-layer similarity, multi-level
+  fusion; see ``scclip.py``); residual and MLP removed.
 * ``naive``: the unmodified last block (the baseline MaskCLIP improves on).
 
 then ``feat = ln_post(z[:, 1:]) @ proj``, L2-normalised; the class token is dropped. Positional
@@ -21,7 +23,8 @@ must be padded to a multiple of the patch size by the caller).
 Models with LayerScale (open_clip ``ls_init_value``: ``ls_1``/``ls_2`` per-channel gammas) scale
 each branch's output by its gamma; the gamma is part of the branch, so every mode keeps it:
 maskclip and sclip scale the attention branch (``ls_1``) and the MLP (``ls_2``) as the block does;
-clearclip and naclip drop the residual and the MLP but keep ``ls_1`` on the attention output.
+clearclip and naclip drop the residual and the MLP but keep ``ls_1`` on the attention output;
+scclip keeps ``ls_1`` on its two attention outputs (not tested against a LayerScale reference).
 
 ResNet (open_clip ``ModifiedResNet``): ``feat = c_proj(v_proj(layer4))`` per position, i.e. the
 attention pool's value path applied as 1x1 convolutions (paper eq. 3); only ``maskclip`` applies.
@@ -42,6 +45,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
 from .modes import MODES, VIT_ONLY_MODES
+from .scclip import scclip_tokens
 
 __all__ = [
     "MODES",
@@ -189,8 +193,11 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
     blocks = transformer.resblocks
     if not batch_first:
         x = x.transpose(0, 1)
+    inter = []  # intermediate outputs (batch-first), kept for SC-CLIP only
     for block in blocks[:-1]:
         x = block(x)
+        if mode == "scclip":
+            inter.append(x if batch_first else x.transpose(0, 1))
     if not batch_first:
         x = x.transpose(0, 1)
     last = blocks[-1]
@@ -214,6 +221,8 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
             z = x + last.ls_1(_custom_last_attention(last, y, mode, grid))
             z = z + last.ls_2(last.mlp(last.ln_2(z)))
             z = z[:, 1:]
+        elif mode == "scclip":
+            z = scclip_tokens(last, inter, grid, layerscale=last.ls_1)
         else:  # clearclip, naclip: the attention branch only (its LayerScale included)
             z = last.ls_1(_custom_last_attention(last, y, mode, grid))[:, 1:]
     if with_keys:

@@ -54,6 +54,21 @@ class ImageFeatures:
     model_identity: str
     encode_settings: dict[str, Any]
     plan: dict[str, Any] = field(default_factory=dict)
+    #: The encoded image (a :class:`~.preprocess.PreparedImage`: a view of the caller's array
+    #: and its conversion rule, no copy): PAMR's guide and the source of superpixels, read only
+    #: when a query asks for them, so both stay query-time refinements.
+    source: Optional[Any] = None
+    #: Superpixel maps computed so far, by method and parameters (re-queries reuse them).
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def guide(self, y0: int = 0, y1: Optional[int] = None) -> Optional[np.ndarray]:
+        """Rows ``y0..y1`` of the image as the model sees it before resizing (``h x W x 3``,
+        0..1), rounded through float16 (the student's teacher rounds its crops the same way)."""
+        if self.source is None:
+            return None
+        height, width = self.source.shape
+        rows = self.source.window(y0, height if y1 is None else y1, 0, width)
+        return rows.astype(np.float16).astype(np.float32)
 
     @property
     def has_keys(self) -> bool:
@@ -61,7 +76,8 @@ class ImageFeatures:
 
     @property
     def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.windows)
+        size = sum(w.nbytes for w in self.windows)
+        return size + sum(r.nbytes for r in self.regions.values())
 
 
 def image_digest(image: np.ndarray, extra: str = "") -> str:

@@ -213,6 +213,7 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> str:
     import open_clip.model as oc_model
 
     state, fmt = read_state_dict(path)
+    _warn_openai_without_quickgelu(model, state, path, name)
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
         state = oc_model.convert_to_custom_text_state_dict(state)
     if "logit_scale" in state and hasattr(model, "logit_scale"):
@@ -242,6 +243,27 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> str:
             "name or config the checkpoint was trained with (e.g. --model ViT-B-16)."
         )
     return fmt
+
+
+#: Entries only OpenAI's own CLIP state dicts carry (open_clip drops them when it converts one).
+_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _warn_openai_without_quickgelu(model: nn.Module, state: dict, path: Path, name: str) -> None:
+    """OpenAI's weights were trained with QuickGELU; under a GELU model name they load without
+    error and silently degrade. Drop OpenAI's metadata entries and warn in that case."""
+    from open_clip.transformer import QuickGELU
+
+    found = [key for key in _OPENAI_ONLY_KEYS if key in state]
+    for key in found:
+        state.pop(key)
+    if found and not any(isinstance(m, QuickGELU) for m in model.modules()):
+        warnings.warn(
+            f"{path.name} is an OpenAI CLIP state dict (it has {', '.join(found)}) but {name} "
+            f"builds with GELU; OpenAI's weights need QuickGELU: use {name}-quickgelu "
+            "(e.g. ViT-B-16-quickgelu) or quick_gelu=True.",
+            stacklevel=3,
+        )
 
 
 def _params_digest(model: nn.Module) -> str:

@@ -14,10 +14,13 @@ one image) and the student's teacher (a batch of training crops) read features t
    (Cell-level refinements belong here.)
 4. :meth:`Readout.upsample` - bilinear to the padded pixel size the cells cover, cropped. The
    engine then stitches windows and resizes to the image (:mod:`.stitch`).
-   (Pixel-level refinements such as PAMR belong between 4 and 5.)
+   :meth:`Readout.refine_pixels` - with ``pamr``, PAMR on these pixel scores (prompt cosines, or
+   smoothed probabilities), guided by the image at the same size (as the official code does,
+   before the softmax).
 5. :meth:`Readout.decide` - class probabilities (softmax over the active prompts at the user's
-   temperature, max over synonyms; or the smoothed probabilities renormalised), argmax to label
-   values, and the background threshold. (Label-level refinements such as region voting follow.)
+   temperature, max over synonyms; or the smoothed probabilities renormalised); with region
+   voting each region's mean probabilities (:mod:`.regions`); argmax to label values, and the
+   background threshold.
 
 :meth:`Readout.__call__` runs 1-5 on a batch of whole crops with denoising decided per crop.
 """
@@ -25,13 +28,15 @@ one image) and the student's teacher (a batch of training crops) read features t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..classes import ClassSpec
+from .pamr import pamr
 from .refine import class_probabilities, denoise_keep, key_smoothing
+from .regions import region_vote
 from .settings import SegmentSettings
 
 __all__ = [
@@ -117,7 +122,8 @@ class Readout:
 
     ``text`` holds one unit-norm embedding per prompt (``layout.prompts`` order). Only the query
     settings are read: ``denoise``, ``denoise_threshold``, ``key_smoothing``, ``ks_threshold``,
-    ``logit_scale``, ``background_threshold``.
+    ``logit_scale``, ``background_threshold``, ``pamr*`` and ``regions`` (with the
+    superpixel parameters).
     """
 
     def __init__(self, layout: PromptLayout, text: torch.Tensor, settings: SegmentSettings) -> None:
@@ -176,6 +182,16 @@ class Readout:
                            align_corners=False)
         return up[:, :, :size[0], :size[1]]
 
+    def refine_pixels(self, scores: torch.Tensor, guide: Optional[torch.Tensor]) -> torch.Tensor:
+        """PAMR on ``B x C x H x W`` pixel scores when ``pamr`` is on (``guide``: the image,
+        ``B x channels x H x W``, any scaling); unchanged otherwise."""
+        s = self.settings
+        if not s.pamr:
+            return scores
+        if guide is None:
+            raise ValueError("PAMR needs the image as a guide")
+        return pamr(guide, scores, iterations=s.pamr_iterations, dilations=s.pamr_dilations)
+
     # ---- 5. probabilities and labels ---------------------------------------------------------
     def probabilities(self, scores: torch.Tensor, active: ActiveClasses) -> torch.Tensor:
         """``B x C x H x W`` pixel scores -> ``B x K' x H x W`` class probabilities."""
@@ -183,9 +199,18 @@ class Readout:
             return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return class_probabilities(scores, active.groups, self.settings.logit_scale, dim=1)
 
-    def decide(self, scores: torch.Tensor, active: ActiveClasses) -> Decision:
-        """Pixel scores -> probabilities, label values (argmax) and the background threshold."""
+    def decide(
+        self, scores: torch.Tensor, active: ActiveClasses, regions: Optional[Sequence[Any]] = None
+    ) -> Decision:
+        """Pixel scores -> probabilities, label values (argmax) and the background threshold;
+        with ``regions`` (one ``H x W`` id map per item, 0 = none) voted per region first."""
         probs = self.probabilities(scores, active)
+        if regions is not None:
+            probs = torch.stack([region_vote(probs[i], regions[i]) for i in range(probs.shape[0])])
+        return self.label(probs, active)
+
+    def label(self, probs: torch.Tensor, active: ActiveClasses) -> Decision:
+        """``B x K' x H x W`` class probabilities -> label values and the background threshold."""
         best_p, best = probs.max(dim=1)
         values = torch.tensor([self.layout.values[k] for k in active.classes], dtype=torch.long)
         labels = values.to(best.device)[best]
@@ -200,11 +225,14 @@ class Readout:
         patch: int,
         size: tuple[int, int],
         keys: Optional[torch.Tensor] = None,
+        guide: Optional[torch.Tensor] = None,
+        regions: Optional[Sequence[Any]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-5 on ``B`` crops, each read whole with prompt denoising decided per crop.
 
-        Returns labels and confidence (``B x H x W``). Crops whose denoising keeps the same
-        classes are read together.
+        ``guide`` (``B x channels x H x W``, the crops) is needed for PAMR, ``regions`` (``B``
+        id maps) for region voting. Returns labels and confidence (``B x H x W``). Crops whose
+        denoising keeps the same classes are read together.
         """
         logits = self.logits(features)
         if self.settings.denoise:
@@ -220,7 +248,11 @@ class Readout:
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
             part_keys = None if keys is None else keys.index_select(0, index.to(keys.device))
             scores = self.cell_scores(logits.index_select(0, index), active, part_keys)
-            decision = self.decide(self.upsample(scores, patch, size), active)
+            pixels = self.upsample(scores, patch, size)
+            if self.settings.pamr:
+                pixels = self.refine_pixels(pixels, guide.index_select(0, index.to(guide.device)))
+            part_regions = None if regions is None else [regions[i] for i in rows]
+            decision = self.decide(pixels, active, part_regions)
             labels[index] = decision.labels
             confidence[index] = decision.confidence
         return labels, confidence

@@ -36,8 +36,10 @@ from .dense import dense_features
 from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
+from .pamr import pamr_halo
 from .preprocess import check_image_array, plan_image
 from .readout import ActiveClasses, PromptLayout, Readout
+from .regions import RegionVote, check_regions, superpixels
 from .result import SegmentationResult
 from .settings import SegmentSettings
 from .templates import resolve_templates
@@ -49,6 +51,10 @@ __all__ = ["Segmenter"]
 
 #: Features of one image above this are not kept: the image is streamed (see run_iter).
 STREAM_BYTES = 1 << 30
+#: Rows per block when PAMR / region voting finish a query (PAMR adds a halo to each block).
+_REFINE_ROWS = 256
+#: Images up to this many pixels are refined by PAMR in one block (no repeated halo rows).
+_PAMR_WHOLE_PIXELS = 1 << 21
 
 
 class Segmenter:
@@ -228,6 +234,7 @@ class Segmenter:
             windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
         features = self._features(key, shape, proc, plan, s, windows)
+        features.source = plan_image(image, channel_axis=channel_axis, channels=channels)
         self.features_cache.put(features)
         return features
 
@@ -273,18 +280,27 @@ class Segmenter:
         classes: ClassesLike,
         *,
         background: Optional[ClassesLike] = None,
+        regions: Optional[np.ndarray | str] = None,
         settings: Optional[SegmentSettings] = None,
         probabilities: "ProbabilitiesOut" = True,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Read cached features against class names; yields progress per window.
 
+        ``regions``: a label image of the image's size (0 = no region) for region voting (it
+        sets the setting ``regions="labels"``), or the setting itself (``"slic"``, ...).
+
         ``probabilities``: True (the result holds the ``C x H x W`` maps), False (it holds None:
         labels only, 4 bytes per pixel and class less memory), or a callable
         ``sink(y0, y1, block)`` given the float32 ``C x (y1 - y0) x W`` maps of each block of
         rows as they are finished (the result holds None).
         """
+        if isinstance(regions, str):
+            overrides, regions = {**overrides, "regions": regions}, None
+        elif regions is not None:
+            overrides = {**overrides, "regions": "labels"}
         s = self._resolve(settings, overrides)
+        region_map = self._region_map(features, s, regions)
         if features.model_identity != self.loaded.identity:
             raise InvalidInputError("These features were encoded by another model; encode again.")
         if s.key_smoothing and not features.has_keys:
@@ -297,8 +313,29 @@ class Segmenter:
         windows = features.windows
         window_logits = [query.logits(w.features) for w in windows]
         result = yield from self._read(query, s, features, [w.box for w in windows], window_logits,
-                                       lambda i: windows[i].keys, probabilities)
+                                       lambda i: windows[i].keys, probabilities, region_map)
         return result
+
+    @staticmethod
+    def _region_map(
+        features: ImageFeatures, s: SegmentSettings, regions: Optional[np.ndarray]
+    ) -> Optional[np.ndarray]:
+        """The id map for region voting (superpixels cached on the features), or None."""
+        if s.regions is None:
+            return None
+        if s.regions == "labels":
+            if regions is None:
+                raise InvalidInputError(
+                    "regions='labels' needs a label image: pass regions=ARRAY (same size as the image)."
+                )
+            return check_regions(regions, features.image_shape)
+        if features.source is None:
+            raise InvalidInputError("These features hold no image for superpixels; encode again.")
+        params = s.region_params()
+        key = f"{s.regions}|{sorted(params.items())}"
+        if key not in features.regions:
+            features.regions[key] = superpixels(features.guide(), s.regions, **params)
+        return features.regions[key]
 
     def _read(
         self,
@@ -309,6 +346,7 @@ class Segmenter:
         window_logits: list[Optional[torch.Tensor]],
         keys_of: Callable[[int], Optional[torch.Tensor]],
         probabilities: "ProbabilitiesOut",
+        regions: Optional[np.ndarray] = None,
     ) -> Generator[Progress, None, SegmentationResult]:
         """Window cosines -> denoising -> window scores -> stitched rows -> labels, probabilities.
 
@@ -333,6 +371,16 @@ class Segmenter:
         stitch = RowStitcher(channels, features.proc_shape, features.image_shape, features.plan,
                              device=device)
         out = _Outputs(features.image_shape, readout, active, probabilities)
+        refine = s.pamr or regions is not None
+        if refine:  # PAMR and region voting need neighbouring rows / every row: keep the scores
+            if s.pamr and features.source is None:
+                raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
+            full = torch.zeros(channels, *features.image_shape, dtype=torch.float32, device=device)
+
+            def finish(y0: int, y1: int, block: torch.Tensor) -> None:
+                full[:, y0:y1] = block
+        else:
+            finish = out.finish
         total = len(boxes)
         yield Progress("segment", 0, total, "reading features")
         for i, box in enumerate(boxes):
@@ -342,10 +390,12 @@ class Segmenter:
             cells = readout.cell_scores(lg, active, None if keys is None else keys[None])
             up = readout.upsample(cells, patch, (box.height, box.width))[0]
             for y0, y1, block in stitch.add(box, up):
-                out.finish(y0, y1, block)
+                finish(y0, y1, block)
             yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
         for y0, y1, block in stitch.close():
-            out.finish(y0, y1, block)
+            finish(y0, y1, block)
+        if refine:
+            _refined(full, out, readout, active, features.guide, regions)
 
         return SegmentationResult(
             labels=out.labels,
@@ -390,6 +440,7 @@ class Segmenter:
         background: Optional[ClassesLike] = None,
         channel_axis: Optional[int] = None,
         channels: Optional[Sequence[int]] = None,
+        regions: Optional[np.ndarray | str] = None,
         settings: Optional[SegmentSettings] = None,
         probabilities: "ProbabilitiesOut" = True,
         **overrides: Any,
@@ -408,13 +459,19 @@ class Segmenter:
         self._class_lists(classes, background)
         image = check_image_array(image)
         if self._feature_bytes(image.shape, channel_axis, s) > self.stream_bytes:
+            if s.pamr or s.regions is not None or regions is not None:
+                raise InvalidInputError(
+                    "PAMR and region voting need the whole image's scores, which a streamed image "
+                    "this large does not keep: turn them off, or segment a smaller image."
+                )
             result = yield from self._stream_iter(image, classes, background, channel_axis,
                                                   channels, s, probabilities)
             return result
         features = yield from self.encode_iter(
             image, channel_axis=channel_axis, channels=channels, settings=s
         )
-        result = yield from self.segment_iter(features, classes, background=background, settings=s,
+        result = yield from self.segment_iter(features, classes, background=background,
+                                              regions=regions, settings=s,
                                               probabilities=probabilities)
         return result
 
@@ -511,7 +568,11 @@ class _Outputs:
 
     def finish(self, y0: int, y1: int, block: torch.Tensor) -> None:
         """Scores of output rows ``y0..y1`` -> their probabilities and labels."""
-        decision = self.readout.decide(block[None], self.active)
+        self.finish_probs(y0, y1, self.readout.probabilities(block[None], self.active)[0])
+
+    def finish_probs(self, y0: int, y1: int, probs: torch.Tensor) -> None:
+        """Class probabilities (``K' x rows x W``) of output rows ``y0..y1`` -> labels, maps."""
+        decision = self.readout.label(probs[None], self.active)
         self.labels[y0:y1] = decision.labels[0].cpu().numpy().astype(self.label_dtype)
         if self.probabilities is None and self.sink is None:
             return
@@ -524,3 +585,44 @@ class _Outputs:
             for j, k in self.fg_rows:
                 part[k] = probs_np[j]
             self.sink(y0, y1, part)
+
+
+def _refined(
+    scores: torch.Tensor,
+    out: _Outputs,
+    readout: Readout,
+    active: ActiveClasses,
+    guide: Callable[[int, int], np.ndarray],
+    regions: Optional[np.ndarray],
+) -> None:
+    """Image-size scores -> PAMR (blocks of rows with an exact halo) -> region voting (a first
+    pass sums each region's probabilities) -> labels and maps in ``out``."""
+    s = readout.settings
+    height, width = scores.shape[-2:]
+    halo = pamr_halo(s.pamr_iterations, s.pamr_dilations) if s.pamr else 0
+    rows = max(_REFINE_ROWS, 4 * halo)  # the halo's rows cost at most 1.5x
+    if s.pamr and height * width <= _PAMR_WHOLE_PIXELS:
+        rows = height  # small enough to refine at once: no halo rows at all
+
+    def block_probs(y0: int, y1: int) -> torch.Tensor:
+        a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
+        block = scores[:, a0:a1]
+        if s.pamr:
+            g = torch.from_numpy(guide(a0, a1)).permute(2, 0, 1)[None]
+            block = readout.refine_pixels(block[None], g.to(block.device))[0]
+        return readout.probabilities(block[None, :, y0 - a0:y1 - a0], active)[0]
+
+    vote = None
+    if regions is not None:
+        vote = RegionVote(regions, len(active.classes), scores.device)
+        for y0 in range(0, height, rows):
+            vote.add(block_probs(y0, min(height, y0 + rows)), y0)
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        if vote is not None and vote.covers(y0, y1):
+            probs = vote.voted(y0, y1)
+        else:
+            probs = block_probs(y0, y1)
+            if vote is not None:
+                probs = vote.apply(probs, y0)
+        out.finish_probs(y0, y1, probs)

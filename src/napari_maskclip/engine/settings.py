@@ -2,8 +2,8 @@
 
 Settings split in two groups. *Encode* settings change the image features (attention mode,
 windows, resizing, whether keys are kept for key smoothing); changing one re-runs the image
-encoder. *Query* settings (denoising, temperature, templates, background) only change how cached
-features are read against text, so changing them is instant.
+encoder. *Query* settings (denoising, temperature, templates, background, PAMR, region voting)
+only change how cached features are read against text, so changing them needs no encoder pass.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from ..errors import InvalidInputError
 from .modes import MODES
 from .templates import TEMPLATE_SETS, resolve_templates
 
-__all__ = ["SegmentSettings", "ENCODE_FIELDS"]
+__all__ = ["SegmentSettings", "ENCODE_FIELDS", "REGION_SOURCES"]
 
 #: Fields whose change requires re-encoding the image.
 ENCODE_FIELDS = ("mode", "window", "stride", "short_side", "max_whole_pixels", "auto_window")
+#: Where region voting's regions come from (kept torch- and skimage-free for UIs and CLIs).
+REGION_SOURCES = ("slic", "felzenszwalb", "labels")
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,38 @@ class SegmentSettings:
     background_threshold: Optional[float] = None
     #: Windows encoded per forward pass (more is faster on a GPU; 1 keeps CPU memory low).
     window_batch: int = 1
+    #: PAMR (pixel-adaptive mask refinement, as SCLIP/NACLIP's official code): the prompt
+    #: scores at image resolution, refined by local colour affinity before the softmax.
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    #: Region voting: every pixel of a region gets the region's mean class probabilities.
+    #: ``slic`` / ``felzenszwalb`` (superpixels of the image), ``labels`` (a label image the
+    #: caller gives, e.g. ``Segmenter.segment(..., regions=array)``), or ``None`` (off).
+    regions: Optional[str] = None
+    slic_segments: int = 400
+    slic_compactness: float = 10.0
+    felzenszwalb_scale: float = 100.0
+    felzenszwalb_sigma: float = 0.8
+    felzenszwalb_min_size: int = 50
+    #: The paper preset these settings started from (recorded only; see :mod:`.presets`).
+    preset: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> "SegmentSettings":
+        """A paper's evaluation settings (:mod:`.presets`), then ``changes``; records ``preset``."""
+        from .presets import preset_settings
+
+        return cls().replace(**preset_settings(name)).replace(**changes)
 
     def replace(self, **changes: Any) -> "SegmentSettings":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise InvalidInputError(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
-        if isinstance(changes.get("templates"), list):
-            changes["templates"] = tuple(changes["templates"])
+        for name in ("templates", "pamr_dilations"):
+            if isinstance(changes.get(name), list):
+                changes[name] = tuple(changes[name])
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "SegmentSettings":
@@ -101,7 +127,34 @@ class SegmentSettings:
             )
         if not isinstance(self.templates, str):
             resolve_templates(self.templates)  # a custom list: each needs exactly one "{}"
+        self._validate_refinements()
         return self
+
+    def _validate_refinements(self) -> None:
+        if not isinstance(self.pamr_iterations, int) or self.pamr_iterations < 0:
+            raise InvalidInputError(f"pamr_iterations must be a whole number >= 0, got {self.pamr_iterations!r}.")
+        dil = self.pamr_dilations
+        if not dil or any(not isinstance(d, int) or d < 1 for d in dil):
+            raise InvalidInputError(f"pamr_dilations must be whole numbers >= 1, got {dil!r}.")
+        if self.regions not in (None, *REGION_SOURCES):
+            raise InvalidInputError(
+                f"Unknown regions {self.regions!r}: use {', '.join(REGION_SOURCES)} or none."
+            )
+        if self.slic_segments < 1 or self.felzenszwalb_min_size < 1:
+            raise InvalidInputError("slic_segments and felzenszwalb_min_size must be at least 1.")
+        if not (self.slic_compactness > 0 and self.felzenszwalb_scale > 0 and self.felzenszwalb_sigma >= 0):
+            raise InvalidInputError(
+                "slic_compactness and felzenszwalb_scale must be positive, felzenszwalb_sigma >= 0."
+            )
+
+    def region_params(self) -> dict[str, Any]:
+        """The superpixel parameters of ``regions`` (empty for user labels or none)."""
+        if self.regions == "slic":
+            return {"n_segments": self.slic_segments, "compactness": self.slic_compactness}
+        if self.regions == "felzenszwalb":
+            return {"scale": self.felzenszwalb_scale, "sigma": self.felzenszwalb_sigma,
+                    "min_size": self.felzenszwalb_min_size}
+        return {}
 
     def encode_key(self) -> tuple[Any, ...]:
         """The part of the settings that determines image features."""
@@ -109,14 +162,16 @@ class SegmentSettings:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        if isinstance(out["templates"], tuple):
-            out["templates"] = list(out["templates"])
+        for name in ("templates", "pamr_dilations"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SegmentSettings":
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in names}
-        if isinstance(kwargs.get("templates"), list):
-            kwargs["templates"] = tuple(kwargs["templates"])
+        for name in ("templates", "pamr_dilations"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)

@@ -34,7 +34,7 @@ SCENE_TEMPLATES: tuple[str, ...] = (
 
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
 
-TEMPLATE_SETS = ("maskclip85", "single")
+TEMPLATE_SETS = ("maskclip85", "openai80", "single")
 
 TemplatesLike = Union[str, Sequence[str]]
 
@@ -54,6 +54,8 @@ def resolve_templates(templates: TemplatesLike | None) -> tuple[str, ...]:
     if isinstance(templates, str):
         if templates == "single":
             return SINGLE_TEMPLATE
+        if templates == "openai80":  # CLIP's 80 ImageNet templates (SCLIP, NACLIP, SC-CLIP...)
+            return maskclip_templates()[:-len(SCENE_TEMPLATES)]
         if "{}" in templates:
             templates = [templates]
         else:

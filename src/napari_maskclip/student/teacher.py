@@ -5,8 +5,9 @@ flipping), as MaskCLIP+ does, so they match the student's input pixel for pixel.
 crops goes through the image encoder in one pass and is read by the engine's own read-out
 (:class:`~napari_maskclip.engine.readout.Readout`: cosine logits per prompt, softmax with the
 teacher's temperature, max over synonyms, prompt denoising and key smoothing per crop when the
-teacher's settings ask for them). Pixels whose winning probability is below an optional
-confidence threshold are ignored.
+teacher's settings ask for them; PAMR guided by the crop and region voting on the crop's
+superpixels likewise). Pixels whose winning probability is below an optional confidence
+threshold are ignored.
 
 The teacher also provides the student's frozen classifier: one text embedding per class (the
 normalised mean of its synonyms' embeddings, each averaged over the teacher's templates), with
@@ -22,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..classes import ClassSpec, parse_classes
+from ..errors import InvalidInputError
 from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
 from ..engine.readout import PromptLayout, Readout
+from ..engine.regions import superpixels
 from ..engine.settings import SegmentSettings
 from ..engine.templates import resolve_templates
 from ..engine.text import TextEmbeddingCache, TextEncoder
@@ -49,6 +52,11 @@ class Teacher:
     ) -> None:
         self.loaded = loaded
         self.settings = (settings or SegmentSettings()).validate()
+        if self.settings.regions == "labels":
+            raise InvalidInputError(
+                "A student's teacher reads random training crops, so it cannot vote within a "
+                "label image: use regions 'slic' or 'felzenszwalb', or none."
+            )
         self.classes = list(classes)
         self.background = list(background) or parse_classes("background")
         self.confidence_threshold = confidence_threshold
@@ -99,7 +107,19 @@ class Teacher:
         ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
         x = F.pad(x, (0, pw - width, 0, ph - height)).to(loaded.dtype)
         dense = dense_features(loaded.visual, x, s.mode, with_keys=s.key_smoothing)
-        labels, confidence = self._readout(dense.features, patch, (height, width), dense.keys)
+        regions = None
+        if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
+            crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()
+            regions = [superpixels(c, s.regions, **s.region_params()) for c in crops]
+        labels, confidence = self._readout(dense.features, patch, (height, width), dense.keys,
+                                           guide=_half_guide(images, loaded.device) if s.pamr else None,
+                                           regions=regions)
         if self.confidence_threshold is not None:
             labels = labels.masked_fill(confidence < self.confidence_threshold, IGNORE)
         return labels.to(out_device)
+
+
+def _half_guide(images: torch.Tensor, device: Any) -> torch.Tensor:
+    """The crops rounded through float16, as the engine caches an image for PAMR and superpixels,
+    so the teacher refines a crop exactly as the engine refines the same image."""
+    return images.to(device=device, dtype=torch.float16).float()

@@ -180,7 +180,10 @@ def _teacher_settings(
     if segmenter_settings is not None:
         return segmenter_settings
     if dataset:
-        return SegmentSettings.from_dict(dataset).validate()
+        recorded = SegmentSettings.from_dict(dataset)
+        if recorded.regions == "labels":  # a user's label image made them; random crops have none
+            recorded = recorded.replace(regions=None)
+        return recorded.validate()
     return SegmentSettings()
 
 
