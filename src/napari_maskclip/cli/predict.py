@@ -41,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 f"Outputs exist already (e.g. {existing[0]}); pass --overwrite to replace them."
             )
-    segmenter = StudentSegmenter(args.student, device=args.device, window=args.window)
+    segmenter = StudentSegmenter(args.student, device=args.device, window=args.window,
+                                 precision=args.precision)
     segmenter.resolve_classes(args.classes)  # unknown class names fail before any work
     print(f"model: {segmenter.describe()}", file=sys.stderr)
     for path in images:
@@ -80,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-confidence", action="store_true", help="skip the confidence TIFF")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto (default): bf16 on a CPU with native bf16 (AVX512-BF16/AMX) "
+                        "or a bf16 GPU, else fp32")
     parser.add_argument("--window", type=_positive_int, default=None, metavar="PX",
                         help="sliding-window size for images over 1 megapixel (default 512)")
     parser.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",

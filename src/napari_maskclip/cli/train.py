@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     pretrained = default_pretrained(args.model, args.pretrained) if args.model else None
     gen = train_iter(
         data, out, settings=settings, teacher=teacher, pretrained=pretrained,
-        resume=args.resume, overwrite=args.overwrite, device=args.device,
+        resume=args.resume, overwrite=args.overwrite, device=args.device, precision=args.precision,
         **({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES} if args.resume else {}),
     )
     bar = _TrainBar(disable=args.quiet)
@@ -195,6 +195,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "default: the model recorded in the dataset")
     teacher.add_argument("--pretrained", default=None, help="its weights (tag or file)")
     teacher.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    teacher.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                         help="of the student (autocast; loss and optimiser fp32) and the teacher; "
+                         "auto (default): bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else "
+                         "fp32 on the CPU")
     teacher.add_argument("--confidence-threshold", type=_unit_float, default=None, metavar="P",
                          help="ignore teacher pixels whose probability is below P (default off)")
     teacher.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,

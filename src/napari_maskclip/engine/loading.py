@@ -31,7 +31,8 @@ from torch import nn
 from ..errors import ModelLoadError, UnsupportedModelError, WeightsUnavailableError
 from .cache_dir import weights_cache_hint
 from .checkpoints import CHECKPOINT_SUFFIXES, file_digest, read_state_dict
-from .device import resolve_device, resolve_dtype
+from .device import resolve_device
+from .precision import resolve_precision, weights_dtype
 
 __all__ = ["LoadedModel", "load_clip", "wrap_model", "DEMO_MODEL", "RANDOM_WEIGHTS"]
 
@@ -56,6 +57,9 @@ class LoadedModel:
     mean: tuple[float, float, float] = _OPENAI_MEAN
     std: tuple[float, float, float] = _OPENAI_STD
     quick_gelu: bool = False
+    #: The precision of runs that ask for ``auto`` (resolved at load: bf16 on a CPU with native
+    #: bf16, fp32 on other CPUs, fp16 on GPUs); see :mod:`.precision`.
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -271,7 +275,8 @@ def _finish(
 ) -> LoadedModel:
     _check_supported(model.visual, name)
     dev = resolve_device(device)
-    dtype = resolve_dtype(dev, precision)
+    precision = resolve_precision(dev, precision)
+    dtype = weights_dtype(dev, precision)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -293,6 +298,7 @@ def _finish(
         mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
         std=tuple(float(s) for s in std),  # type: ignore[arg-type]
         quick_gelu=quick_gelu,
+        precision=precision,
     )
 
 
@@ -343,7 +349,8 @@ def load_clip(
         pretrained: open_clip pretrained tag, local checkpoint path, ``"random"``, or ``None``
             (only for ``"demo"``, which carries its own weights).
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``auto`` (fp16 on GPU, fp32 on CPU), ``fp32``, ``fp16``, ``bf16``.
+        precision: the default precision of its runs: ``auto`` (fp16 on GPU; on the CPU bf16
+            where the CPU has native bf16, else fp32), ``fp32``, ``fp16``, ``bf16``.
         quick_gelu: force QuickGELU on or off; by default it is on for OpenAI weights.
         cache_dir: where open_clip downloads pretrained weights (its default if None).
     """

@@ -34,6 +34,7 @@ from .dense import dense_features
 from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
+from .precision import model_in, precision_dtype, run_precision
 from .preprocess import check_image_array, prepare_image
 from .refine import class_probabilities, denoise_keep, key_smoothing
 from .result import SegmentationResult
@@ -73,6 +74,8 @@ class Segmenter:
         )
         base = settings or SegmentSettings()
         self.settings = self._checked(base.replace(**setting_overrides) if setting_overrides else base)
+        if (precision or "auto") != "auto" and self.settings.precision == "auto":
+            self.settings = self._checked(self.settings.replace(precision=precision))
         self.text = TextEncoder(self.loaded, cache=text_cache)
         self.features_cache = FeatureCache(max_items=feature_cache_items)
         #: Image-encoder forward passes run so far (one per window batch).
@@ -87,6 +90,12 @@ class Segmenter:
                 "Use mode 'maskclip', or a ViT such as ViT-B-16."
             )
         return settings
+
+    def precision(self, settings: Optional[SegmentSettings] = None) -> str:
+        """The precision a run with ``settings`` uses (``auto``: the model's default)."""
+        s = settings or self.settings
+        return run_precision(s.precision, device=self.loaded.device, weights=self.loaded.dtype,
+                             default=self.loaded.precision)
 
     def _resolve(self, settings: Optional[SegmentSettings], overrides: dict[str, Any]) -> SegmentSettings:
         s = settings or self.settings
@@ -134,13 +143,16 @@ class Segmenter:
         std = torch.tensor(self.loaded.std, dtype=torch.float32).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.loaded.device)
 
-    def _encode_batch(self, crops: list[torch.Tensor], mode: str, with_keys: bool):
+    def _encode_batch(self, crops: list[torch.Tensor], mode: str, with_keys: bool,
+                      precision: str = "fp32"):
         patch = self.loaded.patch_size
         h, w = crops[0].shape[-2:]
         ph, pw = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
-        batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops]).to(self.loaded.dtype)
+        batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops])
+        batch = batch.to(precision_dtype(precision))
         self.image_encoder_calls += 1
-        return dense_features(self.loaded.visual, batch, mode, with_keys=with_keys)
+        visual = model_in(self.loaded, precision).visual
+        return dense_features(visual, batch, mode, with_keys=with_keys)
 
     def encode_iter(
         self,
@@ -154,9 +166,11 @@ class Segmenter:
         """Encode ``image`` into dense features, yielding progress per window (cached)."""
         s = self._resolve(settings, overrides)
         image = check_image_array(image)
+        precision = self.precision(s)  # resolved: features of two precisions never mix
         # The cache is checked first: a re-query pays only for hashing the image.
         key = image_digest(
-            image, f"{channel_axis}|{channels}|{self.loaded.identity}|{s.encode_key()}"
+            image, f"{channel_axis}|{channels}|{self.loaded.identity}|"
+            f"{s.replace(precision=precision).encode_key()}"
         )
         cached = self.features_cache.get(key, need_keys=s.key_smoothing)
         if cached is not None:
@@ -183,7 +197,7 @@ class Segmenter:
             group = boxes[start:start + step]
             crops = [pixels[:, :, b.y0:b.y1, b.x0:b.x1] for b in group]
             with torch.no_grad():
-                out = self._encode_batch(crops, s.mode, s.key_smoothing)
+                out = self._encode_batch(crops, s.mode, s.key_smoothing, precision)
             for i, box in enumerate(group):
                 gh, gw = math.ceil(box.height / patch), math.ceil(box.width / patch)
                 feat = out.features[i, :, :gh, :gw].contiguous()
@@ -203,7 +217,8 @@ class Segmenter:
             model_identity=self.loaded.identity,
             encode_settings={name: getattr(s, name) for name in ("mode", "window", "stride",
                                                                   "short_side", "max_whole_pixels",
-                                                                  "auto_window")},
+                                                                  "auto_window")}
+            | {"precision": precision},
             plan=plan,
         )
         self.features_cache.put(features)
@@ -248,7 +263,9 @@ class Segmenter:
             first = sum(len(g) for g in groups)
             groups.append(list(range(first, first + len(spec.synonyms))))
         templates = resolve_templates(s.templates)
-        text = self.text.embed_texts(prompts, templates)  # Q x D
+        # Text in the precision of the image features (what the result records).
+        text_precision = features.encode_settings.get("precision", self.precision(s))
+        text = self.text.embed_texts(prompts, templates, precision=text_precision)  # Q x D
 
         windows = features.windows
         window_logits = [

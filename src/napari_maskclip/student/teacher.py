@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..classes import ClassSpec, parse_classes
 from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
+from ..engine.precision import model_in, precision_dtype, run_precision
 from ..engine.refine import class_probabilities, denoise_keep, key_smoothing
 from ..engine.segmenter import DENOISE_SCALE
 from ..engine.settings import SegmentSettings
@@ -53,6 +54,9 @@ class Teacher:
         self.background = list(background) or parse_classes("background")
         self.confidence_threshold = confidence_threshold
         self.text = TextEncoder(loaded, cache=text_cache)
+        #: The precision of both encoders (the settings' ``precision``; ``auto``: the model's).
+        self.precision = run_precision(self.settings.precision, device=loaded.device,
+                                       weights=loaded.dtype, default=loaded.precision)
         #: How to load this teacher again (model and pretrained as the user gave them).
         self._record = dict(record or {})
         self.templates = resolve_templates(self.settings.templates)
@@ -62,7 +66,8 @@ class Teacher:
         for spec in specs:
             first = sum(len(g) for g in self._groups)
             self._groups.append(list(range(first, first + len(spec.synonyms))))
-        self._prompt_embeddings = self.text.embed_texts(prompts, self.templates)  # Q x D
+        self._prompt_embeddings = self.text.embed_texts(prompts, self.templates,
+                                                        precision=self.precision)  # Q x D
         # Label value of each class: k + 1 for the user's classes, 0 for background names.
         self._values = torch.tensor(
             [k + 1 for k in range(len(self.classes))] + [0] * len(self.background), dtype=torch.long
@@ -85,7 +90,7 @@ class Teacher:
             "model": self.loaded.name,
             "pretrained": self.loaded.pretrained,
             "identity": self.loaded.identity,
-            "settings": self.settings.to_dict(),
+            "settings": self.settings.to_dict() | {"precision": self.precision},
             "confidence_threshold": self.confidence_threshold,
         }
         out.update(self._record)
@@ -105,8 +110,9 @@ class Teacher:
         std = torch.tensor(loaded.std, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
         x = (images.to(loaded.device, torch.float32) - mean) / std
         ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
-        x = F.pad(x, (0, pw - width, 0, ph - height)).to(loaded.dtype)
-        dense = dense_features(loaded.visual, x, s.mode, with_keys=s.key_smoothing)
+        x = F.pad(x, (0, pw - width, 0, ph - height)).to(precision_dtype(self.precision))
+        visual = model_in(loaded, self.precision).visual
+        dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing)
         text = self._prompt_embeddings.to(dense.features.device)
         labels = []
         for b in range(images.shape[0]):

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..engine.device import resolve_device
 from ..engine.loading import LoadedModel, load_clip
+from ..engine.precision import autocast_context, resolve_autocast
 from ..engine.segmenter import Segmenter
 from ..engine.settings import SegmentSettings
 from ..engine.text import TextEmbeddingCache
@@ -119,7 +120,8 @@ def _load_data(data: DataLike, settings: TrainSettings) -> TrainingData:
 
 
 def _resolve_teacher_model(
-    teacher: TeacherLike, pretrained: Optional[str], fallback: dict[str, Any], device: torch.device
+    teacher: TeacherLike, pretrained: Optional[str], fallback: dict[str, Any], device: torch.device,
+    precision: str = "auto",
 ) -> tuple[LoadedModel, Optional[SegmentSettings], dict[str, Any]]:
     """(loaded CLIP, its segmenter's settings if any, how to load it again)."""
     if isinstance(teacher, Segmenter):
@@ -134,14 +136,14 @@ def _resolve_teacher_model(
             )
         model, weights = str(fallback["model"]), fallback.get("pretrained")
         try:
-            loaded = load_clip(model, weights, device=device)
+            loaded = load_clip(model, weights, device=device, precision=precision)
         except ModelLoadError as exc:
             raise ModelLoadError(
                 f"The recorded teacher (model {model!r}, weights {weights!r}) cannot be loaded "
                 f"({exc}); pass --model and --pretrained."
             ) from exc
         return loaded, None, {"model": model, "pretrained": weights}
-    loaded = load_clip(str(teacher), pretrained, device=device)
+    loaded = load_clip(str(teacher), pretrained, device=device, precision=precision)
     return loaded, None, {"model": str(teacher), "pretrained": pretrained}
 
 
@@ -216,6 +218,7 @@ def train_iter(
     overwrite: bool = False,
     device: str | torch.device = "auto",
     text_cache: Optional[TextEmbeddingCache] | str = "default",
+    precision: str = "auto",
     **overrides: Any,
 ) -> Generator[Progress, None, TrainResult]:
     """Train (or resume training) a student; yields ``Progress("train", it, total, info=...)``.
@@ -234,6 +237,9 @@ def train_iter(
             checkpoint; ``iterations``, ``val_interval`` and ``save_interval`` may change).
         overwrite: replace an existing checkpoint instead of refusing.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` of the student's forward pass (autocast; the loss
+            and the optimiser stay fp32) and of the teacher (``auto``: bf16 on a CPU with native
+            bf16, fp32 on other CPUs; see :mod:`napari_maskclip.engine.precision`).
 
     Progress ``info``: ``loss``, ``lr``, ``stage`` ("teacher" / "self-training"), ``it_per_s``,
     and ``val_miou`` after a validation. Closing the generator saves the last completed iteration.
@@ -264,6 +270,7 @@ def train_iter(
         settings = settings.replace(**overrides) if overrides else settings
     settings.validate()
     dev = resolve_device(device)
+    student_precision = resolve_autocast(dev, precision, training=True)
     start = ckpt.iteration if ckpt is not None else 0
     total = settings.iterations
     if start > total:
@@ -293,7 +300,8 @@ def train_iter(
     if needs_teacher:
         yield Progress("setup", 0, 0, "loading the MaskCLIP teacher")
         fallback = teacher_record or data.provenance
-        loaded, seg_settings, how = _resolve_teacher_model(teacher, pretrained, fallback, dev)
+        loaded, seg_settings, how = _resolve_teacher_model(teacher, pretrained, fallback, dev,
+                                                           precision)
         if teacher_record and teacher_record.get("identity") not in (None, loaded.identity):
             raise InvalidInputError(
                 f"The checkpoint was trained with teacher {teacher_record.get('model')} "
@@ -305,7 +313,7 @@ def train_iter(
         teacher_obj = Teacher(
             loaded, data.classes, data.background,
             _teacher_settings(settings, (teacher_record or {}).get("settings"), seg_settings,
-                              data.provenance.get("settings")),
+                              data.provenance.get("settings")).replace(precision=precision),
             confidence_threshold=settings.confidence_threshold,
             text_cache=text_cache, record=how,
         )
@@ -352,6 +360,7 @@ def train_iter(
         "split": names,
         "datasets": list(data.sources),
         "history": history,
+        "precision": student_precision,
     }
 
     def snapshot(iteration: int) -> None:
@@ -389,7 +398,9 @@ def train_iter(
                 pseudo = teacher_obj.pseudo_labels(batch.images)
             with torch.random.fork_rng(devices=fork_devices):
                 torch.manual_seed(int(iteration_rng(settings.seed, it, 1).integers(2**62)))
-                logits = net(batch.images)
+                with autocast_context(dev, student_precision):
+                    logits = net(batch.images)
+                logits = logits.float()  # the loss in fp32
                 if open_pixels and stage == "self-training":
                     pseudo = logits.detach().argmax(dim=1)
                 targets = compose_targets(batch.labels, batch.trusted, batch.valid, pseudo)
