@@ -91,11 +91,11 @@ class TrainResult:
         values = [h["val_miou"] for h in self.history if h.get("val_miou") is not None]
         return values[-1] if values else None
 
-    def segmenter(self, device: str = "auto") -> StudentSegmenter:
+    def segmenter(self, device: str = "auto", precision: str = "auto") -> StudentSegmenter:
         """A :class:`StudentSegmenter` on these weights (no file needed)."""
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         return StudentSegmenter(StudentCheckpoint(self.meta, state, None, self.checkpoint),
-                                device=device)
+                                device=device, precision=precision)
 
 
 def poly_lr(settings: TrainSettings, iteration: int) -> float:
