@@ -13,6 +13,14 @@ Prints a table, then one JSON object as the last line. ``--quick`` shrinks every
 run (figures then mean little).
 
     python benchmarks/bench_engine.py [--quick] [--model ViT-B-16] [--threads N]
+
+``--huge SIZE`` measures only the memory of a huge image instead: the peak resident memory of
+``napari-maskclip segment`` (default settings, confidence maps on) on a SIZE x SIZE gray uint8
+TIFF, in a fresh process. The model is a tiny random ViT (patch 32, native 256 px: 3844 windows
+of 512 px at 16000^2, minutes on 2 cores) unless ``--huge-model demo`` (the shipped model:
+62000 windows of 128 px, about half an hour on 2 cores). The target: under 4 GiB at 16000^2.
+
+    python benchmarks/bench_engine.py --huge 16000 [--huge-model demo]
 """
 
 from __future__ import annotations
@@ -132,14 +140,87 @@ def bench_rss(model: str, size: int, threads: int) -> dict:
     return data
 
 
+# A tiny random ViT whose windows are big and cheap: the huge-image measurement runs in minutes.
+_HUGE_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 256, "layers": 1, "width": 32, "head_width": 16,
+                   "patch_size": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+_HUGE_CHILD = """
+import json, resource, sys, time
+start = time.perf_counter()
+from napari_maskclip.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"exit": code, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "seconds": time.perf_counter() - start}))
+"""
+
+
+def bench_huge(size: int, model: str, threads: int) -> dict:
+    """Peak RSS of ``napari-maskclip segment`` on a ``size`` x ``size`` gray TIFF (see doc)."""
+    import tifffile
+
+    work = tempfile.mkdtemp(prefix="maskclip-huge-")
+    image = os.path.join(work, f"gray{size}.tif")
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, 256, (size // 50 + 1, size // 50 + 1)).astype(np.uint8)
+    gray = np.repeat(np.repeat(cells, 50, axis=0), 50, axis=1)[:size, :size]
+    tifffile.imwrite(image, gray, compression="zlib")
+    del gray
+    if model == "tiny":
+        config = os.path.join(work, "tiny_huge.json")
+        with open(config, "w") as handle:
+            json.dump(_HUGE_CONFIG, handle)
+        model_args = ["--model", config, "--pretrained", "random"]
+    else:
+        model_args = ["--model", model]
+    argv = ["segment", image, "--classes", "red circle, blue square", "--background",
+            "background", "--out", os.path.join(work, "out"), "--quiet", *model_args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", _HUGE_CHILD, *argv], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise SystemExit(f"segment failed: {proc.stderr.strip()[-2000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    if data["exit"] != 0:
+        raise SystemExit(f"segment failed: {proc.stderr.strip()[-2000:]}")
+    data.update(size=size, model=model, image_mb=os.path.getsize(image) / 1e6,
+                peak_rss_gib=data["peak_kib"] / 2**20, command=" ".join(["napari-maskclip", *argv]))
+    out = os.path.join(work, "out")
+    data["outputs"] = sorted(os.listdir(out))
+    with tifffile.TiffFile(os.path.join(out, f"gray{size}_confidence.tif")) as tif:
+        data["confidence_shape"] = list(tif.series[0].shape)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--huge", type=int, default=None, metavar="SIZE",
+                        help="only measure the peak RSS of segment on a SIZE x SIZE gray image")
+    parser.add_argument("--huge-model", default="tiny", help="tiny (random, fast) or demo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NAPARI_MASKCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="maskclip-bench-"))
+    if args.huge:
+        huge = bench_huge(args.huge, args.huge_model, args.threads)
+        print(f"model {huge['model']}, {args.threads} threads, torch {torch.__version__}")
+        print(f"command: {huge['command']}")
+        print("| measure | result | target |\n|---|---|---|")
+        print(f"| peak RSS, segment {huge['size']}^2 gray uint8 ({huge['image_mb']:.1f} MB TIFF), "
+              f"default settings, {huge['seconds']:.0f}s | {huge['peak_rss_gib']:.2f} GiB | < 4 GiB |")
+        print(f"outputs: {', '.join(huge['outputs'])}; confidence {huge['confidence_shape']}")
+        print(json.dumps({"huge_size": huge["size"], "huge_model": huge["model"],
+                          "huge_peak_rss_gib": round(huge["peak_rss_gib"], 3),
+                          "huge_seconds": round(huge["seconds"], 1)}))
+        return
 
     loaded = load_clip(args.model, "random", device="cpu")
     quick = args.quick

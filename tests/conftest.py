@@ -34,9 +34,11 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own cache directory: no state leaks between tests or from the user."""
+    """Every test gets its own cache and config directory (remembered class colours included):
+    no state leaks between tests or from the user."""
     cache = tmp_path_factory.mktemp("maskclip-cache")
     monkeypatch.setenv("NAPARI_MASKCLIP_CACHE_DIR", str(cache))
+    monkeypatch.setenv("NAPARI_MASKCLIP_CONFIG_DIR", str(tmp_path_factory.mktemp("maskclip-config")))
     yield cache
 
 

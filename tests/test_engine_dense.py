@@ -72,6 +72,116 @@ def test_vit_batch_equals_single_images(tiny_vit):
         torch.testing.assert_close(batch[i:i + 1], single, atol=ATOL, rtol=0)
 
 
+# ---- LayerScale ----------------------------------------------------------------------------
+def _layerscale_vit():
+    """A tiny open_clip ViT built with ``ls_init_value``, every gamma random and non-uniform."""
+    cfg = tiny_config("tiny_vit")
+    cfg["vision_cfg"]["ls_init_value"] = 0.1
+    model = build_clip(cfg, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            for ls in (block.ls_1, block.ls_2):
+                ls.gamma.copy_(0.2 + 1.8 * torch.rand(ls.gamma.shape, generator=g))
+    return wrap_model(model, name="tiny-vit-layerscale")
+
+
+def _layerscale_reference(visual, pixels: torch.Tensor, mode: str, tokens: bool = False) -> torch.Tensor:
+    """Dense features of a LayerScale ViT from its raw weights (float64, explicit ops).
+
+    Every block: ``x + g1 * attn(ln_1 x)``, then ``+ g2 * mlp(ln_2 x)``. Last block per mode: the
+    attention branch is ``g1 * out_proj(A v)`` (maskclip: ``A`` = identity); maskclip and sclip
+    keep the residual and ``g2 * mlp``, clearclip and naclip keep only the attention branch.
+    """
+    f64 = lambda t: t.detach().to(torch.float64)  # noqa: E731
+    ln = lambda x, m: F.layer_norm(x, m.normalized_shape, f64(m.weight), f64(m.bias), m.eps)  # noqa: E731
+
+    def mlp(block, x):
+        h = x @ f64(block.mlp.c_fc.weight).T + f64(block.mlp.c_fc.bias)
+        h = 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))  # the tiny config's exact GELU
+        return h @ f64(block.mlp.c_proj.weight).T + f64(block.mlp.c_proj.bias)
+
+    def attention(block, y, kind, grid):
+        w, b = f64(block.attn.in_proj_weight), f64(block.attn.in_proj_bias)
+        width, heads = y.shape[-1], block.attn.num_heads
+        q, k, v = (y @ w[i * width:(i + 1) * width].T + b[i * width:(i + 1) * width] for i in range(3))
+        if kind == "value":
+            mixed = v
+        else:
+            split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+            q, k, v = split(q), split(k), split(v)
+            s = q.shape[-1] ** -0.5
+            if kind == "standard":
+                a = torch.softmax(q @ k.transpose(-1, -2) * s, -1)
+            elif kind == "sclip":
+                a = torch.softmax(q @ q.transpose(-1, -2) * s, -1) + torch.softmax(k @ k.transpose(-1, -2) * s, -1)
+            elif kind == "clearclip":
+                a = torch.softmax(q @ q.transpose(-1, -2) * s, -1)
+            else:  # naclip
+                a = torch.softmax(k @ k.transpose(-1, -2) * s + naclip_bias(grid), -1)
+            mixed = (a @ v).transpose(1, 2).reshape(y.shape)
+        out = mixed @ f64(block.attn.out_proj.weight).T + f64(block.attn.out_proj.bias)
+        return out * f64(block.ls_1.gamma)
+
+    p = int(visual.patch_size[0])
+    x = pixels.to(torch.float64)
+    bsz, c, h, w = x.shape
+    grid = (h // p, w // p)
+    patches = x.reshape(bsz, c, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5).reshape(bsz, -1, c * p * p)
+    embedded = patches @ f64(visual.conv1.weight).reshape(visual.conv1.weight.shape[0], -1).T
+    cls = f64(visual.class_embedding).reshape(1, 1, -1).expand(bsz, 1, -1)
+    x = ln(torch.cat([cls, embedded], 1) + reference_pos_embed(visual, grid), visual.ln_pre)
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        x = x + attention(block, ln(x, block.ln_1), "standard", grid)
+        x = x + mlp(block, ln(x, block.ln_2)) * f64(block.ls_2.gamma)
+    last = blocks[-1]
+    kind = {"maskclip": "value", "naive": "standard"}.get(mode, mode)
+    z = attention(last, ln(x, last.ln_1), kind, grid)
+    if mode in ("maskclip", "sclip", "naive"):
+        z = x + z
+        z = z + mlp(last, ln(z, last.ln_2)) * f64(last.ls_2.gamma)
+    if tokens:
+        return z
+    feat = ln(z[:, 1:], visual.ln_post) @ f64(visual.proj)
+    feat = feat / feat.norm(dim=-1, keepdim=True)
+    return feat.transpose(1, 2).reshape(bsz, -1, *grid)
+
+
+def test_layerscale_reference_reproduces_open_clip():
+    """The LayerScale reference is right: its unmodified last block gives open_clip's image
+    embedding from the class token (so it applies every gamma where open_clip does)."""
+    loaded = _layerscale_vit()
+    visual = loaded.visual
+    assert float(visual.transformer.resblocks[-1].ls_1.gamma.std()) > 0.3  # non-uniform gammas
+    pixels = _pixels(32, 32, seed=5)
+    with torch.no_grad():
+        expected = visual(pixels).to(REF_DTYPE)
+    z = _layerscale_reference(visual, pixels, "naive", tokens=True)
+    ln = visual.ln_post
+    pooled = F.layer_norm(z[:, 0], ln.normalized_shape, ln.weight.to(REF_DTYPE), ln.bias.to(REF_DTYPE),
+                          ln.eps) @ visual.proj.to(REF_DTYPE)
+    torch.testing.assert_close(pooled, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layerscale_is_kept_in_every_mode(mode):
+    """With non-uniform LayerScale gammas every mode keeps the attention branch's scale (and
+    maskclip/sclip/naive the MLP's): features equal an explicit float64 reference."""
+    loaded = _layerscale_vit()
+    pixels = _pixels(40, 56, seed=6)
+    out = dense_features(loaded.visual, pixels, mode).features.to(REF_DTYPE)
+    ref = _layerscale_reference(loaded.visual, pixels, mode)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    # The gammas matter: the same read-out with every gamma set to 1 gives other features.
+    with torch.no_grad():
+        for block in loaded.visual.transformer.resblocks:
+            block.ls_1.gamma.fill_(1.0)
+            block.ls_2.gamma.fill_(1.0)
+    unscaled = dense_features(loaded.visual, pixels, mode).features.to(REF_DTYPE)
+    assert float((out * unscaled).sum(dim=1).mean()) < 0.99
+
+
 def test_pos_embed_interpolation_is_identity_at_native_grid(tiny_vit):
     pos = tiny_vit.visual.positional_embedding
     native = tuple(tiny_vit.visual.grid_size)

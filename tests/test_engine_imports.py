@@ -71,7 +71,8 @@ def test_package_root_imports_no_torch():
 
 
 @pytest.mark.parametrize("module", ["napari_maskclip.engine", "napari_maskclip.engine.settings",
-                                    "napari_maskclip.engine.preprocess", "napari_maskclip.engine.windows"])
+                                    "napari_maskclip.engine.preprocess", "napari_maskclip.engine.windows",
+                                    "napari_maskclip.online"])
 def test_light_engine_modules_import_no_torch(module):
     """Documented in engine/__init__: options and input checks load without torch."""
     modules = _modules_after_import(module)

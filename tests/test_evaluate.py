@@ -133,3 +133,16 @@ def test_cli_without_any_match_fails_with_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "paired by file name" in err[0]
+
+
+def test_cli_refuses_the_same_folder_twice_with_one_line(tmp_path, capsys):
+    from napari_maskclip.export import export_sample
+
+    export_sample(tmp_path / "ds", "img", None, np.array([[0, 1, 1]], np.uint8), "cat")
+    # The same folder, the same folder spelled another way, and a dataset against its own masks.
+    for pred, gt in [(tmp_path / "ds", tmp_path / "ds"),
+                     (tmp_path / "ds" / "masks" / "..", tmp_path / "ds"),
+                     (tmp_path / "ds" / "masks", tmp_path / "ds")]:
+        assert main(["evaluate", str(pred), str(gt)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "always give" in err[0] and "100 %" in err[0], err

@@ -266,7 +266,7 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
 
 def test_refuses_a_folder_that_is_not_a_dataset(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(InvalidInputError, match="not empty and not a dataset"):
+    with pytest.raises(DatasetError, match="not empty and not a dataset"):
         export_sample(tmp_path, "s", None, np.zeros((4, 4), np.uint8), "a")
 
 

@@ -58,8 +58,12 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, inputs, capsys):
                  "--out", str(ds_dir), "--quiet"]) == 0
     capsys.readouterr()
     before = {p: p.stat().st_mtime_ns for p in ds_dir.rglob("*")}
+    # The same command again: the input is finished, nothing is redone.
+    assert main(["export", *_files_args(tmp_path, ["a"]), "--classes", "cat, dog",
+                 "--out", str(ds_dir), "--quiet"]) == 0
+    assert "skipped 1 finished image" in capsys.readouterr().out
     cases = [
-        (["--classes", "cat, dog"], "already has sample"),          # same name, no --overwrite
+        (["--classes", "cat, dog", "--background", "floor"], "already has sample"),  # no --overwrite
         (["--classes", "dog, cat", "--overwrite"], "--remap"),       # other class order
         (["--classes", "cat, dog, bird", "--overwrite", "--remap"], "--add-classes"),
     ]

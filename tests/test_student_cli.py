@@ -70,8 +70,13 @@ def test_train_then_predict(dataset, tmp_path, tiny_vit_files, capsys):
         assert files.confidence.shape == (3, *shape)
         assert [c["name"] for c in files.table["classes"]] == list(COLOURS)
         assert files.table["settings"]["student_checkpoint"] == str(ckpt)
-    # Nothing is clobbered without --overwrite; errors are one line.
-    assert main(["predict", str(images[0]), "--student", str(ckpt), "--out", str(out), "--quiet"]) == 1
+    # A rerun skips finished images; other settings are refused without --overwrite; errors are
+    # one line.
+    capsys.readouterr()
+    assert main(["predict", str(images[0]), "--student", str(ckpt), "--out", str(out), "--quiet"]) == 0
+    assert "skipped 1 finished image" in capsys.readouterr().out
+    assert main(["predict", str(images[0]), "--student", str(ckpt), "--out", str(out), "--quiet",
+                 "--window", "64"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert main(["predict", str(images[0]), "--student", str(tiny_vit_files[1]), "--out",
                  str(tmp_path / "x"), "--quiet"]) == 1

@@ -5,18 +5,18 @@ and ``;`` separates synonyms of one class (``dog; puppy`` is one class whose pro
 "dog" and "puppy"; the first synonym is its display name). The same parsing serves the widget,
 the CLI and the Python API, so a list means the same everywhere.
 
-Colours come from the class *name* (not its index), so "cat" has the same colour in every run,
-layer and exported dataset. This module imports neither torch nor Qt.
+Colours belong to the class *name* (not its index), so "cat" has the same colour in every run,
+layer and exported dataset: :func:`class_colors` asks :mod:`napari_maskclip.colors` (a Glasbey
+palette, distinct within each list, remembered per name). This module imports neither torch nor Qt.
 """
 
 from __future__ import annotations
 
-import colorsys
-import hashlib
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from .colors import assign_colors
 from .errors import InvalidInputError
 
 __all__ = [
@@ -109,15 +109,18 @@ def parse_classes(classes: ClassesLike | None, *, allow_empty: bool = False) -> 
 
 
 def class_color(name: str) -> tuple[float, float, float, float]:
-    """A stable, saturated RGBA colour (0..1) for a class name, the same in every session."""
-    digest = hashlib.sha1(name.strip().casefold().encode("utf-8")).digest()
-    hue = int.from_bytes(digest[:2], "big") / 65536.0
-    saturation = 0.65 + 0.35 * digest[2] / 255.0
-    value = 0.75 + 0.25 * digest[3] / 255.0
-    r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
-    return (round(r, 4), round(g, 4), round(b, 4), 1.0)
+    """The RGBA colour (0..1) of one class name: remembered, else a new distinct palette colour.
+
+    For several classes shown together use :func:`class_colors`, which keeps them distinct.
+    """
+    return class_colors([name])[0]
 
 
-def class_colors(names: Iterable[str]) -> list[tuple[float, float, float, float]]:
-    """Colours for several class names (see :func:`class_color`)."""
-    return [class_color(n) for n in names]
+def class_colors(
+    names: Iterable[str], *, fixed: Optional[Mapping[str, Sequence[float]]] = None
+) -> list[tuple[float, float, float, float]]:
+    """Colours for the classes of one list: stable per name and distinct from each other.
+
+    ``fixed`` (a dataset's stored colours, by name) wins; see :func:`.colors.assign_colors`.
+    """
+    return assign_colors(list(names), fixed=fixed)

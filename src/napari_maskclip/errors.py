@@ -38,3 +38,12 @@ class DatasetError(MaskClipError):
 
 class Cancelled(MaskClipError):
     """Long work was stopped by the user; nothing partial was kept."""
+
+
+class PreferencesError(MaskClipError):
+    """Something the user chose to keep (e.g. a class colour) cannot be saved in the config dir."""
+
+
+class OutputError(MaskClipError):
+    """A result cannot be written where asked (a folder in the way, a read-only or full disk,
+    another run writing the same file)."""

@@ -25,7 +25,6 @@ labels onto the ground truth's classes by name.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -228,6 +227,14 @@ class MaskSource:
     #: The class table of the whole folder (a dataset, or ``masks/`` beside ``classes.json``).
     shared_classes: Optional["DatasetClasses"] = None
     kind: str = "masks"
+    #: Per stem, the dataset sample (its mask is read through the dataset's checked reader).
+    samples: dict[str, Any] = field(default_factory=dict)
+
+    def read(self, stem: str) -> np.ndarray:
+        """The 2D mask of ``stem`` (checked: readable, 2D integers, the size its dataset says)."""
+        if stem in self.samples:
+            return self.samples[stem].read_mask()
+        return _read_mask(self.files[stem])
 
 
 def find_masks(folder: str | os.PathLike) -> MaskSource:
@@ -235,7 +242,7 @@ def find_masks(folder: str | os.PathLike) -> MaskSource:
     from .export.class_table import DatasetClasses, read_class_table
     from .export.layout import CLASSES_JSON
     from .export.reader import is_dataset, read_dataset
-    from .result_files import LABELS_SUFFIX, find_results
+    from .result_files import LABELS_SUFFIX, find_results, read_result_table
 
     root = Path(folder)
     if not root.is_dir():
@@ -243,13 +250,13 @@ def find_masks(folder: str | os.PathLike) -> MaskSource:
     if is_dataset(root):
         ds = read_dataset(root)
         return MaskSource(root, {s.name: s.mask_path for s in ds}, shared_classes=ds.classes,
-                          kind="dataset")
+                          kind="dataset", samples={s.name: s for s in ds})
     results = find_results(root)
     if results:
         files: dict[str, Path] = {}
         classes: dict[str, DatasetClasses] = {}
         for path in results:
-            table = json.loads(path.read_text(encoding="utf-8"))
+            table = read_result_table(path)
             stem = path.name[: -len("_classes.json")]
             label_name = (table.get("files") or {}).get("labels") or f"{stem}{LABELS_SUFFIX}.png"
             files[stem] = path.parent / label_name
@@ -296,12 +303,12 @@ class FolderEvaluation:
 
 def _lut_onto(pred_classes: Any, gt_classes: Any, k: int) -> np.ndarray:
     """Predicted label -> ground-truth label by class name (unknown names -> ``k``: not a class)."""
-    from .export.remap import _match
+    from .export.remap import match_class
 
     lut = np.full(len(pred_classes.classes) + 1, k, dtype=np.int64)
     lut[0] = 0
     for i, spec in enumerate(pred_classes.classes, start=1):
-        j = _match(spec, list(gt_classes.classes))
+        j = match_class(spec, list(gt_classes.classes))
         if j is not None:
             lut[i] = j + 1
     return lut
@@ -336,6 +343,11 @@ def evaluate_folders(
     """
     from .export.class_table import read_class_table
 
+    if Path(pred_dir).is_dir() and Path(pred_dir).resolve() == Path(gt_dir).resolve():
+        raise InvalidInputError(
+            f"The predictions and the ground truth are the same folder ({Path(gt_dir).resolve()}): "
+            "masks scored against themselves always give 100 %. Pass two different folders."
+        )
     pred = find_masks(pred_dir)
     gt = find_masks(gt_dir)
     gt_classes = read_class_table(classes) if classes is not None else gt.shared_classes
@@ -354,12 +366,19 @@ def evaluate_folders(
             f"(e.g. {next(iter(gt.files), '?')!r}); masks are paired by file name."
         )
 
+    same = [stem for stem in matched if pred.files[stem].resolve() == gt.files[stem].resolve()]
+    if same:
+        raise InvalidInputError(
+            f"The prediction and the ground truth of {same[0]!r} are the same file "
+            f"({gt.files[same[0]].resolve()}): a mask scored against itself always gives 100 %. "
+            "Pass the predictions and the ground truth as two different folders."
+        )
     k = len(gt_classes) if gt_classes is not None else 0
     cm = np.zeros((k, k + 1), dtype=np.int64)
     remapped = False
     for stem in matched:
-        g = _read_mask(gt.files[stem])
-        p = _read_mask(pred.files[stem])
+        g = gt.read(stem)
+        p = pred.read(stem)
         if g.shape != p.shape:
             raise InvalidInputError(
                 f"{stem}: the prediction is {p.shape[1]}x{p.shape[0]} px but the ground truth is "

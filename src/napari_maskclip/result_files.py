@@ -8,15 +8,21 @@
 
 Every file is written atomically, the JSON last, so a folder holding ``*_classes.json`` for an
 image holds its two other files too. :func:`read_result` reads them back (used by ``export``).
+
+Which files are ours: a ``<stem>_classes.json`` this package wrote (its ``files`` entry lists the
+other two), and label/confidence files it lists. :func:`plan_result` decides, before any work,
+whether an image is still to do, already finished by the same request (same input file, same
+settings: skipped), or blocked by files that are not ours or belong to another request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -24,7 +30,18 @@ from .atomic import atomic_write_text
 from .errors import InvalidInputError
 from .image_files import read_float_stack, read_label_image, write_float_stack, write_label_image
 
-__all__ = ["ResultFiles", "write_result", "read_result", "result_paths", "find_results"]
+__all__ = [
+    "ResultFiles",
+    "write_result",
+    "read_result",
+    "result_paths",
+    "find_results",
+    "read_result_table",
+    "ResultPlan",
+    "plan_result",
+    "request_digest",
+    "source_fingerprint",
+]
 
 LABELS_SUFFIX = "_labels"
 CONFIDENCE_SUFFIX = "_confidence.tif"
@@ -46,13 +63,29 @@ class ResultFiles:
     def stem(self) -> str:
         return self.classes_path.name[: -len(CLASSES_SUFFIX)]
 
+    @property
+    def paths(self) -> list[Path]:
+        """Every file of this result, the classes table last."""
+        return [p for p in (self.labels_path, self.confidence_path, self.classes_path) if p]
 
-def result_paths(out_dir: str | os.PathLike, stem: str) -> ResultFiles:
-    """Where the files of image ``stem`` go in ``out_dir`` (labels suffix decided on write)."""
+
+def result_paths(
+    out_dir: str | os.PathLike,
+    stem: str,
+    *,
+    n_classes: Optional[int] = None,
+    confidence: bool = True,
+) -> ResultFiles:
+    """Where the files of image ``stem`` go in ``out_dir``.
+
+    The labels are a PNG up to 255 classes and a TIFF beyond (as :func:`write_label_image`
+    decides); without ``n_classes`` the PNG name is given.
+    """
     out = Path(out_dir)
+    suffix = ".tif" if n_classes is not None and n_classes > 255 else ".png"
     return ResultFiles(
-        labels_path=out / f"{stem}{LABELS_SUFFIX}.png",
-        confidence_path=out / f"{stem}{CONFIDENCE_SUFFIX}",
+        labels_path=out / f"{stem}{LABELS_SUFFIX}{suffix}",
+        confidence_path=out / f"{stem}{CONFIDENCE_SUFFIX}" if confidence else None,
         classes_path=out / f"{stem}{CLASSES_SUFFIX}",
     )
 
@@ -64,22 +97,137 @@ def write_result(
     *,
     confidence: bool = True,
     extra: Optional[dict[str, Any]] = None,
+    confidence_writer: Any = None,
 ) -> ResultFiles:
-    """Write a :class:`~napari_maskclip.engine.SegmentationResult` (or alike) as three files."""
-    paths = result_paths(out_dir, stem)
-    labels_path = write_label_image(paths.labels_path, result.labels, result.colors)
-    confidence_path = None
-    if confidence:
-        confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
+    """Write a :class:`~napari_maskclip.engine.SegmentationResult` (or alike) as three files.
+
+    ``confidence_writer``: a :class:`~napari_maskclip.image_files.FloatStackWriter` the maps were
+    streamed into (when ``result.probabilities`` is None because they were too large to hold).
+    Files an earlier result of ``stem`` listed and this one does not (a confidence TIFF now
+    skipped, a labels TIFF now a PNG) are removed after the new table is in place.
+    """
+    colors = result.colors
+    paths = result_paths(out_dir, stem, n_classes=len(colors), confidence=confidence)
+    previous = _read_own_table(paths.classes_path)
+    # The table first: a result that cannot be written whole (NaN in a setting) writes nothing.
     table = result.classes_table()
     table["files"] = {
-        "labels": labels_path.name,
-        "confidence": confidence_path.name if confidence_path else None,
+        "labels": paths.labels_path.name,
+        "confidence": paths.confidence_path.name if paths.confidence_path else None,
     }
     if extra:
         table.update(extra)
-    atomic_write_text(paths.classes_path, json.dumps(table, indent=2, default=_jsonable))
+    try:
+        text = json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
+    except ValueError as exc:  # NaN in a setting: never written (the file would not be JSON)
+        raise InvalidInputError(f"Refusing to write {paths.classes_path}: {exc}.") from exc
+    labels_path = write_label_image(paths.labels_path, result.labels, colors)
+    if labels_path != paths.labels_path:  # label values beyond the class count: not a result
+        labels_path.unlink()
+        raise InvalidInputError(f"{stem}: label values exceed the {len(colors)} classes; not written.")
+    confidence_path = None
+    if confidence and confidence_writer is not None:
+        confidence_path = confidence_writer.commit(paths.confidence_path)
+    elif confidence:
+        confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
+    atomic_write_text(paths.classes_path, text)
+    if previous is not None:
+        # Only names this module gives a result of ``stem`` (a hand-edited table cannot point
+        # the clean-up at other files).
+        ours = {f"{stem}{LABELS_SUFFIX}.png", f"{stem}{LABELS_SUFFIX}.tif", f"{stem}{CONFIDENCE_SUFFIX}"}
+        keep = {labels_path.name, confidence_path.name if confidence_path else ""}
+        for name in previous["files"].values():
+            old = paths.classes_path.parent / str(name)
+            if name in ours and name not in keep and old.is_file() and not old.is_symlink():
+                old.unlink()
     return ResultFiles(labels_path, confidence_path, paths.classes_path, table=table)
+
+
+def request_digest(request: dict[str, Any]) -> str:
+    """A short stable hash of what a run was asked to do (inputs' options and settings)."""
+    text = json.dumps(request, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def source_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Which input file a result was made from: its absolute path, size and modification time."""
+    p = Path(path)
+    stat = p.stat()
+    return {"path": str(p.resolve()), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
+
+
+@dataclass
+class ResultPlan:
+    """What a run does about one image's result files (see :func:`plan_result`)."""
+
+    files: ResultFiles
+    #: ``"todo"``, ``"finished"`` (same request already written: skip) or ``"refused"``.
+    state: str
+    reason: str = ""
+
+
+def _read_own_table(path: Path) -> Optional[dict[str, Any]]:
+    """The table of a ``<stem>_classes.json`` this package wrote, else None (not ours/unreadable)."""
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_TABLE_BYTES:
+            return None
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(table, dict) or not isinstance(table.get("classes"), list):
+        return None
+    if not isinstance(table.get("settings"), dict) or not isinstance(table.get("files"), dict):
+        return None
+    return table
+
+
+def plan_result(
+    files: ResultFiles,
+    *,
+    run_record: dict[str, Any],
+    overwrite: bool,
+) -> ResultPlan:
+    """Decide, before any work, what to do with the result files of one image.
+
+    * none exists: ``todo``;
+    * the classes table is ours, records the same request and the same input file, and every
+      file exists: ``finished`` (unless ``overwrite``: then ``todo``);
+    * a file exists that no classes table of ours lists (the user's own), or a path is a
+      folder: ``refused``, even with ``overwrite`` (the project replaces only files it made);
+    * files of an earlier run with other settings or another input: ``refused`` without
+      ``overwrite``, ``todo`` with it.
+    """
+    paths = files.paths
+    for path in paths:
+        if path.is_dir():
+            return ResultPlan(files, "refused", f"{path} is a folder; move it away or choose another --out.")
+        if path.is_symlink():
+            return ResultPlan(files, "refused", f"{path} is a symbolic link; napari-maskclip does not "
+                              "write through links. Remove it or choose another --out.")
+    existing = [p for p in paths if p.exists()]
+    if not existing:
+        return ResultPlan(files, "todo")
+    table = _read_own_table(files.classes_path)
+    listed = set()
+    if table is not None:
+        listed = {files.classes_path.name, *(str(v) for v in table["files"].values() if v)}
+    foreign = [p for p in existing if p.name not in listed]
+    if foreign:
+        return ResultPlan(files, "refused", f"{foreign[0]} exists and was not written by "
+                          "napari-maskclip (no result of it lists it); move it away or choose "
+                          "another --out.")
+    same = table is not None and table.get("run") == run_record
+    if same and all(p.is_file() for p in paths):
+        return ResultPlan(files, "todo" if overwrite else "finished")
+    if overwrite:
+        return ResultPlan(files, "todo")
+    return ResultPlan(files, "refused", f"{files.classes_path} holds the result of an earlier run "
+                      "with other settings or another input; pass --overwrite to replace it, or "
+                      "choose another --out.")
+
+
+#: A results table is a few kB; anything much larger is not one of ours (and is not read whole).
+_MAX_TABLE_BYTES = 16 << 20
 
 
 def _jsonable(value: Any) -> Any:
@@ -92,23 +240,52 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def read_result_table(classes_json: str | os.PathLike) -> dict[str, Any]:
+    """The table of a ``<stem>_classes.json``, checked: size, JSON, and the file names it lists
+    (plain names of this folder), so an edited table cannot point readers elsewhere."""
+    path = Path(classes_json)
+    try:
+        size = path.stat().st_size
+        if size > _MAX_TABLE_BYTES:
+            raise InvalidInputError(f"{path} is {size} bytes: too large to be a result table.")
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except InvalidInputError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InvalidInputError(
+            f"Cannot read {path} ({' '.join(str(exc).split())}): restore it, or run segment again."
+        ) from exc
+    files = table.get("files", {}) if isinstance(table, dict) else None
+    if not isinstance(table, dict) or not isinstance(files, dict):
+        raise InvalidInputError(f"{path} is not a result table written by napari-maskclip segment.")
+    for key in ("labels", "confidence"):
+        name = files.get(key)
+        if name is not None and (not isinstance(name, str) or Path(name).name != name
+                                 or name in ("", ".", "..")):
+            raise InvalidInputError(f"{path}: files.{key} {name!r} is not a file name of this folder.")
+    return table
+
+
 def read_result(classes_json: str | os.PathLike, *, confidence: bool = False) -> ResultFiles:
     """Read one image's result files back, starting from its ``*_classes.json``."""
     path = Path(classes_json)
     if not path.name.endswith(CLASSES_SUFFIX):
         raise InvalidInputError(f"{path} is not a '*{CLASSES_SUFFIX}' file written by segment.")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"Cannot read {path}: {exc}") from exc
+    table = read_result_table(path)
     files = table.get("files", {})
-    labels_path = path.parent / files.get("labels", path.name.replace(CLASSES_SUFFIX, LABELS_SUFFIX + ".png"))
+    labels_path = path.parent / (files.get("labels") or path.name.replace(CLASSES_SUFFIX, LABELS_SUFFIX + ".png"))
     conf_name = files.get("confidence")
     confidence_path = path.parent / conf_name if conf_name else None
     out = ResultFiles(labels_path, confidence_path, path, table=table)
     out.labels = read_label_image(labels_path)
     if confidence and confidence_path is not None and confidence_path.is_file():
         out.confidence = read_float_stack(confidence_path)
+        expected = (len(table.get("classes") or []), *out.labels.shape)
+        if out.confidence.shape != expected:
+            raise InvalidInputError(
+                f"{confidence_path} has shape {out.confidence.shape}, but {path} says "
+                f"{expected}; run segment again for this image."
+            )
     return out
 
 

@@ -2,8 +2,9 @@
 
 Each subcommand lives in its own module of this package and registers itself with
 :func:`add_subcommand`-style ``register(subparsers)`` functions listed in ``_SUBCOMMANDS``. The
-entry point turns every expected error (:class:`~napari_maskclip.errors.MaskClipError`) into one
-line on stderr and a non-zero exit code; unexpected errors keep their traceback.
+entry point turns every expected error (the project's :class:`~napari_maskclip.errors.MaskClipError`,
+file-system errors such as a full disk or a read-only folder, running out of memory) into one line
+on stderr and a non-zero exit code (see :mod:`.messages`); unexpected errors keep their traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from .. import __version__
 from ..errors import MaskClipError
+from .messages import one_line
 
 __all__ = ["main", "build_parser", "EXIT_USAGE", "EXIT_ERROR", "EXIT_CANCELLED"]
 
@@ -23,7 +25,7 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 
 # Subcommand modules, each with ``register(subparsers) -> None`` that sets ``func`` on its parser.
-_SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate")
+_SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate", "coco", "import_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("napari-maskclip: cancelled; nothing partial was written.", file=sys.stderr)
         return EXIT_CANCELLED
-    except MaskClipError as exc:
-        message = " ".join(str(exc).split())
-        print(f"napari-maskclip {args.command}: error: {message}", file=sys.stderr)
+    except (MaskClipError, OSError, MemoryError) as exc:
+        print(f"napari-maskclip {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -85,7 +85,7 @@ def _headless(args: argparse.Namespace) -> int:
     from ..image_files import write_label_image
     from ..progress import run_to_completion
     from ..result_files import write_result
-    from .segment import progress_bar
+    from .batch import progress_bar
 
     out = Path(args.out)
     scene = demo_scene(args.seed)

@@ -15,22 +15,15 @@ Everything is checked before the first sample is written; existing samples are k
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InvalidInputError
+from .args import unit_float
 
 __all__ = ["register"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in 0..1, got {text}")
-    return value
 
 
 def _check_files(paths: list[Path], what: str) -> None:
@@ -85,10 +78,8 @@ def _jobs_from_files(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import json
-
     from ..export import DatasetClasses, safe_sample_name
-    from ..result_files import find_results
+    from ..result_files import find_results, read_result_table
 
     folder = Path(args.from_segment)
     if not folder.is_dir():
@@ -101,7 +92,7 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise InvalidInputError(f"--images-dir {images_dir} is not a folder.")
     jobs, missing = [], []
     for path in results:
-        table = json.loads(path.read_text(encoding="utf-8"))
+        table = read_result_table(path)
         stem = path.name[: -len("_classes.json")]
         classes = DatasetClasses.from_json(table, source=str(path))
         image = _find_image(stem, table, images_dir)
@@ -127,6 +118,8 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
+    import numpy as np
+
     from ..image_files import read_float_stack, read_image, read_label_image
     from ..result_files import read_result
 
@@ -137,23 +130,74 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
                 "edited": None}
     labels = read_label_image(job["labels"])
     probabilities = read_float_stack(job["confidence"]) if job.get("confidence") else None
+    if probabilities is not None:
+        if probabilities.shape[1:] != labels.shape:
+            raise InvalidInputError(
+                f"{job['confidence']} has shape {probabilities.shape}; for labels of shape "
+                f"{labels.shape} it must be C x {' x '.join(map(str, labels.shape))} (one map per class)."
+            )
+        if not np.issubdtype(probabilities.dtype, np.floating) or not np.all(
+                (probabilities >= 0) & (probabilities <= 1)):  # also false for NaN
+            raise InvalidInputError(
+                f"{job['confidence']} must hold probabilities in 0..1 (no NaN); give the "
+                "confidence TIFF written by segment, or leave --confidence out."
+            )
     edited = None
     if job.get("edited"):
         edited = read_image(job["edited"]) != 0
         if edited.ndim == labels.ndim + 1:  # an RGB(A) picture of the mask
             edited = edited.any(axis=-1)
+        if edited.shape != labels.shape:
+            raise InvalidInputError(
+                f"The edited-pixels mask {job['edited']} is {edited.shape[-1]}x{edited.shape[0]} "
+                f"px but the labels {job['labels']} are {labels.shape[-1]}x{labels.shape[0]}; "
+                "give a mask of the same size (non-zero = painted by a person)."
+            )
     return {"image": image, "labels": labels, "probabilities": probabilities, "edited": edited}
 
 
-def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _request(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What an export of ``job`` was asked to do: its input files (as they are now) and options."""
+    from ..result_files import source_fingerprint
 
-    from ..export import export_sample_iter
+    files = {key: source_fingerprint(job[key]) for key in ("image", "labels", "confidence",
+                                                            "edited", "result") if job.get(key)}
+    as_text = (lambda v: v if isinstance(v, str) or v is None else [getattr(c, "text", c) for c in v])
+    return {"command": "export", "files": files, "classes": as_text(job["classes"]),
+            "background": as_text(job["background"]), "min_confidence": args.min_confidence,
+            "confidence": not args.no_confidence, "remap": args.remap,
+            "add_classes": args.add_classes, "channel_axis": args.channel_axis}
+
+
+def _finished_jobs(dataset: Any, jobs: list[dict[str, Any]]) -> set[str]:
+    """Inputs whose samples the dataset lists from the same request, all of them."""
+    counts: dict[tuple[str, str], int] = {}
+    expected: dict[tuple[str, str], Any] = {}
+    for sample in dataset:
+        run = sample.provenance.get("cli_run")
+        if isinstance(run, dict) and isinstance(run.get("job"), str) and isinstance(run.get("request"), str):
+            key = (run["job"], run["request"])
+            counts[key] = counts.get(key, 0) + 1
+            expected[key] = run.get("samples")
+    done = set()
+    for job in jobs:
+        key = (job["name"], job["run"]["request"])
+        if key in counts and counts[key] == expected[key]:
+            done.add(job["name"])
+    return done
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..export import check_export_target, export_sample_iter
     from ..export.class_table import DatasetClasses, read_class_table
     from ..export.layout import CLASSES_JSON
     from ..export.reader import is_dataset, read_dataset
     from ..export.remap import plan_class_mapping
     from ..progress import run_to_completion
+    from ..result_files import request_digest
+    from .batch import Task, run_tasks, skipped_line
 
     if bool(args.from_segment) == bool(args.images):
         raise InvalidInputError("Give either --images with --labels, or --from-segment (not both).")
@@ -174,9 +218,18 @@ def _run(args: argparse.Namespace) -> int:
 
     # Checks against the dataset before anything is written (2D names; stacks are checked per file).
     out = Path(args.out)
+    check_export_target(out, names)  # a foreign folder, links, files in the way
     existing = None
+    skipped = 0
+    for job in jobs:
+        job["run"] = {"job": job["name"], "request": request_digest(_request(job, args))}
     if is_dataset(out):
         dataset = read_dataset(out, check_files=False)
+        finished = _finished_jobs(dataset, jobs)
+        if not args.overwrite and finished:
+            jobs = [job for job in jobs if job["name"] not in finished]
+            names = [job["name"] for job in jobs]
+            skipped = len(finished)
         taken = [n for n in names if n in dataset]
         if taken and not args.overwrite:
             raise InvalidInputError(
@@ -189,25 +242,36 @@ def _run(args: argparse.Namespace) -> int:
         existing = plan_class_mapping(existing, new, remap=args.remap,
                                       add_classes=args.add_classes).target
 
-    total_samples = 0
-    bar = tqdm(jobs, desc="export", unit="image", file=sys.stderr, disable=args.quiet, leave=False)
-    for job in bar:
-        data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
-        report = run_to_completion(
-            export_sample_iter(
-                out, job["name"], data["image"], data["labels"], job["classes"],
-                background=job["background"], probabilities=data["probabilities"],
-                edited=data["edited"], min_confidence=args.min_confidence,
-                save_confidence=not args.no_confidence, overwrite=args.overwrite,
-                remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
-                source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+    if skipped:
+        print(skipped_line(skipped))
+
+    def task(job: dict[str, Any]) -> Task:
+        def run(update) -> str:
+            data = _load(job, want_confidence=not args.no_confidence or args.min_confidence is not None)
+            shape = data["labels"].shape
+            # Which samples this input makes, so a rerun knows when it is finished.
+            job["provenance"]["cli_run"] = {**job["run"], "samples": int(np.prod(shape[:-2], dtype=np.int64))}
+            report = run_to_completion(
+                export_sample_iter(
+                    out, job["name"], data["image"], data["labels"], job["classes"],
+                    background=job["background"], probabilities=data["probabilities"],
+                    edited=data["edited"], min_confidence=args.min_confidence,
+                    save_confidence=not args.no_confidence, overwrite=args.overwrite,
+                    remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
+                    source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+                ),
+                update,
             )
-        )
-        total_samples += len(report.samples)
-        bar.write(f"{Path(job['image']).name}: {report.summary()}", file=sys.stdout)
-    bar.close()
-    print(f"{total_samples} sample(s) in {out}")
-    return 0
+            samples.extend(report.samples)
+            return f"{Path(job['image']).name}: {report.summary()}"
+
+        return Task(Path(job["image"]).name, run)
+
+    samples: list[str] = []
+    code = run_tasks([task(job) for job in jobs], command="export", quiet=args.quiet,
+                     unit="sample")
+    print(f"{len(samples)} sample(s) in {out}")
+    return code
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -236,7 +300,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--images-dir", metavar="DIR",
                      help="folder of the source images (found by stem); default: the paths segment recorded")
     parser.add_argument("--out", required=True, metavar="DATASET", help="dataset folder (created or appended to)")
-    parser.add_argument("--min-confidence", type=_unit_float, default=None, metavar="P",
+    parser.add_argument("--min-confidence", type=unit_float, default=None, metavar="P",
                         help="unedited pixels whose label has probability below P become 255 (ignore)")
     parser.add_argument("--no-confidence", action="store_true", help="do not store confidence maps")
     parser.add_argument("--overwrite", action="store_true", help="replace samples that exist")

@@ -6,47 +6,36 @@
 People's labels (edited pixels) are targets as they are; every other pixel gets the MaskCLIP
 teacher's label on the same augmented crop, then (after ``--self-train-fraction`` of the
 schedule) the student's own. The teacher defaults to the model recorded in the dataset. The
-checkpoint is saved every ``--save-every`` iterations, at the end, and on Ctrl-C; ``--resume``
-continues it exactly.
+checkpoint is saved every ``--save-every`` iterations, at the end, and on Ctrl-C (which takes
+effect when the iteration in progress is complete; press it twice to stop at once and keep the last
+save); ``--resume`` continues it exactly.
+
+Under ``torchrun --nproc_per_node N -m napari_maskclip.cli train ...`` the N processes train one
+student data-parallel (see :mod:`napari_maskclip.student.distributed`); rank 0 shows the progress,
+saves and reports, also errors (every rank makes the same checks, and a rank that dies is seen by
+rank 0 as lost contact). The other ranks print nothing of their own; unexpected errors keep
+their traceback on any rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from .args import (add_channel_options, add_precision_option, nonneg_int, positive_int,
+                   unit_float)
 
 __all__ = ["register"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in 0..1, got {text}")
-    return value
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict:
     """The training settings given on the command line (unset ones keep their defaults)."""
     names = ("iterations", "batch_size", "crop_size", "lr", "self_train_fraction", "backbone",
              "backbone_weights", "confidence_threshold", "unknown_edits", "val_fraction",
-             "val_interval", "save_interval", "seed")
+             "val_interval", "save_interval", "seed", "frozen_batch_norm")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -63,6 +52,49 @@ def _teacher_settings(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Train; under torchrun, as one rank of a data-parallel run (see the module doc)."""
+    from ..engine.device import resolve_device
+    from ..errors import MaskClipError
+    from ..student import distributed
+
+    ranks = distributed.start(resolve_device(args.device))  # 1 of 1 unless started by torchrun
+    bar = _TrainBar(disable=args.quiet or not ranks.main)
+    try:
+        return _train(args, bar, report=ranks.main)
+    except KeyboardInterrupt:
+        if ranks.main:
+            raise
+        return 130  # rank 0 says what the checkpoint holds
+    except MaskClipError:
+        if ranks.main:
+            raise
+        return 1  # every rank checks the same things: rank 0 has said it (see the module doc)
+    except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
+        if not (ranks.active and _lost_contact(exc)):
+            raise
+        if not ranks.main:
+            return 1  # rank 0 failed and said why (or died, and torchrun's summary says so)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # no source position
+        print(f"napari-maskclip train: error: the training processes lost contact ({first}); "
+              f"{_holds(Path(args.out))}.", file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
+
+
+def _lost_contact(exc: RuntimeError) -> bool:
+    """Whether ``exc`` says that another rank stopped or stopped answering."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout",
+                                         "peer"))
+
+
+def _train(args: argparse.Namespace, bar: "_TrainBar", report: bool = True) -> int:
     from ..engine.settings import SegmentSettings
     from ..progress import run_to_completion
     from ..student.data import load_training_data
@@ -106,17 +138,18 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume, overwrite=args.overwrite, device=args.device, precision=args.precision,
         **({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES} if args.resume else {}),
     )
-    bar = _TrainBar(disable=args.quiet)
     try:
         result = run_to_completion(gen, bar.update)
     except KeyboardInterrupt:
-        gen.close()  # saves the last completed iteration
+        gen.close()  # saves the last completed iteration (Ctrl-C acts between iterations)
         bar.close()
-        print(f"napari-maskclip train: interrupted; {out} holds the last completed iteration "
-              "(continue with --resume).", file=sys.stderr)
+        if report:
+            print(f"napari-maskclip train: interrupted; {_holds(out)}.", file=sys.stderr)
         return 130
     finally:
         bar.close()
+    if not report:
+        return 0  # not rank 0: it reports
     miou = result.val_miou
     summary = f"{out}: {result.iteration} iterations"
     if result.history:
@@ -125,6 +158,18 @@ def _run(args: argparse.Namespace) -> int:
         summary += f", validation mIoU {miou:.3f}"
     print(summary)
     return 0
+
+
+def _holds(out: Path) -> str:
+    """What the checkpoint holds after an interrupted run, in words."""
+    from ..errors import MaskClipError
+    from ..student.checkpoint import read_checkpoint_meta
+
+    try:
+        iteration = read_checkpoint_meta(out)["iteration"]
+    except MaskClipError:
+        return "nothing was saved"
+    return f"{out} holds iteration {iteration} (continue with --resume)"
 
 
 def _resumed_policy(out: Path) -> str:
@@ -195,11 +240,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "default: the model recorded in the dataset")
     teacher.add_argument("--pretrained", default=None, help="its weights (tag or file)")
     teacher.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    teacher.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                         help="of the student (autocast; loss and optimiser fp32) and the teacher; "
-                         "auto (default): bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else "
-                         "fp32 on the CPU")
-    teacher.add_argument("--confidence-threshold", type=_unit_float, default=None, metavar="P",
+    add_precision_option(teacher, kind="train")
+    teacher.add_argument("--confidence-threshold", type=unit_float, default=None, metavar="P",
                          help="ignore teacher pixels whose probability is below P (default off)")
     teacher.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
                          help="prompt denoising of the teacher (default: as in the dataset)")
@@ -209,7 +251,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="samples without edit information: trust their labels (default) or "
                          "let the teacher relabel them")
     student = parser.add_argument_group("student")
-    student.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+    student.add_argument("--iterations", type=positive_int, default=None, metavar="N",
                          help="optimiser steps (default 2000)")
     student.add_argument("--backbone", choices=list(BACKBONES), default=None,
                          help="network (default mobilenet_v3_large; resnet50/101 are slower, "
@@ -217,28 +259,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     student.add_argument("--backbone-weights", default=None, metavar="W",
                          help="auto (ImageNet if cached or downloadable, else random), imagenet, "
                          "random, or a state-dict file")
-    student.add_argument("--batch-size", type=_positive_int, default=None, help="crops per step (default 4)")
-    student.add_argument("--crop-size", type=_positive_int, default=None, metavar="PX",
+    student.add_argument("--batch-size", type=positive_int, default=None, help="crops per step (default 4)")
+    student.add_argument("--crop-size", type=positive_int, default=None, metavar="PX",
                          help="training crop (default 320)")
     student.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.01)")
-    student.add_argument("--self-train-fraction", type=_unit_float, default=None, metavar="F",
+    student.add_argument("--self-train-fraction", type=unit_float, default=None, metavar="F",
                          help="start self-training after this fraction of the schedule "
                          "(default 0.1; 1 = never)")
-    student.add_argument("--val-fraction", type=_unit_float, default=None, metavar="F",
+    student.add_argument("--val-fraction", type=unit_float, default=None, metavar="F",
                          help="share of images held out for validation (default 0.1)")
-    student.add_argument("--val-every", dest="val_interval", type=_nonneg_int, default=None,
+    student.add_argument("--val-every", dest="val_interval", type=nonneg_int, default=None,
                          metavar="N", help="validate every N iterations (default 200)")
-    student.add_argument("--save-every", dest="save_interval", type=_nonneg_int, default=None,
+    student.add_argument("--save-every", dest="save_interval", type=nonneg_int, default=None,
                          metavar="N", help="save the checkpoint every N iterations (default 250)")
     student.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    student.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
-                         help="axis holding channels of multichannel images")
-    student.add_argument("--channels", type=_channels, default=None, metavar="I[,J,K]",
-                         help="1 or 3 channels to use from multichannel images")
+    student.add_argument("--frozen-batch-norm", action="store_true", default=None,
+                         help="keep batch-norm statistics fixed (only their scale and shift "
+                         "train); makes several torchrun processes compute exactly what one does")
+    add_channel_options(student, plural=True)
     parser.set_defaults(func=_run)
 
-
-def _channels(text: str) -> list[int]:
-    from .segment import _channels as parse
-
-    return parse(text)

@@ -2,9 +2,10 @@
 
 A checkpoint is only ever read in a way that cannot run code: safetensors files directly,
 PyTorch files with ``torch.load(weights_only=True)`` (tensors and plain containers only), and
-OpenAI's original TorchScript archives with ``torch.jit.load`` (TorchScript's own loader, which
-does not unpickle Python objects), keeping only their weights. A file that needs a full pickle
-is refused with :class:`~napari_maskclip.errors.UnsafeCheckpointError`.
+OpenAI's original TorchScript archives with :mod:`.torchscript`'s reader, which takes their
+weights out of the zip without compiling or running any of the archive's code (never
+``torch.jit.load``, which runs the modules' ``__setstate__``). A file that needs a full pickle or
+code is refused with :class:`~napari_maskclip.errors.UnsafeCheckpointError`.
 """
 
 from __future__ import annotations
@@ -84,11 +85,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         except Exception as exc:
             raise ModelLoadError(f"Cannot read safetensors file {p}: {exc}") from exc
     if is_torchscript_archive(p):
-        try:
-            scripted = torch.jit.load(str(p), map_location="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"Cannot read TorchScript checkpoint {p}: {exc}") from exc
-        state = {k: v for k, v in scripted.state_dict().items() if k not in _OPENAI_META_KEYS}
+        from .torchscript import read_torchscript_state_dict
+
+        state = {k: v for k, v in read_torchscript_state_dict(p).items() if k not in _OPENAI_META_KEYS}
         return _unwrap(state, p), "openai-jit"
     try:
         checkpoint = torch.load(str(p), map_location="cpu", weights_only=True)

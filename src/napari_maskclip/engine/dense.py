@@ -18,6 +18,11 @@ then ``feat = ln_post(z[:, 1:]) @ proj``, L2-normalised; the class token is drop
 embeddings are resized bicubically to the input's patch grid, so any input size works (inputs
 must be padded to a multiple of the patch size by the caller).
 
+Models with LayerScale (open_clip ``ls_init_value``: ``ls_1``/``ls_2`` per-channel gammas) scale
+each branch's output by its gamma; the gamma is part of the branch, so every mode keeps it:
+maskclip and sclip scale the attention branch (``ls_1``) and the MLP (``ls_2``) as the block does;
+clearclip and naclip drop the residual and the MLP but keep ``ls_1`` on the attention output.
+
 ResNet (open_clip ``ModifiedResNet``): ``feat = c_proj(v_proj(layer4))`` per position, i.e. the
 attention pool's value path applied as 1x1 convolutions (paper eq. 3); only ``maskclip`` applies.
 
@@ -209,8 +214,8 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
             z = x + last.ls_1(_custom_last_attention(last, y, mode, grid))
             z = z + last.ls_2(last.mlp(last.ln_2(z)))
             z = z[:, 1:]
-        else:  # clearclip, naclip: attention output only
-            z = _custom_last_attention(last, y, mode, grid)[:, 1:]
+        else:  # clearclip, naclip: the attention branch only (its LayerScale included)
+            z = last.ls_1(_custom_last_attention(last, y, mode, grid))[:, 1:]
     if with_keys:
         width = y.shape[-1]
         w_k = last.attn.in_proj_weight[width:2 * width]

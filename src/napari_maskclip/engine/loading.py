@@ -6,10 +6,15 @@ package, which runs offline). ``pretrained`` is an open_clip pretrained tag (dow
 open_clip's usual cache), a local checkpoint file, or ``"random"`` (explicitly random weights, for
 tests and benchmarks).
 
+One small loader per source (the demo model, a config file, a pretrained tag, a built-in model
+with a local checkpoint) builds the model on the CPU; :func:`load_clip` only dispatches, and
+every source ends in the same checks, freezing and placement. Tags resolve to a local file first
+(:mod:`.pretrained`: the cache, else a download after a quick probe of the host).
+
 What the reference code gets wrong and this module does not: OpenAI weights get QuickGELU (without
 it the model silently degrades); weights that do not match the architecture are an error, never a
 silently random backbone; checkpoints load without running pickled code; and missing weights
-offline raise an error that says how to work offline.
+offline fail within seconds, in one line that says how to work offline.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UnsupportedModelError, WeightsUnavailableError
-from .cache_dir import weights_cache_hint
+from ..errors import ModelLoadError, UnsupportedModelError
 from .checkpoints import CHECKPOINT_SUFFIXES, file_digest, read_state_dict
 from .device import resolve_device
 from .precision import resolve_precision, weights_dtype
+from .pretrained import pretrained_file
 
 __all__ = ["LoadedModel", "load_clip", "wrap_model", "DEMO_MODEL", "RANDOM_WEIGHTS"]
 
@@ -230,14 +235,14 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> str:
             "or config the checkpoint was trained with (e.g. --model ViT-B-16)."
         ) from exc
     missing = [k for k in result.missing_keys if not k.endswith("attn_mask")]
-    if missing or result.unexpected_keys:
+    # attn_mask is derived from the context length, not a weight (traced open_clip models list it)
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("attn_mask")]
+    if missing or unexpected:
         detail = []
         if missing:
             detail.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-        if result.unexpected_keys:
-            detail.append(
-                f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})"
-            )
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})")
         raise ModelLoadError(
             f"Checkpoint {path} does not fit model {name}: {'; '.join(detail)}. Pass the model "
             "name or config the checkpoint was trained with (e.g. --model ViT-B-16)."
@@ -260,20 +265,24 @@ def _identity(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
 
 
-def _finish(
-    model: nn.Module,
-    *,
-    name: str,
-    pretrained: Optional[str],
-    identity: str,
-    tokenizer: Callable[..., torch.Tensor],
-    device: str | torch.device,
-    precision: str,
-    mean: Any = None,
-    std: Any = None,
-    quick_gelu: bool = False,
-) -> LoadedModel:
-    _check_supported(model.visual, name)
+@dataclass
+class _Built:
+    """A source loader's result: the model on the CPU, before device, precision and freezing."""
+
+    net: nn.Module
+    name: str
+    pretrained: Optional[str]
+    identity: str
+    tokenizer: Callable[..., torch.Tensor]
+    mean: Any = None
+    std: Any = None
+    quick_gelu: bool = False
+
+
+def _finish(built: _Built, device: str | torch.device, precision: str) -> LoadedModel:
+    """Check, freeze and place a built model (every source ends here)."""
+    model = built.net
+    _check_supported(model.visual, built.name)
     dev = resolve_device(device)
     precision = resolve_precision(dev, precision)
     dtype = weights_dtype(dev, precision)
@@ -281,6 +290,7 @@ def _finish(
     for param in model.parameters():
         param.requires_grad_(False)
     model.to(device=dev, dtype=dtype)
+    mean, std = built.mean, built.std
     if mean is None or std is None:
         import open_clip
 
@@ -289,15 +299,15 @@ def _finish(
         std = std or pp.get("std") or _OPENAI_STD
     return LoadedModel(
         model=model,
-        tokenizer=tokenizer,
-        name=name,
-        pretrained=pretrained,
-        identity=identity,
+        tokenizer=built.tokenizer,
+        name=built.name,
+        pretrained=built.pretrained,
+        identity=built.identity,
         device=dev,
         dtype=dtype,
         mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
         std=tuple(float(s) for s in std),  # type: ignore[arg-type]
-        quick_gelu=quick_gelu,
+        quick_gelu=built.quick_gelu,
         precision=precision,
     )
 
@@ -321,16 +331,7 @@ def wrap_model(
         context = int(getattr(model, "context_length", 77) or 77)
         tokenizer = open_clip.SimpleTokenizer(context_length=context)
     identity = _identity("in-memory", _params_digest(model))
-    return _finish(
-        model,
-        name=name,
-        pretrained=None,
-        identity=identity,
-        tokenizer=tokenizer,
-        device=device,
-        precision=precision,
-        quick_gelu=False,
-    )
+    return _finish(_Built(model, name, None, identity, tokenizer), device, precision)
 
 
 def load_clip(
@@ -354,70 +355,120 @@ def load_clip(
         quick_gelu: force QuickGELU on or off; by default it is on for OpenAI weights.
         cache_dir: where open_clip downloads pretrained weights (its default if None).
     """
-    import open_clip
-
     if not model or not str(model).strip():
         raise ModelLoadError("No model given: use an open_clip name such as ViT-B-16, or 'demo'.")
     model = str(model).strip()
     pretrained = str(pretrained).strip() if pretrained not in (None, "") else None
-
-    # 1. The shipped demo model: config and weights inside the package.
     if model == DEMO_MODEL:
-        config_path, weights_path = _demo_files()
-        if pretrained not in (None, RANDOM_WEIGHTS) and Path(pretrained).is_file():
-            weights_path = Path(pretrained)
-        model_name = str(config_path)
-        cfg, preprocess = _read_config(config_path)
-        with _quiet_open_clip():
-            net = _build_from_config(cfg, quick_gelu)
-        _load_weights(net, weights_path, "demo")
-        tokenizer = open_clip.SimpleTokenizer(
-            context_length=int(cfg["text_cfg"].get("context_length", 77))
-        )
-        identity = _identity("demo", json.dumps(cfg, sort_keys=True), file_digest(weights_path))
-        return _finish(
-            net, name=DEMO_MODEL, pretrained=str(weights_path.name), identity=identity,
-            tokenizer=tokenizer, device=device, precision=precision,
-            mean=preprocess.get("mean"), std=preprocess.get("std"),
-            quick_gelu=bool(cfg.get("quick_gelu", False)),
-        )
+        built = _load_demo(pretrained, quick_gelu)
+    elif model.lower().endswith(".json") or Path(model).expanduser().is_file():
+        built = _load_config_file(model, pretrained, quick_gelu)
+    else:
+        import open_clip
 
-    # 2. A model-config JSON file.
-    if model.lower().endswith(".json") or Path(model).expanduser().is_file():
-        config_path = Path(model).expanduser()
-        if not config_path.is_file():
-            raise ModelLoadError(
-                f"Model config file not found: {config_path}. Give an open_clip model name "
-                f"(e.g. ViT-B-16, RN50) or the path of an existing config JSON."
-            )
-        cfg, preprocess = _read_config(config_path)
-        weights_path = _resolve_local_weights(pretrained, model)
-        qg = quick_gelu
-        if qg is None and weights_path is not None and _is_openai_format(weights_path):
-            qg = True
-        with _quiet_open_clip():
-            net = _build_from_config(cfg, qg)
-        if weights_path is None:
-            identity = _identity("config", json.dumps(cfg, sort_keys=True), _params_digest(net))
+        name = _builtin_name(model)
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained is not None and pretrained in tags:
+            built = _load_pretrained_tag(name, pretrained, quick_gelu, cache_dir)
         else:
-            _load_weights(net, weights_path, config_path.name)
-            identity = _identity("config", json.dumps(cfg, sort_keys=True), file_digest(weights_path))
-        text_cfg = cfg["text_cfg"]
-        if text_cfg.get("hf_tokenizer_name"):
-            tokenizer = open_clip.get_tokenizer(f"hf-hub:{text_cfg['hf_tokenizer_name']}")
-        else:
-            tokenizer = open_clip.SimpleTokenizer(
-                context_length=int(text_cfg.get("context_length", 77))
-            )
-        return _finish(
-            # The name is the path as given, so a recorded name can be loaded again.
-            net, name=model, pretrained=str(weights_path) if weights_path else RANDOM_WEIGHTS,
-            identity=identity, tokenizer=tokenizer, device=device, precision=precision,
-            mean=preprocess.get("mean"), std=preprocess.get("std"),
-            quick_gelu=bool(qg if qg is not None else cfg.get("quick_gelu", False)),
-        )
+            built = _load_builtin_file(name, pretrained, tags, quick_gelu)
+    return _finish(built, device, precision)
 
-    # 3. A built-in open_clip model name.
+
+# ---- one loader per source -------------------------------------------------------------------
+def _load_demo(pretrained: Optional[str], quick_gelu: Optional[bool]) -> _Built:
+    """The shipped demo model: config and weights inside the package (or another weights file)."""
+    import open_clip
+
+    config_path, weights_path = _demo_files()
+    if pretrained not in (None, RANDOM_WEIGHTS) and Path(pretrained).is_file():
+        weights_path = Path(pretrained)
+    cfg, preprocess = _read_config(config_path)
+    with _quiet_open_clip():
+        net = _build_from_config(cfg, quick_gelu)
+    _load_weights(net, weights_path, "demo")
+    tokenizer = open_clip.SimpleTokenizer(context_length=int(cfg["text_cfg"].get("context_length", 77)))
+    identity = _identity("demo", json.dumps(cfg, sort_keys=True), file_digest(weights_path))
+    return _Built(net, DEMO_MODEL, str(weights_path.name), identity, tokenizer,
+                  preprocess.get("mean"), preprocess.get("std"), bool(cfg.get("quick_gelu", False)))
+
+
+def _load_config_file(model: str, pretrained: Optional[str], quick_gelu: Optional[bool]) -> _Built:
+    """An open_clip model-config JSON, with a local checkpoint or random weights."""
+    import open_clip
+
+    config_path = Path(model).expanduser()
+    if not config_path.is_file():
+        raise ModelLoadError(
+            f"Model config file not found: {config_path}. Give an open_clip model name "
+            f"(e.g. ViT-B-16, RN50) or the path of an existing config JSON."
+        )
+    cfg, preprocess = _read_config(config_path)
+    weights_path = _resolve_local_weights(pretrained, model)
+    qg = _file_quick_gelu(quick_gelu, weights_path)
+    with _quiet_open_clip():
+        net = _build_from_config(cfg, qg)
+    if weights_path is None:
+        identity = _identity("config", json.dumps(cfg, sort_keys=True), _params_digest(net))
+    else:
+        _load_weights(net, weights_path, config_path.name)
+        identity = _identity("config", json.dumps(cfg, sort_keys=True), file_digest(weights_path))
+    text_cfg = cfg["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = open_clip.get_tokenizer(f"hf-hub:{text_cfg['hf_tokenizer_name']}")
+    else:
+        tokenizer = open_clip.SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
+    # The name is the path as given, so a recorded name can be loaded again.
+    return _Built(net, model, str(weights_path) if weights_path else RANDOM_WEIGHTS, identity,
+                  tokenizer, preprocess.get("mean"), preprocess.get("std"),
+                  bool(qg if qg is not None else cfg.get("quick_gelu", False)))
+
+
+def _load_pretrained_tag(
+    name: str, tag: str, quick_gelu: Optional[bool], cache_dir: Optional[str]
+) -> _Built:
+    """A built-in model with an open_clip pretrained tag: cached weights, else a probed download."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    qg = quick_gelu if quick_gelu is not None else bool(tag_cfg.get("quick_gelu", False))
+    if tag.startswith("openai"):
+        qg = True if quick_gelu is None else quick_gelu
+    path = pretrained_file(name, tag, tag_cfg, cache_dir)
+    net = _create_builtin(name, bool(qg))
+    _load_weights(net, path, name)
+    return _Built(net, name, tag, _identity("tag", name, tag, f"qg={qg}"),
+                  open_clip.get_tokenizer(name), tag_cfg.get("mean"), tag_cfg.get("std"), bool(qg))
+
+
+def _load_builtin_file(
+    name: str, pretrained: Optional[str], tags: list[str], quick_gelu: Optional[bool]
+) -> _Built:
+    """A built-in model with a local checkpoint file, or explicitly random weights."""
+    import open_clip
+
+    if pretrained is None:
+        hint = f"available tags: {', '.join(tags)}" if tags else "this model has no published tags"
+        raise ModelLoadError(
+            f"No weights given for {name} ({hint}). Pass --pretrained TAG or a checkpoint file; "
+            "'random' runs it with random weights (for testing only)."
+        )
+    weights_path = _resolve_local_weights(pretrained, name, tags)
+    qg = _file_quick_gelu(quick_gelu, weights_path)
+    net = _create_builtin(name, bool(qg))
+    if weights_path is None:
+        identity = _identity("random", name, _params_digest(net))
+    else:
+        _load_weights(net, weights_path, name)
+        identity = _identity("file", name, f"qg={qg}", file_digest(weights_path))
+    return _Built(net, name, str(weights_path) if weights_path else RANDOM_WEIGHTS, identity,
+                  open_clip.get_tokenizer(name), quick_gelu=bool(qg) or name.endswith("quickgelu"))
+
+
+# ---- helpers of the loaders ------------------------------------------------------------------
+def _builtin_name(model: str) -> str:
+    import open_clip
+
     name = model.replace("/", "-")
     if open_clip.get_model_config(name) is None:
         raise ModelLoadError(
@@ -425,55 +476,22 @@ def load_clip(
             "ViT-L-14, RN50, RN101; see open_clip.list_models()), 'demo', or the path of a "
             "model-config JSON."
         )
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained is None:
-        hint = f"available tags: {', '.join(tags)}" if tags else "this model has no published tags"
-        raise ModelLoadError(
-            f"No weights given for {name} ({hint}). Pass --pretrained TAG or a checkpoint file; "
-            "'random' runs it with random weights (for testing only)."
-        )
-    if pretrained in tags:
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
-        qg = quick_gelu if quick_gelu is not None else bool(tag_cfg.get("quick_gelu", False))
-        if pretrained.startswith("openai"):
-            qg = True if quick_gelu is None else quick_gelu
-        try:
-            with _quiet_open_clip():
-                net = open_clip.create_model(
-                    name, pretrained=pretrained, force_quick_gelu=qg, cache_dir=cache_dir,
-                    device="cpu", weights_only=True,
-                )
-        except Exception as exc:  # network errors come in many types; all mean "not available"
-            raise WeightsUnavailableError(
-                f"Could not get the '{pretrained}' weights of {name} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]}). open_clip downloads them once into its cache "
-                f"({cache_dir or weights_cache_hint()}); offline, copy that cache from a machine "
-                "with internet, or download the checkpoint file elsewhere and pass its path: "
-                f"--pretrained /path/to/{name}.bin (open_clip state dict, .safetensors, or "
-                "OpenAI's original .pt)."
-            ) from exc
-        tokenizer = open_clip.get_tokenizer(name)
-        return _finish(
-            net, name=name, pretrained=pretrained,
-            identity=_identity("tag", name, pretrained, f"qg={qg}"),
-            tokenizer=tokenizer, device=device, precision=precision, quick_gelu=qg,
-        )
-    weights_path = _resolve_local_weights(pretrained, name, tags)
-    qg = quick_gelu
-    if qg is None and weights_path is not None and _is_openai_format(weights_path):
-        qg = True
+    return name
+
+
+def _create_builtin(name: str, quick_gelu: bool) -> nn.Module:
+    """A built-in architecture with random weights (weights are loaded by the caller)."""
+    import open_clip
+
     with _quiet_open_clip():
-        net = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(qg), device="cpu")
-    if weights_path is None:
-        identity = _identity("random", name, _params_digest(net))
-    else:
-        _load_weights(net, weights_path, name)
-        identity = _identity("file", name, f"qg={qg}", file_digest(weights_path))
-    return _finish(
-        net, name=name, pretrained=str(weights_path) if weights_path else RANDOM_WEIGHTS,
-        identity=identity, tokenizer=open_clip.get_tokenizer(name), device=device,
-        precision=precision, quick_gelu=bool(qg) or name.endswith("quickgelu"),
-    )
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, device="cpu")
+
+
+def _file_quick_gelu(quick_gelu: Optional[bool], weights_path: Optional[Path]) -> Optional[bool]:
+    """QuickGELU as asked, else on for OpenAI's original (TorchScript) checkpoints."""
+    if quick_gelu is None and weights_path is not None and _is_openai_format(weights_path):
+        return True
+    return quick_gelu
 
 
 def _is_openai_format(path: Path) -> bool:

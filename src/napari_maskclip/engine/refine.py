@@ -27,13 +27,18 @@ __all__ = [
 
 
 def class_probabilities(
-    logits: torch.Tensor, groups: Sequence[Sequence[int]], scale: float
+    logits: torch.Tensor, groups: Sequence[Sequence[int]], scale: float, *, dim: int = 0
 ) -> torch.Tensor:
-    """``Q x ...`` prompt cosines -> ``K x ...`` class probabilities (max over synonyms)."""
-    probs = torch.softmax(logits * scale, dim=0)
+    """Prompt cosines (prompts along ``dim``) -> class probabilities (classes along ``dim``,
+    max over synonyms)."""
+    probs = torch.softmax(logits * scale, dim=dim)
     if all(len(g) == 1 for g in groups) and [g[0] for g in groups] == list(range(len(groups))):
         return probs
-    return torch.stack([probs[list(g)].amax(dim=0) for g in groups])
+    return torch.stack([probs.index_select(dim, _index(g, probs)).amax(dim=dim) for g in groups], dim=dim)
+
+
+def _index(group: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(group), dtype=torch.long, device=like.device)
 
 
 def denoise_keep(class_max: torch.Tensor, threshold: float) -> torch.Tensor:

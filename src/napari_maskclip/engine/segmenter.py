@@ -10,17 +10,19 @@ Both steps exist as generators (:meth:`Segmenter.encode_iter`, :meth:`Segmenter.
 window, so the napari widget, the CLI and tests share them; closing the generator cancels between
 windows and nothing partial is cached or returned.
 
-The pipeline of a query, per window at patch resolution: cosine logits of every prompt; prompt
-denoising decided over the whole image (all windows); with key smoothing, class probabilities
-smoothed by key similarity. Scores are upsampled bilinearly to pixels, averaged where windows
-overlap, resized back to the input size, and turned into class probabilities (softmax over
-prompts, max over synonyms) and labels (argmax; background classes and low-confidence pixels 0).
+A query is the engine's read-out (:mod:`.readout`, shared with the student's teacher) applied to
+the windows of one image: cosine logits of every prompt per window; prompt denoising decided over
+the whole image (all windows); cell scores (with key smoothing, class probabilities smoothed by
+key similarity) upsampled bilinearly to pixels. The windows are averaged where they overlap, a
+band of rows at a time (:mod:`.stitch`), and resized back to the input size; the read-out then
+turns each block of rows into class probabilities and labels (argmax; background classes and
+low-confidence pixels 0).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Generator, Optional, Sequence
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,22 +37,19 @@ from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
 from .precision import model_in, precision_dtype, run_precision
-from .preprocess import check_image_array, prepare_image
-from .refine import class_probabilities, denoise_keep, key_smoothing
+from .preprocess import check_image_array, plan_image
+from .readout import ActiveClasses, PromptLayout, Readout
 from .result import SegmentationResult
 from .settings import SegmentSettings
 from .templates import resolve_templates
 from .text import TextEmbeddingCache, TextEncoder
-from .windows import Box, coverage, window_boxes
+from .stitch import RowStitcher
+from .windows import Box, window_boxes
 
 __all__ = ["Segmenter"]
 
-# Prompt denoising's threshold is calibrated at CLIP's scale (paper and official code: 100), so it
-# is decided at that scale whatever temperature the user picks for the confidence maps.
-DENOISE_SCALE = 100.0
-
-# Output rows processed per block when turning scores into probabilities and labels.
-_ROW_BLOCK = 256
+#: Features of one image above this are not kept: the image is streamed (see run_iter).
+STREAM_BYTES = 1 << 30
 
 
 class Segmenter:
@@ -80,6 +79,8 @@ class Segmenter:
         self.features_cache = FeatureCache(max_items=feature_cache_items)
         #: Image-encoder forward passes run so far (one per window batch).
         self.image_encoder_calls = 0
+        #: Images whose features would take more bytes than this are streamed (see run_iter).
+        self.stream_bytes = STREAM_BYTES
 
     # ---- settings --------------------------------------------------------------------------
     def _checked(self, settings: SegmentSettings) -> SegmentSettings:
@@ -154,6 +155,63 @@ class Segmenter:
         visual = model_in(self.loaded, precision).visual
         return dense_features(visual, batch, mode, with_keys=with_keys)
 
+    def _windows_plan(
+        self,
+        image: np.ndarray,
+        channel_axis: Optional[int],
+        channels: Optional[Sequence[int]],
+        s: SegmentSettings,
+    ) -> tuple[tuple[int, int], tuple[int, int], dict[str, Any], list[Box], Callable[[Box], torch.Tensor]]:
+        """Image size, processing size, plan, windows, and how to get a window's network input.
+
+        Sliding windows without a resize are prepared window by window from the raw image (only
+        the windows being encoded are ever in float; bit for bit the same pixels as converting
+        the whole image); otherwise the whole image is converted (and resized) once.
+        """
+        prepared = plan_image(image, channel_axis=channel_axis, channels=channels)
+        height, width = prepared.shape
+        proc = self._proc_shape(height, width, s)
+        plan = self._plan(proc, s)
+        if plan["inference"] == "sliding":
+            boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
+        else:
+            boxes = [Box(0, 0, proc[0], proc[1])]
+        if plan["inference"] == "sliding" and proc == (height, width):
+            def crop(box: Box) -> torch.Tensor:
+                unit = prepared.window(box.y0, box.y1, box.x0, box.x1)
+                return self._pixels(unit, (box.height, box.width))
+        else:
+            pixels = self._pixels(prepared.whole(), proc)
+
+            def crop(box: Box) -> torch.Tensor:
+                return pixels[:, :, box.y0:box.y1, box.x0:box.x1]
+        return (height, width), proc, plan, boxes, crop
+
+    def _encoded(
+        self, boxes: Sequence[Box], crop: Callable[[Box], torch.Tensor], mode: str,
+        with_keys: bool, batch: int, precision: str,
+    ) -> Iterator[list[WindowFeatures]]:
+        """The windows' dense features, ``batch`` windows per forward pass, a list per pass,
+        encoded in ``precision`` (a resolved name)."""
+        patch = self.loaded.patch_size
+        for start in range(0, len(boxes), batch):
+            group = boxes[start:start + batch]
+            crops = [crop(b) for b in group]
+            with torch.no_grad():
+                out = self._encode_batch(crops, mode, with_keys, precision)
+            del crops
+            encoded = []
+            for i, box in enumerate(group):
+                gh, gw = math.ceil(box.height / patch), math.ceil(box.width / patch)
+                feat = out.features[i, :, :gh, :gw].contiguous()
+                keys = None
+                if out.keys is not None:
+                    full_w = out.features.shape[-1]
+                    grid_keys = out.keys[i].reshape(out.features.shape[-2], full_w, -1)
+                    keys = grid_keys[:gh, :gw].reshape(gh * gw, -1).contiguous()
+                encoded.append(WindowFeatures(box=box, features=feat, keys=keys))
+            yield encoded
+
     def encode_iter(
         self,
         image: np.ndarray,
@@ -177,42 +235,27 @@ class Segmenter:
             n = len(cached.windows)
             yield Progress("encode", n, n, "cached image features")
             return cached
-        unit = prepare_image(image, channel_axis=channel_axis, channels=channels)
-        height, width = unit.shape[:2]
-        proc = self._proc_shape(height, width, s)
-        plan = self._plan(proc, s)
-
-        if plan["inference"] == "sliding":
-            boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
-        else:
-            boxes = [Box(0, 0, proc[0], proc[1])]
-        pixels = self._pixels(unit, proc)
-        del unit
-        patch = self.loaded.patch_size
+        shape, proc, plan, boxes, crop = self._windows_plan(image, channel_axis, channels, s)
         total = len(boxes)
         yield Progress("encode", 0, total, f"encoding {total} window(s)")
         windows: list[WindowFeatures] = []
-        step = s.window_batch
-        for start in range(0, total, step):
-            group = boxes[start:start + step]
-            crops = [pixels[:, :, b.y0:b.y1, b.x0:b.x1] for b in group]
-            with torch.no_grad():
-                out = self._encode_batch(crops, s.mode, s.key_smoothing, precision)
-            for i, box in enumerate(group):
-                gh, gw = math.ceil(box.height / patch), math.ceil(box.width / patch)
-                feat = out.features[i, :, :gh, :gw].contiguous()
-                keys = None
-                if out.keys is not None:
-                    full_w = out.features.shape[-1]
-                    grid_keys = out.keys[i].reshape(out.features.shape[-2], full_w, -1)
-                    keys = grid_keys[:gh, :gw].reshape(gh * gw, -1).contiguous()
-                windows.append(WindowFeatures(box=box, features=feat, keys=keys))
+        for group in self._encoded(boxes, crop, s.mode, s.key_smoothing, s.window_batch,
+                                   precision):
+            windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
-        features = ImageFeatures(
+        features = self._features(key, shape, proc, plan, s, windows, precision)
+        self.features_cache.put(features)
+        return features
+
+    def _features(
+        self, key: str, shape: tuple[int, int], proc: tuple[int, int], plan: dict[str, Any],
+        s: SegmentSettings, windows: list[WindowFeatures], precision: str,
+    ) -> ImageFeatures:
+        return ImageFeatures(
             key=key,
-            image_shape=(height, width),
+            image_shape=shape,
             proc_shape=proc,
-            patch=patch,
+            patch=self.loaded.patch_size,
             windows=windows,
             model_identity=self.loaded.identity,
             encode_settings={name: getattr(s, name) for name in ("mode", "window", "stride",
@@ -221,8 +264,6 @@ class Segmenter:
             | {"precision": precision},
             plan=plan,
         )
-        self.features_cache.put(features)
-        return features
 
     def encode(self, image: np.ndarray, **kwargs: Any) -> ImageFeatures:
         """:meth:`encode_iter`, run to the end."""
@@ -237,6 +278,14 @@ class Segmenter:
         parse_classes(fg + bg)  # duplicates across the two lists are an error too
         return fg, bg
 
+    def _query(self, fg: list[ClassSpec], bg: list[ClassSpec], s: SegmentSettings,
+               precision: str) -> "_Query":
+        """The classes' read-out; the text encoded in ``precision`` (that of the image features)."""
+        layout = PromptLayout.from_classes(fg, bg)
+        templates = resolve_templates(s.templates)
+        text = self.text.embed_texts(list(layout.prompts), templates, precision=precision)  # Q x D
+        return _Query(fg, bg, Readout(layout, text, s), templates)
+
     def segment_iter(
         self,
         features: ImageFeatures,
@@ -244,9 +293,16 @@ class Segmenter:
         *,
         background: Optional[ClassesLike] = None,
         settings: Optional[SegmentSettings] = None,
+        probabilities: "ProbabilitiesOut" = True,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
-        """Read cached features against class names; yields progress per window."""
+        """Read cached features against class names; yields progress per window.
+
+        ``probabilities``: True (the result holds the ``C x H x W`` maps), False (it holds None:
+        labels only, 4 bytes per pixel and class less memory), or a callable
+        ``sink(y0, y1, block)`` given the float32 ``C x (y1 - y0) x W`` maps of each block of
+        rows as they are finished (the result holds None).
+        """
         s = self._resolve(settings, overrides)
         if features.model_identity != self.loaded.identity:
             raise InvalidInputError("These features were encoded by another model; encode again.")
@@ -256,119 +312,69 @@ class Segmenter:
                 "encode the image with key_smoothing=True."
             )
         fg, bg = self._class_lists(classes, background)
-        specs = fg + bg
-        prompts = [syn for spec in specs for syn in spec.synonyms]
-        groups: list[list[int]] = []
-        for spec in specs:
-            first = sum(len(g) for g in groups)
-            groups.append(list(range(first, first + len(spec.synonyms))))
-        templates = resolve_templates(s.templates)
         # Text in the precision of the image features (what the result records).
-        text_precision = features.encode_settings.get("precision", self.precision(s))
-        text = self.text.embed_texts(prompts, templates, precision=text_precision)  # Q x D
-
+        query = self._query(fg, bg, s, features.encode_settings.get("precision", self.precision(s)))
         windows = features.windows
-        window_logits = [
-            torch.einsum("dhw,qd->qhw", w.features, text.to(w.features.dtype)) for w in windows
-        ]
-
-        # Prompt denoising, decided over the whole image.
-        keep = torch.ones(len(specs), dtype=torch.bool)
-        if s.denoise:
-            class_max = torch.full((len(specs),), -1.0)
-            for lg in window_logits:
-                probs = class_probabilities(lg.flatten(1), groups, DENOISE_SCALE)
-                class_max = torch.maximum(class_max, probs.amax(dim=1).cpu())
-            keep = denoise_keep(class_max, s.denoise_threshold)
-        active = [k for k in range(len(specs)) if keep[k]]
-        removed = [specs[k].name for k in range(len(specs)) if not keep[k]]
-        active_prompts = [q for k in active for q in groups[k]]
-        active_groups: list[list[int]] = []
-        for k in active:
-            first = sum(len(g) for g in active_groups)
-            active_groups.append(list(range(first, first + len(groups[k]))))
-
-        proc_h, proc_w = features.proc_shape
-        patch = features.patch
-        channels = len(active) if s.key_smoothing else len(active_prompts)
-        scores = torch.zeros(channels, proc_h, proc_w, dtype=torch.float32, device=text.device)
-        total = len(windows)
-        yield Progress("segment", 0, total, "reading features")
-        prompt_index = torch.tensor(active_prompts, device=text.device)
-        for i, (win, lg) in enumerate(zip(windows, window_logits)):
-            lg = lg.index_select(0, prompt_index.to(lg.device))
-            gh, gw = win.grid
-            if s.key_smoothing:
-                probs = class_probabilities(lg.flatten(1), active_groups, s.logit_scale)
-                probs = key_smoothing(probs, win.keys, threshold=s.ks_threshold)
-                score = probs.reshape(-1, gh, gw)
-            else:
-                score = lg
-            up = F.interpolate(score[None].float(), size=(gh * patch, gw * patch), mode="bilinear",
-                               align_corners=False)[0]
-            box = win.box
-            scores[:, box.y0:box.y1, box.x0:box.x1] += up[:, :box.height, :box.width]
-            yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
-        if features.plan.get("inference") == "sliding":
-            window, stride = features.plan["window"], features.plan["stride"]
-            rows = torch.from_numpy(coverage(proc_h, window, stride)).to(scores.device)
-            cols = torch.from_numpy(coverage(proc_w, window, stride)).to(scores.device)
-            scores /= rows[None, :, None] * cols[None, None, :]
-
-        height, width = features.image_shape
-        labels, probabilities = self._finish(
-            scores, (height, width), s, fg_count=len(fg), active=active,
-            active_groups=active_groups,
-        )
-        result = SegmentationResult(
-            labels=labels,
-            probabilities=probabilities,
-            classes=fg,
-            background=bg,
-            removed_classes=removed,
-            settings=self._settings_record(s, features, templates),
-        )
+        window_logits = [query.logits(w.features) for w in windows]
+        result = yield from self._read(query, s, features, [w.box for w in windows], window_logits,
+                                       lambda i: windows[i].keys, probabilities)
         return result
 
-    def _finish(
+    def _read(
         self,
-        scores: torch.Tensor,
-        size: tuple[int, int],
+        query: "_Query",
         s: SegmentSettings,
-        *,
-        fg_count: int,
-        active: list[int],
-        active_groups: list[list[int]],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores at processing size -> labels and foreground probabilities at image size."""
-        height, width = size
-        resize = tuple(scores.shape[-2:]) != (height, width)
-        label_dtype = np.uint8 if fg_count <= 255 else np.uint16
-        labels = np.zeros((height, width), dtype=label_dtype)
-        probabilities = np.zeros((fg_count, height, width), dtype=np.float32)
-        # Label value of each active class: k+1 for the user's classes, 0 for background ones.
-        values = torch.tensor([k + 1 if k < fg_count else 0 for k in active], dtype=torch.int64)
-        fg_rows = [(j, k) for j, k in enumerate(active) if k < fg_count]
-        for y0 in range(0, height, _ROW_BLOCK):
-            y1 = min(height, y0 + _ROW_BLOCK)
-            if resize:
-                # Resample only the rows this block needs (bounded memory on big images).
-                block = _resize_rows(scores, y0, y1, height, width)
-            else:
-                block = scores[:, y0:y1]
-            if s.key_smoothing:
-                probs = block / block.sum(dim=0, keepdim=True).clamp_min(1e-12)
-            else:
-                probs = class_probabilities(block, active_groups, s.logit_scale)
-            best_p, best = probs.max(dim=0)
-            lab = values[best.cpu()]
-            if s.background_threshold is not None:
-                lab[best_p.cpu() < s.background_threshold] = 0
-            labels[y0:y1] = lab.numpy().astype(label_dtype)
-            probs_np = probs.cpu().numpy()
-            for j, k in fg_rows:
-                probabilities[k, y0:y1] = probs_np[j]
-        return labels, probabilities
+        features: ImageFeatures,
+        boxes: Sequence[Box],
+        window_logits: list[Optional[torch.Tensor]],
+        keys_of: Callable[[int], Optional[torch.Tensor]],
+        probabilities: "ProbabilitiesOut",
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """Window cosines -> denoising -> window scores -> stitched rows -> labels, probabilities.
+
+        The windows' scores are summed a band of rows at a time (:class:`RowStitcher`), so the
+        memory is the band, not ``C x H x W``.
+        """
+        readout = query.readout
+        layout = readout.layout
+        # Prompt denoising, decided over the whole image (all windows).
+        class_max = None
+        if s.denoise:
+            class_max = torch.full((len(layout),), -1.0)
+            for lg in window_logits:
+                class_max = torch.maximum(class_max, readout.class_max(lg)[0].cpu())
+        active = readout.select(class_max)
+        kept = set(active.classes)
+        removed = [layout.names[k] for k in range(len(layout)) if k not in kept]
+
+        patch = features.patch
+        channels = len(active.classes) if s.key_smoothing else len(active.prompts)
+        device = readout.text.device
+        stitch = RowStitcher(channels, features.proc_shape, features.image_shape, features.plan,
+                             device=device)
+        out = _Outputs(features.image_shape, readout, active, probabilities)
+        total = len(boxes)
+        yield Progress("segment", 0, total, "reading features")
+        for i, box in enumerate(boxes):
+            lg = window_logits[i].to(device)
+            window_logits[i] = None  # read: its memory can go
+            keys = keys_of(i) if s.key_smoothing else None
+            cells = readout.cell_scores(lg, active, None if keys is None else keys[None])
+            up = readout.upsample(cells, patch, (box.height, box.width))[0]
+            for y0, y1, block in stitch.add(box, up):
+                out.finish(y0, y1, block)
+            yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
+        for y0, y1, block in stitch.close():
+            out.finish(y0, y1, block)
+
+        return SegmentationResult(
+            labels=out.labels,
+            probabilities=out.probabilities,
+            classes=query.fg,
+            background=query.bg,
+            removed_classes=removed,
+            settings=self._settings_record(s, features, query.templates),
+        )
 
     def _settings_record(
         self, s: SegmentSettings, features: ImageFeatures, templates: Sequence[str]
@@ -405,16 +411,89 @@ class Segmenter:
         channel_axis: Optional[int] = None,
         channels: Optional[Sequence[int]] = None,
         settings: Optional[SegmentSettings] = None,
+        probabilities: "ProbabilitiesOut" = True,
         **overrides: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
-        """Encode (or reuse cached features) and query, as one generator."""
+        """Encode (or reuse cached features) and query, as one generator.
+
+        An image whose features would take more than :attr:`stream_bytes` (a huge image: 4 GB
+        for 16000^2 px with the demo model) is streamed instead: each window is encoded, read
+        against the text and its features dropped, so memory holds only the small per-window
+        cosines (with key smoothing each window is encoded a second time, for its keys). Labels
+        and maps are the same; nothing is cached for a re-query. ``probabilities``: see
+        :meth:`segment_iter`.
+        """
         s = self._resolve(settings, overrides)
         # Validate the class list before the expensive part.
         self._class_lists(classes, background)
+        image = check_image_array(image)
+        if self._feature_bytes(image.shape, channel_axis, s) > self.stream_bytes:
+            result = yield from self._stream_iter(image, classes, background, channel_axis,
+                                                  channels, s, probabilities)
+            return result
         features = yield from self.encode_iter(
             image, channel_axis=channel_axis, channels=channels, settings=s
         )
-        result = yield from self.segment_iter(features, classes, background=background, settings=s)
+        result = yield from self.segment_iter(features, classes, background=background, settings=s,
+                                              probabilities=probabilities)
+        return result
+
+    def _feature_bytes(
+        self, shape: Sequence[int], channel_axis: Optional[int], s: SegmentSettings
+    ) -> int:
+        """What the encoded features of an image of ``shape`` would take (from its size only)."""
+        dims = list(shape)
+        if len(dims) == 3:
+            axis = channel_axis if channel_axis is not None else -1
+            if not -3 <= axis < 3:
+                return 0  # the real run says what is wrong
+            del dims[axis]
+        if len(dims) != 2:
+            return 0  # not an image: the real run says so
+        try:
+            proc = self._proc_shape(dims[0], dims[1], s)
+            plan = self._plan(proc, s)
+        except InvalidInputError:
+            return 0
+        patch = self.loaded.patch_size
+        if plan["inference"] == "sliding":
+            boxes = window_boxes(proc[0], proc[1], plan["window"], plan["stride"])
+        else:
+            boxes = [Box(0, 0, proc[0], proc[1])]
+        cells = sum(math.ceil(b.height / patch) * math.ceil(b.width / patch) for b in boxes)
+        dim = int(getattr(self.loaded.visual, "output_dim", 512) or 512)
+        itemsize = torch.finfo(precision_dtype(self.precision(s))).bits // 8
+        per_cell = dim * (2 if s.key_smoothing else 1) * itemsize
+        return cells * per_cell
+
+    def _stream_iter(
+        self,
+        image: np.ndarray,
+        classes: ClassesLike,
+        background: Optional[ClassesLike],
+        channel_axis: Optional[int],
+        channels: Optional[Sequence[int]],
+        s: SegmentSettings,
+        probabilities: "ProbabilitiesOut",
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """Encode and read window by window, keeping only each window's cosines (see run_iter)."""
+        shape, proc, plan, boxes, crop = self._windows_plan(image, channel_axis, channels, s)
+        fg, bg = self._class_lists(classes, background)
+        precision = self.precision(s)
+        query = self._query(fg, bg, s, precision)
+        total = len(boxes)
+        yield Progress("encode", 0, total, f"encoding {total} window(s), streamed")
+        window_logits: list[Optional[torch.Tensor]] = []
+        for group in self._encoded(boxes, crop, s.mode, False, s.window_batch, precision):
+            window_logits.extend(query.logits(w.features) for w in group)
+            yield Progress("encode", len(window_logits), total, f"window {len(window_logits)}/{total}")
+
+        def keys_of(i: int) -> Optional[torch.Tensor]:  # key smoothing: encode the window again
+            (window,) = next(self._encoded([boxes[i]], crop, s.mode, True, 1, precision))
+            return window.keys
+
+        meta = self._features("", shape, proc, plan, s, [], precision)
+        result = yield from self._read(query, s, meta, boxes, window_logits, keys_of, probabilities)
         return result
 
     def __call__(self, image: np.ndarray, classes: ClassesLike, **kwargs: Any) -> SegmentationResult:
@@ -422,34 +501,48 @@ class Segmenter:
         return run_to_completion(self.run_iter(image, classes, **kwargs))
 
 
-def _resize_rows(scores: torch.Tensor, y0: int, y1: int, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of ``scores`` to ``height x width``, computing only output rows y0..y1.
-
-    Equivalent to resizing the whole map (align_corners=False) and slicing, because each output
-    row only reads the source rows around ``(y + 0.5) * scale - 0.5``.
-    """
-    src_h = scores.shape[-2]
-    scale = src_h / height
-    ys = (torch.arange(y0, y1, dtype=torch.float64) + 0.5) * scale - 0.5
-    ys = ys.clamp(min=0.0)
-    top = ys.floor().long().clamp(max=src_h - 1)
-    bottom = (top + 1).clamp(max=src_h - 1)
-    frac = (ys - top.double()).float().to(scores.device)
-    rows_top = scores[:, top.to(scores.device)]
-    rows_bottom = scores[:, bottom.to(scores.device)]
-    rows = rows_top + (rows_bottom - rows_top) * frac[None, :, None]
-    return _resize_cols(rows, width)
+ProbabilitiesOut = Union[bool, Callable[[int, int, np.ndarray], None]]
 
 
-def _resize_cols(rows: torch.Tensor, width: int) -> torch.Tensor:
-    src_w = rows.shape[-1]
-    if src_w == width:
-        return rows
-    scale = src_w / width
-    xs = ((torch.arange(width, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
-    left = xs.floor().long().clamp(max=src_w - 1)
-    right = (left + 1).clamp(max=src_w - 1)
-    frac = (xs - left.double()).float().to(rows.device)
-    a = rows[..., left.to(rows.device)]
-    b = rows[..., right.to(rows.device)]
-    return a + (b - a) * frac
+class _Query:
+    """The classes of one query and their read-out (prompt layout and prompt embeddings)."""
+
+    def __init__(self, fg: list[ClassSpec], bg: list[ClassSpec], readout: Readout,
+                 templates: Sequence[str]) -> None:
+        self.fg, self.bg, self.readout, self.templates = fg, bg, readout, templates
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``D x h x w`` features -> ``1 x Q x h x w`` cosines with every prompt."""
+        return self.readout.logits(features[None])
+
+
+class _Outputs:
+    """Labels and class probabilities at image size, filled block of rows by block of rows."""
+
+    def __init__(self, size: tuple[int, int], readout: Readout, active: ActiveClasses,
+                 probabilities: ProbabilitiesOut) -> None:
+        height, width = size
+        self.readout, self.active, self.width = readout, active, width
+        self.fg_count = fg_count = readout.layout.fg_count
+        self.label_dtype = np.uint8 if fg_count <= 255 else np.uint16
+        self.labels = np.zeros((height, width), dtype=self.label_dtype)
+        self.probabilities = (np.zeros((fg_count, height, width), dtype=np.float32)
+                              if probabilities is True else None)
+        self.sink = probabilities if callable(probabilities) else None
+        self.fg_rows = [(j, k) for j, k in enumerate(active.classes) if k < fg_count]
+
+    def finish(self, y0: int, y1: int, block: torch.Tensor) -> None:
+        """Scores of output rows ``y0..y1`` -> their probabilities and labels."""
+        decision = self.readout.decide(block[None], self.active)
+        self.labels[y0:y1] = decision.labels[0].cpu().numpy().astype(self.label_dtype)
+        if self.probabilities is None and self.sink is None:
+            return
+        probs_np = decision.probabilities[0].cpu().numpy()
+        if self.probabilities is not None:
+            for j, k in self.fg_rows:
+                self.probabilities[k, y0:y1] = probs_np[j]
+        if self.sink is not None:
+            part = np.zeros((self.fg_count, y1 - y0, self.width), dtype=np.float32)
+            for j, k in self.fg_rows:
+                part[k] = probs_np[j]
+            self.sink(y0, y1, part)

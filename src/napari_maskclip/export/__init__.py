@@ -10,7 +10,13 @@ from .class_table import DatasetClasses, read_class_table
 from .layout import CLASSES_JSON, DATASET_JSON, ignore_index, mask_dtype, safe_sample_name
 from .reader import Dataset, DatasetSample, is_dataset, read_dataset
 from .remap import ClassMapping, plan_class_mapping
-from .writer import ExportReport, export_result, export_sample, export_sample_iter
+from .writer import (
+    ExportReport,
+    check_export_target,
+    export_result,
+    export_sample,
+    export_sample_iter,
+)
 
 __all__ = [
     "Dataset",
@@ -20,6 +26,7 @@ __all__ = [
     "export_sample",
     "export_sample_iter",
     "export_result",
+    "check_export_target",
     "ExportReport",
     "ClassMapping",
     "plan_class_mapping",

@@ -5,6 +5,10 @@ Label 0 is background: a real class for training, described by the background pr
 synonyms (the prompts MaskCLIP used, so a student can embed the same text), colour and whether it
 is the background. The same reader also understands the ``<stem>_classes.json`` files that
 ``napari-maskclip segment`` writes, so evaluation and export accept either.
+
+Colours stored in a table win for its classes (``stored_colors``): appending to a dataset keeps
+its colours, and only classes new to it get one (from :mod:`napari_maskclip.colors`, distinct
+from the dataset's).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..classes import ClassesLike, ClassSpec, class_colors, parse_classes
+from ..colors import RGBA, color_key, to_rgba
 from ..errors import DatasetError, InvalidInputError
 from .layout import CLASSES_FORMAT, FORMAT_VERSION, ignore_index, mask_dtype
 
@@ -31,6 +36,9 @@ class DatasetClasses:
 
     classes: list[ClassSpec]
     background: list[ClassSpec] = field(default_factory=lambda: parse_classes(DEFAULT_BACKGROUND))
+    #: Colours read from the table, by :func:`~napari_maskclip.colors.color_key` of the name;
+    #: they win over the user's remembered colours for this dataset.
+    stored_colors: dict[str, RGBA] = field(default_factory=dict)
 
     @classmethod
     def from_user(
@@ -60,8 +68,13 @@ class DatasetClasses:
 
     @property
     def colors(self) -> list[tuple[float, float, float, float]]:
-        """RGBA (0..1) by label value, background first (stable per class name)."""
-        return [BACKGROUND_COLOR, *class_colors(self.names)]
+        """RGBA (0..1) by label value, background first: stored colours, else the user's."""
+        return [BACKGROUND_COLOR, *class_colors(self.names, fixed=self.stored_colors)]
+
+    def with_colors(self) -> "DatasetClasses":
+        """A copy whose every class colour is fixed now (written files then all agree)."""
+        colors = dict(zip((color_key(n) for n in self.names), self.colors[1:]))
+        return DatasetClasses(list(self.classes), list(self.background), colors)
 
     @property
     def ignore_index(self) -> int:
@@ -104,6 +117,7 @@ class DatasetClasses:
     def from_json(cls, table: dict[str, Any], *, source: str = "classes.json") -> "DatasetClasses":
         """Read a dataset ``classes.json`` or a ``segment`` ``<stem>_classes.json`` table."""
         try:
+            _check_table_entries(table, source)
             entries = sorted(table["classes"], key=lambda e: int(e["index"]))
             fg = [e for e in entries if not e.get("background", False) and int(e["index"]) > 0]
             for k, entry in enumerate(fg, start=1):
@@ -113,6 +127,7 @@ class DatasetClasses:
                         f"{int(entry['index'])} where {k} was expected."
                     )
             specs = [ClassSpec(tuple(e.get("synonyms") or [e["name"]])) for e in fg]
+            stored = _stored_colors(fg, specs)
             if "background_prompts" in table:
                 bg_texts = list(table["background_prompts"])
             elif isinstance(table.get("background"), dict):  # segment's <stem>_classes.json
@@ -125,9 +140,11 @@ class DatasetClasses:
         except (KeyError, TypeError, ValueError) as exc:
             raise DatasetError(f"{source} is not a class table ({exc!r} is missing or wrong).") from exc
         try:
-            return cls.from_user(specs, bg_texts or DEFAULT_BACKGROUND)
+            table_classes = cls.from_user(specs, bg_texts or DEFAULT_BACKGROUND)
         except InvalidInputError as exc:
             raise DatasetError(f"{source}: {exc}") from exc
+        table_classes.stored_colors = stored
+        return table_classes
 
     def same_classes(self, other: "DatasetClasses") -> bool:
         """Same named classes in the same order (names compared case-insensitively)."""
@@ -157,21 +174,63 @@ class DatasetClasses:
                 taken.update(s.casefold() for s in extra)
                 if extra:
                     background.append(ClassSpec(extra))
-        return DatasetClasses(classes, background)
+        return DatasetClasses(classes, background, dict(self.stored_colors))
 
     def extended(self, new: Sequence[ClassSpec]) -> "DatasetClasses":
         """These classes with ``new`` ones appended (existing label values keep their meaning)."""
-        return DatasetClasses(parse_classes(list(self.classes) + list(new)), list(self.background))
+        return DatasetClasses(parse_classes(list(self.classes) + list(new)), list(self.background),
+                              dict(self.stored_colors))
+
+
+def _stored_colors(entries: list[dict[str, Any]], specs: list[ClassSpec]) -> dict[str, RGBA]:
+    """The valid ``color`` of each entry, by name key; a bad or missing one gets a new colour."""
+    out: dict[str, RGBA] = {}
+    for entry, spec in zip(entries, specs):
+        try:
+            out[color_key(spec.name)] = to_rgba(entry["color"])
+        except (KeyError, InvalidInputError):
+            continue
+    return out
+
+
+#: Label values fit uint16 with 65535 left for "ignore"; a class table is far below 64 MB.
+MAX_TABLE_CLASSES = 65534
+MAX_TABLE_BYTES = 64 << 20
+
+
+def _check_table_entries(table: Any, source: str) -> None:
+    """Types and bounds of a class table's entries (an edited file must not crash or hang us)."""
+    entries = table.get("classes") if isinstance(table, dict) else None
+    if not isinstance(entries, list) or len(entries) > MAX_TABLE_CLASSES + 1:
+        raise DatasetError(f"{source}: 'classes' must be a list of at most {MAX_TABLE_CLASSES} entries.")
+    for entry in entries:
+        ok = isinstance(entry, dict) and isinstance(entry.get("index"), int) and not isinstance(
+            entry.get("index"), bool) and 0 <= entry["index"] <= MAX_TABLE_CLASSES
+        synonyms = entry.get("synonyms") if isinstance(entry, dict) else None
+        ok = ok and isinstance(entry.get("name", ""), str) and (
+            synonyms is None or (isinstance(synonyms, list) and len(synonyms) <= 1000
+                                 and all(isinstance(s, str) and len(s) <= 1000 for s in synonyms)))
+        if not ok:
+            raise DatasetError(
+                f"{source}: class entry {str(entry)[:80]!r} is malformed (index 0..{MAX_TABLE_CLASSES}, "
+                "name text, synonyms a list of text). Restore the file or export again."
+            )
+    for key in ("background_prompts",):
+        value = table.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DatasetError(f"{source}: {key!r} must be a list of text.")
 
 
 def read_class_table(path: str | os.PathLike) -> DatasetClasses:
     """Read ``classes.json`` (a dataset's, or a ``segment`` ``<stem>_classes.json``)."""
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_TABLE_BYTES:
+            raise DatasetError(f"{p} is too large to be a class table ({p.stat().st_size} bytes).")
         table = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise DatasetError(f"Class table not found: {p}") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DatasetError(f"Cannot read the class table {p}: {exc}") from exc
     if not isinstance(table, dict):
         raise DatasetError(f"{p} is not a class table (expected a JSON object).")

@@ -9,18 +9,20 @@ A dataset is a folder::
       masks/<name>.png|.tif    # labels: palette PNG uint8 (255 = ignore); uint16 TIFF (65535 = ignore)
       confidence/<name>.tif    # optional: float16 C x H x W, channel k-1 = class k
       edited/<name>.png        # optional: 1-bit PNG, True where a person painted the label
+      .napari-maskclip.lock    # the exporters' lock (concurrent exports wait for each other)
 
 ``dataset.json`` is the single commit point: a sample exists once it is listed there, and it is
-rewritten (atomically) only after the sample's files are complete. Files the index does not list
-(leftovers of an interrupted export) are ignored by the reader and replaced by the next export of
-that name. This module holds names and rules only; it reads and writes nothing.
+rewritten (atomically) only after the sample's files are complete. While an export runs,
+``dataset.json`` also lists under ``"pending"`` the files it may create, so a killed export's
+leftovers are known to be the exporter's own (the next export removes them); any other file the
+index does not list is never touched (see :mod:`.ownership`). The reader ignores both. This
+module holds names and rules only; it reads and writes nothing.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -40,6 +42,7 @@ __all__ = [
     "MAX_UINT8_CLASSES",
     "SamplePaths",
     "sample_paths",
+    "sample_file_slots",
     "mask_dtype",
     "ignore_index",
     "ignore_index_for_dtype",
@@ -124,18 +127,16 @@ def sample_paths(
     )
 
 
-def sample_file_candidates(root: Path, name: str) -> list[Path]:
-    """Every file that may belong to sample ``name`` (any suffix), for cleaning up stale ones."""
-    out: list[Path] = []
-    for folder in (IMAGES_DIR, MASKS_DIR, CONFIDENCE_DIR, EDITED_DIR):
-        directory = root / folder
-        if directory.is_dir():
-            out.extend(p for p in directory.glob(f"{glob_escape(name)}.*") if p.stem == name)
-    return out
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([\[\]*?])", r"[\1]", text)
+def sample_file_slots(name: str) -> tuple[str, ...]:
+    """Every relative path sample ``name`` may ever use, whatever it holds (see :func:`sample_paths`)."""
+    return (
+        f"{IMAGES_DIR}/{name}.png",
+        f"{IMAGES_DIR}/{name}.tif",
+        f"{MASKS_DIR}/{name}.png",
+        f"{MASKS_DIR}/{name}.tif",
+        f"{CONFIDENCE_DIR}/{name}.tif",
+        f"{EDITED_DIR}/{name}.png",
+    )
 
 
 def check_sample_name(name: str) -> str:

@@ -4,6 +4,13 @@ Only samples listed in ``dataset.json`` exist; leftovers of an interrupted expor
 does not list, ``.tmp-*`` files) are ignored. Arrays load lazily, per sample, so opening a large
 dataset costs only two small JSON reads.
 
+Nothing in a dataset folder is trusted: ``dataset.json`` is size-limited and every entry is
+checked (types, ranges, paths inside the dataset's own folders, counts that agree with
+``classes.json``) before use, and each file is checked against its entry when read (size from
+the header before decoding, shape, dtype). Anything wrong raises
+:class:`~napari_maskclip.errors.DatasetError` naming the file and what to do, so an edited or
+damaged dataset can neither crash, hang nor allocate without bound.
+
 Example::
 
     from napari_maskclip.export import read_dataset
@@ -27,10 +34,26 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, InvalidInputError
 from .class_table import DatasetClasses, read_class_table
 from .files import read_confidence_file, read_edited_file, read_image_file, read_mask_file
-from .layout import CLASSES_JSON, DATASET_FORMAT, DATASET_JSON, FORMAT_VERSION
+from .layout import (
+    CLASSES_JSON,
+    CONFIDENCE_DIR,
+    DATASET_FORMAT,
+    DATASET_JSON,
+    EDITED_DIR,
+    FORMAT_VERSION,
+    IMAGES_DIR,
+    MASKS_DIR,
+    check_sample_name,
+)
+
+#: ``dataset.json`` of a million samples is ~1 GB; 256 MB is far beyond any real dataset.
+MAX_INDEX_BYTES = 256 << 20
+#: Label values fit uint16 with 65535 left for "ignore".
+MAX_CLASSES = 65534
+_FOLDERS = {"image": IMAGES_DIR, "mask": MASKS_DIR, "confidence": CONFIDENCE_DIR, "edited": EDITED_DIR}
 
 __all__ = ["Dataset", "DatasetSample", "read_dataset", "read_index", "is_dataset"]
 
@@ -69,19 +92,67 @@ class DatasetSample:
 
     def read_image(self) -> Optional[np.ndarray]:
         """The image as exported (``H x W`` or ``H x W x C``), or None for a mask-only sample."""
-        return read_image_file(self.image_path) if self.image_path is not None else None
+        if self.image_path is None:
+            return None
+        image = self._read(self.image_path, read_image_file, "image")
+        if image.shape[:2] != self.shape:
+            self._mismatch(self.image_path, image.shape, "image")
+        return image
 
     def read_mask(self) -> np.ndarray:
         """``H x W`` labels: 0 background, k = class k, :attr:`ignore_index` = ignored."""
-        return read_mask_file(self.mask_path)
+        mask = self._read(self.mask_path, read_mask_file, "mask")
+        if mask.shape != self.shape:
+            self._mismatch(self.mask_path, mask.shape, "mask")
+        if mask.dtype not in (np.uint8, np.uint16):
+            raise DatasetError(f"Sample {self.name!r}: {self.mask_path} holds {mask.dtype} values; "
+                               "masks are uint8 PNGs or uint16 TIFFs. Export the sample again.")
+        return mask
 
     def read_confidence(self) -> Optional[np.ndarray]:
         """float16 ``num_classes x H x W`` (NaN where a class was not queried), or None."""
-        return read_confidence_file(self.confidence_path) if self.confidence_path else None
+        if not self.confidence_path:
+            return None
+        conf = self._read(self.confidence_path, read_confidence_file, "confidence")
+        if conf.ndim == 2 and self.num_classes == 1:
+            conf = conf[None]
+        if conf.shape != (self.num_classes, *self.shape) or not np.issubdtype(conf.dtype, np.floating):
+            self._mismatch(self.confidence_path, conf.shape, "confidence",
+                           expected=(self.num_classes, *self.shape))
+        return conf
 
     def read_edited(self) -> Optional[np.ndarray]:
         """``H x W`` bool, True where a person painted the label; None when unknown."""
-        return read_edited_file(self.edited_path) if self.edited_path else None
+        if not self.edited_path:
+            return None
+        edited = self._read(self.edited_path, read_edited_file, "edited-pixels mask")
+        if edited.shape != self.shape:
+            self._mismatch(self.edited_path, edited.shape, "edited-pixels mask")
+        return edited
+
+    # -- checked reading --------------------------------------------------------------------------
+    def _read(self, path: Path, reader: Any, what: str) -> np.ndarray:
+        """Read one file of this sample: size checked from the header, errors as one line."""
+        from ..image_files import image_header
+
+        try:
+            image_header(path)
+            return np.asarray(reader(path))
+        except (DatasetError, MemoryError):
+            raise
+        except Exception as exc:  # damaged, truncated, not an image, too large...
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise DatasetError(
+                f"Sample {self.name!r} of {self.root}: cannot read its {what} {path} ({reason}). "
+                "Export the sample again, or remove it from dataset.json."
+            ) from exc
+
+    def _mismatch(self, path: Path, shape: Any, what: str, expected: Any = None) -> None:
+        raise DatasetError(
+            f"Sample {self.name!r} of {self.root}: its {what} {path} has shape {tuple(shape)} but "
+            f"dataset.json says {tuple(expected or self.shape)}. Export the sample again, or "
+            "remove it from dataset.json."
+        )
 
 
 @dataclass
@@ -136,12 +207,20 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
             "leaves none)."
         )
     try:
+        size = index_path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise DatasetError(
+                f"{index_path} is {size / 2**20:.0f} MB, far larger than a dataset index; it is "
+                "damaged or not napari-maskclip's. Restore it from a backup."
+            )
         info = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DatasetError(f"Cannot read {index_path}: {exc}") from exc
     if not isinstance(info, dict) or info.get("format") != DATASET_FORMAT:
         raise DatasetError(f"{index_path} is not a napari-maskclip dataset index.")
-    version = int(info.get("format_version", 0))
+    version = info.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise DatasetError(f"{index_path}: format_version {version!r} is not a version number.")
     if version > FORMAT_VERSION:
         raise DatasetError(
             f"{index_path} has format version {version}; this napari-maskclip reads up to "
@@ -166,8 +245,11 @@ def read_dataset(path: str | os.PathLike, *, check_files: bool = True) -> Datase
     for entry in info["samples"]:
         try:
             sample = _sample_from_entry(root, entry)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DatasetError(f"{root / DATASET_JSON}: a sample entry is malformed ({exc!r}).") from exc
+        except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+            raise DatasetError(
+                f"{root / DATASET_JSON}: a sample entry is malformed ({exc}); restore the file "
+                "from a backup or export the samples again."
+            ) from exc
         if sample.name in seen:
             raise DatasetError(f"{root / DATASET_JSON} lists sample {sample.name!r} twice.")
         seen.add(sample.name)
@@ -188,19 +270,46 @@ def read_dataset(path: str | os.PathLike, *, check_files: bool = True) -> Datase
 
 
 def _sample_from_entry(root: Path, entry: dict[str, Any]) -> DatasetSample:
-    def opt(key: str) -> Optional[Path]:
+    """One ``dataset.json`` entry, checked: every field's type and range, paths in their folder."""
+    from ..image_files import MAX_IMAGE_PIXELS
+
+    if not isinstance(entry, dict):
+        raise TypeError("an entry is not a JSON object")
+    name = entry["name"]
+    if not isinstance(name, str):
+        raise TypeError(f"sample name {name!r} is not text")
+    check_sample_name(name)
+
+    def opt(key: str, required: bool = False) -> Optional[Path]:
         value = entry.get(key)
-        return root / value if value else None
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name}: {key!r} is {value!r}, not a file path")
+        parts = value.split("/")
+        # <folder>/<name>.<suffix>: inside its own folder of the dataset, never elsewhere.
+        if (len(parts) != 2 or parts[0] != _FOLDERS[key] or parts[1].startswith(".")
+                or Path(parts[1]).stem != name or "\\" in value):
+            raise ValueError(f"{name}: {key} path {value!r} is not {_FOLDERS[key]}/{name}.<ext>")
+        return root / parts[0] / parts[1]
 
     shape = entry["shape"]
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+        raise TypeError(f"{name}: shape {shape!r} is not [height, width]")
+    if min(shape) < 1 or shape[0] * shape[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name}: shape {shape!r} is out of range")
+    num_classes = entry["num_classes"]
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 0 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"{name}: num_classes {num_classes!r} is not a class count")
     return DatasetSample(
-        name=str(entry["name"]),
+        name=name,
         root=root,
         image_path=opt("image"),
-        mask_path=root / entry["mask"],
+        mask_path=opt("mask", required=True),
         confidence_path=opt("confidence"),
         edited_path=opt("edited"),
         shape=(int(shape[0]), int(shape[1])),
-        num_classes=int(entry["num_classes"]),
+        num_classes=int(num_classes),
         info=dict(entry),
     )

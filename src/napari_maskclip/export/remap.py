@@ -19,7 +19,7 @@ from ..classes import ClassSpec
 from ..errors import DatasetError
 from .class_table import DatasetClasses
 
-__all__ = ["ClassMapping", "plan_class_mapping"]
+__all__ = ["ClassMapping", "match_class", "plan_class_mapping"]
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _describe(names: list[str]) -> str:
     return "[" + ", ".join(names) + "]" if names else "[] (background only)"
 
 
-def _match(spec: ClassSpec, target: list[ClassSpec]) -> Optional[int]:
+def match_class(spec: ClassSpec, target: list[ClassSpec]) -> Optional[int]:
     """Index in ``target`` of the class ``spec`` means: same name first, then a shared synonym."""
     name = spec.name.casefold()
     for i, t in enumerate(target):
@@ -113,7 +113,7 @@ def plan_class_mapping(
     lut = np.zeros(len(new.classes) + 1, dtype=np.int64)
     unknown: list[ClassSpec] = []
     for k, spec in enumerate(new.classes, start=1):
-        i = _match(spec, targets)
+        i = match_class(spec, targets)
         if i is None:
             unknown.append(spec)
             continue
@@ -124,7 +124,8 @@ def plan_class_mapping(
             f"{_describe(existing.names)}). Allow adding classes (Python: add_classes=True; "
             "CLI: --add-classes) to append them to the dataset's list, or rename them."
         )
-    target = existing.extended(unknown) if unknown else DatasetClasses(targets, list(existing.background))
+    target = existing.extended(unknown) if unknown else DatasetClasses(
+        targets, list(existing.background), dict(existing.stored_colors))
     for spec in unknown:
         lut[new.classes.index(spec) + 1] = target.classes.index(spec) + 1
     # Background prompts merge as on a plain append; remapped classes keep the dataset's synonyms.

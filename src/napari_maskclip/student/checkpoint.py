@@ -15,12 +15,15 @@ Layout of ``student.safetensors``:
   versions and times.
 
 safetensors cannot hold code, so opening a checkpoint never runs anything; the JSON is read from
-the header alone, which makes :func:`is_student_checkpoint` cheap enough for a file picker. Files
-are written atomically: an interrupted save leaves the previous checkpoint intact.
+the header alone, which makes :func:`is_student_checkpoint` cheap enough for a file picker, and is
+validated before use (:mod:`.checkpoint_meta`). Files are written atomically: an interrupted save
+leaves the previous checkpoint intact, and its temporary file is named after the checkpoint
+(:func:`checkpoint_temp_prefix`) so the next run can remove it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,9 +34,10 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..atomic import atomic_write
-from ..classes import ClassSpec, class_color
+from ..atomic import TEMP_PREFIX, atomic_write
+from ..classes import ClassSpec, class_colors
 from ..errors import ModelLoadError
+from .checkpoint_meta import validate_description, validate_tensors
 from .network import StudentNet, build_student
 from .settings import TrainSettings
 
@@ -46,6 +50,7 @@ __all__ = [
     "read_checkpoint_meta",
     "is_student_checkpoint",
     "classes_to_json",
+    "checkpoint_temp_prefix",
 ]
 
 FORMAT = "napari-maskclip-student"
@@ -53,10 +58,20 @@ FORMAT_VERSION = 1
 _META_KEY = "napari_maskclip"
 
 
+def checkpoint_temp_prefix(path: str | os.PathLike) -> str:
+    """How the temporary files of saves to ``path`` begin: they name their checkpoint, so the
+    next run can tell a killed run's leftovers for this file from anything else."""
+    name = Path(path).name
+    if len(name.encode("utf-8")) > 64:  # keep the temporary name within the 255-byte limit
+        name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    return f"{TEMP_PREFIX}{name}-"
+
+
 def classes_to_json(classes: list[ClassSpec]) -> list[dict[str, Any]]:
+    colors = class_colors([c.name for c in classes])
     return [
-        {"index": i, "name": c.name, "synonyms": list(c.synonyms), "color": list(class_color(c.name))}
-        for i, c in enumerate(classes, start=1)
+        {"index": i, "name": c.name, "synonyms": list(c.synonyms), "color": list(color)}
+        for i, (c, color) in enumerate(zip(classes, colors), start=1)
     ]
 
 
@@ -133,10 +148,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Path:
-    """Write ``net`` (+ optimiser state) and ``meta`` to ``path`` atomically."""
-    from safetensors.torch import save_file
+    """Write ``net`` (+ optimiser state) and ``meta`` to ``path`` atomically.
 
-    tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    The file is serialised in memory and written here, not by ``safetensors.torch.save_file``:
+    that one writes through a temporary file of its own (``.tmpXXXXXX``), which a killed run would
+    leave behind under a name no later run could tell apart from anyone else's."""
+    from safetensors.torch import save
+
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     record = dict(meta)
     record.update(format=FORMAT, format_version=FORMAT_VERSION, napari_maskclip_version=__version__,
                   torch_version=torch.__version__, saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -150,8 +169,10 @@ def save_checkpoint(
         record.pop("optimizer_scalars", None)
     text = json.dumps(record, default=_jsonable)
     target = Path(path)
-    with atomic_write(target) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: text})
+    data = save(tensors, metadata={_META_KEY: text})
+    del tensors
+    with atomic_write(target, temp_prefix=checkpoint_temp_prefix(target)) as tmp:
+        tmp.write_bytes(data)
     return target
 
 
@@ -186,16 +207,19 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         meta = json.loads(text)
-    except ValueError as exc:
-        raise ModelLoadError(f"The description in {p} is damaged: {exc}") from exc
-    if meta.get("format") != FORMAT:
+    except (ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"The description in {p} is damaged: {str(exc)[:200]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelLoadError(f"{p} is not a napari-maskclip student checkpoint.")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelLoadError(f"The description in {p} is damaged (format_version {version!r:.40}).")
+    if version > FORMAT_VERSION:
         raise ModelLoadError(
             f"{p} was written by a newer napari-maskclip (checkpoint format "
-            f"{meta.get('format_version')}); update napari-maskclip to read it."
+            f"{version}); update napari-maskclip to read it."
         )
-    return meta
+    return validate_description(meta, str(p))
 
 
 def is_student_checkpoint(path: str | os.PathLike) -> bool:
@@ -214,14 +238,20 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True) -> 
     meta = read_checkpoint_meta(path)
     model_state: dict[str, torch.Tensor] = {}
     opt_tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        for key in handle.keys():
-            if key.startswith("model/"):
-                model_state[key[len("model/"):]] = handle.get_tensor(key)
-            elif with_optimizer and key.startswith("optimizer/"):
-                opt_tensors[key] = handle.get_tensor(key)
-    if "class_embeddings" not in model_state:
-        raise ModelLoadError(f"{path} holds no class embeddings; the checkpoint is incomplete.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            keys = list(handle.keys())
+            validate_tensors(meta, {k: tuple(handle.get_slice(k).get_shape()) for k in keys},
+                             str(path))
+            for key in keys:
+                if key.startswith("model/"):
+                    model_state[key[len("model/"):]] = handle.get_tensor(key)
+                elif with_optimizer and key.startswith("optimizer/"):
+                    opt_tensors[key] = handle.get_tensor(key)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # safetensors' own errors (a file changed or cut short meanwhile)
+        raise ModelLoadError(f"{path} cannot be read ({str(exc)[:200]}).") from exc
     optimizer_state = None
     if with_optimizer and "optimizer_param_groups" in meta:
         optimizer_state = _unflatten_optimizer(opt_tensors, meta["optimizer_param_groups"],

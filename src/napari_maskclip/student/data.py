@@ -246,16 +246,35 @@ def _axis_plan(size: int, scale: float, crop: int, rng: np.random.Generator) -> 
     return coords, lo, hi
 
 
-def augment_sample(
+_Plan = tuple[np.ndarray, int, int, np.ndarray, int, int]
+
+
+def _draw_plan(
     sample: Sample, rng: np.random.Generator, crop: int, scale_range: tuple[float, float], flip: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One random scale + crop + flip of ``sample`` (see the module doc)."""
+) -> _Plan:
+    """The random draws of one crop (scale, position, flip), without computing its pixels."""
     h, w = sample.shape
     scale = float(rng.uniform(scale_range[0], scale_range[1]))
     ys, y_lo, y_hi = _axis_plan(h, scale, crop, rng)
     xs, x_lo, x_hi = _axis_plan(w, scale, crop, rng)
     if flip and rng.uniform() < 0.5:
         xs = xs[::-1].copy()
+    return ys, y_lo, y_hi, xs, x_lo, x_hi
+
+
+def augment_sample(
+    sample: Sample, rng: np.random.Generator, crop: int, scale_range: tuple[float, float], flip: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One random scale + crop + flip of ``sample`` (see the module doc)."""
+    return _apply_plan(sample, _draw_plan(sample, rng, crop, scale_range, flip))
+
+
+def _apply_plan(
+    sample: Sample, plan: _Plan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The crop a plan describes: image, labels, trusted and valid (not padding)."""
+    h, w = sample.shape
+    ys, y_lo, y_hi, xs, x_lo, x_hi = plan
     rows, cols = slice(y_lo, max(y_hi, y_lo + 1)), slice(x_lo, max(x_hi, x_lo + 1))
     region = torch.from_numpy(sample.image_float(rows, cols)).permute(2, 0, 1)[None]
     labels = torch.from_numpy(sample.labels[rows, cols].astype(np.float32))[None, None]
@@ -281,9 +300,13 @@ def augment_batch(
     crop: int,
     scale_range: tuple[float, float] = (0.5, 2.0),
     flip: bool = True,
+    keep: slice = slice(None),
 ) -> Batch:
-    """Augment each sample once (in order, drawing from ``rng``) and stack the crops."""
-    parts = [augment_sample(s, rng, crop, scale_range, flip) for s in samples]
+    """Augment each sample once (in order, drawing from ``rng``) and stack the crops; with
+    ``keep``, only those crops are computed (a data-parallel rank's share: every rank makes the
+    same draws, so its crops are exactly those of the whole batch at those positions)."""
+    plans = [_draw_plan(s, rng, crop, scale_range, flip) for s in samples]
+    parts = [_apply_plan(s, p) for s, p in list(zip(samples, plans))[keep]]
     return Batch(
         images=torch.stack([p[0] for p in parts]),
         labels=torch.stack([p[1] for p in parts]),

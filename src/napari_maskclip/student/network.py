@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,6 +45,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..errors import ModelLoadError, WeightsUnavailableError
+from ..online import network_status
 from ..progress import Progress
 from .settings import BACKBONES
 
@@ -63,9 +63,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Environment variable that forbids any download attempt (tests, air-gapped machines).
-OFFLINE_ENV = "NAPARI_MASKCLIP_OFFLINE"
-_PROBE_TIMEOUT_S = 3.0
 _DOWNLOAD_TIMEOUT_S = 20.0
 
 
@@ -198,15 +195,8 @@ def imagenet_weights_file(backbone: str) -> Optional[Path]:
 
 
 def _reachable(url: str) -> bool:
-    """A quick TCP probe, so an offline machine falls back in seconds instead of hanging."""
-    if os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0"):
-        return False
-    host = urllib.parse.urlparse(url).hostname
-    try:
-        with socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+    """A quick probe, so an offline machine falls back in seconds instead of hanging."""
+    return network_status(url) == "online"
 
 
 def _download_iter(url: str, target: Path) -> Generator[Progress, None, None]:

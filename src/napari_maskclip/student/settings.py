@@ -9,6 +9,7 @@ a CPU; ``resnet50``/``resnet101`` are closer to the paper's DeepLabv2-ResNet101.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,7 +19,7 @@ from ..errors import InvalidInputError
 #: torch-free, so CLIs and UIs can list them without loading torch).
 BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101", "tiny")
 
-__all__ = ["TrainSettings", "UNKNOWN_EDITS", "BACKBONE_WEIGHTS"]
+__all__ = ["TrainSettings", "UNKNOWN_EDITS", "BACKBONE_WEIGHTS", "LIMITS"]
 
 #: What pixels of a sample without edit information are: ``labels`` = the exported labels are
 #: trusted targets (a person reviewed them); ``teacher`` = they are replaced by the teacher.
@@ -60,6 +61,10 @@ class TrainSettings:
     #: by ``feature_scale`` (off, as in the official MaskCLIP+ configs: raw dot products).
     normalize_features: bool = False
     feature_scale: float = 20.0
+    #: Batch-norm layers in eval mode: their statistics stay as initialised (or as the ImageNet
+    #: weights have them) and only their scale and shift train. Makes a data-parallel run compute
+    #: exactly what one process computes on the same global batch (see ``README: Scaling out``).
+    frozen_batch_norm: bool = False
     #: Teacher pixels whose max class probability is below this are ignored (None: off, as in
     #: the official configs).
     confidence_threshold: Optional[float] = None
@@ -91,12 +96,21 @@ class TrainSettings:
         return int(round(self.self_train_fraction * self.iterations))
 
     def validate(self) -> "TrainSettings":
-        """Raise :class:`InvalidInputError` with a clear message for impossible values."""
+        """Raise :class:`InvalidInputError` with a clear message for impossible values.
+
+        Types are checked first and sizes are bounded (:data:`LIMITS`), because the settings of a
+        resumed run come from a checkpoint file that may have been edited."""
+        for f in dataclasses.fields(self):
+            problem = _type_problem(str(f.type), getattr(self, f.name))
+            if problem:
+                raise InvalidInputError(f"{f.name} {problem}, got {_short(getattr(self, f.name))}.")
 
         def positive(name: str) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise InvalidInputError(f"{name} must be a positive whole number, got {value!r}.")
+            if value > LIMITS[name]:
+                raise InvalidInputError(f"{name} must be at most {LIMITS[name]}, got {value}.")
 
         for name in ("iterations", "batch_size", "crop_size"):
             positive(name)
@@ -106,6 +120,13 @@ class TrainSettings:
             )
         if self.crop_size < 32:
             raise InvalidInputError(f"crop_size must be at least 32 px, got {self.crop_size}.")
+        if self.batch_size * self.crop_size**2 > LIMITS["pixels_per_step"]:
+            raise InvalidInputError(
+                f"batch_size x crop_size^2 must stay under {LIMITS['pixels_per_step']} pixels per "
+                f"step, got {self.batch_size} x {self.crop_size}^2; use fewer or smaller crops."
+            )
+        if not 0 <= self.seed <= LIMITS["seed"]:
+            raise InvalidInputError(f"seed must lie in 0..{LIMITS['seed']}, got {self.seed}.")
         if not 0 < self.scale_min <= self.scale_max:
             raise InvalidInputError(
                 f"The scale range must satisfy 0 < min <= max, got {self.scale_min}..{self.scale_max}."
@@ -118,7 +139,7 @@ class TrainSettings:
             )
         if self.backbone not in BACKBONES:
             raise InvalidInputError(
-                f"Unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}."
+                f"Unknown backbone {_short(self.backbone)}: use one of {', '.join(BACKBONES)}."
             )
         if not self.backbone_weights:
             raise InvalidInputError(
@@ -130,13 +151,13 @@ class TrainSettings:
             )
         if self.unknown_edits not in UNKNOWN_EDITS:
             raise InvalidInputError(
-                f"unknown_edits must be one of {', '.join(UNKNOWN_EDITS)}, got {self.unknown_edits!r}."
+                f"unknown_edits must be one of {', '.join(UNKNOWN_EDITS)}, got {_short(self.unknown_edits)}."
             )
         if not 0.0 <= self.val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must lie in 0..1, got {self.val_fraction}.")
         for name in ("val_interval", "save_interval"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise InvalidInputError(f"{name} must be a whole number >= 0, got {value!r}.")
         if not self.feature_scale > 0:
             raise InvalidInputError("feature_scale must be positive.")
@@ -147,5 +168,50 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainSettings":
+        """Settings from their dict (unknown keys are ignored, missing ones keep the defaults);
+        call :meth:`validate` before use."""
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"The training settings must be a mapping, got {_short(data)}.")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+#: Upper bounds, so that no edited checkpoint can make a run allocate without bound or never end
+#: (a checkpoint's history grows by about 100 bytes per iteration).
+LIMITS = {
+    "iterations": 500_000,
+    "batch_size": 1024,
+    "crop_size": 4096,
+    "pixels_per_step": 2**28,
+    "seed": 2**63 - 1,
+    "text": 4096,
+}
+
+
+def _type_problem(annotation: str, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit the field annotation (``int``, ``Optional[float]``...), or None."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if value is None:
+        return None if optional else "must be given"
+    if base == "bool":
+        return None if isinstance(value, bool) else "must be true or false"
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "must be a whole number"
+    if base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a finite number"
+    if base == "str":
+        if not isinstance(value, str):
+            return "must be text"
+        return None if len(value) <= LIMITS["text"] else f"must be at most {LIMITS['text']} characters"
+    if base.startswith("dict"):
+        return None if isinstance(value, dict) else "must be a mapping"
+    return None
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to a length that fits in one line of an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -2,10 +2,11 @@
 
 Pseudo-labels are computed on the very crops the student trains on (after scaling, cropping and
 flipping), as MaskCLIP+ does, so they match the student's input pixel for pixel. A whole batch of
-crops goes through the image encoder in one pass; the read-out is the engine's (dense features,
-cosine logits per prompt, softmax with the teacher's temperature, max over synonyms, prompt
-denoising and key smoothing per crop when the teacher's settings ask for them). Pixels whose
-winning probability is below an optional confidence threshold are ignored.
+crops goes through the image encoder in one pass and is read by the engine's own read-out
+(:class:`~napari_maskclip.engine.readout.Readout`: cosine logits per prompt, softmax with the
+teacher's temperature, max over synonyms, prompt denoising and key smoothing per crop when the
+teacher's settings ask for them). Pixels whose winning probability is below an optional
+confidence threshold are ignored.
 
 The teacher also provides the student's frozen classifier: one text embedding per class (the
 normalised mean of its synonyms' embeddings, each averaged over the teacher's templates), with
@@ -24,8 +25,7 @@ from ..classes import ClassSpec, parse_classes
 from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
 from ..engine.precision import model_in, precision_dtype, run_precision
-from ..engine.refine import class_probabilities, denoise_keep, key_smoothing
-from ..engine.segmenter import DENOISE_SCALE
+from ..engine.readout import PromptLayout, Readout
 from ..engine.settings import SegmentSettings
 from ..engine.templates import resolve_templates
 from ..engine.text import TextEmbeddingCache, TextEncoder
@@ -60,28 +60,20 @@ class Teacher:
         #: How to load this teacher again (model and pretrained as the user gave them).
         self._record = dict(record or {})
         self.templates = resolve_templates(self.settings.templates)
-        specs = self.classes + self.background
-        prompts = [syn for spec in specs for syn in spec.synonyms]
-        self._groups: list[list[int]] = []
-        for spec in specs:
-            first = sum(len(g) for g in self._groups)
-            self._groups.append(list(range(first, first + len(spec.synonyms))))
-        self._prompt_embeddings = self.text.embed_texts(prompts, self.templates,
+        self._layout = PromptLayout.from_classes(self.classes, self.background)
+        self._prompt_embeddings = self.text.embed_texts(list(self._layout.prompts), self.templates,
                                                         precision=self.precision)  # Q x D
-        # Label value of each class: k + 1 for the user's classes, 0 for background names.
-        self._values = torch.tensor(
-            [k + 1 for k in range(len(self.classes))] + [0] * len(self.background), dtype=torch.long
-        )
+        self._readout = Readout(self._layout, self._prompt_embeddings, self.settings)
 
     # ---- the student's classifier ------------------------------------------------------------
     def class_embeddings(self) -> torch.Tensor:
         """``(K + 1) x D`` float32 on the CPU: row 0 background, row k class k (unit norm)."""
         rows = []
-        bg = [i for spec_i in range(len(self.classes), len(self.classes) + len(self.background))
-              for i in self._groups[spec_i]]
+        groups = self._layout.groups
+        bg = [i for k in range(len(self.classes), len(groups)) for i in groups[k]]
         rows.append(self._prompt_embeddings[bg].mean(dim=0))
         for k in range(len(self.classes)):
-            rows.append(self._prompt_embeddings[self._groups[k]].mean(dim=0))
+            rows.append(self._prompt_embeddings[list(groups[k])].mean(dim=0))
         return F.normalize(torch.stack(rows).float(), dim=-1).cpu()
 
     def record(self) -> dict[str, Any]:
@@ -113,43 +105,7 @@ class Teacher:
         x = F.pad(x, (0, pw - width, 0, ph - height)).to(precision_dtype(self.precision))
         visual = model_in(loaded, self.precision).visual
         dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing)
-        text = self._prompt_embeddings.to(dense.features.device)
-        labels = []
-        for b in range(images.shape[0]):
-            feat = dense.features[b].float()
-            logits = torch.einsum("dhw,qd->qhw", feat, text.float())
-            gh, gw = logits.shape[-2:]
-            groups = self._groups
-            active = list(range(len(groups)))
-            if s.denoise:
-                # The engine's rule: PD is decided at CLIP's scale whatever the temperature.
-                class_max = class_probabilities(logits.flatten(1), groups, DENOISE_SCALE).amax(dim=1)
-                keep = denoise_keep(class_max.cpu(), s.denoise_threshold)
-                active = [k for k in active if bool(keep[k])]
-            prompt_index = [q for k in active for q in groups[k]]
-            active_groups: list[list[int]] = []
-            for k in active:
-                first = sum(len(g) for g in active_groups)
-                active_groups.append(list(range(first, first + len(groups[k]))))
-            logits = logits[prompt_index]
-            if s.key_smoothing:
-                probs = class_probabilities(logits.flatten(1), active_groups, s.logit_scale)
-                probs = key_smoothing(probs, dense.keys[b].float(), threshold=s.ks_threshold)
-                score = probs.reshape(-1, gh, gw)
-            else:
-                score = logits
-            up = F.interpolate(score[None], size=(gh * patch, gw * patch), mode="bilinear",
-                               align_corners=False)[0, :, :height, :width]
-            if s.key_smoothing:
-                probs = up / up.sum(dim=0, keepdim=True).clamp_min(1e-12)
-            else:
-                probs = class_probabilities(up, active_groups, s.logit_scale)
-            best_p, best = probs.max(dim=0)
-            values = self._values[active].to(best.device)
-            lab = values[best]
-            if s.background_threshold is not None:
-                lab = lab.masked_fill(best_p < s.background_threshold, 0)
-            if self.confidence_threshold is not None:
-                lab = lab.masked_fill(best_p < self.confidence_threshold, IGNORE)
-            labels.append(lab)
-        return torch.stack(labels).to(out_device)
+        labels, confidence = self._readout(dense.features, patch, (height, width), dense.keys)
+        if self.confidence_threshold is not None:
+            labels = labels.masked_fill(confidence < self.confidence_threshold, IGNORE)
+        return labels.to(out_device)

@@ -19,10 +19,21 @@ logits of the same (training-mode) forward pass, detached, so the stage costs no
 Validation mIoU is measured on held-out images, on their trusted pixels (a person's labels; the
 teacher's own labels would only measure agreement with the teacher), every ``val_interval``
 iterations and at the end. The checkpoint is saved every ``save_interval`` iterations, at the end,
-and when the generator is closed (cancel): then it holds the last completed iteration, so nothing
-is lost and ``resume=True`` continues from there. Because all randomness derives from
-``(seed, iteration)`` and the optimiser state is saved, a resumed run reproduces an uninterrupted
-one exactly (bit for bit on the CPU).
+and when the generator is closed (cancel) or Ctrl-C is pressed: then it holds the last completed
+iteration, so nothing is lost and ``resume=True`` continues from there. Because all randomness
+derives from ``(seed, iteration)`` and the optimiser state is saved, a resumed run reproduces an
+uninterrupted one exactly (bit for bit on the CPU).
+
+The code is a prepare-the-run step (:func:`_prepare_iter`: settings, the checkpoint's place - see
+:mod:`.output` - data, teacher, network, optimiser) and a step loop (:func:`_steps_iter`), whose
+unit is one whole iteration (:func:`_iteration`: :func:`_train_step`, whose forward pass and loss
+are :func:`_forward_loss`, then validation and saving when due). Ctrl-C is held back until the
+unit is complete (:mod:`napari_maskclip.interrupts`), so a saved state is never half a step.
+
+Under ``torchrun`` (a process group is initialised, see :mod:`.distributed`) the same code trains
+data-parallel: each rank computes its share of every global batch, DDP averages the gradients,
+and rank 0 alone locks, validates and saves; the ranks agree after every iteration whether one of
+them was interrupted, so all stop after the same iteration.
 """
 
 from __future__ import annotations
@@ -45,15 +56,13 @@ from ..engine.segmenter import Segmenter
 from ..engine.settings import SegmentSettings
 from ..engine.text import TextEmbeddingCache
 from ..errors import DatasetError, InvalidInputError, ModelLoadError
+from ..interrupts import interrupts_deferred
 from ..progress import Progress, run_to_completion
-from .checkpoint import (
-    StudentCheckpoint,
-    classes_to_json,
-    load_checkpoint,
-    save_checkpoint,
-)
+from . import distributed
+from .checkpoint import StudentCheckpoint, classes_to_json, load_checkpoint
 from .data import (
     IGNORE,
+    Batch,
     Sample,
     TrainingData,
     augment_batch,
@@ -63,6 +72,7 @@ from .data import (
     split_indices,
 )
 from .network import StudentNet, backbone_weights_iter, build_student, load_backbone_state
+from .output import CheckpointOutput
 from .predict import StudentSegmenter, predict_logits_iter
 from .settings import TrainSettings
 
@@ -103,11 +113,21 @@ def poly_lr(settings: TrainSettings, iteration: int) -> float:
     return settings.lr * (1.0 - iteration / settings.iterations) ** settings.poly_power
 
 
-def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over pixels whose target is not :data:`~.data.IGNORE` (0 if none)."""
-    if not bool((targets != IGNORE).any()):
+def segmentation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, pixels: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Mean cross-entropy over pixels whose target is not :data:`~.data.IGNORE` (0 if none).
+
+    With ``pixels`` the sum is divided by that count instead of this batch's own: a data-parallel
+    rank divides by the global count, so that the ranks' losses add up to the global mean."""
+    if pixels is None:
+        if not bool((targets != IGNORE).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    if not bool(pixels > 0):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    summed = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return summed / pixels.to(summed.dtype)
 
 
 def _load_data(data: DataLike, settings: TrainSettings) -> TrainingData:
@@ -206,6 +226,96 @@ def _check_resume(ckpt: StudentCheckpoint, data: TrainingData, names: dict[str, 
         )
 
 
+def _restore(net: StudentNet, optimizer: torch.optim.Optimizer, ckpt: StudentCheckpoint) -> None:
+    """Load a checkpoint's weights and optimiser state into a fresh network and optimiser; a
+    checkpoint whose tensors do not fit gives one :class:`ModelLoadError` naming it."""
+    where = ckpt.path or "the checkpoint"
+    backbone = ckpt.settings.backbone
+    try:
+        net.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"The weights in {where} do not fit a {backbone} student: {str(exc).splitlines()[0]}"
+        ) from exc
+    if ckpt.optimizer_state is None:
+        raise InvalidInputError(f"{where} holds no optimiser state, so training cannot resume.")
+    params = list(net.parameters())
+    groups = ckpt.optimizer_state["param_groups"]
+    if len(groups[0]["params"]) != len(params):
+        raise ModelLoadError(
+            f"The optimiser state in {where} is for {len(groups[0]['params'])} parameters, the "
+            f"{backbone} student has {len(params)}; the checkpoint is damaged."
+        )
+    for index, entries in ckpt.optimizer_state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor) and (
+                value.shape != params[index].shape or value.dtype != params[index].dtype
+            ):
+                raise ModelLoadError(
+                    f"The optimiser state optimizer/{index}/{name} in {where} does not fit its "
+                    f"parameter ({tuple(value.shape)} {value.dtype}, expected "
+                    f"{tuple(params[index].shape)} {params[index].dtype}); the checkpoint is damaged."
+                )
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"The optimiser state in {where} cannot be used: {exc}") from exc
+
+
+def _checkpoint_bytes(net: StudentNet, iterations: int) -> int:
+    """About how large the checkpoint of ``net`` grows: weights and statistics, one momentum
+    buffer per trained parameter, and the description (its history grows per iteration)."""
+    state = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return state + momentum + 200 * iterations + 2**20
+
+
+@dataclass
+class _Run:
+    """A run prepared by :func:`_prepare_iter`: everything the step loop needs."""
+
+    settings: TrainSettings
+    device: torch.device
+    net: StudentNet
+    optimizer: torch.optim.Optimizer
+    teacher: Any  # a .teacher.Teacher, or None when no pixel needs pseudo-labels from it
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    meta: dict[str, Any]
+    history: list[dict[str, Any]]
+    start: int
+    output: Optional[CheckpointOutput]  # None on ranks other than 0
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
+    model: Optional[torch.nn.Module] = None  # what the step runs: DDP(net) on several ranks
+    precision: str = "fp32"  # of the student's forward pass (autocast), resolved
+
+    @property
+    def forward(self) -> torch.nn.Module:
+        return self.model if self.model is not None else self.net
+
+    @property
+    def total(self) -> int:
+        return self.settings.iterations
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self.output.path if self.output is not None else None
+
+    def stage(self, iteration: int) -> str:
+        return "teacher" if iteration < self.settings.self_train_start else "self-training"
+
+    def save(self, iteration: int) -> None:
+        """Record ``iteration`` completed steps in the description and save the checkpoint."""
+        self.meta.update(iteration=iteration, complete=iteration >= self.total, history=self.history)
+        if self.output is not None:
+            self.output.save(self.net, self.meta, self.optimizer, iteration)
+
+    def result(self, iteration: int) -> TrainResult:
+        self.meta.update(iteration=iteration, complete=True)
+        self.ranks.barrier()  # the others wait for rank 0's last validation and save
+        return TrainResult(self.net.eval(), self.meta, self.path, iteration, True, self.history)
+
+
 def train_iter(
     data: DataLike,
     checkpoint: Optional[str | os.PathLike] = None,
@@ -243,32 +353,85 @@ def train_iter(
 
     Progress ``info``: ``loss``, ``lr``, ``stage`` ("teacher" / "self-training"), ``it_per_s``,
     and ``val_miou`` after a validation. Closing the generator saves the last completed iteration.
+    The checkpoint is locked for the whole run and checked before the first iteration (see
+    :mod:`.output`); Ctrl-C takes effect between iterations only.
     """
+    output = CheckpointOutput(checkpoint) if checkpoint is not None else None
+    try:
+        run = yield from _prepare_iter(
+            data, output, settings=settings, teacher=teacher, pretrained=pretrained,
+            class_embeddings=class_embeddings, resume=resume, overwrite=overwrite, device=device,
+            text_cache=text_cache, precision=precision, overrides=overrides,
+        )
+        return (yield from _steps_iter(run))
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _prepare_iter(
+    data: DataLike,
+    output: Optional[CheckpointOutput],
+    *,
+    settings: Optional[TrainSettings],
+    teacher: TeacherLike,
+    pretrained: Optional[str],
+    class_embeddings: Optional[torch.Tensor],
+    resume: bool,
+    overwrite: bool,
+    device: str | torch.device,
+    text_cache: Optional[TextEmbeddingCache] | str,
+    precision: str,
+    overrides: dict[str, Any],
+) -> Generator[Progress, None, _Run]:
+    """Everything before the first iteration: settings, the checkpoint's place (locked, proven
+    writable), data and split, teacher, network and optimiser (restored when resuming)."""
     settings = settings or TrainSettings()
-    ckpt: Optional[StudentCheckpoint] = None
-    path = Path(checkpoint) if checkpoint is not None else None
+    ranks = distributed.current()
+    path = output.path if output is not None else None
+    if not ranks.main:
+        # Rank 0 prepares first: it checks and locks the output, fills the caches, downloads;
+        # the others neither lock nor write (their output is None), they read what rank 0 wrote.
+        ranks.barrier()
+        output = None
+    if resume and path is None:
+        raise InvalidInputError("resume=True needs a checkpoint path.")
     if resume:
-        if path is None or not path.is_file():
-            raise InvalidInputError(
-                f"Nothing to resume: {path} does not exist. Start without --resume."
-                if path is not None else "resume=True needs a checkpoint path."
-            )
-        ckpt = load_checkpoint(path)
-        changes = {k: v for k, v in overrides.items() if k in RESUME_OVERRIDES}
         refused = sorted(set(overrides) - set(RESUME_OVERRIDES))
         if refused:
             raise InvalidInputError(
                 f"A resumed run keeps its settings; {', '.join(refused)} cannot change "
                 "(start a new run with --overwrite instead)."
             )
-        settings = ckpt.settings.replace(**changes)
     else:
-        if path is not None and path.exists() and not overwrite:
-            raise InvalidInputError(
-                f"{path} exists already: pass --resume to continue it or --overwrite to replace it."
-            )
-        settings = settings.replace(**overrides) if overrides else settings
+        settings = (settings.replace(**overrides) if overrides else settings).validate()
+    if output is not None:
+        output.open()  # folder, lock, a killed run's temporary files, probe
+    ckpt: Optional[StudentCheckpoint] = None
+    if resume:
+        if not path.is_file():
+            raise InvalidInputError(f"Nothing to resume: {path} does not exist. Start without --resume.")
+        ckpt = load_checkpoint(path)
+        if output is not None:
+            output.saved = ckpt.iteration
+        settings = ckpt.settings.replace(**overrides)
+    elif path is not None and path.exists() and not overwrite:
+        raise InvalidInputError(
+            f"{path} exists already: pass --resume to continue it or --overwrite to replace it."
+        )
     settings.validate()
+    if settings.batch_size % ranks.world_size:
+        raise InvalidInputError(
+            f"The batch of {settings.batch_size} crops does not split evenly over "
+            f"{ranks.world_size} processes; use a batch size divisible by {ranks.world_size} "
+            "(a resumed run keeps its batch size: start a number of processes that divides it)."
+        )
+    per_rank = settings.batch_size // ranks.world_size
+    if per_rank < 2 and settings.backbone != "tiny" and not settings.frozen_batch_norm:
+        raise InvalidInputError(
+            f"Each of the {ranks.world_size} processes would get {per_rank} crop per step, too "
+            "few for batch norm; use a larger batch, fewer processes, or --frozen-batch-norm."
+        )
     dev = resolve_device(device)
     student_precision = resolve_autocast(dev, precision, training=True)
     start = ckpt.iteration if ckpt is not None else 0
@@ -289,9 +452,8 @@ def train_iter(
     names = {"train": [s.name for s in train_samples], "val": [s.name for s in val_samples]}
     if ckpt is not None:
         _check_resume(ckpt, data, names)
-    self_start = settings.self_train_start
     needs_pseudo = any(s.needs_teacher for s in train_samples)
-    needs_teacher = (needs_pseudo and start < self_start) or (
+    needs_teacher = (needs_pseudo and start < settings.self_train_start) or (
         ckpt is None and class_embeddings is None
     )
 
@@ -333,22 +495,33 @@ def train_iter(
             )
     net = build_student(settings.backbone, embeddings, normalize_features=settings.normalize_features,
                         feature_scale=settings.feature_scale, seed=settings.seed)
-    if ckpt is not None:
-        net.load_state_dict(ckpt.model_state, strict=True)
-    else:
+    if ckpt is None:
         yield Progress("setup", 0, 0, "finding the backbone's initial weights")
         state, weights_note = yield from backbone_weights_iter(settings.backbone, settings.backbone_weights)
         if state is not None:
             load_backbone_state(net, state, weights_note)
     yield Progress("setup", 0, 0, f"backbone {settings.backbone}: {weights_note}",
                    info={"backbone_weights": weights_note})
-    net.to(dev).train()
+    if ranks.active and dev.type == "cuda" and not settings.frozen_batch_norm:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # statistics of the global batch
+    net.to(dev)
+    _train_mode(net, settings)
     optimizer = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     if ckpt is not None:
-        if ckpt.optimizer_state is None:
-            raise InvalidInputError(f"{path} holds no optimiser state, so training cannot resume.")
-        optimizer.load_state_dict(ckpt.optimizer_state)
+        _restore(net, optimizer, ckpt)
+    if output is not None:
+        output.require_space(_checkpoint_bytes(net, total))
+    model = None
+    if ranks.active:
+        if ranks.main:
+            ranks.barrier()  # now the others prepare (from the caches rank 0 filled)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = None
+        if dev.type == "cuda":
+            ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+        model = DistributedDataParallel(net, device_ids=ids)  # checks that all ranks agree
 
     history: list[dict[str, Any]] = list(ckpt.meta.get("history", [])) if ckpt is not None else []
     meta: dict[str, Any] = {
@@ -360,89 +533,152 @@ def train_iter(
         "split": names,
         "datasets": list(data.sources),
         "history": history,
+        "world_size": ranks.world_size,
         "precision": student_precision,
     }
+    return _Run(settings, dev, net, optimizer, teacher_obj, train_samples, val_samples, meta,
+                history, start, output, ranks, model, student_precision)
 
-    def snapshot(iteration: int) -> None:
-        meta.update(iteration=iteration, complete=iteration >= total, history=history)
-        if path is not None:
-            save_checkpoint(path, net, meta, optimizer)
 
-    it = start
-    saved_at = start if ckpt is not None else -1
+def _train_mode(net: StudentNet, settings: TrainSettings) -> None:
+    """Training mode, with the batch-norm layers in eval mode when they are frozen."""
+    net.train()
+    if settings.frozen_batch_norm:
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _steps_iter(run: _Run) -> Generator[Progress, None, TrainResult]:
+    """The step loop: one whole iteration at a time (:func:`_iteration`), progress between them.
+
+    Ctrl-C is held back until the iteration in progress is complete (:func:`interrupts_deferred`)
+    and closing the generator acts at a ``yield``, so a cancelled run saves a state in which the
+    weights, the batch-norm statistics and the optimiser all belong to the same iteration."""
+    total, it = run.total, run.start
     if it >= total:
-        meta.update(iteration=it, complete=True)
         yield Progress("train", it, total, "already trained to the end", info={"stage": "done"})
-        return TrainResult(net.eval(), meta, path, it, True, history)
-
+        return run.result(it)
     stage_seen = None
-    stepping = False
     tic = time.perf_counter()
-    rate = None
-    fork_devices = [dev] if dev.type == "cuda" else []
-    yield Progress("train", it, total, f"training from iteration {it}",
-                   info={"stage": "teacher" if it < self_start else "self-training"})
+    whole = True  # the state is that of a completed iteration
+    yield Progress("train", it, total, f"training from iteration {it}", info={"stage": run.stage(it)})
     try:
         while it < total:
-            stage = "teacher" if it < self_start else "self-training"
-            lr = poly_lr(settings, it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            picked = [train_samples[i] for i in batch_indices(len(train_samples), settings.batch_size,
-                                                              it, settings.seed)]
-            batch = augment_batch(picked, iteration_rng(settings.seed, it), settings.crop_size,
-                                  (settings.scale_min, settings.scale_max), settings.flip).to(dev)
-            open_pixels = bool((~batch.trusted & batch.valid & (batch.labels != IGNORE)).any())
-            pseudo = None
-            if open_pixels and stage == "teacher":
-                pseudo = teacher_obj.pseudo_labels(batch.images)
-            with torch.random.fork_rng(devices=fork_devices):
-                torch.manual_seed(int(iteration_rng(settings.seed, it, 1).integers(2**62)))
-                with autocast_context(dev, student_precision):
-                    logits = net(batch.images)
-                logits = logits.float()  # the loss in fp32
-                if open_pixels and stage == "self-training":
-                    pseudo = logits.detach().argmax(dim=1)
-                targets = compose_targets(batch.labels, batch.trusted, batch.valid, pseudo)
-                loss = segmentation_loss(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise InvalidInputError(
-                    f"The loss became {loss_value} at iteration {it + 1}; lower the learning rate "
-                    "(--lr) and train anew."
-                )
-            stepping = True  # parameters change now: not a consistent state until it += 1
-            optimizer.step()
-            it += 1
-            stepping = False
+            whole = False
+            with interrupts_deferred() as held:
+                record = _iteration(run, it)
+                it += 1
+                whole = True
+                # Data-parallel: all ranks stop after the iteration in which one was interrupted.
+                stop = run.ranks.active and run.ranks.any(bool(held), run.device)
+            if stop:
+                raise KeyboardInterrupt
             elapsed = time.perf_counter() - tic
-            rate = (it - start) / elapsed if elapsed > 0 else None
-            record: dict[str, Any] = {"iteration": it, "loss": loss_value, "lr": lr, "stage": stage}
-            validate_now = it == total or (settings.val_interval and it % settings.val_interval == 0)
-            if validate_now and val_samples:
-                record["val_miou"] = _validate(net, val_samples, settings.crop_size, dev)
-            history.append(record)
-            if (settings.save_interval and it % settings.save_interval == 0) or it == total:
-                snapshot(it)
-                saved_at = it
-            info = dict(record, it_per_s=rate)
-            message = f"iteration {it}/{total} ({stage}) loss {loss_value:.4f}"
+            rate = (it - run.start) / elapsed if elapsed > 0 else None
+            stage = record["stage"]
+            message = f"iteration {it}/{total} ({stage}) loss {record['loss']:.4f}"
             if record.get("val_miou") is not None:
                 message += f", validation mIoU {record['val_miou']:.3f}"
             if stage != stage_seen and stage == "self-training":
                 message += " - self-training: the student's own predictions replace the teacher's"
             stage_seen = stage
-            yield Progress("train", it, total, message, info=info)
+            yield Progress("train", it, total, message, info=dict(record, it_per_s=rate))
     except (GeneratorExit, KeyboardInterrupt):
-        # Cancelled: keep what is done, as a consistent checkpoint of the last completed step
-        # (not if Ctrl-C landed inside the optimiser step: then the last save stands).
-        if path is not None and it > saved_at and it > start and not stepping:
-            snapshot(it)
+        # Cancelled: keep what is done. Not if a second Ctrl-C broke into an iteration (the
+        # state is half-updated): then the last save stands.
+        saved = run.output.saved if run.output is not None else None
+        if run.output is not None and whole and it > run.start and it != saved:
+            run.save(it)
         raise
-    meta.update(iteration=it, complete=True)
-    return TrainResult(net.eval(), meta, path, it, True, history)
+    return run.result(it)
+
+
+def _iteration(run: _Run, it: int) -> dict[str, Any]:
+    """Iteration ``it`` (0-based) in full: the optimiser step, validation and the checkpoint
+    when due; returns its history record."""
+    settings = run.settings
+    record = _train_step(run, it)
+    done = it + 1
+    due = settings.val_interval and done % settings.val_interval == 0
+    validate = bool((done == run.total or due) and run.val_samples)
+    if validate and run.ranks.main:
+        record["val_miou"] = _validate(run.net, run.val_samples, settings.crop_size, run.device)
+        _train_mode(run.net, settings)
+    run.history.append(record)
+    save = bool(settings.save_interval and done % settings.save_interval == 0) or done == run.total
+    if save:
+        run.save(done)  # on rank 0 only: the others have no output
+    if (validate or save) and done < run.total:
+        run.ranks.barrier()  # the others wait for rank 0 (after the last one, in result())
+    return record
+
+
+def _train_step(run: _Run, it: int) -> dict[str, Any]:
+    """One SGD step on the batch of iteration ``it``; everything random derives from
+    ``(seed, it)``. Returns the record ``iteration``, ``loss``, ``lr``, ``stage``."""
+    settings = run.settings
+    stage = run.stage(it)
+    lr = poly_lr(settings, it)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # The global batch (the crops one process draws), of which this rank computes its share.
+    picked = [run.train_samples[i]
+              for i in batch_indices(len(run.train_samples), settings.batch_size, it, settings.seed)]
+    batch = augment_batch(picked, iteration_rng(settings.seed, it), settings.crop_size,
+                          (settings.scale_min, settings.scale_max), settings.flip,
+                          keep=run.ranks.share(settings.batch_size)).to(run.device)
+    open_pixels = bool((~batch.trusted & batch.valid & (batch.labels != IGNORE)).any())
+    teacher_labels = None
+    if open_pixels and stage == "teacher":
+        teacher_labels = run.teacher.pseudo_labels(batch.images)
+    fork_devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        # Rank 0 draws what one process draws; other ranks their own (dropout is not shared).
+        stream = 1 if run.ranks.main else (1 << 16) + run.ranks.rank
+        torch.manual_seed(int(iteration_rng(settings.seed, it, stream).integers(2**62)))
+        loss = _forward_loss(run.forward, batch, teacher_labels,
+                             self_training=open_pixels and stage == "self-training",
+                             ranks=run.ranks, precision=run.precision)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP: all-reduces (averages) the gradients
+    # The global batch's loss: the ranks' shares add up to it, times W (see _forward_loss).
+    loss_value = float(run.ranks.sum(loss.detach())) / run.ranks.world_size
+    if not math.isfinite(loss_value):
+        raise InvalidInputError(
+            f"The loss became {loss_value} at iteration {it + 1}; lower the learning rate "
+            "(--lr) and train anew."
+        )
+    run.optimizer.step()
+    return {"iteration": it + 1, "loss": loss_value, "lr": lr, "stage": stage}
+
+
+def _forward_loss(
+    net: torch.nn.Module, batch: Batch, pseudo: Optional[torch.Tensor], *, self_training: bool,
+    ranks: distributed.Ranks = distributed.Ranks(), precision: str = "fp32",
+) -> torch.Tensor:
+    """The student's forward pass and loss on one batch.
+
+    Targets: a person's labels where trusted, else ``pseudo`` (the teacher's labels), or in the
+    self-training stage the student's own: the argmax of this same forward pass, detached, as in
+    the official MaskCLIP+ head (so the stage costs no extra forward); ignored pixels do not count.
+
+    On several ranks the loss is the rank's summed cross-entropy divided by the global batch's
+    number of counted pixels, times the number of ranks: DDP averages the gradients over the
+    ranks, so the update is that of the global batch's mean (ranks count different pixels).
+
+    The forward pass runs under autocast to ``precision``; the loss is fp32 in every precision.
+    """
+    with autocast_context(batch.images.device, precision):
+        logits = net(batch.images)
+    logits = logits.float()
+    if self_training:
+        pseudo = logits.detach().argmax(dim=1)
+    targets = compose_targets(batch.labels, batch.trusted, batch.valid, pseudo)
+    if not ranks.active:
+        return segmentation_loss(logits, targets)
+    counted = ranks.sum((targets != IGNORE).sum())
+    return segmentation_loss(logits, targets, counted) * ranks.world_size
 
 
 def train(data: DataLike, checkpoint: Optional[str | os.PathLike] = None, **kwargs: Any) -> TrainResult:

@@ -1,0 +1,129 @@
+"""Scaling-out benchmark: data-parallel student training under torchrun (and, later, dask).
+
+Sections are functions returning a dict of figures; the last line printed is one JSON object,
+the merge of their dicts.
+
+* :func:`ddp_section`: seconds per training step of the same global batch in 1 and in 2
+  processes (``torchrun --standalone --nproc_per_node N``, gloo on the CPU), the demo CLIP as
+  the online teacher on half of every crop's pixels; ``ddp_step_ratio`` = 2-process step time /
+  1-process step time (ideal 0.5 with two free cores; above 1 means the communication and the
+  processes' competition for cores cost more than the split saves). The first steps are warm-up.
+
+    python benchmarks/bench_scale.py [--sections ddp] [--backbone tiny] [--batch 8] [--crop 128]
+        [--iterations 6] [--threads 1] [--quick]
+
+Run on an idle machine: the ratio needs at least as many free cores as processes x threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+WARMUP = 2
+
+
+# ---- data-parallel training (torchrun) -------------------------------------------------------
+def _worker(args: argparse.Namespace) -> None:
+    """One torchrun rank: train from in-memory synthetic data, rank 0 writes its step times."""
+    import numpy as np
+    import torch
+
+    from napari_maskclip.student import TrainingData, TrainSettings, train_iter
+    from napari_maskclip.student import distributed
+    from napari_maskclip.synthetic import CLASS_NAMES, make_scene
+
+    torch.set_num_threads(args.threads)
+    ranks = distributed.start(torch.device("cpu"))
+    try:
+        scenes = [make_scene(i, size=(192, 192), n_objects=(1, 3)) for i in range(8)]
+        trusted = []
+        for scene in scenes:  # a person labelled the left half; the teacher labels the rest
+            edited = np.zeros(scene.mask.shape, bool)
+            edited[:, : scene.mask.shape[1] // 2] = True
+            trusted.append(edited)
+        data = TrainingData.from_arrays([s.image for s in scenes], [s.mask for s in scenes],
+                                        list(CLASS_NAMES), trusted=trusted)
+        settings = TrainSettings(iterations=WARMUP + args.iterations, batch_size=args.batch,
+                                 crop_size=args.crop, backbone=args.backbone,
+                                 backbone_weights="random", val_fraction=0.0, val_interval=0,
+                                 save_interval=0, self_train_fraction=1.0, frozen_batch_norm=True)
+        times, last = [], None
+        for step in train_iter(data, None, settings=settings, teacher="demo", device="cpu",
+                               text_cache=None):
+            if step.stage != "train":
+                continue
+            now = time.perf_counter()
+            if last is not None and step.done > WARMUP:
+                times.append(now - last)
+            last = now
+        if ranks.main:
+            Path(args.worker_out).write_text(json.dumps({"step_s": times}))
+    finally:
+        distributed.stop()
+
+
+def _run_ranks(nproc: int, args: argparse.Namespace, folder: Path) -> float:
+    """Median seconds per step with ``nproc`` processes."""
+    out = folder / f"ddp{nproc}.json"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--worker-out", str(out),
+               "--backbone", args.backbone, "--batch", str(args.batch), "--crop", str(args.crop),
+               "--iterations", str(args.iterations), "--threads", str(args.threads)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"torchrun with {nproc} process(es) failed:\n{done.stderr[-3000:]}")
+    return statistics.median(json.loads(out.read_text())["step_s"])
+
+
+def ddp_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Step time of 1 vs 2 torchrun processes on the same global batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        one = _run_ranks(1, args, Path(tmp))
+        two = _run_ranks(2, args, Path(tmp))
+    print(f"training, {args.backbone} backbone, global batch {args.batch} x {args.crop}^2 px, "
+          f"{args.threads} thread(s) per process, teacher on half the pixels:")
+    print(f"  1 process   {one * 1000:8.1f} ms/step")
+    print(f"  2 processes {two * 1000:8.1f} ms/step   ratio {two / one:.2f} (ideal 0.5)")
+    return {"ddp_step_s_1": one, "ddp_step_s_2": two, "ddp_step_ratio": two / one,
+            "ddp_backbone": args.backbone, "ddp_batch": args.batch, "ddp_crop": args.crop,
+            "ddp_threads": args.threads}
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"ddp": ddp_section}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--batch", type=int, default=8, help="global batch (crops per step)")
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=6, help="timed steps (after warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.crop, args.iterations = 4, 64, 2
+    if args.worker_out:
+        _worker(args)
+        return
+    figures: dict[str, Any] = {}
+    for name in args.sections.split(","):
+        figures.update(SECTIONS[name](args))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
