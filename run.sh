@@ -28,6 +28,12 @@ setup() {
   fi
   echo "Installing napari-maskclip[$extras] (editable)..." >&2
   $PIP install -q -e ".[$extras]" >&2
+  # One Qt binding: older testing extras brought PyQt5 beside [all]'s PyQt6 (qtpy then picked
+  # the deprecated PyQt5). Both extras now use PyQt6; remove a PyQt5 left in this venv.
+  if "$VENV/bin/python" -c "import PyQt6.QtCore, PyQt5" 2>/dev/null; then
+    echo "Removing PyQt5 from $VENV (napari-maskclip uses PyQt6)..." >&2
+    $PIP uninstall -q -y PyQt5 PyQt5-Qt5 PyQt5-sip >&2
+  fi
   rm -f "$VENV"/.napari-maskclip-"$extras"-*
   touch "$stamp"
 }

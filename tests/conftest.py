@@ -20,7 +20,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Load torch's compiler stack (Triton, on Linux) at collection, before any napari canvas exists:
-# Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip._widget_models). This
+# Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip.plugin.models). This
 # keeps GUI tests independent of the order tests run in.
 import open_clip  # noqa: F401
 import torch
@@ -30,6 +30,17 @@ if "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == "1":
     torch.set_num_threads(1)
 
 DATA = Path(__file__).parent / "data"
+
+#: Fixtures that mean "this test drives Qt" (a viewer, widgets, or the Qt event loop).
+GUI_FIXTURES = {"make_napari_viewer", "make_napari_viewer_proxy", "qtbot", "qapp"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a viewer or Qt ``gui``, so ``pytest -m "not gui"`` runs the
+    core alone (see the markers in pyproject.toml)."""
+    for item in items:
+        if GUI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.gui)
 
 
 @pytest.fixture(autouse=True)

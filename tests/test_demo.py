@@ -29,7 +29,7 @@ def test_demo_model_ships_small_fp16_weights_and_its_vocabulary():
 
 
 def test_shapes_sample_suggests_the_demo_model_and_its_classes():
-    from napari_maskclip._sample_data import shapes
+    from napari_maskclip.plugin.sample_data import shapes
     from napari_maskclip.classes import parse_classes
 
     (image, kwargs), = shapes()
@@ -42,7 +42,7 @@ def test_shapes_sample_suggests_the_demo_model_and_its_classes():
 
 def test_demo_scene_keeps_the_training_pixel_scale():
     """A bigger demo scene holds more shapes, not bigger ones than the model was trained on."""
-    from napari_maskclip.cli.demo import demo_scene
+    from napari_maskclip.demo.scene import demo_scene
 
     vocab = json.loads(demo_model_files().vocab.read_text())
     scene = demo_scene()
@@ -55,7 +55,7 @@ def test_headless_demo_writes_outputs_and_segments_the_scene(tmp_path, capsys):
     import imageio.v3 as iio
 
     from napari_maskclip.cli import main
-    from napari_maskclip.cli.demo import demo_scene
+    from napari_maskclip.demo.scene import demo_scene
     from napari_maskclip.image_files import read_label_image
 
     out = tmp_path / "demo"

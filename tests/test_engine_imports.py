@@ -28,7 +28,7 @@ CORE_FULL_IMPORT = (
     "for p in ('napari_maskclip.student', 'napari_maskclip.export') "
     "for m in pkgutil.iter_modules(importlib.import_module(p).__path__)]; "
     "import napari_maskclip.evaluate, napari_maskclip.synthetic, napari_maskclip.demo, "
-    "napari_maskclip.result_files, napari_maskclip.image_files"
+    "napari_maskclip.result_files, napari_maskclip.image_files, napari_maskclip.stacks"
 )
 
 
@@ -43,6 +43,7 @@ def _is_ui(name: str) -> bool:
     return name.split(".")[0] in UI_PREFIXES
 
 
+@pytest.mark.slow
 def test_engine_imports_no_napari_or_qt():
     modules = _modules_after_import(ENGINE_FULL_IMPORT)
     # The probe really loaded the engine's heavy modules...
@@ -54,6 +55,7 @@ def test_engine_imports_no_napari_or_qt():
     assert ui == [], f"napari_maskclip.engine imported UI modules: {ui[:10]}"
 
 
+@pytest.mark.slow
 def test_student_export_and_helpers_import_no_napari_or_qt():
     modules = _modules_after_import(CORE_FULL_IMPORT)
     for name in ("torch", "napari_maskclip.student.training", "napari_maskclip.student.teacher",

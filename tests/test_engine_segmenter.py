@@ -135,6 +135,7 @@ def test_large_image_switches_to_sliding_windows(seg, tiny_vit):
     assert calls.count == len(window_starts(100, 64, stride)) * len(window_starts(120, 64, stride))
 
 
+@pytest.mark.slow
 def test_4096_square_image_in_sliding_windows():
     """A 4096 x 4096 image runs window by window with bounded work (a 32-px-patch toy ViT)."""
     loaded = wrap_model(build_clip(COARSE_VIT, seed=0), name="coarse")

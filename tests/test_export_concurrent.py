@@ -1,7 +1,7 @@
 """Concurrent exports into one dataset take turns on its lock: both succeed, no sample is lost.
 
 Real processes, started together (a barrier file), several trials; then the lock's refusal after
-its timeout, through the Python API and napari's Save (``_writer``).
+its timeout, through the Python API and napari's Save (``plugin.writer``).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_an_export_gives_up_after_the_lock_timeout_with_one_line(tmp_path):
 
 def test_napari_save_takes_the_same_lock(tmp_path, monkeypatch):
     napari_layers = pytest.importorskip("napari.layers")
-    from napari_maskclip import _writer
+    from napari_maskclip.plugin import writer as _writer
 
     root = tmp_path / "ds"
     export_sample(root, "first", None, np.zeros((4, 4), np.uint8), "cat, dog")

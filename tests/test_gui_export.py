@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from qtpy.QtCore import Qt
 
-import open_clip  # noqa: F401  (Triton before any canvas: see _widget_models._import_engine)
+import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py _import_engine)
 
-from napari_maskclip._widget_export import SLICE_CURRENT, ExportWidget
+from napari_maskclip.plugin._qt.export_panel import SLICE_CURRENT, ExportWidget
 from napari_maskclip.export import read_dataset
 
 from test_widget import (  # noqa: F401  (fixtures: the config dir, the widget, notifications)
@@ -187,11 +187,10 @@ def test_cancel_keeps_the_slices_already_exported(make_widget, qtbot, tmp_path):
 
     with qtbot.waitSignal(panel.export_finished, timeout=TIMEOUT_MS) as blocker:
         worker = panel.export()
-        control = panel._control  # what the Cancel button sets
 
         def on_step(step):  # in the worker thread: stop right after the first sample
             if step.stage == "export" and step.done >= 1:
-                control.cancel.set()
+                panel.runner.request_cancel()  # what Cancel does, safe from any thread
         worker.yielded.connect(on_step, Qt.DirectConnection)
     qtbot.waitUntil(lambda: not panel.running, timeout=TIMEOUT_MS)
     assert blocker.args[0] == "cancelled"

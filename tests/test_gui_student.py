@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import open_clip  # noqa: F401  (Triton before any canvas: see _widget_models._import_engine)
+import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py _import_engine)
 
 from napari_maskclip.classes import class_color
 from napari_maskclip.student import StudentSegmenter, TrainSettings, train

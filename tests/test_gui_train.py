@@ -8,12 +8,11 @@ import pytest
 import torch
 from qtpy.QtCore import Qt
 
-import open_clip  # noqa: F401  (Triton before any canvas: see _widget_models._import_engine)
+import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py _import_engine)
 
-from napari_maskclip._widget_train import TrainWidget, loss_sparkline
-from napari_maskclip._widget_train_job import DEFAULTS
+from napari_maskclip.plugin._qt.train_panel import TrainWidget, loss_sparkline
 from napari_maskclip.export import export_sample
-from napari_maskclip.student import TrainSettings, read_checkpoint_meta
+from napari_maskclip.student import read_checkpoint_meta
 
 from test_student_train import COLOURS, shapes_data
 from test_widget import RGB, _config_dir, make_widget, notifications, run_and_wait  # noqa: F401
@@ -66,11 +65,6 @@ def train_and_wait(qtbot, panel: TrainWidget, setup=None) -> str:
     return blocker.args[0]
 
 
-def test_defaults_are_the_cores():
-    settings = TrainSettings()
-    assert DEFAULTS == {k: getattr(settings, k) for k in DEFAULTS}
-
-
 def test_trains_in_a_worker_with_live_progress_then_offers_the_student(panel, qtbot, tmp_path,
                                                                       make_widget):
     panel.iterations.setValue(4)
@@ -103,12 +97,10 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_continues(panel, qtbot, 
     stopped = {}
 
     def cancel_on_first_iteration(worker):
-        control = panel._control
-
         def on_step(step):  # in the worker thread: cancels right after this iteration's report
             if step.stage == "train" and "loss" in step.info and not stopped:
                 stopped["at"] = step.done
-                control.cancel.set()
+                panel.runner.request_cancel()
         worker.yielded.connect(on_step, Qt.DirectConnection)
 
     assert train_and_wait(qtbot, panel, cancel_on_first_iteration) == "cancelled"

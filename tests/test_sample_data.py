@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_maskclip import _sample_data
+from napari_maskclip.plugin import sample_data as _sample_data
 from napari_maskclip.classes import parse_classes
 
 

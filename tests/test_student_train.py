@@ -74,6 +74,7 @@ def tiny_settings(**changes) -> TrainSettings:
     return base.replace(**changes)
 
 
+@pytest.mark.slow
 def test_student_learns_synthetic_shapes_with_exact_labels():
     """Every pixel labelled exactly (no teacher): the loss falls and held-out mIoU exceeds 0.9."""
     data = shapes_data(24)

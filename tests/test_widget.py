@@ -12,13 +12,13 @@ import pytest
 from qtpy.QtCore import Qt
 
 # Load torch's compiler stack (and Triton, on Linux) now, at collection, before any napari canvas
-# exists: Triton loaded after Mesa's LLVM crashes the process (see _widget_models._import_engine).
+# exists: Triton loaded after Mesa's LLVM crashes the process (see plugin/models.py _import_engine).
 # The fixtures of tests/conftest.py import open_clip lazily, i.e. possibly after a viewer.
 import open_clip  # noqa: F401,E402
 
-from napari_maskclip._widget import MaskClipWidget
-from napari_maskclip._widget_layers import META_KEY
-from napari_maskclip._widget_settings import CONFIG_ENV, WidgetPreferences
+from napari_maskclip.plugin._qt.segment_panel import MaskClipWidget
+from napari_maskclip.plugin.layers import META_KEY
+from napari_maskclip.plugin.preferences import CONFIG_ENV, WidgetPreferences
 from napari_maskclip.classes import class_color
 
 TIMEOUT_MS = 60_000
@@ -121,6 +121,38 @@ def test_shapes_sample_presets_the_demo_model_and_its_classes(make_napari_viewer
     assert widget.settings.templates.currentText() == "single"
 
 
+def remember_demo() -> None:
+    """A second launch: widget.json already remembers a run of the demo model."""
+    from napari_maskclip.demo.scene import demo_classes
+
+    prefs = WidgetPreferences()
+    prefs.remember_run(*demo_classes(), "demo", "")
+    assert prefs.save()
+
+
+def assert_demo_preset(widget) -> None:
+    assert widget.model.model.currentText() == "demo"
+    assert widget.settings.templates.currentText() == "single"
+    assert widget.settings.inference.currentText() == "sliding window"
+    assert (widget.settings.window.value(), widget.settings.stride.value()) == (64, 16)
+
+
+def test_shapes_sample_presets_the_demo_even_when_it_is_remembered(make_napari_viewer):
+    remember_demo()
+    viewer = make_napari_viewer()
+    widget = MaskClipWidget(viewer)
+    assert widget.model.model.currentText() == "demo"  # restored, so the text never changes
+    assert widget.settings.inference.currentText() == "auto"
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert_demo_preset(widget)
+    # A preset is applied whenever asked, also over settings the user changed since.
+    widget.classes.text.setPlainText("")
+    widget.settings.window.setValue(200)
+    viewer.layers.clear()
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert_demo_preset(widget)
+
+
 def test_a_suggested_model_never_replaces_the_users_choice(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = MaskClipWidget(viewer)
@@ -210,7 +242,7 @@ def test_requery_with_new_names_runs_no_image_encoder(make_widget, qtbot):
     viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
     widget.classes.text.setPlainText("cat, dog")
     assert run_and_wait(qtbot, widget) == "done"
-    segmenter = next(iter(widget.pool._items.values()))
+    segmenter = widget.pool.cached(widget.model.choice())
     encoder_calls = segmenter.image_encoder_calls
     assert encoder_calls >= 1
     widget.classes.text.setPlainText("sofa, floor, wall")
@@ -240,21 +272,19 @@ def test_cancel_leaves_no_layer_and_keeps_previous_results(make_widget, qtbot):
     n_layers = len(viewer.layers)
 
     def cancel_on_first_window(worker):
-        control = widget._control  # the widget's Cancel sets this event
-
         def on_step(step):  # in the worker thread (direct connection): no race with its windows
             # The worker starts before this is connected, so its first reports may be missed.
             words = step.message.split()
             if step.info.get("inner_stage") == "encode" and words[-2:-1] == ["window"] \
                     and int(words[-1].split("/")[0]) >= 2:
-                control.cancel.set()
+                widget.runner.request_cancel()  # what Cancel does, safe from the worker thread
         worker.yielded.connect(on_step, Qt.DirectConnection)
 
     assert run_and_wait(qtbot, widget, cancel_on_first_window) == "cancelled"
     assert len(viewer.layers) == n_layers
     assert "Cancelled" in widget.status.text()
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
-    segmenter = next(iter(widget.pool._items.values()))
+    segmenter = widget.pool.cached(widget.model.choice())
     assert 2 <= segmenter.image_encoder_calls < 81  # stopped early: 9x9 windows in all
 
     # A cancelled re-run does not touch the layers of the previous run either.
@@ -313,6 +343,29 @@ def test_empty_class_list_is_a_notification(make_widget, qtbot, notifications):
     assert any("No class names" in str(n.message) for n in notifications)
     assert plugin_layers(viewer) == []
     assert widget.worker is None  # refused before any thread started
+
+
+def test_impossible_settings_are_refused_before_any_worker_starts(make_widget, qtbot,
+                                                                  notifications):
+    viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
+    widget.classes.text.setPlainText("cat")
+    widget.settings.inference.setCurrentText("sliding window")
+    widget.settings.window.setValue(32)
+    widget.settings.stride.setValue(48)
+    assert run_and_wait(qtbot, widget) == "error"
+    assert widget.worker is None and len(widget.pool) == 0  # no thread, no model loaded
+    assert any("stride (48) is larger than the window (32)" in str(n.message)
+               for n in notifications)
+    assert plugin_layers(viewer) == []
+
+
+def test_fresh_settings_are_the_engines_defaults(qtbot):
+    from napari_maskclip.engine.settings import SegmentSettings
+    from napari_maskclip.plugin._qt.sections import SettingsSection
+
+    section = SettingsSection()
+    qtbot.addWidget(section)
+    assert section.segment_settings() == SegmentSettings()
 
 
 def test_missing_checkpoint_is_a_notification(make_widget, qtbot, notifications, tmp_path):
@@ -389,8 +442,12 @@ def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
     np.testing.assert_allclose(confidence[1], viewer.layers["photo [maskclip] dog"].data, atol=1e-3)
 
 
-def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypatch, qtbot):
-    """``napari-maskclip demo`` with a display: the shapes scene and the widget, preset."""
+@pytest.mark.parametrize("launch", ["first", pytest.param("second", marks=pytest.mark.slow)])
+def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypatch, qtbot, launch):
+    """``napari-maskclip demo`` with a display: the shapes scene and the widget, preset; also on
+    a second launch, when widget.json already remembers the demo model."""
+    if launch == "second":
+        remember_demo()
     import napari
 
     from napari_maskclip.cli import demo as demo_cli
@@ -407,8 +464,18 @@ def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypat
         assert [layer.name for layer in viewer.layers] == ["shapes (demo)"]
         widget = seen["widget"]
         assert isinstance(widget, MaskClipWidget)
-        assert widget.model.model.currentText() == "demo"
         assert widget.classes.classes_text().startswith("red circle")
-        assert widget.settings.inference.currentText() == "sliding window"
+        assert_demo_preset(widget)
+        if launch == "second":  # Run labels the scene, not ~all of it as one class
+            from napari_maskclip.demo.scene import demo_scene
+
+            widget.model.device.setCurrentText("cpu")
+            assert run_and_wait(qtbot, widget) == "done", widget.status.text()
+            labels = viewer.layers["shapes (demo) [maskclip]"].data
+            truth = demo_scene().mask
+            accuracy = float((labels == truth).mean())
+            print(f"second launch: pixel accuracy {accuracy:.2f}")
+            # Without the preset, 85 templates read whole give ~1 % (one class everywhere).
+            assert accuracy > 0.5 and len(np.unique(labels)) >= 4
     finally:
         viewer.close()

@@ -12,18 +12,18 @@ import pytest
 
 napari_layers = pytest.importorskip("napari.layers")
 
-from napari_maskclip import _writer  # noqa: E402
-from napari_maskclip._widget_edits import (  # noqa: E402
+from napari_maskclip.plugin import writer as _writer  # noqa: E402
+from napari_maskclip.plugin.edits import (  # noqa: E402
     decode_plane,
     edited_plane,
     encode_plane,
     record_planes,
-    slice_key,
 )
-from napari_maskclip._widget_export_plan import SLICES_ALL, plan_layer_export  # noqa: E402
+from napari_maskclip.plugin.export_plan import SLICES_ALL, plan_layer_export  # noqa: E402
 from napari_maskclip.errors import InvalidInputError  # noqa: E402
 from napari_maskclip.export import read_dataset  # noqa: E402
 from napari_maskclip.progress import run_to_completion  # noqa: E402
+from napari_maskclip.stacks import slice_key  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -174,8 +174,9 @@ def test_napari_save_of_a_stack_skips_untouched_slices(tmp_path, monkeypatch):
 
 
 def test_panel_modules_import_no_torch():
-    code = ("import sys\nimport napari_maskclip._writer, napari_maskclip._widget_export, "
-            "napari_maskclip._widget_train, napari_maskclip._widget_edits\n"
+    code = ("import sys\nimport napari_maskclip.plugin.writer, "
+            "napari_maskclip.plugin._qt.export_panel, napari_maskclip.plugin._qt.train_panel, "
+            "napari_maskclip.plugin.edits\n"
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

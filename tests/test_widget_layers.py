@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_maskclip._widget_layers import (
+from napari_maskclip.plugin.layers import (
     META_KEY,
     Geometry,
     apply_result,
@@ -17,7 +17,8 @@ from napari_maskclip._widget_layers import (
     managed_layers,
     result_layer_data,
 )
-from napari_maskclip._widget_stack import StackLayout, StackResult
+from napari_maskclip.plugin.stack_run import StackResult
+from napari_maskclip.stacks import StackLayout
 from napari_maskclip.classes import class_color
 
 GEO2D = Geometry(scale=(0.5, 2.0), translate=(10.0, -3.0))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from napari_maskclip._widget_models import ModelChoice, SegmenterPool
+from napari_maskclip.plugin.models import ModelChoice, SegmenterPool
 from napari_maskclip.errors import ModelLoadError
 from napari_maskclip.progress import run_to_completion
 
@@ -40,10 +40,11 @@ def test_pool_reuses_models_and_evicts_the_oldest(tiny_vit_files, tiny_resnet_fi
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard is Linux-only")
+@pytest.mark.slow
 def test_engine_import_hides_triton_inside_napari():
     code = (
         "import sys, vispy\n"  # stands for a running napari canvas
-        "from napari_maskclip._widget_models import _import_engine\n"
+        "from napari_maskclip.plugin.models import _import_engine\n"
         "engine = _import_engine()\n"
         "engine.Segmenter\n"
         "from torch.utils._triton import has_triton_package\n"

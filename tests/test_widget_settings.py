@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from napari_maskclip._widget_settings import (
+from napari_maskclip.plugin.preferences import (
     CONFIG_ENV,
     MAX_RECENT,
     WidgetPreferences,

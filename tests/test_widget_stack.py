@@ -1,6 +1,7 @@
-"""Stacks, channels and lazy data for the widget: layouts, slice-by-slice reading, outputs.
+"""Stacks, channels and lazy data for the widget: slice-by-slice reading and full-shape outputs.
 
-No Qt here: the stack job is plain Python over the tiny random ViT.
+No Qt here: the stack job is plain Python over the tiny random ViT. (The geometry itself is the
+core's: tests/test_stacks.py.)
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_maskclip._widget_stack import StackLayout, StackRequest, segment_stack_iter
 from napari_maskclip.errors import InvalidInputError
+from napari_maskclip.plugin.stack_run import StackRequest, segment_stack_iter
 from napari_maskclip.progress import run_to_completion
+from napari_maskclip.stacks import StackLayout
 
 
 class CountingArray:
@@ -30,57 +32,6 @@ class CountingArray:
 
     def __array__(self, dtype=None, copy=None):  # a full load: must never happen
         raise AssertionError("the whole array was loaded")
-
-
-def test_layout_axes_for_stacks_time_series_and_rgb():
-    stack = StackLayout((4, 5, 32, 40))
-    assert stack.loop_axes == (0, 1)
-    assert stack.output_shape == (4, 5, 32, 40)
-    assert stack.n_slices == 20
-    assert len(stack.all_slices()) == 20
-    rgb = StackLayout((6, 32, 40, 3), rgb=True)
-    assert rgb.ndim == 3 and rgb.loop_axes == (0,) and rgb.output_shape == (6, 32, 40)
-    assert StackLayout((32, 40)).all_slices() == [()]
-
-
-def test_layout_channel_axes():
-    leading = StackLayout((5, 32, 40), channel_axis=0)
-    assert leading.loop_axes == () and leading.output_shape == (32, 40)
-    middle = StackLayout((3, 4, 32, 40), channel_axis=1)
-    assert middle.loop_axes == (0,)
-    assert middle.output_shape == (3, 1, 32, 40)
-    assert middle.output_index((2,)) == (2, 0, slice(None), slice(None))
-    scale, translate = middle.output_scale_translate([2.0, 1.5, 0.5, 0.5], [10.0, 3.0, 0.0, 1.0])
-    # The kept channel axis spans all 4 channels: every channel position maps to output index 0.
-    assert scale == [2.0, 6.0, 0.5, 0.5]
-    assert translate == [10.0, 3.0 + 1.5 * 1.5, 0.0, 1.0]
-    for c in range(4):
-        world = 3.0 + 1.5 * c
-        assert round((world - translate[1]) / scale[1]) == 0
-
-
-@pytest.mark.parametrize(
-    "shape, kwargs, message",
-    [
-        ((32, 40, 3), {"rgb": True, "channel_axis": 0}, "RGB"),
-        ((5, 32, 40), {"channel_axis": 1}, "not available"),
-        ((32, 40), {"channel_axis": 0}, "2D layer"),
-        ((40,), {}, "at least 2 axes"),
-        ((0, 40), {}, "empty"),
-    ],
-)
-def test_layout_rejects_impossible_choices(shape, kwargs, message):
-    with pytest.raises(InvalidInputError, match=message):
-        StackLayout(shape, **kwargs)
-
-
-def test_slice_at_rounds_and_clips_the_viewer_point():
-    layout = StackLayout((3, 7, 32, 40))
-    assert layout.slice_at([1.4, 5.6, 10.0, 3.0]) == (1, 6)
-    assert layout.slice_at([-3.0, 99.0, 0.0, 0.0]) == (0, 6)
-    assert layout.slice_at([np.nan, 2.0, 0, 0]) == (0, 2)
-    # A point with extra leading world axes uses the trailing ones.
-    assert layout.slice_at([9.0, 2.0, 3.0, 0.0, 0.0]) == (2, 3)
 
 
 def test_stack_reads_one_slice_at_a_time_and_fills_only_requested_slices(tiny_segmenter):

@@ -11,7 +11,7 @@ import pytest
 
 napari_layers = pytest.importorskip("napari.layers")
 
-from napari_maskclip import _writer  # noqa: E402
+from napari_maskclip.plugin import writer as _writer  # noqa: E402
 from napari_maskclip.errors import DatasetError, InvalidInputError  # noqa: E402
 from napari_maskclip.export import read_dataset  # noqa: E402
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NAPARI_MASKCLIP_CONFIG_DIR", str(scratch / "config"))
     os.environ.setdefault("NAPARI_MASKCLIP_CACHE_DIR", str(scratch / "cache"))
     os.environ["NAPARI_CONFIG"] = str(scratch / "napari-settings.yaml")  # never the user's
-    import open_clip  # noqa: F401  (load torch's stack before the canvas; see _widget_models)
+    import open_clip  # noqa: F401  (load torch's stack before the canvas; see plugin/models.py)
     import warnings
 
     warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from qtpy.QtWidgets import QApplication
 
-    from napari_maskclip._widget import MaskClipWidget
+    from napari_maskclip.plugin._qt.segment_panel import MaskClipWidget
 
     from napari.settings import get_settings
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.window.resize(width, height)
     background = None
     if use_demo:
-        from napari_maskclip.cli.demo import demo_classes
+        from napari_maskclip.demo.scene import demo_classes
 
         viewer.open_sample("napari-maskclip", "shapes")  # what `napari-maskclip demo` shows
         classes, background = demo_classes()

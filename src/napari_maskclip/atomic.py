@@ -109,12 +109,20 @@ def remove_stale_temps(target: str | os.PathLike, temp_prefix: str) -> list[Path
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike, *, overwrite: bool = True, temp_prefix: str = TEMP_PREFIX
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    temp_prefix: str = TEMP_PREFIX,
+    fsync: bool = True,
 ) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces ``path`` atomically.
 
     ``temp_prefix`` (starting with :data:`TEMP_PREFIX`) names the temporary file; a prefix that
     names the target lets :func:`remove_stale_temps` find a killed writer's leftovers.
+
+    ``fsync=False`` renames without flushing the data to disk first (a crash of the process still
+    leaves the whole file; a power loss may not): for callers that flush many files at once
+    before anything refers to them (the dataset writer's sessions).
 
     With ``overwrite=False`` an existing target is kept and :class:`FileExistsError` is raised
     (checked again just before the rename, to narrow the race with other writers).
@@ -130,7 +138,8 @@ def atomic_write(
         with open(tmp, "rb+") as handle:
             if stat.S_IMODE(os.fstat(handle.fileno()).st_mode) != mode:
                 os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one
-            os.fsync(handle.fileno())
+            if fsync:  # False: the caller syncs the file before anything relies on it
+                os.fsync(handle.fileno())
         if not overwrite and target.exists():
             raise FileExistsError(target)
         os.replace(tmp, target)

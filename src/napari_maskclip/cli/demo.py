@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "demo_scene", "overlay", "has_display"]
+from ..demo.scene import DEMO_SEED, demo_classes, demo_scene
+from ..engine.names import DEMO_MODEL
 
-DEMO_SEED = 3
-DEMO_SIZE = (192, 256)
+__all__ = ["register", "demo_scene", "overlay", "has_display"]
 
 
 def has_display() -> bool:
@@ -30,35 +30,6 @@ def has_display() -> bool:
     if sys.platform.startswith("linux"):
         return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     return True
-
-
-def demo_scene(seed: int = DEMO_SEED, size: tuple[int, int] = DEMO_SIZE):
-    """The demo's synthetic scene (deterministic): several shapes on a textured background.
-
-    The shapes have the pixel size the demo model was trained at (it saw 64 px scenes), so a
-    larger scene holds more of them rather than bigger ones.
-    """
-    from ..synthetic import make_scene
-
-    train_size, radius = 64, (0.1, 0.25)
-    try:
-        from ..demo import demo_model_files
-
-        vocab = json.loads(demo_model_files(check=False).vocab.read_text())
-        train_size = int(vocab.get("image_size", train_size))
-        radius = tuple(vocab.get("data", {}).get("radius_frac", radius))
-    except (FileNotFoundError, ValueError):  # no shipped model: the defaults it was trained with
-        pass
-    scale = train_size / min(size)
-    return make_scene(seed, size=size, n_objects=(7, 11),
-                      radius_frac=(radius[0] * scale, radius[1] * scale))
-
-
-def demo_classes() -> tuple[str, str]:
-    """(class names, background names) the demo model knows, as the widget's text boxes take them."""
-    from ..synthetic import BACKGROUND_NAME, CLASS_NAMES
-
-    return ", ".join(CLASS_NAMES), BACKGROUND_NAME
 
 
 def overlay(image, labels, colors, alpha: float = 0.55):
@@ -122,11 +93,11 @@ def _headless(args: argparse.Namespace) -> int:
 def _gui(args: argparse.Namespace) -> int:
     # The engine (torch, open_clip, and Triton with them) must load before napari creates an
     # OpenGL canvas: Triton loaded after Mesa's LLVM crashes the process.
-    import napari_maskclip._widget_models  # noqa: F401  (hides Triton inside napari)
+    import napari_maskclip.plugin.models  # noqa: F401  (hides Triton inside napari)
     import napari_maskclip.engine.loading  # noqa: F401
     import napari
 
-    from .._sample_data import shapes
+    from ..plugin.sample_data import shapes
 
     viewer = napari.Viewer(title="napari-maskclip demo")
     for data, kwargs in shapes():
@@ -138,9 +109,10 @@ def _gui(args: argparse.Namespace) -> int:
 
 
 def _preset(widget: Any) -> None:
-    """Point the widget at the demo model and its classes (the sample's suggestions)."""
+    """Point the widget at the demo model, with its preset, and its classes (the sample's
+    suggestions), whatever the widget remembered from an earlier launch."""
     classes, background = demo_classes()
-    widget.model.model.setCurrentText("demo")
+    widget.use_model(DEMO_MODEL)
     widget.classes.text.setPlainText(classes)
     widget.classes.background.setEditText(background)
 

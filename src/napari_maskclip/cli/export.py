@@ -190,14 +190,15 @@ def _finished_jobs(dataset: Any, jobs: list[dict[str, Any]]) -> set[str]:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..export import check_export_target, export_sample_iter
+    from ..export import ExportSession, check_export_target
     from ..export.class_table import DatasetClasses, read_class_table
     from ..export.layout import CLASSES_JSON
     from ..export.reader import is_dataset, read_dataset
     from ..export.remap import plan_class_mapping
     from ..progress import run_to_completion
     from ..result_files import request_digest
-    from .batch import Task, run_tasks, skipped_line
+    from ..errors import MaskClipError
+    from .batch import SetupFailed, Task, run_tasks, skipped_line
 
     if bool(args.from_segment) == bool(args.images):
         raise InvalidInputError("Give either --images with --labels, or --from-segment (not both).")
@@ -251,16 +252,20 @@ def _run(args: argparse.Namespace) -> int:
             shape = data["labels"].shape
             # Which samples this input makes, so a rerun knows when it is finished.
             job["provenance"]["cli_run"] = {**job["run"], "samples": int(np.prod(shape[:-2], dtype=np.int64))}
-            report = run_to_completion(
-                export_sample_iter(
-                    out, job["name"], data["image"], data["labels"], job["classes"],
-                    background=job["background"], probabilities=data["probabilities"],
-                    edited=data["edited"], min_confidence=args.min_confidence,
-                    save_confidence=not args.no_confidence, overwrite=args.overwrite,
-                    remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
-                    source={"image": str(job["image"])}, channel_axis=args.channel_axis,
-                ),
-                update,
+            if not session.opened:  # at the first input that loads (a bad first one creates nothing)
+                try:
+                    run_to_completion(session.open_iter(len(jobs)), update)
+                except (MaskClipError, OSError) as exc:  # locked, unwritable: every input would fail
+                    raise SetupFailed(exc) from exc
+                session.expect(names, overwrite=args.overwrite)
+            report = session.export(
+                job["name"], data["image"], data["labels"], job["classes"],
+                background=job["background"], probabilities=data["probabilities"],
+                edited=data["edited"], min_confidence=args.min_confidence,
+                save_confidence=not args.no_confidence, overwrite=args.overwrite,
+                remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
+                source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+                progress=update,
             )
             samples.extend(report.samples)
             return f"{Path(job['image']).name}: {report.summary()}"
@@ -268,8 +273,13 @@ def _run(args: argparse.Namespace) -> int:
         return Task(Path(job["image"]).name, run)
 
     samples: list[str] = []
-    code = run_tasks([task(job) for job in jobs], command="export", quiet=args.quiet,
-                     unit="sample")
+    # One writer session for every input: one lock, one index read, few dataset.json rewrites.
+    session = ExportSession(out)
+    try:
+        code = run_tasks([task(job) for job in jobs], command="export", quiet=args.quiet,
+                         unit="sample")
+    finally:
+        session.close()
     print(f"{len(samples)} sample(s) in {out}")
     return code
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from ..engine.names import default_pretrained  # also imported from here by cli.train
 from ..errors import InvalidInputError
 from .args import (add_batch_output_options, add_channel_options, add_precision_option,
                    positive_int, unit_float)
@@ -98,13 +99,6 @@ def settings_from_args(args: argparse.Namespace):
     ).validate()
 
 
-def default_pretrained(model: str, pretrained: Optional[str]) -> Optional[str]:
-    """``openai`` for the default CLIP, nothing for the demo or config files unless given."""
-    if pretrained is not None:
-        return pretrained
-    if model == "demo" or model.lower().endswith(".json"):
-        return None
-    return "openai"
 
 
 def _run(args: argparse.Namespace) -> int:

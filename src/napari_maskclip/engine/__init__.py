@@ -10,7 +10,7 @@ Typical use::
 
 Names are imported lazily: ``napari_maskclip.engine.settings``, ``.modes``, ``.preprocess``
 and ``.windows`` load without torch, so UIs and CLIs can list options and validate input
-before paying for torch.
+before paying for torch (``.names``: model names and the default-weights rule, likewise).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 _EXPORTS = {
     "MODES": "modes",
-    "DEMO_MODEL": "loading",
-    "RANDOM_WEIGHTS": "loading",
+    "DEFAULT_MODEL": "names",
+    "DEMO_MODEL": "names",
+    "RANDOM_WEIGHTS": "names",
     "DenseOutput": "dense",
     "ImageFeatures": "features",
     "LoadedModel": "loading",
@@ -30,6 +31,7 @@ _EXPORTS = {
     "Segmenter": "segmenter",
     "TextEmbeddingCache": "text",
     "TextEncoder": "text",
+    "default_pretrained": "names",
     "dense_features": "dense",
     "load_clip": "loading",
     "maskclip_templates": "templates",

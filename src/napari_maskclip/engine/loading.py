@@ -38,11 +38,9 @@ from .checkpoints import CHECKPOINT_SUFFIXES, file_digest, read_state_dict
 from .device import resolve_device
 from .precision import resolve_precision, weights_dtype
 from .pretrained import pretrained_file
+from .names import DEMO_MODEL, RANDOM_WEIGHTS
 
 __all__ = ["LoadedModel", "load_clip", "wrap_model", "DEMO_MODEL", "RANDOM_WEIGHTS"]
-
-DEMO_MODEL = "demo"
-RANDOM_WEIGHTS = "random"
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

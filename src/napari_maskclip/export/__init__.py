@@ -1,7 +1,7 @@
 """Training data: export refined labels as a dataset folder, and read it back.
 
 UI-free (no napari, no Qt, no torch). The widget's Export button, napari's Save for Labels layers
-(``napari_maskclip._writer``), the ``napari-maskclip export`` command and the MaskCLIP+ student
+(``napari_maskclip.plugin.writer``), the ``napari-maskclip export`` command and the MaskCLIP+ student
 all go through this package: :func:`read_dataset` is the single reader of the format described in
 :mod:`napari_maskclip.export.layout`.
 """
@@ -12,6 +12,7 @@ from .reader import Dataset, DatasetSample, is_dataset, read_dataset
 from .remap import ClassMapping, plan_class_mapping
 from .writer import (
     ExportReport,
+    ExportSession,
     check_export_target,
     export_result,
     export_sample,
@@ -28,6 +29,7 @@ __all__ = [
     "export_result",
     "check_export_target",
     "ExportReport",
+    "ExportSession",
     "ClassMapping",
     "plan_class_mapping",
     "is_dataset",

@@ -4,9 +4,9 @@ A format's planner (:mod:`.import_coco`, :mod:`.import_folders`) turns its sourc
 :class:`ImportPlan`: the class list, and one :class:`ImportItem` per image that loads the image
 and builds its semantic mask. :func:`import_plan_iter` checks the plan against the target dataset
 first (names, classes: nothing is written when something would be refused), then writes every
-sample through the project's one exporter (:func:`~napari_maskclip.export.export_sample_iter`),
-so an imported dataset has exactly the format, crash safety, locking and append rules of an
-exported one. Imported labels are human labels: every pixel is marked as edited.
+sample through the project's one exporter, in one batch session
+(:class:`~napari_maskclip.export.ExportSession`), so an imported dataset has exactly the format,
+crash safety, locking and append rules of an exported one. Imported labels are human labels: every pixel is marked as edited.
 
 Problems with one image (its file missing, a size that differs from the declared one, a mask value
 that is no class, an undecodable annotation) skip that image and are counted in the report with an
@@ -31,7 +31,7 @@ from .class_table import DEFAULT_BACKGROUND, DatasetClasses, read_class_table
 from .layout import CLASSES_JSON, ignore_index, mask_dtype
 from .reader import is_dataset, read_dataset
 from .remap import plan_class_mapping
-from .writer import check_export_target, export_sample_iter
+from .writer import ExportSession, check_export_target
 
 __all__ = [
     "ImportItem",
@@ -329,20 +329,27 @@ def import_plan_iter(
     }
     total = len(plan.items)
     yield Progress("import", 0, total, f"importing {total} image(s) into {root}")
-    for i, item in enumerate(plan.items):
-        try:
-            loaded = item.load()
-        except SkipSample as exc:
-            if strict:
-                raise InvalidInputError(f"Cannot import {item.image_path}: {exc}.") from exc
-            entry = report.skipped.setdefault(exc.reason, [0, exc.detail or item.name])
-            entry[0] += 1
-            yield Progress("import", i + 1, total, f"{item.name}: skipped ({exc.reason})")
-            continue
-        report.facts.update(loaded.facts)
-        run_to_completion(
-            export_sample_iter(
-                root,
+    # One writer session for all images: one lock, one index read, dataset.json rewritten about
+    # once a second. Opened at the first image that loads (nothing is created if none does).
+    session: Optional[ExportSession] = None
+    try:
+        for i, item in enumerate(plan.items):
+            try:
+                loaded = item.load()
+            except SkipSample as exc:
+                if strict:
+                    raise InvalidInputError(f"Cannot import {item.image_path}: {exc}.") from exc
+                entry = report.skipped.setdefault(exc.reason, [0, exc.detail or item.name])
+                entry[0] += 1
+                yield Progress("import", i + 1, total, f"{item.name}: skipped ({exc.reason})")
+                continue
+            report.facts.update(loaded.facts)
+            if session is None:
+                session = ExportSession(root)
+                for step in session.open_iter(total):
+                    yield Progress("import", i, total, step.message)
+                session.expect([it.name for it in plan.items[i:]], overwrite=overwrite)
+            session.export(
                 item.name,
                 loaded.image,
                 loaded.labels,
@@ -356,9 +363,11 @@ def import_plan_iter(
                 source={"image": str(item.image_path), **item.source},
                 input_ignore=plan.ignore_index,
             )
-        )
-        report.samples.append(item.name)
-        yield Progress("import", i + 1, total, item.name)
+            report.samples.append(item.name)
+            yield Progress("import", i + 1, total, item.name)
+    finally:
+        if session is not None:
+            session.close()
     if not report.samples:
         reasons = "; ".join(report.notes()[:3]) or "the source lists no images"
         raise InvalidInputError(f"Nothing was imported from {plan.source}: {reasons}.")

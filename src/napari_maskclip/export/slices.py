@@ -16,12 +16,10 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..stacks import DEFAULT_AXES, leading_indices
 from .layout import check_sample_name, slice_name
 
 __all__ = ["SliceData", "StackPlan", "plan_stack", "DEFAULT_AXES"]
-
-#: Names of the leading (non-spatial) label axes, by their count.
-DEFAULT_AXES = {0: (), 1: ("z",), 2: ("t", "z")}
 
 EditedLike = Union[None, bool, np.ndarray]
 
@@ -158,7 +156,7 @@ def plan_stack(
         edited = bool(edited)
 
     if slices is None:
-        indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*lead)] if lead else [()]
+        indices = leading_indices(labels_shape)
     else:
         indices = []
         for item in slices:

@@ -10,7 +10,7 @@ machinery unnoticed.
 
 Cancelling sets :attr:`JobControl.cancel`; the job checks it after every progress step (each
 window of each slice) and stops there, closing the engine generators so nothing partial is kept.
-A trained student goes through the same job (:func:`._widget_stack.predict_stack_iter`).
+A trained student goes through the same job (:func:`.stack_run.predict_stack_iter`).
 
 :func:`guarded_job` is the same contract for any other progress generator (the Export and Train
 panels): its result, or the reason there is none.
@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Optional
 
-from ._widget_models import ModelChoice, SegmenterPool
-from ._widget_stack import StackRequest, predict_stack_iter, segment_stack_iter
-from .errors import Cancelled, MaskClipError
-from .progress import Progress
+from ..errors import Cancelled, MaskClipError
+from ..progress import Progress
+from .models import ModelChoice, SegmenterPool
+from .stack_run import StackRequest, predict_stack_iter, segment_stack_iter
 
 __all__ = ["JobControl", "JobOutcome", "guarded_job", "segmentation_job"]
 
@@ -76,10 +76,10 @@ def segmentation_job(
     pool: SegmenterPool,
     choice: ModelChoice,
     request: StackRequest,
-    settings: dict[str, Any],
     control: JobControl,
 ) -> Generator[Progress, None, JobOutcome]:
-    """Load (or reuse) the model and segment ``request``; never raises (see :class:`JobOutcome`)."""
+    """Load (or reuse) the model and segment ``request`` (its settings built and checked on the
+    main thread: ``request.settings``); never raises (see :class:`JobOutcome`)."""
     started = time.perf_counter()
     outcome = JobOutcome(model=choice.describe())
     try:
@@ -91,8 +91,6 @@ def segmentation_job(
             outcome.result = yield from _cancellable(predict, control)
             outcome.seconds = time.perf_counter() - started
             return outcome
-        # SegmentSettings lives in the engine (torch): built here, in the worker thread.
-        request.settings = segmenter.settings.replace(**settings).validate()
         text_before = segmenter.text.forward_calls
         outcome.model = f"{choice.describe()} on {segmenter.loaded.device.type}"
         outcome.result = yield from _cancellable(segment_stack_iter(segmenter, request), control)

@@ -1,7 +1,7 @@
 """From a Labels layer (and its viewer) to a dataset export: what, from where, which slices.
 
-Shared by the Export panel (:mod:`._widget_export`, in a worker) and napari's Save
-(:mod:`._writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
+Shared by the Export panel (:mod:`._qt.export_panel`, in a worker) and napari's Save
+(:mod:`.writer`, synchronous). :func:`plan_layer_export` only reads metadata and finds layers
 (cheap, on the main thread); :meth:`ExportPlan.export_iter` reads pixels, one slice at a time,
 and runs :func:`napari_maskclip.export.export_sample_iter`.
 
@@ -16,7 +16,7 @@ What the plugin's layer metadata gives (``metadata["napari_maskclip"]``, written
 * **confidence maps**: the confidence layers of the same run (``run_id``), one per class; slices
   the run did not compute are NaN in the file ("not queried");
 * **edited pixels**: ``edited`` (an explicit mask) if present, else the ``predicted`` record
-  (:mod:`._widget_edits`): edited = current labels != what MaskCLIP wrote;
+  (:mod:`.edits`): edited = current labels != what MaskCLIP wrote;
 * **geometry**: a channel axis kept as length 1 in the labels (``Z x 1 x H x W`` for a
   ``Z x C x H x W`` source) is dropped, so a stack exports one sample per slice (``<name>_z0003``).
 
@@ -33,14 +33,22 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ._widget_edits import PREDICTED, edited_plane, leading_indices, record_shapes_fit, slice_key
-from ._widget_stack import StackLayout
-from .classes import parse_classes
-from .errors import DatasetError, InvalidInputError
-from .progress import Progress, ProgressGenerator
+from ..classes import parse_classes
+from ..errors import DatasetError, InvalidInputError
+from ..progress import Progress, ProgressGenerator
+from ..stacks import (
+    Index,
+    SampleAxes,
+    StackLayout,
+    index_of_key,
+    leading_axis_names,
+    leading_indices,
+    slice_key,
+)
+from .edits import edited_plane, record_shapes_fit
+from .records import LABELS, ConfidenceRecord, RunRecord, SourceLayout
 
 __all__ = [
-    "META_KEY",
     "SLICES_ALL",
     "SLICES_LABELLED",
     "ExportPlan",
@@ -49,14 +57,13 @@ __all__ = [
     "plan_layer_export",
 ]
 
-META_KEY = "napari_maskclip"
 _LAYER_SUFFIX = " [maskclip]"
 #: Every slice of the layer.
 SLICES_ALL = "all"
 #: Slices MaskCLIP wrote or someone painted (all slices of a layer the plugin did not make).
 SLICES_LABELLED = "labelled"
 Selection = Union[str, tuple[int, ...]]
-Lead = tuple[int, ...]
+Lead = Index
 
 
 # ---- lazy arrays ---------------------------------------------------------------------------------
@@ -99,42 +106,10 @@ class SliceView:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-@dataclass(frozen=True)
-class _Axes:
-    """The layer's (output) leading axes, and a length-1 channel axis among them to drop."""
-
-    output_shape: tuple[int, ...]
-    squeeze: Optional[int] = None  # position among the leading axes
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.squeeze is None:
-            return self.output_shape
-        return self.output_shape[: self.squeeze] + self.output_shape[self.squeeze + 1:]
-
-    @property
-    def n_lead(self) -> int:
-        return len(self.shape) - 2
-
-    def to_output(self, lead: Lead) -> Lead:
-        if self.squeeze is None:
-            return lead
-        return lead[: self.squeeze] + (0,) + lead[self.squeeze:]
-
-    def from_output(self, lead: Sequence[int]) -> Lead:
-        lead = tuple(int(i) for i in lead)
-        if self.squeeze is None:
-            return lead
-        return lead[: self.squeeze] + lead[self.squeeze + 1:]
-
-    def all_leads(self) -> list[Lead]:
-        return list(leading_indices(self.shape))
-
-
 class _LabelsSnapshot:
     """Copies of labels slices, one at a time; the edited mask is computed from the same copy."""
 
-    def __init__(self, data: Any, axes: _Axes):
+    def __init__(self, data: Any, axes: SampleAxes):
         self._data = data
         self._axes = axes
         self._last: Optional[tuple[Lead, np.ndarray]] = None
@@ -147,11 +122,6 @@ class _LabelsSnapshot:
 
 
 # ---- what the layer says about itself ------------------------------------------------------------
-def _plugin_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    value = (meta.get("metadata") or {}).get(META_KEY)
-    return value if isinstance(value, dict) else {}
-
-
 def _names_from_features(features: Any) -> Optional[tuple[list[str], Optional[str]]]:
     """(class names for labels 1..n, background name) from a ``features`` table, if it has one."""
     if features is None:
@@ -176,9 +146,9 @@ def _names_from_features(features: Any) -> Optional[tuple[list[str], Optional[st
 def export_options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """What a Labels layer's state (``name``, ``metadata``, ``features``) says about its classes,
     provenance and origin (pure; raises DatasetError when the classes are unknown)."""
-    plugin = _plugin_meta(meta)
-    classes = plugin.get("class_texts") or plugin.get("class_names")
-    background = plugin.get("background")
+    record = RunRecord.from_metadata(meta.get("metadata")) or RunRecord(role=None)
+    classes = record.texts
+    background = record.background
     if not classes:
         found = _names_from_features(meta.get("features"))
         if found:
@@ -190,45 +160,31 @@ def export_options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
             "the widget, or give the layer a features table with 'index' and 'name' columns "
             "(row 0 = background)."
         )
-    settings = plugin.get("settings") or {}
     provenance: dict[str, Any] = {
-        "model": plugin.get("model", settings.get("model")),
-        "pretrained": plugin.get("pretrained", settings.get("pretrained")),
-        "settings": settings,
+        "model": record.model,
+        "pretrained": record.pretrained,
+        "settings": record.settings or {},
     }
-    for key in ("labelled_by", "student_checkpoint"):
-        if plugin.get(key):
-            provenance[key] = plugin[key]
+    if record.labelled_by:
+        provenance["labelled_by"] = record.labelled_by
+    if record.student_checkpoint:
+        provenance["student_checkpoint"] = record.student_checkpoint
     layer_name = str(meta.get("name") or "labels")
-    source_name = plugin.get("source_name")
+    source_name = record.source_name
     name = source_name or (
         layer_name[: -len(_LAYER_SUFFIX)] if layer_name.endswith(_LAYER_SUFFIX) else layer_name
     )
-    edited = plugin.get("edited")
     return {
         "name": name,
         "classes": list(classes),
         "background": background or "background",
         "provenance": provenance,
-        "edited": edited if isinstance(edited, (bool, np.ndarray)) else None,
+        "edited": record.edited,
         "source": {"labels_layer": layer_name, "image_layer": source_name,
-                   "image_path": plugin.get("source_path")},
-        "source_id": plugin.get("source_id"),
-        "source_path": plugin.get("source_path"),
+                   "image_path": record.source_path},
+        "source_id": record.source_id,
+        "source_path": record.source_path,
     }
-
-
-def _layout(plugin: dict[str, Any]) -> Optional[tuple[StackLayout, Optional[tuple[int, ...]]]]:
-    raw = plugin.get("source_layout")
-    if not isinstance(raw, dict):
-        return None
-    try:
-        layout = StackLayout(tuple(int(s) for s in raw["data_shape"]), rgb=bool(raw.get("rgb")),
-                             channel_axis=raw.get("channel_axis"))
-    except (KeyError, TypeError, ValueError, InvalidInputError):
-        return None
-    channels = raw.get("channels")
-    return layout, (tuple(int(c) for c in channels) if channels else None)
 
 
 def _is_image(layer: Any) -> bool:
@@ -256,26 +212,14 @@ def _fits(image_shape: Sequence[int], labels_shape: Sequence[int]) -> bool:
 
 
 def _layout_view(
-    data: Any, layout: StackLayout, channels: Optional[tuple[int, ...]], axes: _Axes
+    data: Any, layout: StackLayout, channels: Optional[tuple[int, ...]], axes: SampleAxes
 ) -> SliceView:
     """The source as the exporter wants it: shaped like the (squeezed) labels, channels last."""
-    if layout.rgb:
-        extra: tuple[int, ...] = (layout.data_shape[-1],)
-    elif layout.channel_axis is not None:
-        n = len(channels) if channels else layout.n_channels
-        extra = (n,) if n and n > 1 else ()
-    else:
-        extra = ()
 
     def read(lead: Lead) -> np.ndarray:
-        plane = layout.read_plane(data, lead)  # the loop index is the squeezed leading index
-        if layout.channel_axis is not None:
-            if channels:
-                plane = plane[list(channels)]
-            plane = plane[0] if plane.shape[0] == 1 else np.moveaxis(plane, 0, -1)
-        return plane
+        return layout.read_sample(data, lead, channels)  # the loop index is the sample index
 
-    return SliceView(axes.shape + extra, data.dtype, axes.n_lead, read)
+    return SliceView(axes.shape + layout.sample_channels(channels), data.dtype, axes.n_lead, read)
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -285,7 +229,7 @@ class ExportPlan:
 
     name: str
     labels_data: Any
-    axes: _Axes
+    axes: SampleAxes
     classes: list[str]
     background: str
     provenance: dict[str, Any]
@@ -293,7 +237,8 @@ class ExportPlan:
     image: Any = None
     probabilities: Optional[list[Any]] = None
     edited: Any = None
-    record: Optional[dict[str, Any]] = None
+    #: What the plugin wrote, per slice (:mod:`.edits`), when the layer records it.
+    predicted: Optional[dict[str, Any]] = None
     axis_names: Optional[tuple[str, ...]] = None
     #: What the user should know (missing image, maps or edit information).
     notes: list[str] = field(default_factory=list)
@@ -306,31 +251,24 @@ class ExportPlan:
     @property
     def written_leads(self) -> list[Lead]:
         """Slices MaskCLIP wrote (squeezed leading indices), from the record."""
-        if not self.record:
+        if not self.predicted:
             return []
         leads = []
-        for key in self.record:
-            out = tuple(int(i) for i in key.split(",")) if key else ()
+        for key in self.predicted:
+            out = index_of_key(key)
             if len(out) == len(self.axes.output_shape) - 2:
                 leads.append(self.axes.from_output(out))
         return sorted(leads)
 
     def current_lead(self, data_point: Sequence[float]) -> Lead:
         """The slice at a point in the labels layer's data coordinates (``world_to_data``)."""
-        shape = self.axes.output_shape
-        lead = []
-        for ax in range(len(shape) - 2):
-            value = float(data_point[ax]) if ax < len(data_point) else 0.0
-            value = 0.0 if not np.isfinite(value) else value
-            lead.append(int(min(max(round(value), 0), shape[ax] - 1)))
-        return self.axes.from_output(lead)
+        return self.axes.lead_at(data_point)
 
     def slice_name(self, lead: Lead) -> str:
         """The sample name the exporter gives the slice ``lead`` (for messages)."""
-        from .export.layout import slice_name
-        from .export.slices import DEFAULT_AXES
+        from ..export.layout import slice_name
 
-        axes = self.axis_names or DEFAULT_AXES.get(len(lead), ())
+        axes = self.axis_names or leading_axis_names(len(lead))
         if not lead:
             return self.name
         return slice_name(self.name, lead, axes, self.axes.shape[: len(lead)])
@@ -340,7 +278,7 @@ class ExportPlan:
             return None
         if isinstance(selection, tuple):
             return [selection]
-        if selection == SLICES_ALL or self.record is None:
+        if selection == SLICES_ALL or self.predicted is None:
             return None
         written = set(self.written_leads)
         picked = []
@@ -389,7 +327,7 @@ class ExportPlan:
     ) -> ProgressGenerator[Any]:
         """Check, then export; yields progress, returns the export's
         :class:`~napari_maskclip.export.ExportReport`."""
-        from .export import export_sample_iter, ignore_index, safe_sample_name
+        from ..export import export_sample_iter, ignore_index, safe_sample_name
 
         if not str(dataset_dir).strip():
             raise InvalidInputError("Choose a dataset folder to export into.")
@@ -434,18 +372,15 @@ def plan_layer_export(
     viewer holding ``layers``. Reads no pixels; raises DatasetError if the classes are unknown."""
     meta = {"name": layer_name, "metadata": metadata or {}, "features": features}
     options = export_options_from_meta(meta)
-    plugin = _plugin_meta(meta)
+    record = RunRecord.from_metadata(meta["metadata"]) or RunRecord(role=None)
     layers = list(layers)
     output_shape = tuple(int(s) for s in data.shape)
     if len(output_shape) < 2:
         raise InvalidInputError(f"Labels of shape {output_shape}: at least 2D (H x W) are needed.")
-    found = _layout(plugin)
-    layout, channels = found if found else (None, None)
-    squeeze = None
-    kept_channel = layout is not None and layout.channel_axis not in (None, 0)
-    if kept_channel and layout.output_shape == output_shape:
-        squeeze = layout.output_axes.index(layout.channel_axis)
-    axes = _Axes(output_shape, squeeze)
+    source_layout: Optional[SourceLayout] = record.source_layout
+    layout = source_layout.stack_layout() if source_layout is not None else None
+    channels = source_layout.channels if source_layout is not None else None
+    axes = SampleAxes.of(output_shape, layout)
     n_lead = axes.n_lead
     notes: list[str] = []
 
@@ -453,19 +388,18 @@ def plan_layer_export(
         name=options["name"], labels_data=data, axes=axes, classes=options["classes"],
         background=options["background"], provenance=options["provenance"],
         source={k: v for k, v in options["source"].items() if v},
-        axis_names=None if n_lead <= 2 else tuple(f"d{i}" for i in range(n_lead)),
+        axis_names=None if n_lead <= 2 else leading_axis_names(n_lead),
         notes=notes,
     )
     plan._snapshot = _LabelsSnapshot(data, axes)
 
-    record = plugin.get(PREDICTED)
-    if isinstance(record, dict) and record and record_shapes_fit(record, output_shape):
-        plan.record = record
+    if record.predicted and record_shapes_fit(record.predicted, output_shape):
+        plan.predicted = record.predicted
 
     # The image.
     path = options.get("source_path")
     if path and Path(path).is_file():
-        from .image_files import read_image
+        from ..image_files import read_image
 
         image = read_image(path)
         if _fits(image.shape, axes.shape):
@@ -487,20 +421,20 @@ def plan_layer_export(
             notes[-1] += ": the samples are mask-only (no image)"
 
     # Confidence maps of the same run.
-    names = plugin.get("class_names") or [parse_classes(t)[0].name for t in plan.classes]
-    run_id, source_id = plugin.get("run_id"), plugin.get("source_id")
+    names = record.class_names or [parse_classes(t)[0].name for t in plan.classes]
+    run_id, source_id = record.run_id, record.source_id
     maps: dict[str, Any] = {}
     if source_id:
         for layer in layers:
-            m = getattr(layer, "metadata", {}).get(META_KEY)
-            if not (isinstance(m, dict) and m.get("role") == "confidence"):
+            conf = ConfidenceRecord.from_metadata(getattr(layer, "metadata", None))
+            if conf is None:
                 continue
-            same_run = m.get("run_id") == run_id if run_id else m.get("source_id") == source_id
+            same_run = conf.run_id == run_id if run_id else conf.source_id == source_id
             if same_run and tuple(layer.data.shape) == output_shape:
-                maps.setdefault(m.get("class_name"), layer.data)
+                maps.setdefault(conf.class_name, layer.data)
     if names and all(n in maps for n in names):
-        plan.probabilities = [_confidence_view(maps[n], axes, plan.record) for n in names]
-    elif plugin.get("role") == "labels" and plugin.get("settings") is not None:
+        plan.probabilities = [_confidence_view(maps[n], axes, plan.predicted) for n in names]
+    elif record.role == LABELS and record.settings is not None:
         notes.append("this run's confidence maps are no longer in the viewer: no confidence saved")
 
     # Edited pixels.
@@ -510,21 +444,21 @@ def plan_layer_export(
     elif isinstance(explicit, np.ndarray) and tuple(explicit.shape) == output_shape:
         plan.edited = SliceView(axes.shape, bool, n_lead,
                                 lambda lead: np.asarray(explicit[axes.to_output(lead)], dtype=bool))
-    elif plan.record is not None:
-        snapshot, record_ = plan._snapshot, plan.record
+    elif plan.predicted is not None:
+        snapshot, predicted = plan._snapshot, plan.predicted
 
         def edited(lead: Lead) -> np.ndarray:
-            return edited_plane(snapshot.plane(lead), slice_key(axes.to_output(lead)), record_)
+            return edited_plane(snapshot.plane(lead), slice_key(axes.to_output(lead)), predicted)
 
         plan.edited = SliceView(axes.shape, bool, n_lead, edited)
-    elif plugin.get("role") == "labels":
+    elif record.role == LABELS:
         notes.append(
             "which pixels were edited is unknown (the layer has no record of MaskCLIP's output)"
         )
     return plan
 
 
-def _confidence_view(data: Any, axes: _Axes, record: Optional[dict[str, Any]]) -> SliceView:
+def _confidence_view(data: Any, axes: SampleAxes, record: Optional[dict[str, Any]]) -> SliceView:
     """One class's map, slice by slice; NaN ("not queried") where the run computed nothing."""
 
     def read(lead: Lead) -> np.ndarray:

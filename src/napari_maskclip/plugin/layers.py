@@ -7,8 +7,9 @@ status bar on hover) and a stable colour per class name, and one translucent flo
 Image per class, only the top few visible.
 
 :func:`apply_result` puts a run into the viewer. The plugin's layers are found by their metadata
-(``layer.metadata["napari_maskclip"]``), not by name. The Labels layer remembers a fingerprint
-(hash) of every slice the plugin wrote. On a re-run:
+(:mod:`.records`: a :class:`~.records.RunRecord` on the Labels layer, a
+:class:`~.records.ConfidenceRecord` on each map), not by name. The Labels layer remembers a
+fingerprint (hash) of every slice the plugin wrote. On a re-run:
 
 * **same class names, and none of the slices being written was edited**: the run's slices are
   written into the existing layers in place (other slices keep their content, edited or not);
@@ -19,8 +20,8 @@ Image per class, only the top few visible.
   result goes into a **new** Labels layer. Nothing the user painted is ever overwritten.
 
 Besides the fingerprints, the layer keeps a compressed copy of every slice the plugin wrote
-(``predicted``, see :mod:`._widget_edits`), so an export can tell *which pixels* were edited, and
-a ``run_id`` shared with its confidence layers, so an export pairs the labels with the maps of
+(``predicted``, see :mod:`.edits`), so an export can tell *which pixels* were edited, and a
+``run_id`` shared with its confidence layers, so an export pairs the labels with the maps of
 the same run (after a re-run into a new layer, the old layer's maps are gone, not mixed up).
 
 Uses public napari API only.
@@ -35,7 +36,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._widget_edits import PREDICTED, leading_indices, record_planes, slice_key
+from ..stacks import leading_indices, slice_key
+from .edits import record_planes
+from .records import CONFIDENCE, LABELS, META_KEY, ConfidenceRecord, RunRecord, plugin_metadata
 
 __all__ = [
     "EDIT_POLICY",
@@ -50,7 +53,6 @@ __all__ = [
     "slice_fingerprint",
 ]
 
-META_KEY = "napari_maskclip"
 #: The re-run rule in one sentence, for tooltips and docs.
 EDIT_POLICY = (
     "Re-running never overwrites labels you edited: with the same class names, only the slices "
@@ -124,17 +126,19 @@ def result_layer_data(
     *,
     source_name: str,
     geometry: Optional[Geometry] = None,
-    metadata: Optional[dict[str, Any]] = None,
+    record: Optional[RunRecord] = None,
     visible_confidence: int = VISIBLE_CONFIDENCE,
 ) -> list[tuple[Any, dict[str, Any], str]]:
     """Layer-data tuples (confidence images first, labels last) for any segmentation result.
 
     ``result`` needs ``labels``, ``probabilities`` (one map per class, iterable), ``class_names``
-    and ``colors``; ``metadata`` goes into the Labels layer's ``metadata[META_KEY]``.
+    and ``colors``; ``record`` (its class names set from ``result``) goes into the Labels layer's
+    metadata, its source and run into each confidence layer's.
     """
     geo = geometry.kwargs() if geometry is not None else {}
     names = list(result.class_names)
     colors = list(result.colors)
+    record = (record or RunRecord()).replace(class_names=names, role=LABELS)
     top = _top_classes(result, visible_confidence)
     layers: list[tuple[Any, dict[str, Any], str]] = []
     for k, prob in enumerate(result.probabilities):
@@ -148,13 +152,11 @@ def result_layer_data(
                 "contrast_limits": (0.0, 1.0),
                 "rgb": False,
                 "visible": k in top,
-                "metadata": {META_KEY: {"role": "confidence", "class_name": names[k],
-                                        **_source_meta(metadata)}},
+                "metadata": ConfidenceRecord.of_run(names[k], record).to_metadata(),
                 **geo,
             },
             "image",
         ))
-    labels_meta = {"role": "labels", "class_names": names, **(metadata or {})}
     layers.append((
         result.labels,
         {
@@ -162,17 +164,12 @@ def result_layer_data(
             "colormap": _labels_colormap(names, colors),
             "features": _labels_features(names),
             "opacity": 0.6,
-            "metadata": {META_KEY: labels_meta},
+            "metadata": record.to_metadata(),
             **geo,
         },
         "labels",
     ))
     return layers
-
-
-def _source_meta(metadata: Optional[dict[str, Any]]) -> dict[str, Any]:
-    keep = ("source_id", "source_name", "run_id")
-    return {k: v for k, v in (metadata or {}).items() if k in keep}
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
@@ -185,23 +182,19 @@ def slice_fingerprint(plane: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-_slice_key = slice_key  # the fingerprint key of an output index: its leading (integer) part
-_leading_indices = leading_indices
-
-
 def edited_slices(layer: Any) -> set[str]:
     """Keys of the slices of a managed Labels layer that differ from what the plugin wrote.
 
     A slice the plugin never wrote counts as edited as soon as it holds any non-zero label.
     """
-    meta = layer.metadata.get(META_KEY, {})
-    prints: dict[str, str] = meta.get("fingerprints", {})
+    record = RunRecord.from_metadata(layer.metadata)
+    prints = record.fingerprints if record is not None else {}
     data = layer.data
     if not isinstance(data, np.ndarray):
         return {"*"}
     edited = set()
-    for lead in _leading_indices(data.shape):
-        key = _slice_key(lead)
+    for lead in leading_indices(data.shape):
+        key = slice_key(lead)
         plane = data[lead] if lead else data
         if key in prints:
             if slice_fingerprint(plane) != prints[key]:
@@ -217,12 +210,14 @@ def managed_layers(viewer: Any, source_id: str) -> tuple[Any, dict[str, Any]]:
     labels = None
     confidence: dict[str, Any] = {}
     for layer in viewer.layers:
-        meta = getattr(layer, "metadata", {}).get(META_KEY)
-        if not isinstance(meta, dict) or meta.get("source_id") != source_id:
+        meta = plugin_metadata(getattr(layer, "metadata", None))
+        if meta.get("source_id") != source_id:
             continue
-        if meta.get("role") == "labels" and meta.get("managed", True) and labels is None:
-            labels = layer
-        elif meta.get("role") == "confidence":
+        if meta.get("role") == LABELS and labels is None:
+            record = RunRecord.from_metadata(layer.metadata)
+            if record is not None and record.managed:
+                labels = layer
+        elif meta.get("role") == CONFIDENCE:
             confidence[meta.get("class_name")] = layer
     return labels, confidence
 
@@ -275,21 +270,22 @@ def apply_result(
     source_id: str,
     source_name: str,
     geometry: Geometry,
-    run_info: Optional[dict[str, Any]] = None,
+    run: Optional[RunRecord] = None,
 ) -> ApplyReport:
     """Show a stack result in ``viewer`` following the re-run rules in the module doc.
 
-    ``result`` is a :class:`~napari_maskclip._widget_stack.StackResult` (full-shape ``labels``,
-    one full-shape map per class, ``output_indices`` of the slices it computed).
+    ``result`` is a :class:`~napari_maskclip.plugin.stack_run.StackResult` (full-shape ``labels``,
+    one full-shape map per class, ``output_indices`` of the slices it computed); ``run`` says
+    what the run was (classes as typed, settings, model, source layout: :data:`.records.RUN_FIELDS`).
     """
     names = list(result.class_names)
-    written = {_slice_key(idx): idx for idx in result.output_indices}
+    written = {slice_key(idx): idx for idx in result.output_indices}
     labels_layer, confidence = managed_layers(viewer, source_id)
 
     mode = "new"
     edited: set[str] = set()
+    old = RunRecord.from_metadata(labels_layer.metadata) if labels_layer is not None else None
     if labels_layer is not None:
-        meta = labels_layer.metadata.get(META_KEY, {})
         same_layout = (
             isinstance(labels_layer.data, np.ndarray)
             and labels_layer.data.flags.writeable
@@ -297,7 +293,7 @@ def apply_result(
             and labels_layer.data.dtype == result.labels.dtype
         )
         edited = edited_slices(labels_layer) if same_layout else {"*"}
-        same_classes = meta.get("class_names") == names
+        same_classes = old is not None and old.class_names == names
         if same_layout and same_classes and not (edited & set(written)):
             mode = "updated"
         elif same_layout and not edited:
@@ -307,44 +303,48 @@ def apply_result(
 
     run_id = uuid.uuid4().hex
     if mode == "updated":  # the same run continues: its confidence layers stay paired
-        run_id = labels_layer.metadata.get(META_KEY, {}).get("run_id") or run_id
-    meta_common = {"source_id": source_id, "source_name": source_name, **(run_info or {}),
-                   "run_id": run_id}
-    tuples = result_layer_data(
-        result, source_name=source_name, geometry=geometry, metadata=meta_common
-    )
+        run_id = old.run_id or run_id
+    record = RunRecord(class_names=names, source_id=source_id, source_name=source_name,
+                       run_id=run_id)
+    if run is not None:
+        record = record.with_run(run)
+    tuples = result_layer_data(result, source_name=source_name, geometry=geometry, record=record)
     *conf_tuples, labels_tuple = tuples
     report = ApplyReport(mode=mode, labels_layer=None, edited=sorted(edited))
 
     if mode == "updated":
-        meta = dict(labels_layer.metadata.get(META_KEY, {}))
-        prints = dict(meta.get("fingerprints", {}))
-        predicted = dict(meta.get(PREDICTED, {}))  # a new dict: copies of the layer share the old
+        prints = dict(old.fingerprints)
+        predicted = dict(old.predicted)  # a new dict: copies of the layer share the old one
         for key, idx in written.items():
             labels_layer.data[idx] = result.labels[idx]
             prints[key] = slice_fingerprint(labels_layer.data[idx])
         predicted.update(record_planes(result.labels, written.values()))
-        meta.update(meta_common, fingerprints=prints, class_names=names, managed=True)
-        meta[PREDICTED] = predicted
-        labels_layer.metadata = {**labels_layer.metadata, META_KEY: meta}
+        # What the layer recorded stays unless this run says otherwise.
+        kept = old if run is None else old.with_run(run)
+        updated = kept.replace(source_id=source_id, source_name=source_name, run_id=run_id,
+                               class_names=names, fingerprints=prints, predicted=predicted,
+                               managed=True, role=LABELS)
+        labels_layer.metadata = {**labels_layer.metadata, **updated.to_metadata()}
         labels_layer.refresh()
         report.labels_layer = labels_layer
     else:
-        prints = {key: slice_fingerprint(result.labels[idx]) for key, idx in written.items()}
         data, kwargs, _ = labels_tuple
-        kwargs["metadata"][META_KEY].update(fingerprints=prints, managed=True)
-        kwargs["metadata"][META_KEY][PREDICTED] = record_planes(result.labels, written.values())
+        record = record.replace(
+            role=LABELS, managed=True,
+            fingerprints={key: slice_fingerprint(result.labels[idx]) for key, idx in written.items()},
+            predicted=record_planes(result.labels, written.values()),
+        )
+        kwargs["metadata"] = record.to_metadata()
         if mode == "replaced":
             labels_layer.data = data
             labels_layer.colormap = kwargs["colormap"]
             labels_layer.features = kwargs["features"]
-            labels_layer.metadata = {**labels_layer.metadata, META_KEY: kwargs["metadata"][META_KEY]}
+            labels_layer.metadata = {**labels_layer.metadata, **kwargs["metadata"]}
             report.labels_layer = labels_layer
         else:
             if mode == "kept-edited":
-                old_meta = dict(labels_layer.metadata.get(META_KEY, {}))
-                old_meta["managed"] = False
-                labels_layer.metadata = {**labels_layer.metadata, META_KEY: old_meta}
+                labels_layer.metadata = {**labels_layer.metadata,
+                                         **old.replace(managed=False).to_metadata()}
                 report.kept_layer_name = labels_layer.name
                 kwargs["name"] = _unique_name(viewer, kwargs["name"])
             report.labels_layer = viewer.add_layer(_layer_from_tuple(data, kwargs, "labels"))

@@ -1,20 +1,20 @@
 """The MaskCLIP dock widget: type class names, get editable labels and per-class confidence maps.
 
-A thin layer over the engine. It gathers the choices of its sections (:mod:`._widget_sections`),
-runs :func:`._widget_job.segmentation_job` in a napari worker thread with a napari progress bar,
-and turns the result into layers with :func:`._widget_layers.apply_result`, which never overwrites
-labels the user edited. Models stay loaded in a :class:`._widget_models.SegmenterPool`, so asking
-the same image for other class names reuses the cached image features and text embeddings: the
-status line says whether the image encoder ran.
+A thin layer over the engine. It gathers the choices of its sections (:mod:`.sections`), runs
+:func:`..jobs.segmentation_job` through the panels' job runner (:mod:`.job_runner`: a napari
+worker and progress bar), and turns the result into layers with :func:`..layers.apply_result`,
+which never overwrites labels the user edited. Models stay loaded in a
+:class:`..models.SegmenterPool`, so asking the same image for other class names reuses the cached
+image features and text embeddings: the status line says whether the image encoder ran.
 
 A trained MaskCLIP+ student can be the model (``student...``): the run goes through the same
 job and gives the same layers. **Export to dataset...** and **Train a student...** open the
-Export (:mod:`._widget_export`) and Train (:mod:`._widget_train`) panels.
+Export (:mod:`.export_panel`) and Train (:mod:`.train_panel`) panels.
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
-traceback (:mod:`._widget_notify`). Opening the widget imports no torch; the first run does, in
-the worker.
+traceback (:mod:`..notify`). Opening the widget imports no torch; the first run does, in the
+worker.
 """
 
 from __future__ import annotations
@@ -25,34 +25,32 @@ from typing import TYPE_CHECKING, Any, Optional
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
-from ._widget_job import JobControl, JobOutcome, segmentation_job
-from ._widget_layers import EDIT_POLICY, META_KEY, Geometry, apply_result
-from ._widget_models import DEMO_MODEL, ModelChoice, SegmenterPool
-from ._widget_notify import notify, show_exception
-from ._widget_sections import (
-    INFERENCE_SLIDING,
+from ...classes import parse_classes
+from ...engine.names import DEMO_MODEL
+from ...errors import MaskClipError
+from ...progress import Progress
+from ..jobs import JobOutcome, segmentation_job
+from ..layers import EDIT_POLICY, Geometry, apply_result
+from ..models import ModelChoice, SegmenterPool
+from ..notify import notify, show_exception
+from ..preferences import WidgetPreferences, update_preferences
+from ..records import RunRecord, SampleSuggestion, SourceLayout
+from ..stack_run import StackRequest
+from .docks import EXPORT_NAME, TRAIN_NAME, show_panel
+from .job_runner import BarState, JobRunner
+from .sections import (
     ClassesSection,
     ImageSection,
     ModelSection,
     SettingsSection,
 )
-from ._widget_settings import WidgetPreferences, update_preferences
-from ._widget_stack import StackRequest
-from .classes import parse_classes
-from .errors import MaskClipError
-from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["MaskClipWidget", "PLUGIN", "WIDGET_NAME"]
+__all__ = ["MaskClipWidget"]
 
 _BAR_STEPS = 1000
-#: The plugin and the display names of its dock widgets (as in napari.yaml).
-PLUGIN = "napari-maskclip"
-WIDGET_NAME = "MaskCLIP segmentation"
-EXPORT_NAME = "Export labels to a dataset"
-TRAIN_NAME = "Train MaskCLIP+ student"
 
 
 @dataclass
@@ -61,8 +59,7 @@ class _Run:
 
     layer: Any
     choice: ModelChoice
-    request: StackRequest
-    settings: dict[str, Any]
+    request: StackRequest  # with the MaskCLIP settings, built and checked (None for a student)
     geometry: Geometry
     what: str  # "the image", "slice 3", "12 slices"
     classes: str
@@ -80,11 +77,8 @@ class MaskClipWidget(QWidget):
         self.viewer = napari_viewer
         self.pool = SegmenterPool()
         self.prefs = WidgetPreferences.load()
-        self.worker: Any = None
         self.last_outcome: Optional[JobOutcome] = None
         self.last_report: Any = None
-        self._control: Optional[JobControl] = None
-        self._pbar: Any = None
         self._pending: Optional[_Run] = None
         self._panels: dict[str, Any] = {}  # Export/Train panels opened without npe2
 
@@ -133,6 +127,12 @@ class MaskClipWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
 
+        self.runner = JobRunner(
+            self, title="MaskCLIP", start_button=self.run_button,
+            cancel_button=self.cancel_button, show=self._show_progress, finish=self._finish,
+            on_error=self._set_status,
+        )
+        self.runner.ended.connect(self.run_finished.emit)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.export_button.clicked.connect(self.open_export)
@@ -159,20 +159,25 @@ class MaskClipWidget(QWidget):
             return
         typed = bool(self.classes.classes_text())
         self.classes.suggest(layer)
-        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
-        model = meta.get("suggested_model") if isinstance(meta, dict) else None
-        if model and not typed:  # e.g. the demo scene suggests the demo model
-            self.model.model.setCurrentText(str(model))
+        suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
+        if suggestion is not None and suggestion.model and not typed:
+            self.use_model(suggestion.model)  # e.g. the demo scene asks for the demo model
+
+    def use_model(self, model: str) -> None:
+        """Choose ``model`` with its preset (the demo model: one template, windows of its
+        training size), whatever was chosen or remembered before: a preset applies whenever a
+        sample or the demo asks for it, not only when the model's name changes."""
+        self.model.model.setCurrentText(model)
+        self._apply_preset(model)
 
     def _on_model_changed(self, text: str) -> None:
-        if text.strip() == DEMO_MODEL:  # one prompt template, windows of its 64 px training size
-            from .demo import recommended_settings
+        self._apply_preset(text.strip())  # the user picked another model
 
-            preset = recommended_settings()
-            self.settings.templates.setCurrentText(preset["templates"])
-            self.settings.inference.setCurrentText(INFERENCE_SLIDING)
-            self.settings.window.setValue(preset["window"])
-            self.settings.stride.setValue(preset["stride"])
+    def _apply_preset(self, model: str) -> None:
+        if model == DEMO_MODEL:
+            from ...demo import recommended_settings
+
+            self.settings.apply_preset(**recommended_settings())
 
     def _on_student_changed(self, meta: Optional[dict[str, Any]]) -> None:
         if meta is None:
@@ -197,30 +202,19 @@ class MaskClipWidget(QWidget):
     def _open_panel(self, name: str, factory: Any) -> Any:
         """The plugin's dock panel ``name`` (the one already open, else a new one), shown and
         linked to this widget."""
-        try:
-            dock, panel = self.viewer.window.add_plugin_dock_widget(PLUGIN, name)
-        except Exception:  # noqa: BLE001 - plugin not registered with npe2 (e.g. run from source)
-            panel = self._panels.get(name)
-            if panel is None:
-                panel = self._panels[name] = factory(self.viewer)
-                dock = self.viewer.window.add_dock_widget(panel, name=name, area="right")
-            else:
-                dock = panel.parent()
-        if dock is not None:
-            dock.show()
-            dock.raise_()
+        panel = show_panel(self.viewer, name, factory, self._panels)
         panel.attach(self)
         return panel
 
     def open_export(self) -> Any:
         """Open (or show) the Export panel, set to this widget's latest Labels layer."""
-        from ._widget_export import ExportWidget
+        from .export_panel import ExportWidget
 
         return self._open_panel(EXPORT_NAME, ExportWidget)
 
     def open_train(self) -> Any:
         """Open (or show) the Train panel; it offers its student back to this widget."""
-        from ._widget_train import TrainWidget
+        from .train_panel import TrainWidget
 
         return self._open_panel(TRAIN_NAME, TrainWidget)
 
@@ -231,7 +225,12 @@ class MaskClipWidget(QWidget):
     # ---- running -------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.runner.running
+
+    @property
+    def worker(self) -> Any:
+        """The napari worker of the run in progress (None when idle)."""
+        return self.runner.worker
 
     def run(self) -> Any:
         """Start a run; returns the napari worker, or None (with a notification) if refused."""
@@ -253,7 +252,8 @@ class MaskClipWidget(QWidget):
         classes = self.classes.classes_text()
         background = self.classes.background_text()
         choice = self.model.choice()
-        if choice.is_student:  # its own classes (empty = all) and background
+        settings = None
+        if choice.is_student:  # its own classes (empty = all) and background; no MaskCLIP settings
             if classes:
                 parse_classes(classes)
             background = ""
@@ -261,6 +261,7 @@ class MaskClipWidget(QWidget):
             fg = parse_classes(classes)  # instant message on an empty or duplicated list
             if background:
                 parse_classes(fg + parse_classes(background, allow_empty=True))
+            settings = self.settings.segment_settings()  # checked now, not in the worker
         if self.image.all_slices() or not layout.loop_axes:
             slices = layout.all_slices()
         else:
@@ -279,6 +280,7 @@ class MaskClipWidget(QWidget):
             classes=classes,
             background=background,
             channels=self.image.channel_indices(),
+            settings=settings,
             keep_confidence=self.settings.keep_confidence(),
         )
         what = layout.describe_slice(slices[0]) if len(slices) == 1 else f"{len(slices)} slices"
@@ -286,7 +288,6 @@ class MaskClipWidget(QWidget):
             layer=layer,
             choice=choice,
             request=request,
-            settings=self.settings.overrides(),
             geometry=geometry,
             what=what,
             classes=classes,
@@ -294,69 +295,37 @@ class MaskClipWidget(QWidget):
         )
 
     def _start(self, job: _Run) -> Any:
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         self._pending = job
-        self._control = JobControl()
-        worker = create_worker(
-            segmentation_job,
-            self.pool,
-            job.choice,
-            job.request,
-            job.settings,
-            self._control,
-            _start_thread=False,
-            _connect={"errored": self._on_errored},
-        )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._pbar = progress(total=0, desc="MaskCLIP")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
         self._set_status(f"Segmenting {job.what} of '{job.layer.name}'...")
-        worker.start()
-        return worker
+        return self.runner.start(
+            lambda control: segmentation_job(self.pool, job.choice, job.request, control)
+        )
 
     def cancel(self) -> None:
         """Stop the run after the current window; no layer is added or changed."""
-        if self._control is not None:
-            self._control.cancel.set()
+        if self.runner.request_cancel():
             self._set_status("Cancelling...")
 
-    # ---- worker signals (main thread) -------------------------------------------------------
-    def _on_progress(self, step: Progress) -> None:
-        pbar = self._pbar
-        if pbar is None or self.worker is None:
-            return
+    # ---- the run's progress and outcome (main thread, see JobRunner) ----------------------------
+    def _show_progress(self, step: Progress) -> Optional[BarState]:
         if step.message:
             self._set_status(step.message)
-        # Updating napari's bar can process pending events, including the end of the run, so the
-        # status is written first and the bar is left alone once the run has ended.
         fraction = step.info.get("fraction") if step.stage != "load" else None
-        if step.message:
-            pbar.set_description(f"MaskCLIP: {step.message}")
-        if fraction is not None and self._pbar is pbar:
-            if pbar.total != _BAR_STEPS:
-                pbar.total = _BAR_STEPS
-            target = int(round(float(fraction) * _BAR_STEPS))
-            if target > pbar.n:
-                pbar.update(target - pbar.n)
+        return BarState(
+            done=None if fraction is None else int(round(float(fraction) * _BAR_STEPS)),
+            total=None if fraction is None else _BAR_STEPS,
+            description=f"MaskCLIP: {step.message}" if step.message else None,
+        )
 
-    def _on_returned(self, outcome: JobOutcome) -> None:
+    def _finish(self, outcome: JobOutcome) -> str:
         self.last_outcome = outcome
         job = self._pending
         if outcome.cancelled:
             self._set_status("Cancelled: no layer was added or changed.")
-            self.run_finished.emit("cancelled")
-            return
+            return "cancelled"
         if outcome.error is not None:
             self._show_error(outcome.error)
-            self.run_finished.emit("error")
-            return
+            return "error"
         result = outcome.result
         layer = job.layer
         report = apply_result(
@@ -365,7 +334,7 @@ class MaskClipWidget(QWidget):
             source_id=str(layer.unique_id),
             source_name=layer.name,
             geometry=job.geometry,
-            run_info=self._run_info(job, result),
+            run=self._run_record(job, result),
         )
         self.last_report = report
         self._set_status(self._summary(outcome, job, report))
@@ -379,49 +348,28 @@ class MaskClipWidget(QWidget):
 
         self.prefs = update_preferences(remember)
         self.classes.set_recent(self.prefs)
-        self.run_finished.emit("done")
+        return "done"
 
-    def _run_info(self, job: _Run, result: Any) -> dict[str, Any]:
+    def _run_record(self, job: _Run, result: Any) -> RunRecord:
         """What the Labels layer keeps about the run, for exports (provenance, image layout)."""
         layout = job.request.layout
-        info: dict[str, Any] = {
-            "class_texts": result.class_texts,
-            "background": result.background,
-            "settings": result.settings,
-            "source_layout": {
-                "data_shape": list(layout.data_shape), "rgb": layout.rgb,
-                "channel_axis": layout.channel_axis,
-                "channels": list(job.request.channels) if job.request.channels else None,
-            },
-        }
+        record = RunRecord(
+            class_names=list(result.class_names),
+            class_texts=list(result.class_texts),
+            background=result.background,
+            settings=result.settings,
+            source_layout=SourceLayout(layout.data_shape, layout.rgb, layout.channel_axis,
+                                       job.request.channels or None),
+        )
         if job.choice.is_student:
             # A dataset labelled by a student names the student's teacher as its model, so a
             # student trained on it gets the same teacher by default.
             teacher = (self.model.student_meta() or {}).get("teacher") or {}
-            info.update(labelled_by="student", student_checkpoint=job.choice.model,
-                        model=teacher.get("model"), pretrained=teacher.get("pretrained"))
-        else:
-            # The model as chosen (a config JSON's path, not just its name), so it can be loaded
-            # again as the teacher of a student trained on the export.
-            info.update(model=job.choice.model, pretrained=job.choice.pretrained)
-        return info
-
-    def _on_aborted(self) -> None:  # napari's own task manager can abort the worker too
-        self._set_status("Cancelled: no layer was added or changed.")
-        self.run_finished.emit("cancelled")
-
-    def _on_errored(self, exc: BaseException) -> None:  # only reached by bugs (see _widget_job)
-        self._show_error(exc)
-        self.run_finished.emit("error")
-
-    def _on_finished(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-        self._pbar = None
-        self.worker = None
-        self._control = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+            return record.replace(labelled_by="student", student_checkpoint=job.choice.model,
+                                  model=teacher.get("model"), pretrained=teacher.get("pretrained"))
+        # The model as chosen (a config JSON's path, not just its name), so it can be loaded
+        # again as the teacher of a student trained on the export.
+        return record.replace(model=job.choice.model, pretrained=job.choice.pretrained)
 
     # ---- messages ------------------------------------------------------------------------
     @staticmethod

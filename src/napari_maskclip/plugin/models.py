@@ -22,21 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator, Optional
 
-from .errors import ModelLoadError
-from .progress import Progress
+from ..engine.names import DEFAULT_MODEL, DEMO_MODEL, RANDOM_WEIGHTS
+from ..errors import ModelLoadError
+from ..progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Segmenter
-    from .student import StudentSegmenter
+    from ..engine import Segmenter
+    from ..student import StudentSegmenter
 
-__all__ = [
-    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEMO_MODEL", "STUDENT", "ModelChoice", "SegmenterPool",
-    "import_student",
-]
+__all__ = ["STUDENT", "ModelChoice", "SegmenterPool", "import_student"]
 
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
-DEMO_MODEL = "demo"  # same value as napari_maskclip.engine.DEMO_MODEL, without importing torch
 #: Encoded slices kept per model: enough for re-querying a typical stack without re-encoding
 #: (the engine also bounds the cache by memory, 2 GiB).
 FEATURE_CACHE_ITEMS = 256
@@ -87,7 +82,7 @@ class ModelChoice:
     @property
     def may_download(self) -> bool:
         """True when loading may download weights (an open_clip tag, not a file or 'random')."""
-        if self.is_student or self.model == DEMO_MODEL or self.pretrained in (None, "random"):
+        if self.is_student or self.model == DEMO_MODEL or self.pretrained in (None, RANDOM_WEIGHTS):
             return False
         return not Path(self.pretrained).expanduser().is_file()
 
@@ -98,7 +93,7 @@ class ModelChoice:
             return "the demo model"
         model = Path(self.model).name if self.model.lower().endswith(".json") else self.model
         weights = self.pretrained or "no weights"
-        if weights not in ("random",) and Path(weights).expanduser().is_file():
+        if weights != RANDOM_WEIGHTS and Path(weights).expanduser().is_file():
             weights = Path(weights).name
         return f"{model} ({weights})"
 
@@ -119,7 +114,7 @@ def _import_engine():
         and not os.environ.get("NAPARI_MASKCLIP_ALLOW_TRITON")
     ):
         sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail
-    from . import engine
+    from .. import engine
 
     return engine
 
@@ -127,7 +122,7 @@ def _import_engine():
 def import_student():
     """Import the student package (torch, torchvision) the same safe way as the engine."""
     _import_engine()
-    from . import student
+    from .. import student
 
     return student
 

@@ -1,10 +1,10 @@
 """The Train panel: train (or resume) a MaskCLIP+ student on exported datasets, in the background.
 
 A dock widget, opened from the MaskCLIP widget's **Train a student...** button or napari's Plugins
-menu. It gathers the choices into a :class:`._widget_train_job.TrainRequest`, runs
-:func:`._widget_train_job.training_iter` (the core's ``train_iter``) in a napari worker with a
-progress bar, and shows a live line (iteration, loss, stage, learning rate, validation mIoU,
-speed) and a small text plot of the loss. **Cancel** stops after the current iteration and the
+menu. It gathers the choices into a :class:`..train_job.TrainRequest`, runs
+:func:`..train_job.training_iter` (the core's ``train_iter``) through the job runner
+(:mod:`.job_runner`: a napari worker and progress bar), and shows a live line (iteration, loss,
+stage, learning rate, validation mIoU, speed) and a small text plot of the loss. **Cancel** stops after the current iteration and the
 checkpoint keeps the last completed one (the core saves it), so ticking **resume** continues
 exactly. When training ends, **Use this student** makes it the model of the MaskCLIP widget.
 """
@@ -33,14 +33,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_job import JobControl, JobOutcome, guarded_job
-from ._widget_notify import notify, show_exception
-from ._widget_qt import ask_clip_checkpoint, ask_model_config, row, small_button
-from ._widget_sections import DEVICES
-from ._widget_settings import WidgetPreferences, update_preferences
-from ._widget_train_job import BACKBONES, DEFAULTS, TrainRequest, training_iter
-from .errors import MaskClipError
-from .progress import Progress
+from ...errors import MaskClipError
+from ...progress import Progress
+from ...student.settings import BACKBONE_WEIGHTS, BACKBONES, TrainSettings
+from ..jobs import JobOutcome, guarded_job
+from ..notify import notify, show_exception
+from ..preferences import WidgetPreferences, update_preferences
+from ..train_job import TrainRequest, training_iter
+from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
+from .docks import SEGMENT_NAME, show_panel
+from .job_runner import BarState, JobRunner
+from .sections import DEVICES
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -75,12 +78,9 @@ class TrainWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.main: Any = None
-        self.worker: Any = None
         self.last_outcome: Optional[JobOutcome] = None
         self.last_request: Optional[TrainRequest] = None
         self.losses: list[float] = []
-        self._control: Optional[JobControl] = None
-        self._pbar: Any = None
         self._val: Optional[float] = None
         prefs = WidgetPreferences.load()
 
@@ -107,38 +107,40 @@ class TrainWidget(QWidget):
         )
         self.overwrite = QCheckBox("replace it if it exists")
 
-        # Settings.
+        # Settings (the core's defaults: student.settings imports no torch).
+        defaults = TrainSettings()
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 10_000_000)
-        self.iterations.setValue(DEFAULTS["iterations"])
+        self.iterations.setValue(defaults.iterations)
         self.iterations.setToolTip(
             "Optimiser steps in the whole schedule (the learning rate decays over them)."
         )
         self.backbone = QComboBox()
         self.backbone.addItems(BACKBONES)
-        self.backbone.setCurrentText(DEFAULTS["backbone"])
+        self.backbone.setCurrentText(defaults.backbone)
         self.backbone.setToolTip(
             "mobilenet_v3_large: trainable on a CPU; resnet50/101: closer to the paper, use a GPU; "
             "tiny: quick trials."
         )
         self.backbone_weights = QComboBox()
         self.backbone_weights.setEditable(True)
-        self.backbone_weights.addItems(["auto", "imagenet", "random"])
+        self.backbone_weights.addItems(BACKBONE_WEIGHTS)
+        self.backbone_weights.setCurrentText(defaults.backbone_weights)
         self.backbone_weights.setToolTip(
             "auto: ImageNet weights if cached or downloadable, else random (the progress says "
             "which); imagenet: required; random: none; or the path of a state-dict file."
         )
         self.crop = QSpinBox()
         self.crop.setRange(32, 4096)
-        self.crop.setValue(DEFAULTS["crop_size"])
+        self.crop.setValue(defaults.crop_size)
         self.crop.setSuffix(" px")
         self.batch = QSpinBox()
         self.batch.setRange(2, 1024)
-        self.batch.setValue(DEFAULTS["batch_size"])
+        self.batch.setValue(defaults.batch_size)
         self.self_train = QDoubleSpinBox()
         self.self_train.setRange(0.0, 1.0)
         self.self_train.setSingleStep(0.05)
-        self.self_train.setValue(DEFAULTS["self_train_fraction"])
+        self.self_train.setValue(defaults.self_train_fraction)
         self.self_train.setToolTip(
             "After this share of the schedule, the student's own predictions replace the "
             "teacher's for pixels nobody edited (1 = never)."
@@ -205,6 +207,12 @@ class TrainWidget(QWidget):
         self.teacher_button.clicked.connect(self._choose_teacher)
         self.teacher_weights_button.clicked.connect(self._choose_teacher_weights)
         self.resume.toggled.connect(self._on_resume)
+        self.runner = JobRunner(
+            self, title="MaskCLIP+ student", start_button=self.start_button,
+            cancel_button=self.cancel_button, record=self._record_step,
+            show=self._show_progress, finish=self._finish, on_error=self.status.setText,
+        )
+        self.runner.ended.connect(self.train_finished.emit)
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.use_button.clicked.connect(self.use_student)
@@ -258,14 +266,15 @@ class TrainWidget(QWidget):
 
     def request(self) -> TrainRequest:
         """The panel's choices, checked (InvalidInputError says what to fix)."""
-        settings: dict[str, Any] = {"iterations": int(self.iterations.value())}
-        if not self.resume.isChecked():
-            settings.update(
+        settings = TrainSettings(iterations=int(self.iterations.value()))
+        if not self.resume.isChecked():  # a resumed run keeps the checkpoint's settings
+            settings = settings.replace(
                 batch_size=int(self.batch.value()),
                 crop_size=int(self.crop.value()),
                 self_train_fraction=float(self.self_train.value()),
                 backbone=self.backbone.currentText(),
-                backbone_weights=self.backbone_weights.currentText().strip() or "auto",
+                backbone_weights=(self.backbone_weights.currentText().strip()
+                                  or settings.backbone_weights),
             )
         return TrainRequest(
             datasets=self.dataset_folders(),
@@ -281,7 +290,12 @@ class TrainWidget(QWidget):
     # ---- running -------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.runner.running
+
+    @property
+    def worker(self) -> Any:
+        """The napari worker of the training run in progress (None when idle)."""
+        return self.runner.worker
 
     def start(self) -> Any:
         """Start training; returns the napari worker, or None (with a notification) if refused."""
@@ -294,57 +308,39 @@ class TrainWidget(QWidget):
             self.status.setText(show_exception(exc))
             self.train_finished.emit("error")
             return None
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         self.last_request = request
         self.losses = []
         self._val = None
-        self._control = JobControl()
-        worker = create_worker(guarded_job, lambda: training_iter(request), self._control,
-                               _start_thread=False)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._pbar = progress(total=0, desc="MaskCLIP+ student")
-        self.start_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
         self.use_button.setVisible(False)
         self.live.setText("")
         self.plot.setText("")
         verb = "Resuming" if request.resume else "Training"
         self.status.setText(f"{verb} {request.path.name}... {CANCEL_NOTE}")
-        worker.start()
-        return worker
+        return self.runner.start(
+            lambda control: guarded_job(lambda: training_iter(request), control)
+        )
 
     def cancel(self) -> None:
-        if self._control is not None:
-            self._control.cancel.set()
+        if self.runner.request_cancel():
             self.status.setText("Stopping after the current iteration (the checkpoint keeps it)...")
 
-    def _on_progress(self, step: Progress) -> None:
-        pbar = self._pbar
-        if pbar is None or self.worker is None:
+    def _record_step(self, step: Progress) -> None:
+        """Every training step, as it arrives: the loss curve and the last validation score."""
+        if step.stage != "train":
             return
+        if step.info.get("val_miou") is not None:
+            self._val = float(step.info["val_miou"])
+        if "loss" in step.info:
+            self.losses.append(float(step.info["loss"]))
+
+    def _show_progress(self, step: Progress) -> Optional[BarState]:
         if step.stage != "train":
             if step.message:
                 self.live.setText(step.message)
-            return
-        info = step.info
-        if info.get("val_miou") is not None:
-            self._val = float(info["val_miou"])
-        if "loss" in info:
-            self.losses.append(float(info["loss"]))
+            return None
         self.live.setText(self.describe_step(step, self._val))
         self.plot.setText(loss_sparkline(self.losses))
-        # The bar last: updating it may process pending events, the end of the run included.
-        if step.total > 0 and self._pbar is pbar:
-            if pbar.total != step.total:
-                pbar.total = step.total
-            if step.done > pbar.n and self._pbar is pbar:
-                pbar.update(step.done - pbar.n)
+        return BarState(done=step.done, total=step.total) if step.total > 0 else None
 
     @staticmethod
     def describe_step(step: Progress, val_miou: Optional[float] = None) -> str:
@@ -364,17 +360,15 @@ class TrainWidget(QWidget):
             text += f", {rate:.2f} it/s, ~{_duration(left)} left"
         return text
 
-    def _on_returned(self, outcome: JobOutcome) -> None:
+    def _finish(self, outcome: JobOutcome) -> str:
         self.last_outcome = outcome
         request = self.last_request
         if outcome.cancelled:
             self.status.setText(self._cancelled_text(request))
-            self.train_finished.emit("cancelled")
-            return
+            return "cancelled"
         if outcome.error is not None:
             self.status.setText(show_exception(outcome.error))
-            self.train_finished.emit("error")
-            return
+            return "error"
         summary = outcome.result
         text = f"Trained to iteration {summary.iteration}: {summary.checkpoint}"
         details = []
@@ -387,32 +381,19 @@ class TrainWidget(QWidget):
         path = str(summary.checkpoint)
         update_preferences(lambda prefs: prefs.remember_student(path))
         self.use_button.setVisible(True)
-        self.train_finished.emit("done")
+        return "done"
 
     def _cancelled_text(self, request: Optional[TrainRequest]) -> str:
         if request is None or not request.path.is_file():
             return "Cancelled before the first iteration: nothing was saved."
         try:
-            from .student import read_checkpoint_meta  # torch is loaded by now
+            from ...student import read_checkpoint_meta  # torch is loaded by now
 
             iteration = read_checkpoint_meta(request.path)["iteration"]
         except Exception:  # noqa: BLE001 - the message below still holds
             return f"Cancelled. {request.path.name} holds the last saved iteration."
         return (f"Cancelled: {request.path.name} holds iteration {iteration}. Tick 'resume' and "
                 "press Start to continue.")
-
-    def _on_errored(self, exc: BaseException) -> None:  # only bugs reach here (guarded_job)
-        self.status.setText(show_exception(exc))
-        self.train_finished.emit("error")
-
-    def _on_finished(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-        self._pbar = None
-        self.worker = None
-        self._control = None
-        self.start_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
 
     def use_student(self) -> Any:
         """Make the trained student the model of the MaskCLIP widget (opened if needed)."""
@@ -422,10 +403,8 @@ class TrainWidget(QWidget):
             return None
         main = self.main
         if main is None:
-            from ._widget import PLUGIN, WIDGET_NAME
-
             try:
-                _, main = self.viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+                main = show_panel(self.viewer, SEGMENT_NAME)
             except Exception as exc:  # noqa: BLE001 - shown, never raised out
                 self.status.setText(show_exception(exc))
                 return None

@@ -1,18 +1,11 @@
-"""Stacks, time series and channel axes: napari layer data -> 2D planes for the engine, and back.
+"""A widget run over a napari layer's data: 2D planes for the engine, full-shape outputs back.
 
-The engine (or a trained student) segments one 2D image at a time. A napari image layer may be
-a 2D photo, an RGB(A) image, a stack or time series with any number of leading axes, a layer with
-a channel axis, or a lazy dask/zarr array. :class:`StackLayout` says which axes are the plane
-(the last two non-RGB axes), which one holds channels, and which ones are looped over;
-:func:`segment_stack_iter` runs the engine slice by slice (:func:`predict_stack_iter`: a
-MaskCLIP+ student), reading **one slice at a time** (``np.asarray(data[index])``, so a dask or
-zarr array is never loaded whole), and assembles full-shape outputs.
-
-Output shape: the source's axes without RGB and channel axes, so the Labels layer overlays the
-image with the same scale and translate. A *leading* channel axis is dropped (napari aligns layers
-by their trailing axes). A channel axis *between* other axes (e.g. Z, C, Y, X) is kept with
-length 1 and stretched over all channels (see :meth:`StackLayout.output_geometry`), so the result
-shows at every channel and stays aligned.
+:func:`segment_stack_iter` runs the engine slice by slice (:func:`predict_stack_iter`: a MaskCLIP+
+student) over the slices a :class:`StackRequest` asks for, reading **one slice at a time** through
+the core's :class:`~napari_maskclip.stacks.StackLayout` (so a dask or zarr array is never loaded
+whole), and assembles full-shape outputs: the source's axes without RGB and channel axes, so the
+Labels layer overlays the image with the same scale and translate (a channel axis between other
+axes is kept with length 1, see :meth:`~napari_maskclip.stacks.StackLayout.output_scale_translate`).
 
 Memory: outputs are ``np.zeros`` arrays, whose pages the operating system commits only when
 written, so a "current slice" run on a long stack costs one slice of memory; "all slices" costs
@@ -22,24 +15,23 @@ against :data:`MEMORY_BUDGET` before any work starts. Qt-free; torch is not impo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Generator, Optional
 
 import numpy as np
 
-from .classes import class_colors, parse_classes
-from .errors import InvalidInputError
-from .progress import Progress
+from ..classes import class_colors, parse_classes
+from ..errors import InvalidInputError
+from ..progress import Progress
+from ..stacks import Index, StackLayout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Segmenter, SegmentSettings
-    from .student import StudentSegmenter
+    from ..engine import Segmenter, SegmentSettings
+    from ..student import StudentSegmenter
 
 __all__ = [
     "MEMORY_BUDGET",
-    "StackLayout",
     "StackRequest",
     "StackResult",
     "predict_stack_iter",
@@ -50,146 +42,6 @@ __all__ = [
 MEMORY_BUDGET = 4 << 30
 #: Share of a slice's progress bar given to encoding (the rest is the query).
 _ENCODE_SHARE = 0.85
-
-Index = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class StackLayout:
-    """How the axes of a layer's data map to 2D planes (see the module doc)."""
-
-    data_shape: tuple[int, ...]
-    rgb: bool = False
-    channel_axis: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        ndim = self.ndim
-        if ndim < 2:
-            raise InvalidInputError(
-                f"The layer's data has shape {self.data_shape}: segmenting needs at least 2 axes."
-            )
-        if self.rgb and self.data_shape[-1] not in (3, 4):
-            raise InvalidInputError(f"An RGB layer needs 3 or 4 colours, got {self.data_shape[-1]}.")
-        if self.channel_axis is not None:
-            if self.rgb:
-                raise InvalidInputError(
-                    "This layer is RGB: its colours already are the channels. Set the channel "
-                    "axis to 'none'."
-                )
-            if not 0 <= self.channel_axis < ndim - 2:
-                raise InvalidInputError(
-                    f"Channel axis {self.channel_axis} is not available: it must be one of the "
-                    f"leading axes 0..{ndim - 3} (the last two axes are the image plane)."
-                    if ndim > 2
-                    else "A 2D layer has no channel axis; set the channel axis to 'none'."
-                )
-        if min(self.plane_shape) < 1:
-            raise InvalidInputError(f"The layer is empty (shape {self.data_shape}).")
-
-    # ---- axes ------------------------------------------------------------------------------
-    @property
-    def ndim(self) -> int:
-        """Number of non-RGB axes (napari's ``layer.ndim``)."""
-        return len(self.data_shape) - (1 if self.rgb else 0)
-
-    @property
-    def plane_shape(self) -> tuple[int, int]:
-        return self.data_shape[self.ndim - 2], self.data_shape[self.ndim - 1]
-
-    @property
-    def loop_axes(self) -> tuple[int, ...]:
-        """Leading axes iterated slice by slice (stack, time...)."""
-        return tuple(ax for ax in range(self.ndim - 2) if ax != self.channel_axis)
-
-    @property
-    def n_channels(self) -> Optional[int]:
-        return None if self.channel_axis is None else self.data_shape[self.channel_axis]
-
-    @property
-    def output_axes(self) -> tuple[int, ...]:
-        """Data axis of each output axis (a leading channel axis is dropped)."""
-        return tuple(ax for ax in range(self.ndim) if not (ax == self.channel_axis == 0))
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return tuple(
-            1 if ax == self.channel_axis else self.data_shape[ax] for ax in self.output_axes
-        )
-
-    @property
-    def n_slices(self) -> int:
-        return int(np.prod([self.data_shape[ax] for ax in self.loop_axes], dtype=np.int64))
-
-    # ---- slices ----------------------------------------------------------------------------
-    def all_slices(self) -> list[Index]:
-        """Every loop index, in C order (time, then z...)."""
-        return [tuple(int(i) for i in idx) for idx in np.ndindex(*[self.data_shape[a] for a in self.loop_axes])]
-
-    def slice_at(self, data_point: Sequence[float]) -> Index:
-        """The loop index at a point in data coordinates (napari ``layer.world_to_data``)."""
-        point = list(data_point)[-self.ndim:] if len(data_point) >= self.ndim else (
-            [0.0] * (self.ndim - len(data_point)) + list(data_point)
-        )
-        index = []
-        for ax in self.loop_axes:
-            value = point[ax]
-            value = 0.0 if value is None or not math.isfinite(float(value)) else float(value)
-            index.append(int(min(max(round(value), 0), self.data_shape[ax] - 1)))
-        return tuple(index)
-
-    def describe_slice(self, index: Index) -> str:
-        if not index:
-            return "the image"
-        return "slice " + ", ".join(str(i) for i in index)
-
-    def read_plane(self, data: Any, index: Index) -> np.ndarray:
-        """Read one 2D plane (plus channels/colours) from ``data``; lazy arrays read only it."""
-        key: list[Any] = [slice(None)] * len(self.data_shape)
-        for ax, i in zip(self.loop_axes, index):
-            key[ax] = i
-        return np.asarray(data[tuple(key)])
-
-    @property
-    def plane_channel_axis(self) -> Optional[int]:
-        """The channel axis of a plane returned by :meth:`read_plane` (it comes first)."""
-        return 0 if self.channel_axis is not None else None
-
-    def output_index(self, index: Index) -> tuple[Any, ...]:
-        """Where the plane of loop ``index`` goes in the output arrays."""
-        loop = dict(zip(self.loop_axes, index))
-        key: list[Any] = []
-        for ax in self.output_axes:
-            if ax == self.channel_axis:
-                key.append(0)
-            elif ax in loop:
-                key.append(loop[ax])
-            else:
-                key.append(slice(None))
-        return tuple(key)
-
-    def output_values(self, values: Sequence[Any]) -> list[Any]:
-        """Per-output-axis copies of per-data-axis values (axis labels, units)."""
-        values = list(values)
-        return [values[ax] for ax in self.output_axes]
-
-    def output_scale_translate(
-        self, scale: Sequence[float], translate: Sequence[float]
-    ) -> tuple[list[float], list[float]]:
-        """The output layers' ``scale`` and ``translate``, from the source layer's.
-
-        Equal on every axis, except a kept (length-1) channel axis: its scale is multiplied by the
-        channel count and its translate moved to the channels' centre, so the one output plane
-        covers every channel position and shows whichever channel the viewer is on.
-        """
-        out_scale, out_translate = [], []
-        for ax in self.output_axes:
-            s, t = float(scale[ax]), float(translate[ax])
-            if ax == self.channel_axis:
-                n = self.data_shape[ax]
-                s, t = s * n, t + s * (n - 1) / 2
-            out_scale.append(s)
-            out_translate.append(t)
-        return out_scale, out_translate
 
 
 @dataclass

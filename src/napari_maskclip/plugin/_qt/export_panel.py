@@ -3,8 +3,8 @@
 A small dock widget, opened from the MaskCLIP widget's **Export to dataset...** button or from
 napari's Plugins menu. It gathers the choices (dataset folder, sample name, which slices, the
 confidence threshold, overwrite, remap), plans the export on the main thread
-(:func:`._widget_export_plan.plan_layer_export`: metadata only, no pixels) and runs
-:meth:`~._widget_export_plan.ExportPlan.export_iter` in a napari worker with a progress bar.
+(:func:`..export_plan.plan_layer_export`: metadata only, no pixels) and runs
+:meth:`~..export_plan.ExportPlan.export_iter` through the job runner (:mod:`.job_runner`).
 A refused export (other classes, an existing sample, no folder...) is a notification with the
 exporter's message; nothing is written then.
 """
@@ -29,14 +29,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
-from ._widget_job import JobControl, JobOutcome, guarded_job
-from ._widget_layers import META_KEY
-from ._widget_notify import notify, show_exception
-from ._widget_qt import row, small_button
-from ._widget_settings import WidgetPreferences, update_preferences
-from .errors import InvalidInputError, MaskClipError
-from .progress import Progress
+from ...errors import InvalidInputError, MaskClipError
+from ...progress import Progress
+from ..export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
+from ..jobs import JobOutcome, guarded_job
+from ..notify import notify, show_exception
+from ..preferences import WidgetPreferences, update_preferences
+from ..records import LABELS, role_of
+from .controls import row, small_button
+from .job_runner import BarState, JobRunner
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -57,11 +58,9 @@ class ExportWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.main: Any = None
-        self.worker: Any = None
         self.last_report: Any = None
         self.last_plan: Optional[ExportPlan] = None
-        self._control: Optional[JobControl] = None
-        self._pbar: Any = None
+        self._folder: Optional[Path] = None
         self._layers: list[Any] = []
         prefs = WidgetPreferences.load()
 
@@ -143,6 +142,12 @@ class ExportWidget(QWidget):
         column.addWidget(self.status)
         column.addStretch(1)
 
+        self.runner = JobRunner(
+            self, title="MaskCLIP export", start_button=self.export_button,
+            cancel_button=self.cancel_button, show=self._show_progress, finish=self._finish,
+            on_error=self.status.setText,
+        )
+        self.runner.ended.connect(self.export_finished.emit)
         self.folder_button.clicked.connect(self._choose_folder)
         self.use_threshold.toggled.connect(self.threshold.setEnabled)
         self.remap.toggled.connect(self.add_classes.setEnabled)
@@ -177,8 +182,7 @@ class ExportWidget(QWidget):
         if current in self._layers:
             self.layer_combo.setCurrentIndex(self._layers.index(current))
         elif self._layers:
-            plugin = [layer for layer in self._layers
-                      if isinstance(layer.metadata.get(META_KEY), dict)]
+            plugin = [layer for layer in self._layers if role_of(layer) == LABELS]
             self.layer_combo.setCurrentIndex(self._layers.index((plugin or self._layers)[-1]))
         self.layer_combo.blockSignals(False)
         if self.current_layer() is not current:
@@ -214,7 +218,7 @@ class ExportWidget(QWidget):
         self.name.setText(plan.name)
         self.slices.setEnabled(plan.is_stack)
         parts = [f"classes: {', '.join(plan.display_names)}"]
-        if plan.is_stack and plan.record is not None:
+        if plan.is_stack and plan.predicted is not None:
             parts.append(f"MaskCLIP wrote {len(plan.written_leads)} slice(s)")
         parts += plan.notes
         self.info.setText("; ".join(parts) + ".")
@@ -227,7 +231,12 @@ class ExportWidget(QWidget):
     # ---- exporting -----------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.runner.running
+
+    @property
+    def worker(self) -> Any:
+        """The napari worker of the export in progress (None when idle)."""
+        return self.runner.worker
 
     def export(self) -> Any:
         """Start the export; returns the napari worker, or None (with a notification) if refused."""
@@ -266,57 +275,33 @@ class ExportWidget(QWidget):
         return self._start(plan, Path(folder).expanduser(), options)
 
     def _start(self, plan: ExportPlan, folder: Path, options: dict[str, Any]) -> Any:
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         self.last_plan = plan
-        self._control = JobControl()
-        worker = create_worker(
-            guarded_job, lambda: plan.export_iter(folder, **options), self._control,
-            _start_thread=False,
-        )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
         self._folder = folder
-        self._pbar = progress(total=0, desc="MaskCLIP export")
-        self.export_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
         self.status.setText(f"Exporting to {folder}...")
-        worker.start()
-        return worker
+        return self.runner.start(
+            lambda control: guarded_job(lambda: plan.export_iter(folder, **options), control)
+        )
 
     def cancel(self) -> None:
-        if self._control is not None:
-            self._control.cancel.set()
+        if self.runner.request_cancel():
             self.status.setText("Stopping after the current slice...")
 
-    def _on_progress(self, step: Progress) -> None:
-        pbar = self._pbar
-        if pbar is None or self.worker is None:
-            return
-        if step.stage == "export" and step.total > 0:
-            # Status first: updating napari's bar may process pending events, the end included.
-            self.status.setText(f"Exporting {step.done}/{step.total}: {step.message}")
-            if pbar.total != step.total:
-                pbar.total = step.total
-            if step.done > pbar.n and self._pbar is pbar:
-                pbar.update(step.done - pbar.n)
+    def _show_progress(self, step: Progress) -> Optional[BarState]:
+        if step.stage != "export" or step.total <= 0:
+            return None
+        self.status.setText(f"Exporting {step.done}/{step.total}: {step.message}")
+        return BarState(done=step.done, total=step.total)
 
-    def _on_returned(self, outcome: JobOutcome) -> None:
+    def _finish(self, outcome: JobOutcome) -> str:
         if outcome.cancelled:
             self.status.setText(
                 "Export stopped: the samples written so far are complete and listed in the "
                 "dataset; the rest were not exported."
             )
-            self.export_finished.emit("cancelled")
-            return
+            return "cancelled"
         if outcome.error is not None:
             self.status.setText(show_exception(outcome.error))
-            self.export_finished.emit("error")
-            return
+            return "error"
         report = outcome.result
         self.last_report = report
         notes = self.last_plan.notes if self.last_plan is not None else []
@@ -326,20 +311,7 @@ class ExportWidget(QWidget):
         self.status.setText(text)
         folder = str(self._folder)
         update_preferences(lambda prefs: setattr(prefs, "last_dataset", folder))
-        self.export_finished.emit("done")
-
-    def _on_errored(self, exc: BaseException) -> None:  # only bugs reach here (guarded_job)
-        self.status.setText(show_exception(exc))
-        self.export_finished.emit("error")
-
-    def _on_finished(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-        self._pbar = None
-        self.worker = None
-        self._control = None
-        self.export_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        return "done"
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         self.cancel()

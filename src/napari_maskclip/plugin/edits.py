@@ -1,7 +1,7 @@
 """Which pixels a person edited: a compact copy of what MaskCLIP wrote, compared at export time.
 
-The widget keeps, in the Labels layer's ``metadata["napari_maskclip"]["predicted"]``, a copy of
-every slice it wrote, zlib-compressed (level 1): ``{slice key: {"shape", "dtype", "zlib"}}``.
+The widget keeps, in the Labels layer's run record (:attr:`.records.RunRecord.predicted`), a copy
+of every slice it wrote, zlib-compressed (level 1): ``{slice key: {"shape", "dtype", "zlib"}}``.
 At export time a pixel is *edited* when the layer's current value differs from that copy, so a
 pixel painted back to the value MaskCLIP gave it counts as unedited (a pseudo-label), which is
 what it is. A slice MaskCLIP never wrote was all 0 before anyone painted it, so there every
@@ -24,32 +24,17 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..stacks import slice_key
+
 __all__ = [
-    "PREDICTED",
     "decode_plane",
     "encode_plane",
     "edited_plane",
-    "leading_indices",
     "record_planes",
     "record_shapes_fit",
-    "slice_key",
 ]
 
-#: Key of the record inside ``metadata["napari_maskclip"]``.
-PREDICTED = "predicted"
 _LEVEL = 1  # zlib: fast; label maps compress well even at the lowest level
-
-
-def slice_key(index: Sequence[Any]) -> str:
-    """A slice's key: its leading integer indices (``""`` for a 2D layer, ``"3"``, ``"0,3"``)."""
-    return ",".join(str(int(i)) for i in index if not isinstance(i, slice))
-
-
-def leading_indices(shape: Sequence[int]) -> Iterable[tuple[int, ...]]:
-    """Every leading (non-plane) index of an array of ``shape``, in C order."""
-    if len(shape) <= 2:
-        return [()]
-    return [tuple(int(i) for i in idx) for idx in np.ndindex(*shape[:-2])]
 
 
 def encode_plane(plane: np.ndarray) -> dict[str, Any]:

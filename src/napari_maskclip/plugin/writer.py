@@ -2,8 +2,8 @@
 
 An npe2 single-layer writer (``write_labels_dataset(path, data, meta)``); ``path`` is the dataset
 folder (created, or appended to). What the layer says about itself (classes, image, confidence
-maps, edited pixels) is read by :func:`._widget_export_plan.plan_layer_export`, the same code the
-widget's Export panel uses, and the work is :func:`napari_maskclip.export.export_sample_iter`:
+maps, edited pixels) is read by :func:`.export_plan.plan_layer_export`, the same code the widget's
+Export panel uses, and the work is :func:`napari_maskclip.export.export_sample_iter`:
 
 * class names: the plugin's metadata, else the layer's ``features`` table (``index``, ``name``);
 * the image: a writer call receives only the Labels layer, so the image comes from
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ._widget_export_plan import SLICES_LABELLED, export_options_from_meta, plan_layer_export
-from .errors import InvalidInputError
-from .progress import run_to_completion
+from ..errors import InvalidInputError
+from ..progress import run_to_completion
+from .export_plan import SLICES_LABELLED, export_options_from_meta, plan_layer_export
 
 __all__ = ["write_labels_dataset", "export_options_from_meta"]
 

@@ -1,8 +1,9 @@
 """One Train-panel run as a Qt-free generator over :func:`napari_maskclip.student.train_iter`.
 
-:class:`TrainRequest` holds the panel's choices as plain values, checked on the main thread
-(:meth:`TrainRequest.check`) so a missing folder or an existing checkpoint is refused before any
-thread starts. :func:`training_iter` runs in the worker: it imports torch there, then delegates
+:class:`TrainRequest` holds the panel's choices (the core's torch-free
+:class:`~napari_maskclip.student.settings.TrainSettings` among them), checked on the main thread
+(:meth:`TrainRequest.check`), so a missing folder, an existing checkpoint or an impossible
+setting is refused before any thread starts. :func:`training_iter` runs in the worker: it imports torch there, then delegates
 to the core generator, whose progress (``info``: loss, lr, stage, validation mIoU, it/s) drives
 the panel. Closing it (Cancel) closes ``train_iter``, which saves the last completed iteration.
 """
@@ -11,25 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Optional
+from typing import Generator, Optional
 
-from ._widget_models import import_student
-from .errors import InvalidInputError
-from .progress import Progress
+from ..engine.names import default_pretrained
+from ..errors import InvalidInputError
+from ..progress import Progress
+from ..student.settings import TrainSettings
+from .models import import_student
 
-__all__ = ["DEFAULTS", "TrainRequest", "TrainSummary", "training_iter"]
-
-#: The panel's defaults: :class:`~napari_maskclip.student.TrainSettings`'s, restated here so the
-#: panel opens without importing torch (a test checks they agree).
-DEFAULTS: dict[str, Any] = {
-    "iterations": 2000,
-    "batch_size": 4,
-    "crop_size": 320,
-    "self_train_fraction": 0.1,
-    "backbone": "mobilenet_v3_large",
-    "backbone_weights": "auto",
-}
-BACKBONES = ("mobilenet_v3_large", "resnet50", "resnet101", "tiny")
+__all__ = ["TrainRequest", "TrainSummary", "training_iter"]
 
 
 @dataclass
@@ -38,7 +29,8 @@ class TrainRequest:
 
     datasets: list[str]
     checkpoint: str
-    settings: dict[str, Any] = field(default_factory=dict)
+    #: The run's settings; a resumed run takes its own from the checkpoint, all but iterations.
+    settings: TrainSettings = field(default_factory=TrainSettings)
     teacher: Optional[str] = None
     pretrained: Optional[str] = None
     device: str = "auto"
@@ -79,6 +71,7 @@ class TrainRequest:
             )
         if self.pretrained and not self.teacher:
             raise InvalidInputError("Teacher weights need a teacher model; give both, or neither.")
+        self.settings.validate()
         return self
 
 
@@ -99,19 +92,15 @@ def training_iter(request: TrainRequest) -> Generator[Progress, None, TrainSumma
     student = import_student()
     teacher, pretrained = request.teacher or None, request.pretrained or None
     if teacher and pretrained is None:
-        from .cli.segment import default_pretrained
-
         pretrained = default_pretrained(teacher, None)
     if request.resume:
-        extra = {k: v for k, v in request.settings.items() if k == "iterations"}
         gen = student.train_iter(
             request.datasets, request.path, resume=True, teacher=teacher, pretrained=pretrained,
-            device=request.device, **extra,
+            device=request.device, iterations=request.settings.iterations,
         )
     else:
-        settings = student.TrainSettings().replace(**request.settings)
         gen = student.train_iter(
-            request.datasets, request.path, settings=settings, teacher=teacher,
+            request.datasets, request.path, settings=request.settings, teacher=teacher,
             pretrained=pretrained, overwrite=request.overwrite, device=request.device,
         )
     result = yield from gen

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 __all__ = [
     "CONFIG_ENV", "WidgetPreferences", "config_dir", "preferences_path", "update_preferences",

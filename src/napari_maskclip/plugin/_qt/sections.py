@@ -1,10 +1,11 @@
 """The sections of the MaskCLIP dock widget: image, classes, model, settings.
 
 Each section is a small Qt group box that owns its controls and turns them into plain values
-(a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, a dict of engine settings). The
-widget in :mod:`napari_maskclip._widget` assembles them and runs the work. Imports no torch: the
-engine's settings object is built in the worker, from the dict returned here. (Choosing a trained
-student reads its checkpoint's description, which loads torch once.)
+(a :class:`StackLayout`, class-list text, a :class:`ModelChoice`, the engine's checked
+:class:`~napari_maskclip.engine.settings.SegmentSettings`). The Segment panel
+(:mod:`.segment_panel`) assembles them and runs the work. Imports no torch (the engine's settings
+and modes modules are torch-free; choosing a trained student reads its checkpoint's description,
+which loads torch once).
 """
 
 from __future__ import annotations
@@ -28,30 +29,19 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._widget_layers import META_KEY
-from ._widget_qt import ask_clip_checkpoint, ask_model_config, row, small_button
-from ._widget_models import (
-    DEFAULT_MODEL,
-    DEFAULT_PRETRAINED,
-    DEMO_MODEL,
-    ModelChoice,
-    import_student,
-)
-from ._widget_settings import WidgetPreferences
-from ._widget_stack import StackLayout
-from .errors import InvalidInputError
+from ...engine.modes import MODE_HELP, MODES
+from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDOM_WEIGHTS
+from ...engine.settings import SegmentSettings
+from ...engine.templates import TEMPLATE_SETS
+from ...errors import InvalidInputError
+from ...stacks import StackLayout
+from ..models import ModelChoice, import_student
+from ..preferences import WidgetPreferences
+from ..records import SampleSuggestion, role_of
+from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
 
 __all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
 
-#: The engine's read-out modes (napari_maskclip.engine.MODES; listed here to keep torch unloaded).
-MODES = ("maskclip", "sclip", "clearclip", "naclip", "naive")
-MODE_TIPS = {
-    "maskclip": "MaskCLIP (paper): value path of the last attention block",
-    "sclip": "SCLIP: correlative self-attention (ViT only)",
-    "clearclip": "ClearCLIP: q-q attention, no residual, no FFN (ViT only)",
-    "naclip": "NACLIP: neighbourhood attention (ViT only)",
-    "naive": "the unmodified last layer (a baseline; ViT only)",
-}
 SLICE_CURRENT = "current slice"
 SLICE_ALL = "all slices"
 CHANNEL_NONE = "none"
@@ -59,15 +49,14 @@ INFERENCE_AUTO = "auto"
 INFERENCE_WHOLE = "whole image"
 INFERENCE_SLIDING = "sliding window"
 KNOWN_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "RN50", "RN101", DEMO_MODEL)
-KNOWN_TAGS = ("openai", "laion2b_s34b_b88k", "laion400m_e32", "random")
+KNOWN_TAGS = (DEFAULT_PRETRAINED, "laion2b_s34b_b88k", "laion400m_e32", RANDOM_WEIGHTS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: How a trained student is listed in the model box.
 STUDENT_PREFIX = "student: "
 
 
 def _is_plugin_output(layer: Any) -> bool:
-    meta = getattr(layer, "metadata", {}) or {}
-    return isinstance(meta.get(META_KEY), dict) and "role" in meta[META_KEY]
+    return role_of(layer) is not None
 
 
 class ImageSection(QGroupBox):
@@ -282,13 +271,12 @@ class ClassesSection(QGroupBox):
 
     def suggest(self, layer: Any) -> None:
         """Fill in the class names a sample image suggests, if the user typed none yet."""
-        meta = (getattr(layer, "metadata", None) or {}).get(META_KEY, {})
-        if not isinstance(meta, dict) or self.classes_text():
+        suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
+        if suggestion is None or self.classes_text():
             return
-        if meta.get("suggested_classes"):
-            self.text.setPlainText(str(meta["suggested_classes"]))
-            if meta.get("suggested_background") and not self.background_text():
-                self.background.setEditText(str(meta["suggested_background"]))
+        self.text.setPlainText(suggestion.classes)
+        if suggestion.background and not self.background_text():
+            self.background.setEditText(suggestion.background)
 
 
 class ModelSection(QGroupBox):
@@ -411,7 +399,7 @@ class ModelSection(QGroupBox):
             try:
                 self.use_student(path)
             except Exception as exc:  # noqa: BLE001 - a bad file is the user's to fix
-                from ._widget_notify import show_exception
+                from ..notify import show_exception
 
                 show_exception(exc)
 
@@ -477,24 +465,27 @@ class SettingsSection(QGroupBox):
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__("Settings", parent)
+        defaults = SegmentSettings()  # the engine's (the paper's) defaults
         self.mode = QComboBox()
         for i, mode in enumerate(MODES):
             self.mode.addItem(mode)
-            self.mode.setItemData(i, MODE_TIPS[mode], Qt.ToolTipRole)
+            self.mode.setItemData(i, MODE_HELP[mode], Qt.ToolTipRole)
+        self.mode.setCurrentText(defaults.mode)
         self.mode.setToolTip("How the last attention layer is read out into dense features.")
         self.denoise = QCheckBox("prompt denoising")
-        self.denoise.setChecked(True)
+        self.denoise.setChecked(defaults.denoise)
         self.denoise.setToolTip(
             "Drop classes whose best pixel stays below the threshold (paper section 3.3), so "
             "absent classes do not take pixels."
         )
-        self.denoise_threshold = self._unit_spin(0.5)
+        self.denoise_threshold = self._unit_spin(defaults.denoise_threshold)
         self.key_smoothing = QCheckBox("key smoothing")
+        self.key_smoothing.setChecked(defaults.key_smoothing)
         self.key_smoothing.setToolTip(
             "Smooth class probabilities between patches with similar attention keys (paper eq. 5). "
             "Changing it re-encodes the image."
         )
-        self.ks_threshold = self._unit_spin(1.0)
+        self.ks_threshold = self._unit_spin(defaults.ks_threshold)
         self.ks_threshold.setToolTip("Only pixels whose confidence is below this are smoothed.")
         self.inference = QComboBox()
         self.inference.addItems([INFERENCE_AUTO, INFERENCE_WHOLE, INFERENCE_SLIDING])
@@ -511,11 +502,12 @@ class SettingsSection(QGroupBox):
         self.stride.setValue(224)
         self.stride.setSuffix(" px")
         self.templates = QComboBox()
-        self.templates.addItems(["maskclip85", "single"])
+        self.templates.addItems(TEMPLATE_SETS)
+        self.templates.setCurrentText(str(defaults.templates))
         self.templates.setToolTip(
             "maskclip85: the 85 prompt templates of the paper (better); single: 'a photo of a {}.'"
         )
-        self.min_confidence = self._unit_spin(0.0)
+        self.min_confidence = self._unit_spin(defaults.background_threshold or 0.0)
         self.min_confidence.setToolTip(
             "Pixels whose best class is less confident than this stay unlabelled (0 = off)."
         )
@@ -534,8 +526,17 @@ class SettingsSection(QGroupBox):
         self.denoise.toggled.connect(self.denoise_threshold.setEnabled)
         self.key_smoothing.toggled.connect(self.ks_threshold.setEnabled)
         self.inference.currentTextChanged.connect(self._update_windows)
-        self.ks_threshold.setEnabled(False)
+        self.denoise_threshold.setEnabled(self.denoise.isChecked())
+        self.ks_threshold.setEnabled(self.key_smoothing.isChecked())
         self._update_windows()
+
+    def apply_preset(self, *, templates: str, window: int, stride: int) -> None:
+        """Settings a model asks for (see :func:`napari_maskclip.demo.recommended_settings`):
+        its prompt templates, and sliding windows of the given size and stride."""
+        self.templates.setCurrentText(templates)
+        self.inference.setCurrentText(INFERENCE_SLIDING)
+        self.window.setValue(int(window))
+        self.stride.setValue(int(stride))
 
     def set_student_mode(self, student: bool) -> None:
         """Disable MaskCLIP's settings while a student is the model (confidence maps stay)."""
@@ -561,6 +562,11 @@ class SettingsSection(QGroupBox):
         sliding = self.inference.currentText() == INFERENCE_SLIDING
         self.window.setEnabled(sliding)
         self.stride.setEnabled(sliding)
+
+    def segment_settings(self) -> SegmentSettings:
+        """The engine's settings for these choices, checked (InvalidInputError says what to fix).
+        The engine's settings module imports no torch, so this runs before any worker starts."""
+        return SegmentSettings().replace(**self.overrides()).validate()
 
     def overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``SegmentSettings.replace``."""

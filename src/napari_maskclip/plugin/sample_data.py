@@ -1,8 +1,8 @@
 """Sample images for the File > Open Sample menu, each with class names worth trying.
 
 Natural photos shipped with scikit-image (no download). Each layer carries suggested class names
-in ``metadata["napari_maskclip"]``; the MaskCLIP widget fills them in when its class box is empty,
-so a first run is one click. Imports neither torch nor Qt.
+(a :class:`~.records.SampleSuggestion` in its metadata); the MaskCLIP widget fills them in when
+its class box is empty, so a first run is one click. Imports neither torch nor Qt.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+
+from ..engine.names import DEMO_MODEL
+from .records import SampleSuggestion
 
 __all__ = ["SAMPLES", "astronaut", "cat", "coffee", "rocket", "shapes"]
 
@@ -33,13 +36,7 @@ def _sample(name: str) -> LayerData:
 
     loader, classes, background, description = SAMPLES[name]
     image: np.ndarray = getattr(skimage.data, loader)()
-    meta = {
-        "napari_maskclip": {
-            "suggested_classes": classes,
-            "suggested_background": background,
-            "description": description,
-        }
-    }
+    meta = SampleSuggestion(classes, background, description=description).to_metadata()
     return [(image, {"name": name, "rgb": True, "metadata": meta})]
 
 
@@ -64,16 +61,12 @@ def shapes() -> LayerData:
     The layer suggests the demo model, its 12 classes and its background name, so the widget is
     ready to run as soon as the sample opens.
     """
-    from .cli.demo import demo_classes, demo_scene
+    from ..demo.scene import demo_classes, demo_scene
 
     scene = demo_scene()
     classes, background = demo_classes()
-    meta = {
-        "napari_maskclip": {
-            "suggested_classes": classes,
-            "suggested_background": background,
-            "suggested_model": "demo",
-            "description": "Synthetic shapes scene for the offline demo model",
-        }
-    }
+    meta = SampleSuggestion(
+        classes, background, model=DEMO_MODEL,
+        description="Synthetic shapes scene for the offline demo model",
+    ).to_metadata()
     return [(scene.image, {"name": "shapes (demo)", "rgb": True, "metadata": meta})]

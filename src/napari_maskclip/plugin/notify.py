@@ -8,7 +8,7 @@ Nothing is raised out of a panel.
 
 from __future__ import annotations
 
-from .errors import MaskClipError
+from ..errors import MaskClipError
 
 __all__ = ["notify", "show_exception"]
 
