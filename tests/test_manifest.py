@@ -40,7 +40,13 @@ def test_contributions(manifest):
     widget = contrib.widgets[0]
     assert commands[widget.command] == "napari_maskclip.plugin._qt.segment_panel:MaskClipWidget"
     segment_menu = contrib.menus["napari/layers/segment"]
-    assert [item.command for item in segment_menu] == [widget.command]
+    assert [item.command for item in segment_menu] == [
+        widget.command, "napari-maskclip.show_instances", "napari-maskclip.show_instances_slice"
+    ]
+    assert commands["napari-maskclip.show_instances"] == (
+        "napari_maskclip.plugin.instances_command:show_instances"
+    )
+    assert all(item.when == "active_layer_type == 'labels'" for item in segment_menu[1:])
     from napari_maskclip.plugin.sample_data import SAMPLES
 
     assert {s.key for s in contrib.sample_data} == set(SAMPLES) | {"shapes"}  # photos + demo scene
@@ -77,6 +83,8 @@ def test_writer_command_resolves(manifest):
         (["napari_maskclip"], ["torch", "qtpy", "PyQt5", "PyQt6", "napari"]),
         (["napari_maskclip.plugin.sample_data", "napari_maskclip.plugin.preferences"], ["torch", "qtpy"]),
         (["napari_maskclip.plugin._qt.segment_panel"], ["torch", "open_clip"]),
+        (["napari_maskclip.plugin.instance_layer"], ["torch", "qtpy", "napari"]),
+        (["napari_maskclip.plugin._qt.export_panel"], ["torch", "open_clip", "pycocotools"]),
     ],
 )
 def test_imports_stay_light(modules, forbidden):

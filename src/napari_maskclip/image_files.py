@@ -206,7 +206,8 @@ def write_label_image(
     if use_png:
         from PIL import Image
 
-        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        # No copy when the labels are uint8 already (a 16000^2 map is 256 MB).
+        image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), mode="P")
         image.putpalette(palette_from_colors(colors))
         with atomic_write(target, overwrite=overwrite) as tmp:
             image.save(tmp, format="PNG", optimize=False)
@@ -214,7 +215,7 @@ def write_label_image(
         import tifffile
 
         with atomic_write(target, overwrite=overwrite) as tmp:
-            tifffile.imwrite(tmp, labels.astype(np.uint16), compression="zlib")
+            tifffile.imwrite(tmp, np.ascontiguousarray(labels, dtype=np.uint16), compression="zlib")
     return target
 
 

@@ -33,7 +33,7 @@ def _check_files(paths: list[Path], what: str) -> None:
 
 
 def _find_image(stem: str, table: dict[str, Any], images_dir: Optional[Path]) -> Optional[Path]:
-    recorded = table.get("source_image")
+    recorded = table.get("source_image") if isinstance(table.get("source_image"), str) else None
     if images_dir is not None:
         for suffix in _IMAGE_SUFFIXES:
             for candidate in (images_dir / f"{stem}{suffix}", images_dir / f"{stem}{suffix.upper()}"):
@@ -99,7 +99,7 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
         if image is None:
             missing.append(stem)
             continue
-        settings = table.get("settings") or {}
+        settings = table.get("settings") if isinstance(table.get("settings"), dict) else {}
         jobs.append({
             "name": safe_sample_name(stem), "image": image, "result": path,
             "classes": list(classes.classes),

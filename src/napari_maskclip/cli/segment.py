@@ -3,9 +3,11 @@
     napari-maskclip segment photos/*.jpg --classes "cat, dog; puppy" --background background \
         --model ViT-B-16 --pretrained openai --out results/
 
-The model loads once and every image goes through the same :class:`~napari_maskclip.engine.Segmenter`
-(so text embeddings are computed once for the batch). Bad input stops the run before any work
-with one line on stderr; outputs that exist are never overwritten without ``--overwrite``.
+The model loads once (with the first image that needs it) and every image goes through the same
+:class:`~napari_maskclip.engine.Segmenter` (so text embeddings are computed once for the batch).
+Bad options and every output file are checked before any work, with one line on stderr; files
+napari-maskclip did not write are never replaced, results of other settings only with
+``--overwrite``, and finished images are skipped on a rerun (see :mod:`.batch`).
 """
 
 from __future__ import annotations

@@ -299,6 +299,9 @@ def _sample_from_entry(root: Path, entry: dict[str, Any]) -> DatasetSample:
         raise TypeError(f"{name}: shape {shape!r} is not [height, width]")
     if min(shape) < 1 or shape[0] * shape[1] > MAX_IMAGE_PIXELS:
         raise ValueError(f"{name}: shape {shape!r} is out of range")
+    for key in ("provenance", "source", "pixels"):
+        if entry.get(key) is not None and not isinstance(entry[key], dict):
+            raise TypeError(f"{name}: {key!r} is not a JSON object")
     num_classes = entry["num_classes"]
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 0 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"{name}: num_classes {num_classes!r} is not a class count")

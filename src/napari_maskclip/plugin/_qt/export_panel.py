@@ -6,7 +6,10 @@ confidence threshold, overwrite, remap), plans the export on the main thread
 (:func:`..export_plan.plan_layer_export`: metadata only, no pixels) and runs
 :meth:`~..export_plan.ExportPlan.export_iter` through the job runner (:mod:`.job_runner`).
 A refused export (other classes, an existing sample, no folder...) is a notification with the
-exporter's message; nothing is written then.
+exporter's message; nothing is written then. With "also write COCO instances", a finished export
+is followed, in the same job, by the core COCO export of the whole dataset into
+``<dataset>/instances.json`` (:func:`...export.coco.export_coco_iter`; it replaces only a file it
+wrote).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from qtpy.QtWidgets import (
 )
 
 from ...errors import InvalidInputError, MaskClipError
+from ...export.coco import _check_target, export_coco_iter
+from ...export.coco_masks import require_pycocotools
 from ...progress import Progress
 from ..export_plan import SLICES_LABELLED, ExportPlan, plan_layer_export
 from ..jobs import JobOutcome, guarded_job
@@ -46,6 +51,8 @@ __all__ = ["ExportWidget"]
 
 SLICE_CURRENT = "current slice"
 SLICE_LABELLED = "all labelled slices"
+#: The COCO file the panel writes into the dataset folder.
+COCO_FILE = "instances.json"
 
 
 class ExportWidget(QWidget):
@@ -59,6 +66,8 @@ class ExportWidget(QWidget):
         self.viewer = napari_viewer
         self.main: Any = None
         self.last_report: Any = None
+        #: The COCO export's report of the last export (None when it wrote no COCO file).
+        self.last_coco_report: Any = None
         self.last_plan: Optional[ExportPlan] = None
         self._folder: Optional[Path] = None
         self._layers: list[Any] = []
@@ -67,6 +76,11 @@ class ExportWidget(QWidget):
         self.layer_combo = QComboBox()
         self.layer_combo.setToolTip(
             "The Labels layer to export (MaskCLIP's, or any with class names)."
+        )
+        self.instances_button = QPushButton("Instances")
+        self.instances_button.setToolTip(
+            "Show this layer's instances (connected components of each class) as a "
+            "new Labels layer '<name> [instances]' (a stack: the slice the viewer shows)."
         )
         self.folder = QLineEdit(prefs.last_dataset or "")
         self.folder.setPlaceholderText("dataset folder (new, empty, or an existing dataset)")
@@ -111,6 +125,12 @@ class ExportWidget(QWidget):
         self.add_classes.setToolTip(
             "Append new class names to the dataset's list (old samples keep their meaning)."
         )
+        self.write_coco = QCheckBox(f"also write COCO instances ({COCO_FILE})")
+        self.write_coco.setToolTip(
+            f"After the export, write the whole dataset as COCO instance segmentation into "
+            f"<dataset>/{COCO_FILE} (one annotation per connected component of each class). "
+            "Needs pycocotools."
+        )
         self.info = QLabel()
         self.info.setWordWrap(True)
         self.export_button = QPushButton("Export")
@@ -123,7 +143,7 @@ class ExportWidget(QWidget):
         self.status.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("labels", self.layer_combo)
+        form.addRow("labels", row(self.layer_combo, self.instances_button))
         form.addRow("dataset", row(self.folder, self.folder_button))
         form.addRow("sample name", self.name)
         form.addRow("slices", self.slices)
@@ -132,6 +152,7 @@ class ExportWidget(QWidget):
         form.addRow(self.overwrite)
         form.addRow(self.remap)
         form.addRow(self.add_classes)
+        form.addRow(self.write_coco)
         form.addRow(self.info)
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
@@ -149,6 +170,7 @@ class ExportWidget(QWidget):
         )
         self.runner.ended.connect(self.export_finished.emit)
         self.folder_button.clicked.connect(self._choose_folder)
+        self.instances_button.clicked.connect(self.show_instances)
         self.use_threshold.toggled.connect(self.threshold.setEnabled)
         self.remap.toggled.connect(self.add_classes.setEnabled)
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
@@ -223,6 +245,16 @@ class ExportWidget(QWidget):
         parts += plan.notes
         self.info.setText("; ".join(parts) + ".")
 
+    def show_instances(self) -> Any:
+        """Add the chosen layer's instance layer (current slice of a stack); returns it."""
+        from ..instances_command import add_instances_layer
+
+        try:
+            return add_instances_layer(self.viewer, self.current_layer(), current_slice=True)
+        except MaskClipError as exc:
+            self.status.setText(show_exception(exc))
+            return None
+
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Dataset folder", self.folder.text())
         if path:
@@ -268,28 +300,42 @@ class ExportWidget(QWidget):
                 "remap": self.remap.isChecked(),
                 "add_classes": self.remap.isChecked() and self.add_classes.isChecked(),
             }
+            coco = None
+            if self.write_coco.isChecked():  # refused now rather than after the export
+                require_pycocotools()
+                coco = Path(folder).expanduser() / COCO_FILE
+                _check_target(coco, overwrite=True)
         except MaskClipError as exc:
             self.status.setText(show_exception(exc))
             self.export_finished.emit("error")
             return None
-        return self._start(plan, Path(folder).expanduser(), options)
+        return self._start(plan, Path(folder).expanduser(), options, coco)
 
-    def _start(self, plan: ExportPlan, folder: Path, options: dict[str, Any]) -> Any:
+    def _start(
+        self, plan: ExportPlan, folder: Path, options: dict[str, Any], coco: Optional[Path] = None
+    ) -> Any:
         self.last_plan = plan
         self._folder = folder
         self.status.setText(f"Exporting to {folder}...")
-        return self.runner.start(
-            lambda control: guarded_job(lambda: plan.export_iter(folder, **options), control)
-        )
+
+        def job():
+            report = yield from plan.export_iter(folder, **options)
+            coco_report = None
+            if coco is not None:  # only after an export that went through
+                coco_report = yield from export_coco_iter(folder, coco, overwrite=True)
+            return report, coco_report
+
+        return self.runner.start(lambda control: guarded_job(job, control))
 
     def cancel(self) -> None:
         if self.runner.request_cancel():
             self.status.setText("Stopping after the current slice...")
 
     def _show_progress(self, step: Progress) -> Optional[BarState]:
-        if step.stage != "export" or step.total <= 0:
+        if step.stage not in ("export", "export-coco") or step.total <= 0:
             return None
-        self.status.setText(f"Exporting {step.done}/{step.total}: {step.message}")
+        what = "Exporting" if step.stage == "export" else "Writing COCO"
+        self.status.setText(f"{what} {step.done}/{step.total}: {step.message}")
         return BarState(done=step.done, total=step.total)
 
     def _finish(self, outcome: JobOutcome) -> str:
@@ -302,10 +348,12 @@ class ExportWidget(QWidget):
         if outcome.error is not None:
             self.status.setText(show_exception(outcome.error))
             return "error"
-        report = outcome.result
-        self.last_report = report
+        report, coco_report = outcome.result
+        self.last_report, self.last_coco_report = report, coco_report
         notes = self.last_plan.notes if self.last_plan is not None else []
         text = f"Exported {report.summary()}."
+        if coco_report is not None:
+            text += f" COCO: {coco_report.summary()}."
         if notes:
             text += " Note: " + "; ".join(notes) + "."
         self.status.setText(text)
