@@ -23,8 +23,13 @@ Claims: b beats a (dense labels come out of the value path, not the naive tokens
 and ``best_name`` (the best training-free combination of table g) and ``table`` (g) (mIoU,
 percent).
 
+Every row runs in ``--precision`` (default fp32, the reference). ``--compare-precision bf16`` (the
+default) adds b and the best training-free read-out again in that precision (keys ``maskclip_bf16``
+and e.g. ``naclip_bf16``; the student is not rerun): the mIoU must stay within 0.3 points.
+
     python benchmarks/quality.py            # the full run (>= 200 eval scenes)
     python benchmarks/quality.py --quick    # a smoke version (under a minute)
+    python benchmarks/quality.py --compare-precision none   # no bf16 rows
     python benchmarks/quality.py --model-dir DIR   # another toy model (toy_clip.json/.safetensors/toy_vocab.json)
     python benchmarks/quality.py --save-student src/napari_maskclip/demo/toy_student.safetensors
                                             # the full run that made the shipped student
@@ -82,6 +87,8 @@ LABELS = {
     "scclip": "e) SC-CLIP read-out",
     "student": "f) MaskCLIP+ student (on {teacher}'s pseudo-labels)",
 }
+#: Largest mIoU change (points) a half-precision read-out may show against fp32 (issue 16).
+PRECISION_BAR = 0.3
 
 
 def model_files(model_dir: Optional[str]) -> tuple[Path, Path, dict[str, Any]]:
@@ -171,6 +178,7 @@ def train_student(teacher, classes, background, scenes, args) -> tuple[Any, dict
     result = run_to_completion(
         train_iter(
             data, args.save_student, teacher=teacher, overwrite=True, device=args.device, text_cache=None,
+            precision=args.precision,
             iterations=args.student_iterations, backbone=args.student_backbone,
             backbone_weights="random", batch_size=args.student_batch, crop_size=size,
             scale_min=args.student_scale[0], scale_max=args.student_scale[1], val_fraction=0.0, val_interval=0, save_interval=0,
@@ -182,7 +190,7 @@ def train_student(teacher, classes, background, scenes, args) -> tuple[Any, dict
     info = {"seconds": time.perf_counter() - start, "iterations": last.get("it"),
             "final_loss": last.get("loss"), "train_scenes": len(scenes),
             "backbone": args.student_backbone}
-    return result.segmenter(args.device), info
+    return result.segmenter(args.device, args.precision), info
 
 
 def main() -> int:
@@ -215,6 +223,11 @@ def main() -> int:
     parser.add_argument("--confidence-threshold", type=float, default=None,
                         help="ignore teacher pixels whose winning probability is below this")
     parser.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="precision of every row (default fp32, the reference)")
+    parser.add_argument("--compare-precision", default="bf16", choices=["bf16", "fp16", "none"],
+                        help="also read b and the best training-free read-out in this precision "
+                        "(default bf16; the student is not rerun)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--skip-student", action="store_true",
@@ -234,9 +247,9 @@ def main() -> int:
 
     config, weights, vocab = model_files(args.model_dir)
     if args.model_dir is None:  # by name, so a saved student records its teacher as "demo"
-        loaded = load_clip("demo", None, device=args.device)
+        loaded = load_clip("demo", None, device=args.device, precision=args.precision)
     else:
-        loaded = load_clip(str(config), str(weights), device=args.device)
+        loaded = load_clip(str(config), str(weights), device=args.device, precision=args.precision)
     classes = list(vocab["class_names"])
     background = "; ".join(vocab.get("background_names", ["background"]))
     templates = tuple(vocab.get("templates", ["a photo of a {}."]))
@@ -244,7 +257,7 @@ def main() -> int:
     eval_scenes = make_scenes(EVAL_STREAM, args.n_eval, kwargs)
     n_classes = len(classes) + 1
     teacher = Segmenter(loaded, text_cache=TextEmbeddingCache(None), templates=templates,
-                        short_side=vocab.get("eval_short_side"))
+                        short_side=vocab.get("eval_short_side"), precision=args.precision)
 
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -258,20 +271,32 @@ def main() -> int:
         t1 = time.perf_counter()
         table = refinement_table(teacher, classes, background, eval_scenes, n_classes, args.quiet)
         refine_seconds = time.perf_counter() - t1
+    compare: dict[str, Any] = {}
+    if args.compare_precision != "none":
+        # b, and the best training-free read-out (a is the naive baseline), in the other precision.
+        best = max((k for k in READOUTS if k not in ("naive", "maskclip")), key=lambda k: results[k].miou)
+        t1 = time.perf_counter()
+        for key in ("maskclip", best):
+            def predict(image, overrides=READOUTS[key]):
+                return teacher(image, classes, background=background, precision=args.compare_precision,
+                               **overrides).labels
+            compare[key] = score(predict, eval_scenes, n_classes)
+        compare_seconds = time.perf_counter() - t1
 
     if args.skip_student:
         student, info = None, {}
     elif args.student_checkpoint:
         from napari_maskclip.student import StudentSegmenter
 
-        student = StudentSegmenter(args.student_checkpoint, device=args.device)
+        student = StudentSegmenter(args.student_checkpoint, device=args.device,
+                                   precision=args.precision)
         meta = student.checkpoint.meta
         info = {"seconds": 0.0, "iterations": meta.get("iteration"), "train_scenes": "its",
                 "backbone": meta["settings"]["backbone"], "loaded": args.student_checkpoint}
     else:
         student_scenes = make_scenes(STUDENT_STREAM, args.n_train, kwargs)
         teacher_s = Segmenter(loaded, text_cache=TextEmbeddingCache(None), templates=templates,
-                              short_side=vocab.get("eval_short_side"),
+                              short_side=vocab.get("eval_short_side"), precision=args.precision,
                               **READOUTS[args.student_teacher])
         student, info = train_student(teacher_s, classes, background, student_scenes, args)
     if student is not None:
@@ -296,6 +321,10 @@ def main() -> int:
     for key, scores in results.items():
         label = LABELS[key].format(teacher=teacher_letter)
         print(f"| {label} | {100 * scores.miou:.1f} | {100 * scores.pixel_accuracy:.1f} |")
+    reference = args.precision if args.precision != "auto" else loaded.precision
+    for key, scores in compare.items():
+        label = f"{LABELS[key]}, {args.compare_precision} (rows above: {reference})"
+        print(f"| {label} | {100 * scores.miou:.1f} | {100 * scores.pixel_accuracy:.1f} |")
     miou = {key: round(100 * scores.miou, 2) for key, scores in results.items()}
     line = f"b - a = {miou['maskclip'] - miou['naive']:+.1f} mIoU points (bar: >= +10)"
     if "student" in miou:
@@ -314,6 +343,14 @@ def main() -> int:
                     best=best, best_name=best_name, table=table)
         print(f"best training-free: {best_name} {best:.1f} vs NACLIP {miou['naclip']:.1f}: "
               f"{best - miou['naclip']:+.1f} mIoU points (bar: >= +3)")
+    for key, scores in compare.items():
+        name = f"{key}_{args.compare_precision}"
+        miou[name] = round(100 * scores.miou, 2)
+        diff = 100 * (scores.miou - results[key].miou)
+        print(f"{name} - {key} ({reference}) = {diff:+.2f} mIoU points (bar: within "
+              f"+-{PRECISION_BAR}); pixel accuracy {100 * (scores.pixel_accuracy - results[key].pixel_accuracy):+.2f}; "
+              f"{compare_seconds:.0f}s for the {args.compare_precision} rows, "
+              f"{teacher_seconds:.0f}s for the {len(READOUTS)} {reference} rows")
     print(json.dumps(miou))
     return 0
 

@@ -264,7 +264,7 @@ def test_device_resolution():
 def test_precision_resolution():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype(cpu, "auto") == torch.float32
-    assert resolve_dtype(cpu, "fp16") == torch.float32  # half precision only on GPUs
+    assert resolve_dtype(cpu, "fp16") == torch.float32  # CPU weights stay fp32 (a cast copy runs)
     assert resolve_dtype(gpu, "auto") == torch.float16
     assert resolve_dtype(gpu, "fp32") == torch.float32
     assert resolve_dtype(gpu, "bf16") == torch.bfloat16
@@ -272,11 +272,12 @@ def test_precision_resolution():
         resolve_dtype(cpu, "fp64")
 
 
-def test_load_on_cpu_with_half_precision_request_runs_fp32(tiny_vit_files):
+def test_load_on_cpu_with_half_precision_request_keeps_fp32_weights(tiny_vit_files):
     config, ckpt = tiny_vit_files
     loaded = load_clip(str(config), str(ckpt), device="cpu", precision="fp16")
     assert loaded.dtype == torch.float32
     assert next(loaded.model.parameters()).dtype == torch.float32
+    assert loaded.precision == "fp16"  # runs use a cast copy (tests/test_precision.py)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,6 +17,7 @@ __all__ = [
     "channels_list",
     "add_channel_options",
     "add_batch_output_options",
+    "add_precision_option",
 ]
 
 
@@ -82,3 +83,25 @@ def add_batch_output_options(parser: argparse.ArgumentParser) -> None:
                         help="skip the confidence TIFF (saves space)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar and no notes on stderr (errors only)")
+
+
+#: ``--precision`` values (those of :data:`napari_maskclip.engine.precision.PRECISIONS`, written
+#: out here so that ``--help`` needs no torch).
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_precision_option(parser: argparse._ActionsContainer, *, kind: str = "clip") -> None:
+    """``--precision`` of the CLIP encoders (``clip``: segment), of the student's autocast
+    (``student``: predict) or of a training run (``train``: student and teacher, no fp16)."""
+    if kind == "train":
+        parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES[:3],
+                            help="of the student (autocast; loss and optimiser fp32) and the "
+                            "teacher; auto (default): bf16 on a CPU with native bf16 "
+                            "(AVX512-BF16/AMX), else fp32 on the CPU")
+        return
+    if kind == "student":
+        auto = "bf16 on a CPU with native bf16 (AVX512-BF16/AMX) or a bf16 GPU, else fp32"
+    else:
+        auto = "fp16 on a GPU; on the CPU bf16 where it has native bf16 (AVX512-BF16/AMX), else fp32"
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help=f"auto (default): {auto}")

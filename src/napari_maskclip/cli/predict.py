@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import add_batch_output_options, add_channel_options, positive_int
+from .args import (add_batch_output_options, add_channel_options, add_precision_option,
+                   positive_int)
 
 __all__ = ["register"]
 
@@ -26,10 +27,12 @@ def _run(args: argparse.Namespace) -> int:
 
     images = input_images(args.images)
     out = Path(args.out)
-    segmenter = StudentSegmenter(args.student, device=args.device, window=args.window)
+    segmenter = StudentSegmenter(args.student, device=args.device, window=args.window,
+                                 precision=args.precision)
     picked = segmenter.resolve_classes(args.classes)  # unknown class names fail before any work
     request = {
         "student": source_fingerprint(args.student), "classes": picked, "window": args.window,
+        "precision": args.precision,
         "channel_axis": args.channel_axis, "channels": args.channels,
         "confidence": not args.no_confidence,
     }
@@ -67,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a subset of the student's classes (default: all of them)")
     add_batch_output_options(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    add_precision_option(parser, kind="student")
     parser.add_argument("--window", type=positive_int, default=None, metavar="PX",
                         help="sliding-window size for images over 1 megapixel (default 512)")
     add_channel_options(parser)

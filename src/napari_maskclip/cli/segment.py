@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from ..engine.names import default_pretrained  # also imported from here by cli.train
 from ..errors import InvalidInputError
-from .args import add_batch_output_options, add_channel_options, nonneg_int, positive_int, unit_float
+from .args import (add_batch_output_options, add_channel_options, add_precision_option,
+                   nonneg_int, positive_int, unit_float)
 from .batch import progress_bar
 
 __all__ = ["register", "add_engine_options", "settings_from_args", "progress_bar"]
@@ -72,8 +73,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="open_clip pretrained tag (downloaded once), a local checkpoint file, "
                        "or 'random'. Default: 'openai' for ViT-B-16, none for 'demo'.")
     group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")
-    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="fp16 on GPU and fp32 on CPU by default.")
+    add_precision_option(group)
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from .args import add_channel_options, nonneg_int, positive_int, unit_float
+from .args import (add_channel_options, add_precision_option, nonneg_int, positive_int,
+                   unit_float)
 
 __all__ = ["register"]
 
@@ -134,7 +135,7 @@ def _train(args: argparse.Namespace, bar: "_TrainBar", report: bool = True) -> i
     pretrained = default_pretrained(args.model, args.pretrained) if args.model else None
     gen = train_iter(
         data, out, settings=settings, teacher=teacher, pretrained=pretrained,
-        resume=args.resume, overwrite=args.overwrite, device=args.device,
+        resume=args.resume, overwrite=args.overwrite, device=args.device, precision=args.precision,
         **({k: v for k, v in overrides.items() if k in RESUME_OVERRIDES} if args.resume else {}),
     )
     try:
@@ -239,6 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "default: the model recorded in the dataset")
     teacher.add_argument("--pretrained", default=None, help="its weights (tag or file)")
     teacher.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    add_precision_option(teacher, kind="train")
     teacher.add_argument("--confidence-threshold", type=unit_float, default=None, metavar="P",
                          help="ignore teacher pixels whose probability is below P (default off)")
     teacher.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,

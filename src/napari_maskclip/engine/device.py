@@ -1,8 +1,7 @@
 """Choosing the compute device and precision.
 
-``auto`` picks CUDA, then Apple's MPS, then the CPU. Half precision is used only on GPUs (fp16, or
-bf16 where the GPU supports it and the user asks); on the CPU, half precision is slower and less
-exact, so the CPU always runs fp32.
+``auto`` picks CUDA, then Apple's MPS, then the CPU. The precision of a run (``auto``, fp32, bf16,
+fp16) is decided in :mod:`.precision`; here only the dtype the weights are loaded in.
 """
 
 from __future__ import annotations
@@ -10,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidInputError
+from .precision import resolve_precision, weights_dtype
 
 __all__ = ["resolve_device", "resolve_dtype"]
-
-_PRECISIONS = {"auto", "fp32", "fp16", "bf16"}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -44,12 +42,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """fp32 on the CPU; on a GPU, fp16 by default or what ``precision`` asks for."""
-    precision = (precision or "auto").lower()
-    if precision not in _PRECISIONS:
-        raise InvalidInputError(f"Unknown precision {precision!r}: use one of {sorted(_PRECISIONS)}.")
-    if device.type == "cpu" or precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.float16
+    """The dtype a CLIP's weights are loaded in: fp32 on the CPU (half-precision runs there use a
+    cast copy); on a GPU, fp16 by default or what ``precision`` asks for."""
+    return weights_dtype(device, resolve_precision(device, precision))

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from .checkpoints import CHECKPOINT_SUFFIXES, file_digest, read_state_dict
-from .device import resolve_device, resolve_dtype
+from .device import resolve_device
+from .precision import resolve_precision, weights_dtype
 from .pretrained import pretrained_file
 from .names import DEMO_MODEL, RANDOM_WEIGHTS
 
@@ -59,6 +60,9 @@ class LoadedModel:
     mean: tuple[float, float, float] = _OPENAI_MEAN
     std: tuple[float, float, float] = _OPENAI_STD
     quick_gelu: bool = False
+    #: The precision of runs that ask for ``auto`` (resolved at load: bf16 on a CPU with native
+    #: bf16, fp32 on other CPUs, fp16 on GPUs); see :mod:`.precision`.
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -300,7 +304,8 @@ def _finish(built: _Built, device: str | torch.device, precision: str) -> Loaded
     model = built.net
     _check_supported(model.visual, built.name)
     dev = resolve_device(device)
-    dtype = resolve_dtype(dev, precision)
+    precision = resolve_precision(dev, precision)
+    dtype = weights_dtype(dev, precision)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -323,6 +328,7 @@ def _finish(built: _Built, device: str | torch.device, precision: str) -> Loaded
         mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
         std=tuple(float(s) for s in std),  # type: ignore[arg-type]
         quick_gelu=built.quick_gelu,
+        precision=precision,
     )
 
 
@@ -364,7 +370,8 @@ def load_clip(
         pretrained: open_clip pretrained tag, local checkpoint path, ``"random"``, or ``None``
             (only for ``"demo"``, which carries its own weights).
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``auto`` (fp16 on GPU, fp32 on CPU), ``fp32``, ``fp16``, ``bf16``.
+        precision: the default precision of its runs: ``auto`` (fp16 on GPU; on the CPU bf16
+            where the CPU has native bf16, else fp32), ``fp32``, ``fp16``, ``bf16``.
         quick_gelu: force QuickGELU on or off; by default it is on for OpenAI weights.
         cache_dir: where open_clip downloads pretrained weights (its default if None).
     """

@@ -137,8 +137,9 @@ class Readout:
     # ---- 1. cosines --------------------------------------------------------------------------
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """``B x D x h x w`` unit-norm features -> ``B x Q x h x w`` prompt cosines."""
-        text = self.text.to(device=features.device, dtype=features.dtype)
-        return torch.einsum("bdhw,qd->bqhw", features, text)
+        # In fp32 whatever the encoders' precision, so thresholds mean the same in every precision.
+        text = self.text.to(device=features.device, dtype=torch.float32)
+        return torch.einsum("bdhw,qd->bqhw", features.float(), text)
 
     # ---- 2. prompt denoising -----------------------------------------------------------------
     def class_max(self, logits: torch.Tensor) -> torch.Tensor:

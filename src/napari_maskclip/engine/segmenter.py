@@ -37,6 +37,7 @@ from .modes import VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
 from .pamr import pamr_halo
+from .precision import model_in, precision_dtype, run_precision
 from .preprocess import check_image_array, plan_image
 from .readout import ActiveClasses, PromptLayout, Readout
 from .regions import RegionVote, check_regions, superpixels
@@ -78,6 +79,8 @@ class Segmenter:
         )
         base = settings or SegmentSettings()
         self.settings = self._checked(base.replace(**setting_overrides) if setting_overrides else base)
+        if (precision or "auto") != "auto" and self.settings.precision == "auto":
+            self.settings = self._checked(self.settings.replace(precision=precision))
         self.text = TextEncoder(self.loaded, cache=text_cache)
         self.features_cache = FeatureCache(max_items=feature_cache_items)
         #: Image-encoder forward passes run so far (one per window batch).
@@ -94,6 +97,12 @@ class Segmenter:
                 "Use mode 'maskclip', or a ViT such as ViT-B-16."
             )
         return settings
+
+    def precision(self, settings: Optional[SegmentSettings] = None) -> str:
+        """The precision a run with ``settings`` uses (``auto``: the model's default)."""
+        s = settings or self.settings
+        return run_precision(s.precision, device=self.loaded.device, weights=self.loaded.dtype,
+                             default=self.loaded.precision)
 
     def _resolve(self, settings: Optional[SegmentSettings], overrides: dict[str, Any]) -> SegmentSettings:
         s = settings or self.settings
@@ -141,13 +150,16 @@ class Segmenter:
         std = torch.tensor(self.loaded.std, dtype=torch.float32).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.loaded.device)
 
-    def _encode_batch(self, crops: list[torch.Tensor], mode: str, with_keys: bool):
+    def _encode_batch(self, crops: list[torch.Tensor], mode: str, with_keys: bool,
+                      precision: str = "fp32"):
         patch = self.loaded.patch_size
         h, w = crops[0].shape[-2:]
         ph, pw = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
-        batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops]).to(self.loaded.dtype)
+        batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops])
+        batch = batch.to(precision_dtype(precision))
         self.image_encoder_calls += 1
-        return dense_features(self.loaded.visual, batch, mode, with_keys=with_keys)
+        visual = model_in(self.loaded, precision).visual
+        return dense_features(visual, batch, mode, with_keys=with_keys)
 
     def _windows_plan(
         self,
@@ -183,15 +195,16 @@ class Segmenter:
 
     def _encoded(
         self, boxes: Sequence[Box], crop: Callable[[Box], torch.Tensor], mode: str,
-        with_keys: bool, batch: int,
+        with_keys: bool, batch: int, precision: str,
     ) -> Iterator[list[WindowFeatures]]:
-        """The windows' dense features, ``batch`` windows per forward pass, a list per pass."""
+        """The windows' dense features, ``batch`` windows per forward pass, a list per pass,
+        encoded in ``precision`` (a resolved name)."""
         patch = self.loaded.patch_size
         for start in range(0, len(boxes), batch):
             group = boxes[start:start + batch]
             crops = [crop(b) for b in group]
             with torch.no_grad():
-                out = self._encode_batch(crops, mode, with_keys)
+                out = self._encode_batch(crops, mode, with_keys, precision)
             del crops
             encoded = []
             for i, box in enumerate(group):
@@ -217,9 +230,11 @@ class Segmenter:
         """Encode ``image`` into dense features, yielding progress per window (cached)."""
         s = self._resolve(settings, overrides)
         image = check_image_array(image)
+        precision = self.precision(s)  # resolved: features of two precisions never mix
         # The cache is checked first: a re-query pays only for hashing the image.
         key = image_digest(
-            image, f"{channel_axis}|{channels}|{self.loaded.identity}|{s.encode_key()}"
+            image, f"{channel_axis}|{channels}|{self.loaded.identity}|"
+            f"{s.replace(precision=precision).encode_key()}"
         )
         cached = self.features_cache.get(key, need_keys=s.key_smoothing)
         if cached is not None:
@@ -230,17 +245,18 @@ class Segmenter:
         total = len(boxes)
         yield Progress("encode", 0, total, f"encoding {total} window(s)")
         windows: list[WindowFeatures] = []
-        for group in self._encoded(boxes, crop, s.mode, s.key_smoothing, s.window_batch):
+        for group in self._encoded(boxes, crop, s.mode, s.key_smoothing, s.window_batch,
+                                   precision):
             windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
-        features = self._features(key, shape, proc, plan, s, windows)
+        features = self._features(key, shape, proc, plan, s, windows, precision)
         features.source = plan_image(image, channel_axis=channel_axis, channels=channels)
         self.features_cache.put(features)
         return features
 
     def _features(
         self, key: str, shape: tuple[int, int], proc: tuple[int, int], plan: dict[str, Any],
-        s: SegmentSettings, windows: list[WindowFeatures],
+        s: SegmentSettings, windows: list[WindowFeatures], precision: str,
     ) -> ImageFeatures:
         return ImageFeatures(
             key=key,
@@ -251,7 +267,8 @@ class Segmenter:
             model_identity=self.loaded.identity,
             encode_settings={name: getattr(s, name) for name in ("mode", "window", "stride",
                                                                   "short_side", "max_whole_pixels",
-                                                                  "auto_window")},
+                                                                  "auto_window")}
+            | {"precision": precision},
             plan=plan,
         )
 
@@ -268,10 +285,12 @@ class Segmenter:
         parse_classes(fg + bg)  # duplicates across the two lists are an error too
         return fg, bg
 
-    def _query(self, fg: list[ClassSpec], bg: list[ClassSpec], s: SegmentSettings) -> "_Query":
+    def _query(self, fg: list[ClassSpec], bg: list[ClassSpec], s: SegmentSettings,
+               precision: str) -> "_Query":
+        """The classes' read-out; the text encoded in ``precision`` (that of the image features)."""
         layout = PromptLayout.from_classes(fg, bg)
         templates = resolve_templates(s.templates)
-        text = self.text.embed_texts(list(layout.prompts), templates)  # Q x D
+        text = self.text.embed_texts(list(layout.prompts), templates, precision=precision)  # Q x D
         return _Query(fg, bg, Readout(layout, text, s), templates)
 
     def segment_iter(
@@ -309,7 +328,8 @@ class Segmenter:
                 "encode the image with key_smoothing=True."
             )
         fg, bg = self._class_lists(classes, background)
-        query = self._query(fg, bg, s)
+        # Text in the precision of the image features (what the result records).
+        query = self._query(fg, bg, s, features.encode_settings.get("precision", self.precision(s)))
         windows = features.windows
         window_logits = [query.logits(w.features) for w in windows]
         result = yield from self._read(query, s, features, [w.box for w in windows], window_logits,
@@ -499,7 +519,8 @@ class Segmenter:
             boxes = [Box(0, 0, proc[0], proc[1])]
         cells = sum(math.ceil(b.height / patch) * math.ceil(b.width / patch) for b in boxes)
         dim = int(getattr(self.loaded.visual, "output_dim", 512) or 512)
-        per_cell = dim * (2 if s.key_smoothing else 1) * (torch.finfo(self.loaded.dtype).bits // 8)
+        itemsize = torch.finfo(precision_dtype(self.precision(s))).bits // 8
+        per_cell = dim * (2 if s.key_smoothing else 1) * itemsize
         return cells * per_cell
 
     def _stream_iter(
@@ -515,19 +536,20 @@ class Segmenter:
         """Encode and read window by window, keeping only each window's cosines (see run_iter)."""
         shape, proc, plan, boxes, crop = self._windows_plan(image, channel_axis, channels, s)
         fg, bg = self._class_lists(classes, background)
-        query = self._query(fg, bg, s)
+        precision = self.precision(s)
+        query = self._query(fg, bg, s, precision)
         total = len(boxes)
         yield Progress("encode", 0, total, f"encoding {total} window(s), streamed")
         window_logits: list[Optional[torch.Tensor]] = []
-        for group in self._encoded(boxes, crop, s.mode, False, s.window_batch):
+        for group in self._encoded(boxes, crop, s.mode, False, s.window_batch, precision):
             window_logits.extend(query.logits(w.features) for w in group)
             yield Progress("encode", len(window_logits), total, f"window {len(window_logits)}/{total}")
 
         def keys_of(i: int) -> Optional[torch.Tensor]:  # key smoothing: encode the window again
-            (window,) = next(self._encoded([boxes[i]], crop, s.mode, True, 1))
+            (window,) = next(self._encoded([boxes[i]], crop, s.mode, True, 1, precision))
             return window.keys
 
-        meta = self._features("", shape, proc, plan, s, [])
+        meta = self._features("", shape, proc, plan, s, [], precision)
         result = yield from self._read(query, s, meta, boxes, window_logits, keys_of, probabilities)
         return result
 

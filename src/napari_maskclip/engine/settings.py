@@ -1,9 +1,10 @@
 """The settings of a MaskCLIP run, with the paper's defaults.
 
 Settings split in two groups. *Encode* settings change the image features (attention mode,
-windows, resizing, whether keys are kept for key smoothing); changing one re-runs the image
-encoder. *Query* settings (denoising, temperature, templates, background, PAMR, region voting)
-only change how cached features are read against text, so changing them needs no encoder pass.
+windows, resizing, precision, whether keys are kept for key smoothing); changing one re-runs the
+image encoder. *Query* settings (denoising, temperature, templates, background, PAMR, region
+voting) only change how cached features are read against text, so changing them needs no encoder
+pass.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any, Optional, Union
 
 from ..errors import InvalidInputError
 from .modes import MODES
+from .precision import PRECISIONS
 from .templates import TEMPLATE_SETS, resolve_templates
 
 __all__ = ["SegmentSettings", "ENCODE_FIELDS", "REGION_SOURCES"]
 
 #: Fields whose change requires re-encoding the image.
-ENCODE_FIELDS = ("mode", "window", "stride", "short_side", "max_whole_pixels", "auto_window")
+ENCODE_FIELDS = ("mode", "window", "stride", "short_side", "max_whole_pixels", "auto_window",
+                 "precision")
 #: Where region voting's regions come from (kept torch- and skimage-free for UIs and CLIs).
 REGION_SOURCES = ("slic", "felzenszwalb", "labels")
 
@@ -76,6 +79,10 @@ class SegmentSettings:
     felzenszwalb_min_size: int = 50
     #: The paper preset these settings started from (recorded only; see :mod:`.presets`).
     preset: Optional[str] = None
+    #: Precision of the image and text encoders (one of :data:`PRECISIONS`): ``auto`` is the
+    #: model's (bf16 on a CPU with native bf16, fp32 on other CPUs, fp16 on GPUs). The read-out
+    #: after the encoders is fp32 in every precision; results record the precision used.
+    precision: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -121,6 +128,10 @@ class SegmentSettings:
             raise InvalidInputError(f"logit_scale must be positive, got {self.logit_scale}.")
         if self.window_batch < 1:
             raise InvalidInputError("window_batch must be at least 1.")
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(
+                f"Unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}."
+            )
         if isinstance(self.templates, str) and self.templates not in TEMPLATE_SETS and "{}" not in self.templates:
             raise InvalidInputError(
                 f"Unknown template set {self.templates!r}: use {', '.join(TEMPLATE_SETS)} or your own."

@@ -6,8 +6,12 @@ again (as in MaskCLIP). Two things make this cheap:
 * Truncation. CLIP's text encoder is causal, so the pooled end-of-text token depends only on the
   tokens before it. Cutting the padded columns after the longest prompt of a batch (prompts are
   batched by length) gives identical embeddings for several times less compute.
-* A cache, in memory and on disk, keyed by model identity, template set and the exact class text,
-  so a class name is encoded once per model, ever. Disk entries are written atomically.
+* A cache, in memory and on disk, keyed by model identity, template set, precision and the exact
+  class text, so a class name is encoded once per model and precision, ever (embeddings of two
+  precisions never mix). Disk entries are written atomically.
+
+The text encoder runs in the run's precision (see :mod:`.precision`); the averaging and
+normalisation after it are fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from ..atomic import atomic_write
 from .cache_dir import user_cache_dir
 from .loading import LoadedModel
+from .precision import model_in, run_precision
 from .templates import templates_key
 
 __all__ = ["TextEncoder", "TextEmbeddingCache", "DEFAULT_CACHE"]
@@ -43,24 +48,28 @@ class TextEmbeddingCache:
         if directory == "default":
             directory = user_cache_dir() / "text-embeddings"
         self.directory = Path(directory) if directory is not None else None
-        self._memory: dict[tuple[str, str, str], np.ndarray] = {}
+        self._memory: dict[tuple[str, str, str, str], np.ndarray] = {}
         self._warned = False
 
-    def _path(self, model_id: str, tkey: str, text: str) -> Path:
+    def _path(self, model_id: str, tkey: str, text: str, precision: str) -> Path:
         assert self.directory is not None
         name_key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-        return self.directory / model_id[:32] / tkey / f"{name_key}.npz"
+        suffix = "" if precision == "fp32" else f"-{precision}"  # fp32 keeps its older names
+        return self.directory / model_id[:32] / tkey / f"{name_key}{suffix}.npz"
 
-    def get(self, model_id: str, tkey: str, text: str) -> Optional[np.ndarray]:
-        key = (model_id, tkey, text)
+    def get(self, model_id: str, tkey: str, text: str, precision: str = "fp32") -> Optional[np.ndarray]:
+        key = (model_id, tkey, text, precision)
         if key in self._memory:
             return self._memory[key]
         if self.directory is None:
             return None
-        path = self._path(model_id, tkey, text)
+        path = self._path(model_id, tkey, text, precision)
         try:
             with np.load(path, allow_pickle=False) as data:
                 if str(data["text"]) != text or str(data["model"]) != model_id:
+                    return None
+                stored = str(data["precision"]) if "precision" in data.files else "fp32"
+                if stored != precision:
                     return None
                 vector = np.asarray(data["embedding"], dtype=np.float32)
         except (OSError, KeyError, ValueError):
@@ -68,16 +77,18 @@ class TextEmbeddingCache:
         self._memory[key] = vector
         return vector
 
-    def put(self, model_id: str, tkey: str, text: str, vector: np.ndarray) -> None:
+    def put(self, model_id: str, tkey: str, text: str, vector: np.ndarray,
+            precision: str = "fp32") -> None:
         vector = np.asarray(vector, dtype=np.float32)
-        self._memory[(model_id, tkey, text)] = vector
+        self._memory[(model_id, tkey, text, precision)] = vector
         if self.directory is None:
             return
-        path = self._path(model_id, tkey, text)
+        path = self._path(model_id, tkey, text, precision)
         try:
             with atomic_write(path) as tmp:
                 with open(tmp, "wb") as handle:
-                    np.savez(handle, embedding=vector, text=np.str_(text), model=np.str_(model_id))
+                    np.savez(handle, embedding=vector, text=np.str_(text), model=np.str_(model_id),
+                             precision=np.str_(precision))
         except OSError as exc:
             if not self._warned:
                 log.warning("Text-embedding cache %s is not writable (%s); using memory only.",
@@ -155,6 +166,7 @@ class TextEncoder:
         self.cache = _default_cache() if cache == "default" else cache
         self.batch_size = batch_size
         self._tower = _text_tower(loaded.model)
+        self._towers: dict[str, Optional[_TextTower]] = {}
         #: Number of text-encoder forward passes run (for the status line and tests).
         self.forward_calls = 0
 
@@ -166,9 +178,20 @@ class TextEncoder:
             return (tokens == tower.eos_id).int().argmax(dim=-1)
         return tokens.argmax(dim=-1)
 
+    def precision(self, requested: Optional[str] = None) -> str:
+        """The precision a request runs in (``None``/``auto``: the model's default)."""
+        return run_precision(requested, device=self.loaded.device, weights=self.loaded.dtype,
+                             default=self.loaded.precision)
+
+    def _tower_in(self, precision: str) -> Optional[_TextTower]:
+        if precision not in self._towers:
+            model = model_in(self.loaded, precision)
+            self._towers[precision] = self._tower if model is self.loaded.model else _text_tower(model)
+        return self._towers[precision]
+
     @torch.no_grad()
-    def _forward_truncated(self, tokens: torch.Tensor) -> torch.Tensor:
-        tower = self._tower
+    def _forward_truncated(self, tokens: torch.Tensor, tower: Optional[_TextTower] = None) -> torch.Tensor:
+        tower = tower or self._tower
         assert tower is not None
         index = self._pool_index(tokens)
         length = int(index.max().item()) + 1
@@ -186,8 +209,10 @@ class TextEncoder:
         return pooled
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], *, truncate: bool = True) -> torch.Tensor:
-        """L2-normalised embeddings (float32, N x D, on the model's device) of raw prompts."""
+    def encode_prompts(self, prompts: Sequence[str], *, truncate: bool = True,
+                       precision: Optional[str] = None) -> torch.Tensor:
+        """L2-normalised embeddings (float32, N x D, on the model's device) of raw prompts,
+        encoded in ``precision`` (default: the model's)."""
         if not prompts:
             return torch.zeros(0, self.loaded.embed_dim, device=self.loaded.device)
         tokens = self.loaded.tokenizer(list(prompts)).to(self.loaded.device)
@@ -199,41 +224,46 @@ class TextEncoder:
             order = torch.arange(len(prompts))
         out = torch.empty(len(prompts), self.loaded.embed_dim, dtype=torch.float32,
                           device=self.loaded.device)
+        name = self.precision(precision)
+        model, tower = model_in(self.loaded, name), self._tower_in(name)
         for start in range(0, len(prompts), self.batch_size):
             idx = order[start:start + self.batch_size].to(self.loaded.device)
             batch = tokens[idx]
             if use_truncation:
-                emb = self._forward_truncated(batch)
+                emb = self._forward_truncated(batch, tower)
             else:
-                emb = self.loaded.model.encode_text(batch)
+                emb = model.encode_text(batch)
             self.forward_calls += 1
             out[idx] = torch.nn.functional.normalize(emb.float(), dim=-1)
         return out
 
     # ---- classes -------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_texts(self, texts: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    def embed_texts(self, texts: Sequence[str], templates: Sequence[str], *,
+                    precision: Optional[str] = None) -> torch.Tensor:
         """One embedding per text (a class name or synonym): mean over templates, normalised.
 
-        Results come from the cache where possible; only missing texts are encoded, together.
+        Results come from the cache (per precision) where possible; only missing texts are
+        encoded, together, in ``precision`` (default: the model's).
         """
         tkey = templates_key(templates)
         model_id = self.loaded.identity
+        name = self.precision(precision)
         vectors: dict[str, np.ndarray] = {}
         missing: list[str] = []
         for text in dict.fromkeys(texts):
-            cached = self.cache.get(model_id, tkey, text) if self.cache is not None else None
+            cached = self.cache.get(model_id, tkey, text, name) if self.cache is not None else None
             if cached is None:
                 missing.append(text)
             else:
                 vectors[text] = cached
         if missing:
             prompts = [template.format(text) for text in missing for template in templates]
-            emb = self.encode_prompts(prompts).view(len(missing), len(templates), -1)
+            emb = self.encode_prompts(prompts, precision=name).view(len(missing), len(templates), -1)
             mean = torch.nn.functional.normalize(emb.mean(dim=1), dim=-1).cpu().numpy()
             for text, vector in zip(missing, mean):
                 vectors[text] = vector
                 if self.cache is not None:
-                    self.cache.put(model_id, tkey, text, vector)
+                    self.cache.put(model_id, tkey, text, vector, name)
         stacked = np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, self.loaded.embed_dim))
         return torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)).to(self.loaded.device)

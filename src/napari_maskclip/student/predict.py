@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..classes import ClassesLike, ClassSpec, parse_classes
 from ..engine.device import resolve_device
+from ..engine.precision import autocast_context, resolve_autocast
 from ..engine.preprocess import prepare_image
 from ..engine.result import SegmentationResult
 from ..engine.windows import coverage, window_boxes
@@ -43,11 +44,13 @@ def predict_logits_iter(
     stride: Optional[int] = None,
     max_whole_pixels: int = 1024 * 1024,
     device: Optional[torch.device] = None,
+    precision: str = "fp32",
 ) -> Generator[Progress, None, torch.Tensor]:
     """``H x W x 3`` image in 0..1 -> ``(K+1) x H x W`` float32 logits on the CPU.
 
     The network must be in eval mode. Windows are ``window`` px every ``stride`` px (default
-    two thirds of the window) when the image has more than ``max_whole_pixels`` pixels.
+    two thirds of the window) when the image has more than ``max_whole_pixels`` pixels. The
+    network runs under autocast to ``precision`` (a resolved name: fp32, bf16, fp16).
     """
     device = device or next(net.parameters()).device
     height, width = unit.shape[:2]
@@ -58,7 +61,7 @@ def predict_logits_iter(
     full_h, full_w = x.shape[-2:]
     if full_h * full_w <= max_whole_pixels:
         yield Progress("predict", 0, 1, "reading the whole image")
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(device, precision):
             logits = net(x.to(device)).float().cpu()[0]
         yield Progress("predict", 1, 1, "done")
         return logits[:, :height, :width]
@@ -70,7 +73,7 @@ def predict_logits_iter(
     yield Progress("predict", 0, total, f"reading {total} windows")
     for i, box in enumerate(boxes):
         crop = x[:, :, box.y0:box.y1, box.x0:box.x1].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(device, precision):
             logits[:, box.y0:box.y1, box.x0:box.x1] += net(crop).float().cpu()[0]
         yield Progress("predict", i + 1, total, f"window {i + 1}/{total}")
     rows = torch.from_numpy(coverage(full_h, window, stride))
@@ -90,12 +93,15 @@ class StudentSegmenter:
         window: Optional[int] = None,
         stride: Optional[int] = None,
         max_whole_pixels: int = 1024 * 1024,
+        precision: str = "auto",
     ) -> None:
         self.checkpoint = (
             checkpoint if isinstance(checkpoint, StudentCheckpoint)
             else load_checkpoint(checkpoint, with_optimizer=False)
         )
         self.device = resolve_device(device)
+        #: ``fp32`` or ``bf16`` (autocast; ``auto``: bf16 on a CPU with native bf16), or ``fp16``.
+        self.precision = resolve_autocast(self.device, precision)
         self.net = self.checkpoint.build_network().to(self.device).eval()
         self.classes: list[ClassSpec] = self.checkpoint.classes
         self.background: list[ClassSpec] = self.checkpoint.background
@@ -159,7 +165,7 @@ class StudentSegmenter:
         height, width = unit.shape[:2]
         logits = yield from predict_logits_iter(
             self.net, unit, window=self.window, stride=self.stride,
-            max_whole_pixels=self.max_whole_pixels, device=self.device,
+            max_whole_pixels=self.max_whole_pixels, device=self.device, precision=self.precision,
         )
         del unit
         label_dtype = np.uint8 if len(picked) <= 255 else np.uint16
@@ -182,6 +188,7 @@ class StudentSegmenter:
             "iteration": self.checkpoint.iteration,
             "teacher": (self.checkpoint.meta.get("teacher") or {}).get("model"),
             "device": str(self.device),
+            "precision": self.precision,
             "image_shape": [height, width],
             "inference": "whole" if whole else "sliding",
             "window_used": None if whole else self.window,

@@ -26,6 +26,7 @@ from ..classes import ClassSpec, parse_classes
 from ..errors import InvalidInputError
 from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
+from ..engine.precision import model_in, precision_dtype, run_precision
 from ..engine.readout import PromptLayout, Readout
 from ..engine.regions import superpixels
 from ..engine.settings import SegmentSettings
@@ -61,11 +62,15 @@ class Teacher:
         self.background = list(background) or parse_classes("background")
         self.confidence_threshold = confidence_threshold
         self.text = TextEncoder(loaded, cache=text_cache)
+        #: The precision of both encoders (the settings' ``precision``; ``auto``: the model's).
+        self.precision = run_precision(self.settings.precision, device=loaded.device,
+                                       weights=loaded.dtype, default=loaded.precision)
         #: How to load this teacher again (model and pretrained as the user gave them).
         self._record = dict(record or {})
         self.templates = resolve_templates(self.settings.templates)
         self._layout = PromptLayout.from_classes(self.classes, self.background)
-        self._prompt_embeddings = self.text.embed_texts(list(self._layout.prompts), self.templates)
+        self._prompt_embeddings = self.text.embed_texts(list(self._layout.prompts), self.templates,
+                                                        precision=self.precision)  # Q x D
         self._readout = Readout(self._layout, self._prompt_embeddings, self.settings)
 
     # ---- the student's classifier ------------------------------------------------------------
@@ -85,7 +90,7 @@ class Teacher:
             "model": self.loaded.name,
             "pretrained": self.loaded.pretrained,
             "identity": self.loaded.identity,
-            "settings": self.settings.to_dict(),
+            "settings": self.settings.to_dict() | {"precision": self.precision},
             "confidence_threshold": self.confidence_threshold,
         }
         out.update(self._record)
@@ -105,8 +110,9 @@ class Teacher:
         std = torch.tensor(loaded.std, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
         x = (images.to(loaded.device, torch.float32) - mean) / std
         ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
-        x = F.pad(x, (0, pw - width, 0, ph - height)).to(loaded.dtype)
-        dense = dense_features(loaded.visual, x, s.mode, with_keys=s.key_smoothing)
+        x = F.pad(x, (0, pw - width, 0, ph - height)).to(precision_dtype(self.precision))
+        visual = model_in(loaded, self.precision).visual
+        dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing)
         regions = None
         if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
             crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ..engine.device import resolve_device
 from ..engine.loading import LoadedModel, load_clip
+from ..engine.precision import autocast_context, resolve_autocast
 from ..engine.segmenter import Segmenter
 from ..engine.settings import SegmentSettings
 from ..engine.text import TextEmbeddingCache
@@ -100,11 +101,11 @@ class TrainResult:
         values = [h["val_miou"] for h in self.history if h.get("val_miou") is not None]
         return values[-1] if values else None
 
-    def segmenter(self, device: str = "auto") -> StudentSegmenter:
+    def segmenter(self, device: str = "auto", precision: str = "auto") -> StudentSegmenter:
         """A :class:`StudentSegmenter` on these weights (no file needed)."""
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
         return StudentSegmenter(StudentCheckpoint(self.meta, state, None, self.checkpoint),
-                                device=device)
+                                device=device, precision=precision)
 
 
 def poly_lr(settings: TrainSettings, iteration: int) -> float:
@@ -139,7 +140,8 @@ def _load_data(data: DataLike, settings: TrainSettings) -> TrainingData:
 
 
 def _resolve_teacher_model(
-    teacher: TeacherLike, pretrained: Optional[str], fallback: dict[str, Any], device: torch.device
+    teacher: TeacherLike, pretrained: Optional[str], fallback: dict[str, Any], device: torch.device,
+    precision: str = "auto",
 ) -> tuple[LoadedModel, Optional[SegmentSettings], dict[str, Any]]:
     """(loaded CLIP, its segmenter's settings if any, how to load it again)."""
     if isinstance(teacher, Segmenter):
@@ -154,14 +156,14 @@ def _resolve_teacher_model(
             )
         model, weights = str(fallback["model"]), fallback.get("pretrained")
         try:
-            loaded = load_clip(model, weights, device=device)
+            loaded = load_clip(model, weights, device=device, precision=precision)
         except ModelLoadError as exc:
             raise ModelLoadError(
                 f"The recorded teacher (model {model!r}, weights {weights!r}) cannot be loaded "
                 f"({exc}); pass --model and --pretrained."
             ) from exc
         return loaded, None, {"model": model, "pretrained": weights}
-    loaded = load_clip(str(teacher), pretrained, device=device)
+    loaded = load_clip(str(teacher), pretrained, device=device, precision=precision)
     return loaded, None, {"model": str(teacher), "pretrained": pretrained}
 
 
@@ -288,6 +290,7 @@ class _Run:
     output: Optional[CheckpointOutput]  # None on ranks other than 0
     ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
     model: Optional[torch.nn.Module] = None  # what the step runs: DDP(net) on several ranks
+    precision: str = "fp32"  # of the student's forward pass (autocast), resolved
 
     @property
     def forward(self) -> torch.nn.Module:
@@ -328,6 +331,7 @@ def train_iter(
     overwrite: bool = False,
     device: str | torch.device = "auto",
     text_cache: Optional[TextEmbeddingCache] | str = "default",
+    precision: str = "auto",
     **overrides: Any,
 ) -> Generator[Progress, None, TrainResult]:
     """Train (or resume training) a student; yields ``Progress("train", it, total, info=...)``.
@@ -346,6 +350,9 @@ def train_iter(
             checkpoint; ``iterations``, ``val_interval`` and ``save_interval`` may change).
         overwrite: replace an existing checkpoint instead of refusing.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` of the student's forward pass (autocast; the loss
+            and the optimiser stay fp32) and of the teacher (``auto``: bf16 on a CPU with native
+            bf16, fp32 on other CPUs; see :mod:`napari_maskclip.engine.precision`).
 
     Progress ``info``: ``loss``, ``lr``, ``stage`` ("teacher" / "self-training"), ``it_per_s``,
     and ``val_miou`` after a validation. Closing the generator saves the last completed iteration.
@@ -357,7 +364,7 @@ def train_iter(
         run = yield from _prepare_iter(
             data, output, settings=settings, teacher=teacher, pretrained=pretrained,
             class_embeddings=class_embeddings, resume=resume, overwrite=overwrite, device=device,
-            text_cache=text_cache, overrides=overrides,
+            text_cache=text_cache, precision=precision, overrides=overrides,
         )
         return (yield from _steps_iter(run))
     finally:
@@ -377,6 +384,7 @@ def _prepare_iter(
     overwrite: bool,
     device: str | torch.device,
     text_cache: Optional[TextEmbeddingCache] | str,
+    precision: str,
     overrides: dict[str, Any],
 ) -> Generator[Progress, None, _Run]:
     """Everything before the first iteration: settings, the checkpoint's place (locked, proven
@@ -428,6 +436,7 @@ def _prepare_iter(
             "few for batch norm; use a larger batch, fewer processes, or --frozen-batch-norm."
         )
     dev = resolve_device(device)
+    student_precision = resolve_autocast(dev, precision, training=True)
     start = ckpt.iteration if ckpt is not None else 0
     total = settings.iterations
     if start > total:
@@ -456,7 +465,8 @@ def _prepare_iter(
     if needs_teacher:
         yield Progress("setup", 0, 0, "loading the MaskCLIP teacher")
         fallback = teacher_record or data.provenance
-        loaded, seg_settings, how = _resolve_teacher_model(teacher, pretrained, fallback, dev)
+        loaded, seg_settings, how = _resolve_teacher_model(teacher, pretrained, fallback, dev,
+                                                           precision)
         if teacher_record and teacher_record.get("identity") not in (None, loaded.identity):
             raise InvalidInputError(
                 f"The checkpoint was trained with teacher {teacher_record.get('model')} "
@@ -468,7 +478,7 @@ def _prepare_iter(
         teacher_obj = Teacher(
             loaded, data.classes, data.background,
             _teacher_settings(settings, (teacher_record or {}).get("settings"), seg_settings,
-                              data.provenance.get("settings")),
+                              data.provenance.get("settings")).replace(precision=precision),
             confidence_threshold=settings.confidence_threshold,
             text_cache=text_cache, record=how,
         )
@@ -527,9 +537,10 @@ def _prepare_iter(
         "datasets": list(data.sources),
         "history": history,
         "world_size": ranks.world_size,
+        "precision": student_precision,
     }
     return _Run(settings, dev, net, optimizer, teacher_obj, train_samples, val_samples, meta,
-                history, start, output, ranks, model)
+                history, start, output, ranks, model, student_precision)
 
 
 def _train_mode(net: StudentNet, settings: TrainSettings) -> None:
@@ -631,7 +642,7 @@ def _train_step(run: _Run, it: int) -> dict[str, Any]:
         torch.manual_seed(int(iteration_rng(settings.seed, it, stream).integers(2**62)))
         loss = _forward_loss(run.forward, batch, teacher_labels,
                              self_training=open_pixels and stage == "self-training",
-                             ranks=run.ranks)
+                             ranks=run.ranks, precision=run.precision)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP: all-reduces (averages) the gradients
     # The global batch's loss: the ranks' shares add up to it, times W (see _forward_loss).
@@ -647,7 +658,7 @@ def _train_step(run: _Run, it: int) -> dict[str, Any]:
 
 def _forward_loss(
     net: torch.nn.Module, batch: Batch, pseudo: Optional[torch.Tensor], *, self_training: bool,
-    ranks: distributed.Ranks = distributed.Ranks(),
+    ranks: distributed.Ranks = distributed.Ranks(), precision: str = "fp32",
 ) -> torch.Tensor:
     """The student's forward pass and loss on one batch.
 
@@ -658,8 +669,12 @@ def _forward_loss(
     On several ranks the loss is the rank's summed cross-entropy divided by the global batch's
     number of counted pixels, times the number of ranks: DDP averages the gradients over the
     ranks, so the update is that of the global batch's mean (ranks count different pixels).
+
+    The forward pass runs under autocast to ``precision``; the loss is fp32 in every precision.
     """
-    logits = net(batch.images)
+    with autocast_context(batch.images.device, precision):
+        logits = net(batch.images)
+    logits = logits.float()
     if self_training:
         pseudo = logits.detach().argmax(dim=1)
     targets = compose_targets(batch.labels, batch.trusted, batch.valid, pseudo)
