@@ -3,8 +3,7 @@ one full of long remembered lists and paths, no page scrolls sideways and every 
 page (Segment, Export, Train) is inside the dock and in sight. The menu entries open pages of that
 one dock, and the camera shows the whole image once the dock is in.
 
-Needs a real window size: run under ``xvfb-run -a -s "-screen 0 1600x1200x24"`` (a smaller
-virtual screen caps the window).
+pytest-xvfb's screen is 1600x1200 (pyproject.toml), so both window sizes are real.
 """
 
 from __future__ import annotations
