@@ -1,46 +1,61 @@
-"""The plugin's dock widgets as napari knows them, and how one panel opens another.
+"""The plugin's one dock, its pages, and how napari's menu entries open a page.
 
-The names are the ``display_name`` of the widgets in ``napari.yaml``. A panel opens another
-through napari (``add_plugin_dock_widget``: the one already open, else a new one); when the
-plugin is not registered with npe2 (run from a source tree without an install), it falls back to
-a plain dock made from ``factory`` and remembered in ``opened``.
+napari makes one dock per widget contribution (``napari.yaml``), named after its
+``display_name``. The plugin has one dock, the MaskCLIP widget (:mod:`.segment_panel`), whose
+pages (tabs) are Segment, Export and Train. The Export and Train menu entries are widget
+contributions too (so they sit in the Plugins menu), but their widget is a page opener
+(:mod:`.openers`): it opens the MaskCLIP dock through napari (``add_plugin_dock_widget``: the one already open, else
+a new one), selects its page, and removes the empty dock napari made for the opener at the next
+turn of the event loop. Without an npe2 registration (run from a source tree), a plain dock is
+made and remembered in ``opened``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-__all__ = ["EXPORT_NAME", "PLUGIN", "SEGMENT_NAME", "TRAIN_NAME", "show_panel"]
+__all__ = [
+    "EXPORT_NAME", "PAGES", "PAGE_EXPORT", "PAGE_SEGMENT", "PAGE_TRAIN", "PLUGIN", "SEGMENT_NAME",
+    "TRAIN_NAME", "main_panel", "show_panel",
+]
 
 PLUGIN = "napari-maskclip"
 SEGMENT_NAME = "MaskCLIP segmentation"
 EXPORT_NAME = "Export labels to a dataset"
 TRAIN_NAME = "Train MaskCLIP+ student"
+PAGE_SEGMENT, PAGE_EXPORT, PAGE_TRAIN = PAGES = ("Segment", "Export", "Train")
 
 
-def show_panel(
-    viewer: Any,
-    name: str,
-    factory: Optional[Callable[[Any], Any]] = None,
+def main_panel(
+    viewer: Any, factory: Optional[Callable[[Any], Any]] = None,
     opened: Optional[dict[str, Any]] = None,
 ) -> Any:
-    """The plugin's panel ``name`` in ``viewer``, docked, shown and raised.
+    """The MaskCLIP widget of ``viewer``: the one docked, else a new dock.
 
     Raises what napari raises when the plugin is not registered and no ``factory`` is given.
     """
     try:
-        dock, panel = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+        _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
     except Exception:  # noqa: BLE001 - plugin not registered with npe2 (e.g. run from source)
         if factory is None:
             raise
         opened = {} if opened is None else opened
-        panel = opened.get(name)
+        panel = opened.get(SEGMENT_NAME)
         if panel is None:
-            panel = opened[name] = factory(viewer)
-            dock = viewer.window.add_dock_widget(panel, name=name, area="right")
-        else:
-            dock = panel.parent()
-    if dock is not None:
-        dock.show()
-        dock.raise_()
+            panel = opened[SEGMENT_NAME] = factory(viewer)
+            viewer.window.add_dock_widget(panel, name=SEGMENT_NAME, area="right")
     return panel
+
+
+def show_panel(
+    viewer: Any,
+    page: str = PAGE_SEGMENT,
+    factory: Optional[Callable[[Any], Any]] = None,
+    opened: Optional[dict[str, Any]] = None,
+) -> Any:
+    """The plugin's dock in ``viewer`` (opened if needed), shown and raised at page ``page``
+    (one of :data:`PAGES`, or a widget's display name); returns that page's panel."""
+    page = {SEGMENT_NAME: PAGE_SEGMENT, EXPORT_NAME: PAGE_EXPORT, TRAIN_NAME: PAGE_TRAIN}.get(
+        page, page
+    )
+    return main_panel(viewer, factory, opened).show_page(page)

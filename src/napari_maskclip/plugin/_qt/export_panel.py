@@ -1,7 +1,7 @@
 """The Export panel: a Labels layer (with its image, confidence maps and edited pixels) -> dataset.
 
-A small dock widget, opened from the MaskCLIP widget's **Export to dataset...** button or from
-napari's Plugins menu. It gathers the choices (dataset folder, sample name, which slices, the
+The Export page of the MaskCLIP dock, shown by the MaskCLIP widget's **Export to dataset...**
+button or napari's Plugins menu. It gathers the choices (dataset folder, sample name, which slices, the
 confidence threshold, overwrite, remap), plans the export on the main thread
 (:func:`..export_plan.plan_layer_export`: metadata only, no pixels) and runs
 :meth:`~..export_plan.ExportPlan.export_iter` through the job runner (:mod:`.job_runner`).
@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPushButton,
     QVBoxLayout,
@@ -41,7 +40,7 @@ from ..jobs import JobOutcome, guarded_job
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..records import LABELS, role_of
-from .controls import row, small_button
+from .controls import WrapLabel, fit_combo, page_layout, row, set_items, small_button
 from .job_runner import BarState, JobRunner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,16 +130,16 @@ class ExportWidget(QWidget):
             f"<dataset>/{COCO_FILE} (one annotation per connected component of each class). "
             "Needs pycocotools."
         )
-        self.info = QLabel()
-        self.info.setWordWrap(True)
+        self.info = WrapLabel()
         self.export_button = QPushButton("Export")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.setToolTip(
             "Stop after the current slice; the slices already written stay."
         )
-        self.status = QLabel("Ready.")
-        self.status.setWordWrap(True)
+        self.status = WrapLabel("Ready.")
+        fit_combo(self.layer_combo)
+        fit_combo(self.slices)
 
         form = QFormLayout()
         form.addRow("labels", row(self.layer_combo, self.instances_button))
@@ -157,11 +156,12 @@ class ExportWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.export_button)
         buttons.addWidget(self.cancel_button)
-        column = QVBoxLayout(self)
+        column = QVBoxLayout()
         column.addLayout(form)
-        column.addLayout(buttons)
-        column.addWidget(self.status)
-        column.addStretch(1)
+        footer = QVBoxLayout()
+        footer.addLayout(buttons)
+        footer.addWidget(self.status)
+        page_layout(self, column, footer)
 
         self.runner = JobRunner(
             self, title="MaskCLIP export", start_button=self.export_button,
@@ -200,7 +200,7 @@ class ExportWidget(QWidget):
         self._layers = [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
-        self.layer_combo.addItems([layer.name for layer in self._layers])
+        set_items(self.layer_combo, [layer.name for layer in self._layers])
         if current in self._layers:
             self.layer_combo.setCurrentIndex(self._layers.index(current))
         elif self._layers:

@@ -21,7 +21,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGroupBox,
-    QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
@@ -38,7 +37,15 @@ from ...stacks import StackLayout
 from ..models import ModelChoice, import_student
 from ..preferences import WidgetPreferences
 from ..records import SampleSuggestion, role_of
-from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
+from .controls import (
+    WrapLabel,
+    ask_clip_checkpoint,
+    ask_model_config,
+    fit_combo,
+    row,
+    set_items,
+    small_button,
+)
 
 __all__ = ["ClassesSection", "ImageSection", "ModelSection", "SettingsSection"]
 
@@ -83,8 +90,9 @@ class ImageSection(QGroupBox):
             "Stacks and time series are segmented slice by slice: the slice the viewer shows, "
             "or every slice (with per-slice progress)."
         )
-        self.info = QLabel()
-        self.info.setWordWrap(True)
+        self.info = WrapLabel()
+        for combo in (self.layer_combo, self.channel_axis, self.slices):
+            fit_combo(combo)
         form = QFormLayout(self)
         form.addRow("layer", self.layer_combo)
         form.addRow("channel axis", self.channel_axis)
@@ -105,7 +113,7 @@ class ImageSection(QGroupBox):
         ]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
-        self.layer_combo.addItems([layer.name for layer in self._layers])
+        set_items(self.layer_combo, [layer.name for layer in self._layers])
         if current in self._layers:
             self.layer_combo.setCurrentIndex(self._layers.index(current))
         elif self._layers:
@@ -213,6 +221,8 @@ class ClassesSection(QGroupBox):
             "Optional background names: they compete with your classes, and pixels they win are "
             "label 0 (unlabelled). Same syntax as the classes."
         )
+        fit_combo(self.recent)
+        fit_combo(self.background)
         form = QFormLayout(self)
         form.addRow("names", self.text)
         form.addRow("recent", self.recent)
@@ -224,12 +234,12 @@ class ClassesSection(QGroupBox):
         self.recent.blockSignals(True)
         self.recent.clear()
         self.recent.addItem("recent lists..." if prefs.recent_classes else "(none yet)")
-        self.recent.addItems(prefs.recent_classes)
+        set_items(self.recent, prefs.recent_classes)
         self.recent.blockSignals(False)
         current = self.background.currentText()
         self.background.blockSignals(True)
         self.background.clear()
-        self.background.addItems(["", *prefs.recent_background])
+        set_items(self.background, ["", *prefs.recent_background])
         self.background.setEditText(current)
         self.background.blockSignals(False)
 
@@ -328,8 +338,9 @@ class ModelSection(QGroupBox):
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.device.setToolTip("auto = CUDA, then Apple MPS, then the CPU.")
-        self.hint = QLabel()
-        self.hint.setWordWrap(True)
+        self.hint = WrapLabel()
+        for combo in (self.model, self.pretrained, self.device):
+            fit_combo(combo)
         form = QFormLayout(self)
         form.addRow("model", row(self.model, self.model_file, self.student_file))
         form.addRow("weights", row(self.pretrained, self.pretrained_file))
@@ -360,7 +371,8 @@ class ModelSection(QGroupBox):
         if label in self._students:
             label = f"{label} ({Path(path).parent.name})"
         self._students[label] = path
-        self.model.addItem(label)
+        set_items(self.model, [label])
+        self.model.setItemData(self.model.count() - 1, path, Qt.ToolTipRole)
         return label
 
     def use_student(self, path: str) -> None:
@@ -514,12 +526,15 @@ class SettingsSection(QGroupBox):
         self.confidence_maps = QCheckBox("confidence maps")
         self.confidence_maps.setChecked(True)
         self.confidence_maps.setToolTip("Add one confidence image (0..1) per class.")
+        for combo in (self.mode, self.inference, self.templates):
+            fit_combo(combo)
         form = QFormLayout(self)
         form.addRow("mode", self.mode)
         form.addRow(row(self.denoise, self.denoise_threshold))
         form.addRow(row(self.key_smoothing, self.ks_threshold))
         form.addRow("inference", self.inference)
-        form.addRow("window / stride", row(self.window, self.stride))
+        form.addRow("window", self.window)  # one per row: side by side they are clipped
+        form.addRow("stride", self.stride)
         form.addRow("templates", self.templates)
         form.addRow("min confidence", self.min_confidence)
         form.addRow(self.confidence_maps)

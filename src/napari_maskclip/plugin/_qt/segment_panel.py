@@ -8,8 +8,9 @@ which never overwrites labels the user edited. Models stay loaded in a
 image features and text embeddings: the status line says whether the image encoder ran.
 
 A trained MaskCLIP+ student can be the model (``student...``): the run goes through the same
-job and gives the same layers. **Export to dataset...** and **Train a student...** open the
-Export (:mod:`.export_panel`) and Train (:mod:`.train_panel`) panels.
+job and gives the same layers. The widget is the plugin's one dock: its pages (tabs) are Segment
+(this), Export (:mod:`.export_panel`) and Train (:mod:`.train_panel`); **Export to dataset...**
+and **Train a student...** switch to them, and so do napari's menu entries (:mod:`.docks`).
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
@@ -22,8 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QDockWidget,
+    QHBoxLayout,
+    QPushButton,
+    QSizePolicy,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ...classes import parse_classes
 from ...engine.names import DEMO_MODEL
@@ -36,7 +45,8 @@ from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..records import RunRecord, SampleSuggestion, SourceLayout
 from ..stack_run import StackRequest
-from .docks import EXPORT_NAME, TRAIN_NAME, show_panel
+from .controls import WrapLabel, page_layout
+from .docks import PAGE_EXPORT, PAGE_TRAIN, PAGES
 from .job_runner import BarState, JobRunner
 from .sections import (
     ClassesSection,
@@ -80,7 +90,7 @@ class MaskClipWidget(QWidget):
         self.last_outcome: Optional[JobOutcome] = None
         self.last_report: Any = None
         self._pending: Optional[_Run] = None
-        self._panels: dict[str, Any] = {}  # Export/Train panels opened without npe2
+        self._fitted = False  # the camera is reset once the dock first shows
 
         self.image = ImageSection()
         self.classes = ClassesSection(self.prefs)
@@ -94,8 +104,7 @@ class MaskClipWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("Stop after the current window; nothing is changed.")
         self.cancel_button.setEnabled(False)
-        self.status = QLabel("Ready.")
-        self.status.setWordWrap(True)
+        self.status = WrapLabel("Ready.")
         self.export_button = QPushButton("Export to dataset...")
         self.export_button.setToolTip(
             "Save the labels (with the image, confidence maps and which pixels you edited) as "
@@ -106,26 +115,41 @@ class MaskClipWidget(QWidget):
             "Train a MaskCLIP+ student on exported datasets: opens the Train panel."
         )
 
-        body = QWidget()
-        column = QVBoxLayout(body)
+        column = QVBoxLayout()
         for section in (self.image, self.classes, self.model, self.settings):
             column.addWidget(section)
+        footer = QVBoxLayout()
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        column.addLayout(buttons)
-        column.addWidget(self.status)
+        footer.addLayout(buttons)
+        footer.addWidget(self.status)
         more = QHBoxLayout()
         more.addWidget(self.export_button)
         more.addWidget(self.train_button)
-        column.addLayout(more)
-        column.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(body)
+        footer.addLayout(more)
+        segment = QWidget()
+        page_layout(segment, column, footer)
+
+        from .export_panel import ExportWidget
+        from .train_panel import TrainWidget
+
+        self.export_page = ExportWidget(self.viewer)
+        self.train_page = TrainWidget(self.viewer)
+        self.pages = QTabWidget()
+        self.pages.setDocumentMode(True)
+        for page, title in zip((segment, self.export_page, self.train_page), PAGES):
+            self.pages.addTab(page, title)
+        self.pages.setTabToolTip(0, "Class names -> labels and confidence maps.")
+        self.pages.setTabToolTip(1, "Save labels as training data (image, mask, confidence).")
+        self.pages.setTabToolTip(2, "Train a MaskCLIP+ student on exported datasets.")
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        outer.addWidget(self.pages)
+        # Fill the dock's height (napari adds a stretch below widgets that do not).
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+        self.export_page.attach(self)
+        self.train_page.attach(self)
 
         self.runner = JobRunner(
             self, title="MaskCLIP", start_button=self.run_button,
@@ -147,6 +171,9 @@ class MaskClipWidget(QWidget):
 
     # ---- layers --------------------------------------------------------------------------
     def _refresh_layers(self, event: Any = None) -> None:
+        inserted = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if SampleSuggestion.from_metadata(getattr(inserted, "metadata", None)) is not None:
+            QTimer.singleShot(0, self.fit_view)  # a sample (or the demo scene) opened: show it all
         for layer in self.viewer.layers:
             name_event = layer.events.name
             name_event.disconnect(self._refresh_layers)  # no-op when not connected
@@ -199,27 +226,49 @@ class MaskClipWidget(QWidget):
         self._set_status(f"Model: {self.model.choice().describe()}. Press Run to use it.")
         return True
 
-    def _open_panel(self, name: str, factory: Any) -> Any:
-        """The plugin's dock panel ``name`` (the one already open, else a new one), shown and
-        linked to this widget."""
-        panel = show_panel(self.viewer, name, factory, self._panels)
-        panel.attach(self)
-        return panel
+    def show_page(self, page: str) -> Any:
+        """Switch to the page ``page`` (one of :data:`.docks.PAGES`), show and raise this dock;
+        returns the page's panel (this widget for Segment)."""
+        index = PAGES.index(page)
+        self.pages.setCurrentIndex(index)
+        dock = self.parentWidget()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parentWidget()
+        if dock is not None:
+            dock.show()
+            dock.raise_()
+        return (self, self.export_page, self.train_page)[index]
+
+    def current_page(self) -> str:
+        return PAGES[self.pages.currentIndex()]
 
     def open_export(self) -> Any:
-        """Open (or show) the Export panel, set to this widget's latest Labels layer."""
-        from .export_panel import ExportWidget
-
-        return self._open_panel(EXPORT_NAME, ExportWidget)
+        """Show the Export page, set to this widget's latest Labels layer."""
+        self.export_page.attach(self)
+        return self.show_page(PAGE_EXPORT)
 
     def open_train(self) -> Any:
-        """Open (or show) the Train panel; it offers its student back to this widget."""
-        from .train_panel import TrainWidget
+        """Show the Train page; it offers its student back to this widget."""
+        self.train_page.attach(self)
+        return self.show_page(PAGE_TRAIN)
 
-        return self._open_panel(TRAIN_NAME, TrainWidget)
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        """The first time the dock shows, fit the image to the canvas the dock just narrowed
+        (napari fitted it to the wider canvas before: the scene was cut at both sides)."""
+        super().showEvent(event)
+        if not self._fitted:
+            self._fitted = True
+            QTimer.singleShot(0, self.fit_view)
+
+    def fit_view(self) -> None:
+        """Reset napari's camera so every layer is in view (public ``Viewer.reset_view``)."""
+        if len(self.viewer.layers):
+            self.viewer.reset_view()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         self.cancel()  # a closed widget must not receive the result of a run
+        self.export_page.cancel()
+        self.train_page.cancel()  # the core saves the last completed iteration
         super().closeEvent(event)
 
     # ---- running -------------------------------------------------------------------------

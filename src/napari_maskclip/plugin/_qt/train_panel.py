@@ -1,7 +1,7 @@
 """The Train panel: train (or resume) a MaskCLIP+ student on exported datasets, in the background.
 
-A dock widget, opened from the MaskCLIP widget's **Train a student...** button or napari's Plugins
-menu. It gathers the choices into a :class:`..train_job.TrainRequest`, runs
+The Train page of the MaskCLIP dock, shown by the MaskCLIP widget's **Train a student...** button
+or napari's Plugins menu. It gathers the choices into a :class:`..train_job.TrainRequest`, runs
 :func:`..train_job.training_iter` (the core's ``train_iter``) through the job runner
 (:mod:`.job_runner`: a napari worker and progress bar), and shows a live line (iteration, loss,
 stage, learning rate, validation mIoU, speed) and a small text plot of the loss. **Cancel** stops after the current iteration and the
@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -40,8 +41,16 @@ from ..jobs import JobOutcome, guarded_job
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..train_job import TrainRequest, training_iter
-from .controls import ask_clip_checkpoint, ask_model_config, row, small_button
-from .docks import SEGMENT_NAME, show_panel
+from .controls import (
+    WrapLabel,
+    ask_clip_checkpoint,
+    ask_model_config,
+    fit_combo,
+    page_layout,
+    row,
+    small_button,
+)
+from .docks import PAGE_SEGMENT, show_panel
 from .job_runner import BarState, JobRunner
 from .sections import DEVICES
 
@@ -166,14 +175,17 @@ class TrainWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.setToolTip(CANCEL_NOTE)
-        self.live = QLabel("")
-        self.live.setWordWrap(True)
+        self.live = WrapLabel("")
         self.plot = QLabel("")
         self.plot.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
         self.plot.setToolTip(f"Training loss, the last {SPARK_POINTS} iterations (low to high).")
-        self.status = QLabel(CANCEL_NOTE)
-        self.status.setWordWrap(True)
-        self.use_button = QPushButton("Use this student in the MaskCLIP widget")
+        self.status = WrapLabel(CANCEL_NOTE)
+        # The loss plot is clipped on a narrow dock rather than widening it.
+        self.plot.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        for combo in (self.backbone, self.backbone_weights, self.device):
+            fit_combo(combo)
+        self.use_button = QPushButton("Use this student")
+        self.use_button.setToolTip("Make it the model of the Segment page.")
         self.use_button.setVisible(False)
 
         form = QFormLayout()
@@ -185,7 +197,8 @@ class TrainWidget(QWidget):
         form.addRow("iterations", self.iterations)
         form.addRow("backbone", self.backbone)
         form.addRow("backbone weights", self.backbone_weights)
-        form.addRow("crop / batch", row(self.crop, self.batch))
+        form.addRow("crop", self.crop)
+        form.addRow("batch", self.batch)
         form.addRow("self-training after", self.self_train)
         form.addRow("teacher model", row(self.teacher, self.teacher_button))
         form.addRow("teacher weights", row(self.teacher_weights, self.teacher_weights_button))
@@ -193,14 +206,15 @@ class TrainWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.cancel_button)
-        column = QVBoxLayout(self)
+        column = QVBoxLayout()
         column.addLayout(form)
-        column.addLayout(buttons)
-        column.addWidget(self.live)
-        column.addWidget(self.plot)
-        column.addWidget(self.status)
-        column.addWidget(self.use_button)
-        column.addStretch(1)
+        footer = QVBoxLayout()
+        footer.addLayout(buttons)
+        footer.addWidget(self.live)
+        footer.addWidget(self.plot)
+        footer.addWidget(self.status)
+        footer.addWidget(self.use_button)
+        page_layout(self, column, footer)
 
         self.add_dataset.clicked.connect(self._choose_dataset)
         self.output_button.clicked.connect(self._choose_output)
@@ -404,11 +418,13 @@ class TrainWidget(QWidget):
         main = self.main
         if main is None:
             try:
-                main = show_panel(self.viewer, SEGMENT_NAME)
+                main = show_panel(self.viewer, PAGE_SEGMENT)
             except Exception as exc:  # noqa: BLE001 - shown, never raised out
                 self.status.setText(show_exception(exc))
                 return None
             self.main = main
+        if hasattr(main, "show_page"):
+            main.show_page(PAGE_SEGMENT)
         if main.use_student(str(outcome.result.checkpoint)):
             self.status.setText(f"The MaskCLIP widget now uses {outcome.result.checkpoint.name}.")
         return main
