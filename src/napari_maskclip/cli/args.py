@@ -82,3 +82,13 @@ def add_batch_output_options(parser: argparse.ArgumentParser) -> None:
                         help="skip the confidence TIFF (saves space)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar and no notes on stderr (errors only)")
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler`` / ``--workers``: run the batch on dask.distributed (the distributed extra)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run on the dask cluster at ADDRESS (tcp://host:port; start it with "
+                       "'dask scheduler' and 'dask worker ADDRESS')")
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="run on N worker processes on this machine (a dask LocalCluster)")
