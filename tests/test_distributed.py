@@ -175,3 +175,35 @@ def test_workers_and_scheduler_exclude_each_other_and_need_a_positive_count(scen
             main(base + extra)
         assert exc.value.code == 2
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_predict_on_workers_matches_the_plain_loop(scenes, tmp_path, capsys):
+    """``predict --workers 2``: each worker loads the student checkpoint itself; same files."""
+    import torch
+    from test_student_train import random_embeddings, shapes_data
+
+    from napari_maskclip.student import TrainSettings, train
+
+    _, good, _ = scenes
+    student = tmp_path / "student.safetensors"
+    settings = TrainSettings(iterations=4, batch_size=4, crop_size=48, backbone="tiny",
+                             backbone_weights="random", lr=0.05, val_fraction=0.2,
+                             val_interval=0, save_interval=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(shapes_data(8, size=48), student, settings=settings,
+              class_embeddings=random_embeddings(4), device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    base = ["predict", *map(str, good), "--student", str(student), "--device", "cpu", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--out", str(tmp_path / "dask"), "--workers", "2"]) == 0
+    capsys.readouterr()
+    for stem in (p.stem for p in good):
+        assert np.array_equal(_labels(tmp_path / "dask" / f"{stem}_labels.png"),
+                              _labels(tmp_path / "plain" / f"{stem}_labels.png"))
+        np.testing.assert_allclose(tifffile.imread(tmp_path / "dask" / f"{stem}_confidence.tif"),
+                                   tifffile.imread(tmp_path / "plain" / f"{stem}_confidence.tif"),
+                                   atol=1e-5)

@@ -187,3 +187,34 @@ def segment_folder(
                 summary.not_run = [t.name for t in batch.tasks if t.name not in finished]
                 break
     return summary
+
+
+@dataclass
+class PredictRun:
+    """``make_run`` of ``predict`` for dask workers: the checkpoint's path, loaded once per
+    worker (:func:`~napari_maskclip.distributed.worker_cached`), not its weights."""
+
+    student: str
+    device: str
+    window: Optional[int]
+    classes: Any
+    channel_axis: Optional[int] = None
+    channels: Optional[Sequence[int]] = None
+
+    def segmenter(self):
+        from .distributed import worker_cached
+
+        def load():
+            from .student.predict import StudentSegmenter
+
+            try:
+                return StudentSegmenter(self.student, device=self.device, window=self.window)
+            except (MaskClipError, OSError, MemoryError) as exc:
+                raise SetupFailed(exc) from exc
+
+        key = json.dumps([str(Path(self.student).resolve()), self.device, self.window])
+        return worker_cached(("predict", key), load)
+
+    def __call__(self, image, probabilities):  # the student always returns its maps
+        return self.segmenter().run_iter(image, self.classes, channel_axis=self.channel_axis,
+                                         channels=self.channels)
