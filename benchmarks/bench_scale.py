@@ -1,4 +1,4 @@
-"""Scaling-out benchmark: data-parallel student training under torchrun (and, later, dask).
+"""Scaling-out benchmark: data-parallel student training under torchrun, batches on dask.
 
 Sections are functions returning a dict of figures; the last line printed is one JSON object,
 the merge of their dicts.
@@ -9,8 +9,12 @@ the merge of their dicts.
   1-process step time (ideal 0.5 with two free cores; above 1 means the communication and the
   processes' competition for cores cost more than the split saves). The first steps are warm-up.
 
-    python benchmarks/bench_scale.py [--sections ddp] [--backbone tiny] [--batch 8] [--crop 128]
-        [--iterations 6] [--threads 1] [--quick]
+* :func:`dask_section`: images/s of ``segment`` (``segment_folder``, demo model) on 1 and 2 local
+  dask workers over ``--images`` synthetic ``--size``-px scenes, warm; ``dask_overhead`` = the
+  1-worker time / the plain in-process loop's (target <= 1.15).
+
+    python benchmarks/bench_scale.py [--sections ddp,dask] [--backbone tiny] [--batch 8] [--crop 128]
+        [--iterations 6] [--threads 1] [--images 64] [--size 256] [--quick]
 
 Run on an idle machine: the ratio needs at least as many free cores as processes x threads.
 """
@@ -99,7 +103,56 @@ def ddp_section(args: argparse.Namespace) -> dict[str, Any]:
             "ddp_threads": args.threads}
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"ddp": ddp_section}
+# ---- batches on dask.distributed -------------------------------------------------------------
+
+
+def dask_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of ``segment_folder`` on 1 and 2 local dask workers, and the 1-worker path's
+    time over the plain in-process loop (``dask_overhead``). Models are loaded and the cluster
+    started before the clock runs (a warm-up batch), so this is the steady streaming rate."""
+    import imageio.v3 as iio
+
+    from napari_maskclip.distributed import open_client
+    from napari_maskclip.segment_batch import segment_folder
+    from napari_maskclip.synthetic import make_scene
+
+    classes = "red circle, green square, blue triangle"
+    options = dict(classes=classes, model="demo", device="cpu", precision="fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        images = []
+        for i in range(args.images):
+            path = root / "images" / f"scene{i:03d}.png"
+            iio.imwrite(path, make_scene(seed=i, size=(args.size, args.size)).image)
+            images.append(path)
+
+        def timed(out: str, **where: Any) -> float:
+            segment_folder(images[:4], root / f"warm-{out}", **options, **where)
+            start = time.perf_counter()
+            summary = segment_folder(images, root / out, **options, **where)
+            seconds = time.perf_counter() - start
+            assert summary.ok and len(summary.done) == len(images), summary
+            return seconds
+
+        plain = timed("plain")
+        per_workers = {}
+        for workers in (1, 2):
+            with open_client(workers=workers) as client:
+                per_workers[workers] = timed(f"dask{workers}", client=client)
+    n = len(images)
+    print(f"segment, demo model, {n} synthetic {args.size}x{args.size} images, warm:")
+    print(f"  plain loop     {n / plain:7.2f} images/s")
+    for workers, seconds in per_workers.items():
+        print(f"  dask {workers} worker(s) {n / seconds:7.2f} images/s")
+    print(f"  dask overhead (1 worker / plain) {per_workers[1] / plain:.2f} (target <= 1.15)")
+    return {"images_per_s_plain": n / plain, "images_per_s_1": n / per_workers[1],
+            "images_per_s_2": n / per_workers[2], "dask_overhead": per_workers[1] / plain,
+            "dask_images": n, "dask_size": args.size}
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "ddp": ddp_section, "dask": dask_section}
 
 
 def main() -> None:
@@ -111,11 +164,13 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=6, help="timed steps (after warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--images", type=int, default=64, help="dask: images in the batch")
+    parser.add_argument("--size", type=int, default=256, help="dask: image side in pixels")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.batch, args.crop, args.iterations = 4, 64, 2
+        args.batch, args.crop, args.iterations, args.images, args.size = 4, 64, 2, 8, 96
     if args.worker_out:
         _worker(args)
         return

@@ -143,7 +143,7 @@ def test_segment_streams_large_confidence_maps_into_the_same_tiff(tmp_path, tiny
                                                                    monkeypatch):
     import imageio.v3 as iio
 
-    import napari_maskclip.cli.batch as batch
+    import napari_maskclip.batch as batch
     from napari_maskclip.cli import main
 
     image = tmp_path / "a.png"

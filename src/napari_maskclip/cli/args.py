@@ -105,3 +105,13 @@ def add_precision_option(parser: argparse._ActionsContainer, *, kind: str = "cli
         auto = "fp16 on a GPU; on the CPU bf16 where it has native bf16 (AVX512-BF16/AMX), else fp32"
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help=f"auto (default): {auto}")
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler`` / ``--workers``: run the batch on dask.distributed (the distributed extra)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run on the dask cluster at ADDRESS (tcp://host:port; start it with "
+                       "'dask scheduler' and 'dask worker ADDRESS')")
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="run on N worker processes on this machine (a dask LocalCluster)")

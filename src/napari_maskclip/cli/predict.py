@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import (add_batch_output_options, add_channel_options, add_precision_option,
+from .args import (add_batch_output_options, add_channel_options, add_cluster_options,
+                   add_precision_option,
                    positive_int)
 
 __all__ = ["register"]
@@ -23,7 +24,8 @@ __all__ = ["register"]
 def _run(args: argparse.Namespace) -> int:
     from ..result_files import source_fingerprint
     from ..student.predict import StudentSegmenter
-    from .batch import input_images, plan_results, result_task, run_tasks, skipped_line
+    from .batch import (input_images, plan_results, result_task, run_tasks, run_tasks_on_cluster,
+                        skipped_line)
 
     images = input_images(args.images)
     out = Path(args.out)
@@ -50,9 +52,19 @@ def _run(args: argparse.Namespace) -> int:
         return segmenter.run_iter(image, args.classes, channel_axis=args.channel_axis,
                                   channels=args.channels)
 
+    on_cluster = args.scheduler is not None or args.workers is not None
+    if on_cluster:  # workers load the checkpoint themselves, once each
+        from ..segment_batch import PredictRun
+
+        make_run = PredictRun(str(args.student), args.device, args.window, args.classes,
+                              args.channel_axis, args.channels, args.precision)
+
     tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, record=record,
                          channel_axis=args.channel_axis, channels=args.channels)
              for path, record in todo]
+    if on_cluster:
+        return run_tasks_on_cluster(tasks, command="predict", scheduler=args.scheduler,
+                                    workers=args.workers, quiet=args.quiet)
     return run_tasks(tasks, command="predict", quiet=args.quiet)
 
 
@@ -69,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classes", default=None,
                         help="a subset of the student's classes (default: all of them)")
     add_batch_output_options(parser)
+    add_cluster_options(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     add_precision_option(parser, kind="student")
     parser.add_argument("--window", type=positive_int, default=None, metavar="PX",

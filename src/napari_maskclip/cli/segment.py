@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 from ..engine.names import default_pretrained  # also imported from here by cli.train
 from ..errors import InvalidInputError
-from .args import (add_batch_output_options, add_channel_options, add_precision_option,
-                   nonneg_int, positive_int, unit_float)
+from .args import (add_batch_output_options, add_channel_options, add_cluster_options,
+                   add_precision_option, nonneg_int, positive_int, unit_float)
 from .batch import progress_bar
 
 __all__ = ["register", "add_engine_options", "settings_from_args", "progress_bar"]
@@ -46,21 +46,6 @@ def region_source(args: argparse.Namespace) -> Optional[str]:
     if value in REGION_SOURCES[:-1]:
         return value
     return "labels"
-
-
-def region_labels(args: argparse.Namespace, stem: str, *, read: bool = True):
-    """The label image ``--regions FILE`` names for the image ``stem`` (None for superpixels);
-    ``read=False`` only checks that the file exists."""
-    if region_source(args) != "labels":
-        return None
-    from ..image_files import read_label_image
-
-    path = Path(args.regions.replace("{stem}", stem))
-    if not path.is_file():
-        raise InvalidInputError(
-            f"--regions {args.regions!r}: no label image {path} (use slic, felzenszwalb or a file)."
-        )
-    return read_label_image(path) if read else None
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -192,60 +177,30 @@ _PRESET_OPTIONS = {"mode": "mode", "templates": "templates", "logit_scale": "tem
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..classes import parse_classes
-    from .batch import input_images, lazy, plan_results, result_task, run_tasks, skipped_line
+    from ..segment_batch import segment_tasks
+    from .batch import run_tasks, run_tasks_on_cluster, skipped_line
 
     # Validate everything cheap, and every file the run will write, before loading a model.
-    classes = parse_classes(args.classes)
-    background = parse_classes(args.background, allow_empty=True) if args.background else []
-    parse_classes(classes + background)
     settings = settings_from_args(args)
-    images = input_images(args.images)
-    for path in images:
-        region_labels(args, Path(path).stem, read=False)  # a missing region file fails before any work
-    out = Path(args.out)
-    pretrained = default_pretrained(args.model, args.pretrained)
-    request = {
-        "model": args.model, "pretrained": pretrained, "precision": args.precision,
-        "classes": [c.text for c in classes], "background": [c.text for c in background],
-        "settings": settings.to_dict(), "channel_axis": args.channel_axis,
-        "channels": args.channels, "confidence": not args.no_confidence,
-    }
-    todo, skipped = plan_results(out, images, command="segment", request=request,
-                                 n_classes=len(classes), confidence=not args.no_confidence,
-                                 overwrite=args.overwrite)
-    if skipped:
-        print(skipped_line(skipped))
-    if not todo:
-        return 0
 
-    def load():
-        from ..engine import Segmenter, load_clip
-
-        loaded = load_clip(args.model, pretrained, device=args.device, precision=args.precision)
+    def announce(loaded) -> None:  # in this process only (workers do not print)
         if not args.quiet:
             print(f"model: {loaded.describe()}", file=sys.stderr)
-        return Segmenter(loaded, settings=settings)
 
-    segmenter = lazy(load)  # loaded with the first image that needs it
-
-    def make_run_for(path):
-        def make_run(image, probabilities):
-            return segmenter().run_iter(image, classes, background=background or None,
-                                        channel_axis=args.channel_axis, channels=args.channels,
-                                        regions=region_labels(args, Path(path).stem),
-                                        probabilities=probabilities)
-        return make_run
-
-    def note(result) -> str:
-        removed = result.removed_classes
-        return f", removed by denoising: {', '.join(removed)}" if removed else ""
-
-    tasks = [result_task(path, out, make_run_for(path), confidence=not args.no_confidence, record=record,
-                         channel_axis=args.channel_axis, channels=args.channels,
-                         n_classes=len(classes), note=note)
-             for path, record in todo]
-    return run_tasks(tasks, command="segment", quiet=args.quiet)
+    batch = segment_tasks(
+        args.images, args.out, classes=args.classes, background=args.background or None,
+        model=args.model, pretrained=args.pretrained, device=args.device,
+        precision=args.precision, settings=settings, channel_axis=args.channel_axis,
+        channels=args.channels, confidence=not args.no_confidence, overwrite=args.overwrite,
+        regions_file=args.regions if region_source(args) == "labels" else None, on_load=announce)
+    if batch.skipped:
+        print(skipped_line(batch.skipped))
+    if not batch.tasks:
+        return 0
+    if args.scheduler is not None or args.workers is not None:
+        return run_tasks_on_cluster(batch.tasks, command="segment", scheduler=args.scheduler,
+                                    workers=args.workers, quiet=args.quiet)
+    return run_tasks(batch.tasks, command="segment", quiet=args.quiet)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -261,6 +216,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="class names separated by commas or new lines; ';' separates "
                         "synonyms, e.g. 'cat, dog; puppy'.")
     add_batch_output_options(parser)
+    add_cluster_options(parser)
     add_model_options(parser)
     add_engine_options(parser)
     parser.set_defaults(func=_run)
