@@ -479,3 +479,28 @@ def test_demo_command_opens_napari_on_the_scene_with_the_widget_preset(monkeypat
             assert accuracy > 0.5 and len(np.unique(labels)) >= 4
     finally:
         viewer.close()
+
+
+def test_refinements_and_precision_reach_the_engine_and_the_record(make_widget, qtbot):
+    """PAMR, region voting and the precision chosen in Settings are what the run used (and
+    recorded, so an export's provenance carries them); switching PAMR on is a re-query."""
+    from napari_maskclip.plugin.records import META_KEY
+
+    viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
+    widget.classes.text.setPlainText("cat, dog")
+    settings = widget.settings
+    settings.precision.setCurrentText("fp32")
+    assert run_and_wait(qtbot, widget) == "done"
+    segmenter = widget.pool.cached(widget.model.choice())
+    encoder_calls = segmenter.image_encoder_calls
+    settings.pamr.setChecked(True)
+    settings.regions.setCurrentText("felzenszwalb")
+    assert run_and_wait(qtbot, widget) == "done"
+    assert segmenter.image_encoder_calls == encoder_calls  # query-time refinements
+    recorded = viewer.layers[-1].metadata
+    labels = [layer for layer in viewer.layers if META_KEY in layer.metadata
+              and "settings" in layer.metadata[META_KEY]]
+    assert labels, recorded
+    record = labels[-1].metadata[META_KEY]["settings"]
+    assert record["pamr"] is True and record["regions"] == "felzenszwalb"
+    assert record["precision"] == "fp32"

@@ -32,6 +32,7 @@ from ...engine.modes import MODE_HELP, MODES
 from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDOM_WEIGHTS
 from ...engine.settings import SegmentSettings
 from ...engine.templates import TEMPLATE_SETS
+from ...engine.precision import PRECISIONS
 from ...errors import InvalidInputError
 from ...stacks import StackLayout
 from ..models import ModelChoice, import_student
@@ -523,10 +524,29 @@ class SettingsSection(QGroupBox):
         self.min_confidence.setToolTip(
             "Pixels whose best class is less confident than this stay unlabelled (0 = off)."
         )
+        self.pamr = QCheckBox("PAMR")
+        self.pamr.setChecked(defaults.pamr)
+        self.pamr.setToolTip(
+            "Pixel-adaptive mask refinement: scores refined by local colour affinity (10 "
+            "iterations, dilations 8 and 16 px). Query-time: no re-encode; seconds on large images."
+        )
+        self.regions = QComboBox()
+        self.regions.addItems(["off", "felzenszwalb", "slic"])
+        self.regions.setToolTip(
+            "Region voting: every superpixel gets its mean class probabilities (query-time; the "
+            "superpixels are kept with the image's features)."
+        )
+        self.precision = QComboBox()
+        self.precision.addItems(PRECISIONS)
+        self.precision.setCurrentText(defaults.precision)
+        self.precision.setToolTip(
+            "Precision of the image and text encoders. auto: bf16 on a CPU with native bf16 "
+            "(AVX512-BF16/AMX), fp32 on other CPUs, fp16 on GPUs. Changing it re-encodes the image."
+        )
         self.confidence_maps = QCheckBox("confidence maps")
         self.confidence_maps.setChecked(True)
         self.confidence_maps.setToolTip("Add one confidence image (0..1) per class.")
-        for combo in (self.mode, self.inference, self.templates):
+        for combo in (self.mode, self.inference, self.templates, self.regions, self.precision):
             fit_combo(combo)
         form = QFormLayout(self)
         form.addRow("mode", self.mode)
@@ -537,6 +557,8 @@ class SettingsSection(QGroupBox):
         form.addRow("stride", self.stride)
         form.addRow("templates", self.templates)
         form.addRow("min confidence", self.min_confidence)
+        form.addRow(row(self.pamr, self.regions))
+        form.addRow("precision", self.precision)
         form.addRow(self.confidence_maps)
         self.denoise.toggled.connect(self.denoise_threshold.setEnabled)
         self.key_smoothing.toggled.connect(self.ks_threshold.setEnabled)
@@ -557,7 +579,7 @@ class SettingsSection(QGroupBox):
         """Disable MaskCLIP's settings while a student is the model (confidence maps stay)."""
         for control in (self.mode, self.denoise, self.denoise_threshold, self.key_smoothing,
                         self.ks_threshold, self.inference, self.window, self.stride,
-                        self.templates, self.min_confidence):
+                        self.templates, self.min_confidence, self.pamr, self.regions):
             control.setEnabled(not student)
         if not student:
             self.denoise_threshold.setEnabled(self.denoise.isChecked())
@@ -595,6 +617,9 @@ class SettingsSection(QGroupBox):
             "background_threshold": float(self.min_confidence.value()) or None,
             "window": None,
             "stride": None,
+            "pamr": self.pamr.isChecked(),
+            "regions": None if self.regions.currentText() == "off" else self.regions.currentText(),
+            "precision": self.precision.currentText(),
         }
         inference = self.inference.currentText()
         if inference == INFERENCE_WHOLE:
