@@ -61,9 +61,10 @@ def test_headless_demo_writes_outputs_and_segments_the_scene(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--headless", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    for name in ("demo_scene_image.png", "demo_scene_overlay.png", "demo_scene_truth.png",
+    for name in ("demo_scene_image.png", "demo_scene_overlay.png", "truth",
                  "demo_scene_scores.json", "demo_scene_labels.png"):
         assert name in names, names
+    assert np.array_equal(read_label_image(out / "truth" / "demo_scene.png"), demo_scene().mask)
     image = iio.imread(out / "demo_scene_image.png")
     assert np.array_equal(image, demo_scene().image)
     overlay = iio.imread(out / "demo_scene_overlay.png")
@@ -78,7 +79,14 @@ def test_headless_demo_writes_outputs_and_segments_the_scene(tmp_path, capsys):
     scores = json.loads((out / "demo_scene_scores.json").read_text())
     # The demo model really segments: well above chance (1/13) on the scene's exact mask.
     assert scores["pixel_accuracy"] > 0.5 and scores["miou"] > 0.15
-    assert "mIoU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and str(out / "truth" / "demo_scene.png") in printed
+    # `evaluate` takes the demo's output as it is and agrees with the demo's own scores.
+    assert main(["evaluate", str(out), str(out / "truth")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["n_images"] == 1
+    assert evaluated["miou"] == pytest.approx(scores["miou"])
+    assert evaluated["pixel_accuracy"] == pytest.approx(scores["pixel_accuracy"])
 
 
 @pytest.mark.parametrize("argv", [["demo", "--headless", "--device", "nonsense"]])

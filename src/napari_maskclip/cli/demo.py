@@ -50,7 +50,7 @@ def _headless(args: argparse.Namespace) -> int:
     import imageio.v3 as iio
     import numpy as np
 
-    from ..atomic import atomic_write
+    from ..atomic import atomic_write, atomic_write_text
     from ..engine import Segmenter
     from ..evaluate import confusion_matrix, scores_from_confusion
     from ..image_files import write_label_image
@@ -75,15 +75,22 @@ def _headless(args: argparse.Namespace) -> int:
         iio.imwrite(tmp, scene.image, extension=".png")
     with atomic_write(out / "demo_scene_overlay.png") as tmp:
         iio.imwrite(tmp, overlay(scene.image, result.labels, result.colors), extension=".png")
-    write_label_image(out / "demo_scene_truth.png", scene.mask, result.colors)
+    # The exact mask in a folder of its own, named by the scene's stem, so that
+    # `napari-maskclip evaluate OUT OUT/truth` pairs it with demo_scene_labels.png as it is.
+    truth = out / "truth" / "demo_scene.png"
+    write_label_image(truth, scene.mask, result.colors)
     names = ["background", *result.class_names]
     cm = confusion_matrix(result.labels, scene.mask, len(names))
     scores = scores_from_confusion(cm, names, n_images=1)
-    (out / "demo_scene_scores.json").write_text(json.dumps(scores.to_dict(), indent=2))
+    scores_path = atomic_write_text(out / "demo_scene_scores.json",
+                                    json.dumps(scores.to_dict(), indent=2))
     print(f"model: {segmenter.loaded.describe()}")
-    print(f"wrote {files.labels_path}, {files.classes_path}, {out / 'demo_scene_overlay.png'}")
+    written = [files.labels_path, files.confidence_path, files.classes_path,
+               out / "demo_scene_image.png", out / "demo_scene_overlay.png", truth, scores_path]
+    print("wrote " + ", ".join(str(p) for p in written if p is not None))
     print(f"mIoU against the scene's exact mask: {100 * scores.miou:.1f} "
-          f"(pixel accuracy {100 * scores.pixel_accuracy:.1f})")
+          f"(pixel accuracy {100 * scores.pixel_accuracy:.1f}); the same with "
+          f"'napari-maskclip evaluate {out} {out / 'truth'}'")
     print("Next: open napari with a display (napari-maskclip demo), or try "
           "'napari-maskclip segment IMAGE --model demo --templates single --window 64 --stride 16 "
           "--classes \"red circle, blue square\" --background background --out DIR'.")
