@@ -157,3 +157,17 @@ def test_a_stack_given_to_segment_says_how_to_proceed(tmp_path, tiny_vit_files, 
     assert len(err) == 1 and "(5, 24, 32)" in err[0]
     assert "save the slice you want" in err[0] and "napari" in err[0] and "--channel-axis" in err[0]
     assert "do this for you" not in err[0]
+
+
+@pytest.mark.parametrize("confidence", [True, False])
+def test_summary_lists_every_file_written(tmp_path, tiny_vit_files, capsys, confidence):
+    image = _image(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["segment", str(image), "--classes", "cat", "--out", str(out), "--quiet",
+            *_model_args(tiny_vit_files)] + ([] if confidence else ["--no-confidence"])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(["a_labels.png", "a_classes.json"]
+                             + (["a_confidence.tif"] if confidence else []))
+    assert all(name in printed for name in written), printed

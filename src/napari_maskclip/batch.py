@@ -262,7 +262,7 @@ def result_task(
         finally:
             if writer is not None:
                 writer.discard()
-        return f"{path.name}: {files.labels_path.name}, {files.classes_path.name}" + (
+        return f"{path.name}: {', '.join(p.name for p in files.paths)}" + (
             note(result) if note else "")
 
     return Task(path.name, run)
