@@ -319,6 +319,35 @@ def test_rerun_keeps_edited_labels(make_widget, qtbot):
     assert "untouched" in widget.status.text()
 
 
+def test_confidence_maps_stay_with_their_labels_layer(make_widget, qtbot):
+    """A re-run whose labels go to a new '(2)' layer (the first was edited) adds its own
+    confidence layers; the edited layer keeps its maps, still paired by run for export."""
+    from napari_maskclip.plugin.records import META_KEY
+
+    viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
+    widget.classes.text.setPlainText("cat, dog")
+    assert run_and_wait(qtbot, widget) == "done"
+    labels = viewer.layers["img [maskclip]"]
+    cat = viewer.layers["img [maskclip] cat"]
+    cat_data = np.array(cat.data, copy=True)
+    labels.paint((10, 10), 2)
+    widget.classes.text.setPlainText("sofa, floor")
+    assert run_and_wait(qtbot, widget) == "done"
+    assert viewer.layers["img [maskclip] cat"] is cat  # kept, unchanged, still the first run's
+    np.testing.assert_array_equal(cat.data, cat_data)
+    run_id = labels.metadata[META_KEY]["run_id"]
+    assert cat.metadata[META_KEY]["run_id"] == run_id
+    assert "img [maskclip] dog" in viewer.layers
+    new = widget.last_report.labels_layer
+    new_sofa = viewer.layers["img [maskclip] sofa (2)"]
+    assert new_sofa.metadata[META_KEY]["run_id"] == new.metadata[META_KEY]["run_id"] != run_id
+    # The next run with the same names updates the new pair only.
+    assert run_and_wait(qtbot, widget) == "done"
+    assert widget.last_report.labels_layer is new
+    assert viewer.layers["img [maskclip] sofa (2)"] is new_sofa
+    assert viewer.layers["img [maskclip] cat"] is cat
+
+
 def test_stack_slices_accumulate_without_losing_edits(make_widget, qtbot):
     viewer, widget = make_widget((STACK, {"name": "img"}))
     widget.classes.text.setPlainText("cat, dog")

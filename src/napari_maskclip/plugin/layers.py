@@ -206,9 +206,14 @@ def edited_slices(layer: Any) -> set[str]:
 
 # ---- finding the plugin's layers -----------------------------------------------------------------
 def managed_layers(viewer: Any, source_id: str) -> tuple[Any, dict[str, Any]]:
-    """The managed Labels layer (or None) and the confidence layers by class, for a source."""
+    """The managed Labels layer (or None) and its confidence layers by class, for a source.
+
+    Confidence layers belong to the run of their Labels layer (same ``run_id``): those of a
+    Labels layer a person edited and a re-run left alone stay with it. Without a managed Labels
+    layer (deleted by the user), the source's confidence layers are all returned, for reuse."""
     labels = None
-    confidence: dict[str, Any] = {}
+    run_id = None
+    confidence: dict[str, list[Any]] = {}
     for layer in viewer.layers:
         meta = plugin_metadata(getattr(layer, "metadata", None))
         if meta.get("source_id") != source_id:
@@ -216,10 +221,16 @@ def managed_layers(viewer: Any, source_id: str) -> tuple[Any, dict[str, Any]]:
         if meta.get("role") == LABELS and labels is None:
             record = RunRecord.from_metadata(layer.metadata)
             if record is not None and record.managed:
-                labels = layer
+                labels, run_id = layer, record.run_id
         elif meta.get("role") == CONFIDENCE:
-            confidence[meta.get("class_name")] = layer
-    return labels, confidence
+            confidence.setdefault(meta.get("class_name"), []).append(layer)
+    owned: dict[str, Any] = {}
+    for name, layers in confidence.items():
+        mine = [layer for layer in layers
+                if labels is None or plugin_metadata(layer.metadata).get("run_id") == run_id]
+        if mine:
+            owned[name] = mine[-1]
+    return labels, owned
 
 
 # ---- applying a run ------------------------------------------------------------------------------
@@ -349,6 +360,13 @@ def apply_result(
                 kwargs["name"] = _unique_name(viewer, kwargs["name"])
             report.labels_layer = viewer.add_layer(_layer_from_tuple(data, kwargs, "labels"))
 
+    if mode == "kept-edited":
+        # The edited layer keeps its own confidence maps (an export of it pairs them by run);
+        # the new result gets new ones, named after its new Labels layer.
+        confidence = {}
+        suffix = report.labels_layer.name[len(labels_layer_name(source_name)):]
+        for _, kwargs, _ in conf_tuples:
+            kwargs["name"] = _unique_name(viewer, kwargs["name"] + suffix)
     report.confidence_layers = _apply_confidence(
         viewer, conf_tuples, confidence, written, report.labels_layer,
         partial=(mode == "updated"), class_names=names,
