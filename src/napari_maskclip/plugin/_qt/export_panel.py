@@ -41,7 +41,7 @@ from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..records import LABELS, role_of
 from .controls import WrapLabel, fit_combo, page_layout, row, set_items, small_button
-from .job_runner import BarState, JobRunner
+from .job_runner import BarState, JobRunner, RunnerPanel
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -54,7 +54,7 @@ SLICE_LABELLED = "all labelled slices"
 COCO_FILE = "instances.json"
 
 
-class ExportWidget(QWidget):
+class ExportWidget(QWidget, RunnerPanel):
     """Dock widget: export a Labels layer as samples of a training dataset."""
 
     #: Emitted when an export ends: "done", "cancelled" or "error".
@@ -261,15 +261,6 @@ class ExportWidget(QWidget):
             self.folder.setText(path)
 
     # ---- exporting -----------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.runner.running
-
-    @property
-    def worker(self) -> Any:
-        """The napari worker of the export in progress (None when idle)."""
-        return self.runner.worker
-
     def export(self) -> Any:
         """Start the export; returns the napari worker, or None (with a notification) if refused."""
         if self.running:

@@ -201,3 +201,19 @@ class JobRunner(QObject):
         self._start_button.setEnabled(True)
         self._cancel_button.setEnabled(False)
         self.ended.emit(self._state)
+
+
+class RunnerPanel:
+    """What every panel reads off its :class:`JobRunner` (``self.runner``): mixed into the
+    Segment, Export and Train pages so they answer ``running`` and ``worker`` the same way."""
+
+    runner: JobRunner
+
+    @property
+    def running(self) -> bool:
+        return self.runner.running
+
+    @property
+    def worker(self) -> Any:
+        """The napari worker of the job in progress (None when idle)."""
+        return self.runner.worker

@@ -47,7 +47,7 @@ from ..records import RunRecord, SampleSuggestion, SourceLayout
 from ..stack_run import StackRequest
 from .controls import WrapLabel, page_layout
 from .docks import PAGE_EXPORT, PAGE_TRAIN, PAGES
-from .job_runner import BarState, JobRunner
+from .job_runner import BarState, JobRunner, RunnerPanel
 from .sections import (
     ClassesSection,
     ImageSection,
@@ -76,7 +76,7 @@ class _Run:
     background: str
 
 
-class MaskClipWidget(QWidget):
+class MaskClipWidget(QWidget, RunnerPanel):
     """Dock widget: image + class names -> Labels layer and confidence maps."""
 
     #: Emitted when a run ends: "done", "cancelled" or "error" (for scripts, tests, next panels).
@@ -272,15 +272,6 @@ class MaskClipWidget(QWidget):
         super().closeEvent(event)
 
     # ---- running -------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.runner.running
-
-    @property
-    def worker(self) -> Any:
-        """The napari worker of the run in progress (None when idle)."""
-        return self.runner.worker
-
     def run(self) -> Any:
         """Start a run; returns the napari worker, or None (with a notification) if refused."""
         if self.running:

@@ -51,7 +51,7 @@ from .controls import (
     small_button,
 )
 from .docks import PAGE_SEGMENT, show_panel
-from .job_runner import BarState, JobRunner
+from .job_runner import BarState, JobRunner, RunnerPanel
 from .sections import DEVICES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,7 +77,7 @@ def loss_sparkline(losses: list[float], points: int = SPARK_POINTS) -> str:
     return "".join(_SPARKS[min(top, int((v - low) / span * len(_SPARKS)))] for v in values)
 
 
-class TrainWidget(QWidget):
+class TrainWidget(QWidget, RunnerPanel):
     """Dock widget: datasets + settings -> a trained student checkpoint."""
 
     #: Emitted when a run ends: "done", "cancelled" or "error".
@@ -302,15 +302,6 @@ class TrainWidget(QWidget):
         ).check()
 
     # ---- running -------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.runner.running
-
-    @property
-    def worker(self) -> Any:
-        """The napari worker of the training run in progress (None when idle)."""
-        return self.runner.worker
-
     def start(self) -> Any:
         """Start training; returns the napari worker, or None (with a notification) if refused."""
         if self.running:
