@@ -531,7 +531,7 @@ class SettingsSection(QGroupBox):
             "iterations, dilations 8 and 16 px). Query-time: no re-encode; seconds on large images."
         )
         self.regions = QComboBox()
-        self.regions.addItems(["off", "felzenszwalb", "slic"])
+        self.regions.addItems(["no regions", "felzenszwalb", "slic"])
         self.regions.setToolTip(
             "Region voting: every superpixel gets its mean class probabilities (query-time; the "
             "superpixels are kept with the image's features)."
@@ -557,7 +557,7 @@ class SettingsSection(QGroupBox):
         form.addRow("stride", self.stride)
         form.addRow("templates", self.templates)
         form.addRow("min confidence", self.min_confidence)
-        form.addRow(row(self.pamr, self.regions))
+        form.addRow("refine", row(self.pamr, self.regions))
         form.addRow("precision", self.precision)
         form.addRow(self.confidence_maps)
         self.denoise.toggled.connect(self.denoise_threshold.setEnabled)
@@ -618,7 +618,8 @@ class SettingsSection(QGroupBox):
             "window": None,
             "stride": None,
             "pamr": self.pamr.isChecked(),
-            "regions": None if self.regions.currentText() == "off" else self.regions.currentText(),
+            "regions": (None if self.regions.currentText() == "no regions"
+                        else self.regions.currentText()),
             "precision": self.precision.currentText(),
         }
         inference = self.inference.currentText()
