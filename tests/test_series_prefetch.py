@@ -187,3 +187,17 @@ def test_student_predictor_uses_the_page_classes_in_order():
     np.testing.assert_allclose(prediction.probabilities[1], everything.probabilities[0], atol=1e-6)
     with pytest.raises(InvalidInputError, match="not trained on"):
         SeriesPredictor.student(student.segmenter, "zebra")
+
+
+def test_demo_teacher_batches_windows_without_changing_labels(demo_teacher):
+    from napari_maskclip.demo import recommended_settings
+    from napari_maskclip.engine import Segmenter
+
+    assert demo_teacher.segmenter.settings.window_batch == 32
+    one_at_a_time = Segmenter("demo", None, **recommended_settings())
+    assert one_at_a_time.settings.window_batch == 1
+    image = make_scene(11, size=(96, 96)).image
+    batched = demo_teacher.predict(image)
+    single = one_at_a_time(image, CLASSES)
+    np.testing.assert_array_equal(batched.labels, single.labels)
+    np.testing.assert_allclose(batched.probabilities, single.probabilities, atol=1e-4)

