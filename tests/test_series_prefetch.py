@@ -201,3 +201,21 @@ def test_demo_teacher_batches_windows_without_changing_labels(demo_teacher):
     single = one_at_a_time(image, CLASSES)
     np.testing.assert_array_equal(batched.labels, single.labels)
     np.testing.assert_allclose(batched.probabilities, single.probabilities, atol=1e-4)
+
+
+def test_close_mid_prediction_stops_the_worker_and_writes_nothing(tmp_path, demo_teacher):
+    folder, _ = _folder(tmp_path, n=2, size=48)
+    Image.fromarray(make_scene(9, size=(320, 320)).image).save(folder / "scene0.png")
+    ds = tmp_path / "ds"
+    session = SeriesSession.open(list_images(folder), ds, CLASSES)
+    counting = CountingSegmenter(demo_teacher.segmenter)
+    prefetch = Prefetcher(session, SeriesPredictor(counting, CLASSES, label="MaskCLIP demo"))
+    prefetch.request(0)
+    assert counting.first_step.wait(60)
+    entry = prefetch._entries[0]
+    prefetch.close()  # returns once the worker stopped (at a window boundary)
+    assert entry.future.done()
+    with pytest.raises(Cancelled):
+        entry.future.result(timeout=0)
+    assert not ds.exists()  # predicting never writes; only save does
+    prefetch.close()  # twice is fine
