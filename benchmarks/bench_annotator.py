@@ -11,7 +11,9 @@ merge of their dicts.
   before Next (meanwhile the next image is read and labelled in the background).
   ``next_seconds_no_prefetch``: read + predict start at Next. Both include the save
   (``save_seconds``: its median alone). The napari layer update is not included (GUI; see the
-  series page's own measurement).
+  series page's own measurement). Wall times grow with the machine's load (printed); the
+  ``*_idle_estimate`` figures add up CPU times instead (save + what the prediction has left after
+  the edit time), what one idle core would take.
 
     python benchmarks/bench_annotator.py [--sections next] [--runs 10] [--size 256]
         [--edit-seconds 1.0] [--model demo] [--threads 1]
@@ -76,19 +78,21 @@ def next_section(args: argparse.Namespace) -> dict[str, Any]:
 
         # With the prefetcher: image k+1 is prepared while the person edits image k.
         session = SeriesSession.open(list_images(with_folder), tmp / "ds-with", args.classes)
-        with_times, save_times, predict_times = [], [], []
+        with_times, save_times, save_cpu, predict_times, predict_cpu = [], [], [], [], []
         with Prefetcher(session, predictor) as prefetch:
             shown = prefetch.result(0)
             for k in range(n):
                 prefetch.request(k + 1)
                 time.sleep(args.edit_seconds)  # the person edits image k
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 session.save(k, shown.image, shown.labels, probabilities=shown.probabilities)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.thread_time()
                 shown = prefetch.result(k + 1)
                 with_times.append(time.perf_counter() - t0)
                 save_times.append(t1 - t0)
+                save_cpu.append(c1 - c0)
                 predict_times.append(shown.seconds)
+                predict_cpu.append(shown.cpu_seconds)
 
         # Without: reading and labelling start at Next.
         session = SeriesSession.open(list_images(without_folder), tmp / "ds-without", args.classes)
@@ -102,12 +106,20 @@ def next_section(args: argparse.Namespace) -> dict[str, Any]:
             shown = predictor.predict(image)
             without_times.append(time.perf_counter() - t0)
 
+    save_c, predict_c = statistics.median(save_cpu), statistics.median(predict_cpu)
     figures = {
         "next_seconds": statistics.median(with_times),
         "next_seconds_no_prefetch": statistics.median(without_times),
         "next_seconds_max": max(with_times),
         "save_seconds": statistics.median(save_times),
         "predict_seconds": statistics.median(predict_times),
+        "save_cpu_seconds": save_c,
+        "predict_cpu_seconds": predict_c,
+        # What an idle single core would take: CPU time, not wall time (a shared machine's wall
+        # times grow with its load); with prefetch only the prediction left after the edit.
+        "next_seconds_idle_estimate": save_c + max(0.0, predict_c - args.edit_seconds),
+        "next_seconds_no_prefetch_idle_estimate": save_c + predict_c,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "next_runs": n, "next_size": args.size, "next_edit_seconds": args.edit_seconds,
         "next_model": args.model, "model_load_seconds": load_s,
     }
@@ -117,6 +129,10 @@ def next_section(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  without prefetch:                  {figures['next_seconds_no_prefetch']:.3f} s")
     print(f"  of which: save {figures['save_seconds']:.3f} s; one prediction "
           f"{figures['predict_seconds']:.3f} s (in the background with prefetch)")
+    print(f"  CPU time: save {save_c:.3f} s, prediction {predict_c:.3f} s; on an idle core about "
+          f"{figures['next_seconds_idle_estimate']:.3f} s with prefetch, "
+          f"{figures['next_seconds_no_prefetch_idle_estimate']:.3f} s without "
+          f"(load average now {figures['load_average']})")
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
 
 

@@ -57,6 +57,8 @@ class Prediction:
     saved: bool = False
     #: Seconds the prediction took (0 for saved labels).
     seconds: float = 0.0
+    #: CPU seconds of the predicting thread (what it costs on an idle machine, single-threaded).
+    cpu_seconds: float = 0.0
 
 
 class SeriesPredictor:
@@ -168,7 +170,7 @@ class SeriesPredictor:
         with self._lock:
             if _cancelled(cancel):
                 raise Cancelled("Prediction cancelled.")
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             kwargs = dict(self._options)
             if self.background is not None:
                 kwargs["background"] = self.background
@@ -185,6 +187,7 @@ class SeriesPredictor:
             finally:
                 gen.close()
             seconds = time.perf_counter() - start
+            cpu_seconds = time.thread_time() - cpu_start
         settings = dict(getattr(result, "settings", {}) or {})
         provenance = {
             "model": settings.get("model"),
@@ -195,4 +198,5 @@ class SeriesPredictor:
         }
         return Prediction(labels=result.labels, probabilities=result.probabilities,
                           model_label=self._label, provenance=provenance,
-                          classes=[c.name for c in result.classes], seconds=seconds)
+                          classes=[c.name for c in result.classes], seconds=seconds,
+                          cpu_seconds=cpu_seconds)
