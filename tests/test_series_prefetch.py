@@ -95,7 +95,8 @@ def test_next_image_is_prepared_before_it_is_asked_for(tmp_path, demo_teacher):
         prefetch.request(1)  # the person edits image 0 ...
         assert not prefetch.started(2)
         assert _wait(lambda: prefetch.ready(1))  # ... while image 1 is read and labelled
-        assert prefetch.started(1) and ready == [0, 1]
+        assert prefetch.started(1)
+        assert _wait(lambda: len(ready) == 2) and ready == [0, 1]  # on_ready runs after done()
         calls = counting.images
         second = prefetch.result(1)  # Next: no new prediction
         assert counting.images == calls
