@@ -41,6 +41,7 @@ __all__ = [
     "plan_result",
     "request_digest",
     "source_fingerprint",
+    "remove_stale_results",
 ]
 
 LABELS_SUFFIX = "_labels"
@@ -75,14 +76,15 @@ def result_paths(
     *,
     n_classes: Optional[int] = None,
     confidence: bool = True,
+    stack: bool = False,
 ) -> ResultFiles:
     """Where the files of image ``stem`` go in ``out_dir``.
 
     The labels are a PNG up to 255 classes and a TIFF beyond (as :func:`write_label_image`
-    decides); without ``n_classes`` the PNG name is given.
+    decides); without ``n_classes`` the PNG name is given. A ``stack``'s labels are a TIFF.
     """
     out = Path(out_dir)
-    suffix = ".tif" if n_classes is not None and n_classes > 255 else ".png"
+    suffix = ".tif" if stack or (n_classes is not None and n_classes > 255) else ".png"
     return ResultFiles(
         labels_path=out / f"{stem}{LABELS_SUFFIX}{suffix}",
         confidence_path=out / f"{stem}{CONFIDENCE_SUFFIX}" if confidence else None,
@@ -131,16 +133,23 @@ def write_result(
     elif confidence:
         confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
     atomic_write_text(paths.classes_path, text)
-    if previous is not None:
-        # Only names this module gives a result of ``stem`` (a hand-edited table cannot point
-        # the clean-up at other files).
-        ours = {f"{stem}{LABELS_SUFFIX}.png", f"{stem}{LABELS_SUFFIX}.tif", f"{stem}{CONFIDENCE_SUFFIX}"}
-        keep = {labels_path.name, confidence_path.name if confidence_path else ""}
-        for name in previous["files"].values():
-            old = paths.classes_path.parent / str(name)
-            if name in ours and name not in keep and old.is_file() and not old.is_symlink():
-                old.unlink()
+    remove_stale_results(previous, paths.classes_path.parent, stem,
+                         keep={labels_path.name, confidence_path.name if confidence_path else ""})
     return ResultFiles(labels_path, confidence_path, paths.classes_path, table=table)
+
+
+def remove_stale_results(previous: Optional[dict[str, Any]], folder: Path, stem: str,
+                         keep: set[str]) -> None:
+    """Remove the files an earlier result of ``stem`` listed (``previous``, its table) and the
+    new one does not (``keep``): only names this module gives a result of ``stem``, so a
+    hand-edited table cannot point the clean-up at other files."""
+    if previous is None:
+        return
+    ours = {f"{stem}{LABELS_SUFFIX}.png", f"{stem}{LABELS_SUFFIX}.tif", f"{stem}{CONFIDENCE_SUFFIX}"}
+    for name in previous["files"].values():
+        old = folder / str(name)
+        if name in ours and name not in keep and old.is_file() and not old.is_symlink():
+            old.unlink()
 
 
 def request_digest(request: dict[str, Any]) -> str:
@@ -279,7 +288,12 @@ def read_result(classes_json: str | os.PathLike, *, confidence: bool = False) ->
     out = ResultFiles(labels_path, confidence_path, path, table=table)
     out.labels = read_label_image(labels_path)
     if confidence and confidence_path is not None and confidence_path.is_file():
-        out.confidence = read_float_stack(confidence_path)
+        if out.labels.ndim > 2:  # a stack's maps: read slice by slice when used (export)
+            from .stack_files import TiffPlanes
+
+            out.confidence = TiffPlanes(confidence_path)
+        else:
+            out.confidence = read_float_stack(confidence_path)
         expected = (len(table.get("classes") or []), *out.labels.shape)
         if out.confidence.shape != expected:
             raise InvalidInputError(

@@ -100,8 +100,11 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
             missing.append(stem)
             continue
         settings = table.get("settings") if isinstance(table.get("settings"), dict) else {}
+        stack = table.get("stack") if isinstance(table.get("stack"), dict) else {}
         jobs.append({
             "name": safe_sample_name(stem), "image": image, "result": path,
+            # a stack's channel axis (one sample per slice, its channels last)
+            "channel_axis": stack.get("channel_axis"),
             "classes": list(classes.classes),
             "background": [spec.text for spec in classes.background],
             "provenance": {"model": settings.get("model"), "pretrained": settings.get("pretrained"),
@@ -264,7 +267,9 @@ def _run(args: argparse.Namespace) -> int:
                 edited=data["edited"], min_confidence=args.min_confidence,
                 save_confidence=not args.no_confidence, overwrite=args.overwrite,
                 remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
-                source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+                source={"image": str(job["image"])},
+                channel_axis=(args.channel_axis if args.channel_axis is not None
+                              else job.get("channel_axis")),
                 progress=update,
             )
             samples.extend(report.samples)
