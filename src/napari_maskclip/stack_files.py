@@ -65,7 +65,7 @@ def _metadata_axes(path: Path, ndim: int) -> Optional[str]:
     with contextlib.suppress(Exception), tifffile.TiffFile(path) as tif:
         if tif.series and (tif.is_ome or tif.is_imagej or tif.is_shaped):
             axes = str(tif.series[0].axes).upper()
-            if len(axes) == ndim and not set(axes) <= set("QIYXS"):
+            if len(axes) == ndim:  # Q and I are unnamed axes
                 return axes
     return None
 
@@ -104,7 +104,7 @@ def stack_input(
     plane_ndim = 3 if rgb else 2
     if ndim <= 2 or (ndim == 3 and (rgb or channel_axis is not None or channels is not None
                                     or (axes is None and shape[-1] in (1, 3, 4))
-                                    or (axes is not None and "C" in axes))):
+                                    or (axes is not None and ("C" in axes or axes[0] == "S")))):
         return None  # a 2D image: the usual path decides about its channels
     if channel_axis is None and axes and "C" in axes[: ndim - plane_ndim]:
         channel_axis = axes.index("C")  # from the OME/ImageJ metadata
