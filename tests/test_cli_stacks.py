@@ -189,6 +189,25 @@ def test_channel_axis_stack_from_option_and_from_metadata(tmp_path, tiny_vit_fil
                                       labels[z])
 
 
+def test_no_confidence_and_rerun_skip(tmp_path, tiny_vit_files, capsys):
+    """--no-confidence writes the labels TIFF and the table only (both listed); the same command
+    again skips the finished stack; other settings without --overwrite are refused."""
+    stack = tmp_path / "vol.tif"
+    tifffile.imwrite(stack, _stack((2, 24, 32), seed=2), photometric="minisblack")
+    out = tmp_path / "out"
+    assert _segment([stack], out, tiny_vit_files, "--no-confidence") == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["vol_classes.json", "vol_labels.tif"]
+    assert "vol_labels.tif" in printed and "vol_classes.json" in printed
+    assert tifffile.imread(out / "vol_labels.tif").shape == (2, 24, 32)
+    assert _segment([stack], out, tiny_vit_files, "--no-confidence") == 0
+    assert "skipped 1 finished image" in capsys.readouterr().out
+    _one_line_failure(capsys, _segment([stack], out, tiny_vit_files), "--overwrite")
+    assert _segment([stack], out, tiny_vit_files, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["vol_classes.json", "vol_confidence.tif",
+                                                     "vol_labels.tif"]
+
+
 def test_streamed_slices_equal_held_slices(tmp_path, tiny_vit_files, monkeypatch):
     """A slice whose maps exceed the in-memory limit streams its rows into the writer; the
     files are the same as when each slice's maps are held."""

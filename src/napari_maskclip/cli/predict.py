@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment images with a trained MaskCLIP+ student",
         description="Segment each IMAGE with a student checkpoint (from 'napari-maskclip train') "
         "and write <stem>_labels.png, <stem>_confidence.tif and <stem>_classes.json into --out, "
-        "exactly as 'segment' does.",
+        "exactly as 'segment' does (stacks and time series too).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF...)")
     parser.add_argument("--student", required=True, metavar="CKPT", help="student checkpoint file")
