@@ -42,6 +42,8 @@ __all__ = [
     "request_digest",
     "source_fingerprint",
     "remove_stale_results",
+    "table_text",
+    "previous_table",
 ]
 
 LABELS_SUFFIX = "_labels"
@@ -119,10 +121,7 @@ def write_result(
     }
     if extra:
         table.update(extra)
-    try:
-        text = json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
-    except ValueError as exc:  # NaN in a setting: never written (the file would not be JSON)
-        raise InvalidInputError(f"Refusing to write {paths.classes_path}: {exc}.") from exc
+    text = table_text(table, paths.classes_path)
     labels_path = write_label_image(paths.labels_path, result.labels, colors)
     if labels_path != paths.labels_path:  # label values beyond the class count: not a result
         labels_path.unlink()
@@ -136,6 +135,21 @@ def write_result(
     remove_stale_results(previous, paths.classes_path.parent, stem,
                          keep={labels_path.name, confidence_path.name if confidence_path else ""})
     return ResultFiles(labels_path, confidence_path, paths.classes_path, table=table)
+
+
+def table_text(table: dict[str, Any], path: Path) -> str:
+    """The JSON text of a results table; NaN in a setting is refused (the file would not be
+    JSON), so a result that cannot be written whole writes nothing."""
+    try:
+        return json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
+    except ValueError as exc:
+        raise InvalidInputError(f"Refusing to write {path}: {exc}.") from exc
+
+
+def previous_table(path: Path) -> Optional[dict[str, Any]]:
+    """The table of an earlier result at ``path`` this package wrote (for the clean-up of
+    :func:`remove_stale_results`), else None."""
+    return _read_own_table(path)
 
 
 def remove_stale_results(previous: Optional[dict[str, Any]], folder: Path, stem: str,

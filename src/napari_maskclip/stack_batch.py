@@ -13,7 +13,6 @@ Imports neither torch nor napari.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -75,7 +74,7 @@ def run_stack(
     """
     from .atomic import atomic_write_text
     from .progress import run_to_completion
-    from .result_files import (_jsonable, _read_own_table, remove_stale_results, result_paths)
+    from .result_files import previous_table, remove_stale_results, result_paths, table_text
 
     layout = stack.layout
     lead = stack.lead_shape
@@ -131,11 +130,8 @@ def run_stack(
                           "confidence": paths.confidence_path.name if confidence else None}
         if extra:
             table.update(extra)
-        try:
-            text = json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
-        except ValueError as exc:
-            raise InvalidInputError(f"Refusing to write {paths.classes_path}: {exc}.") from exc
-        previous = _read_own_table(paths.classes_path)
+        text = table_text(table, paths.classes_path)
+        previous = previous_table(paths.classes_path)
         labels_path = labels_out.commit(paths.labels_path)
         confidence_path = conf_out.commit(paths.confidence_path) if conf_out is not None else None
         atomic_write_text(paths.classes_path, text)
