@@ -306,6 +306,7 @@ def result_task(
                 raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
             raise
         shape = " x ".join(map(str, stack.lead_shape))
-        return f"{path.name} ({shape} slices): {', '.join(p.name for p in files.paths)}"
+        plural = "s" if stack.layout.n_slices != 1 else ""
+        return f"{path.name} ({shape} slice{plural}): {', '.join(p.name for p in files.paths)}"
 
     return Task(path.name, run)
