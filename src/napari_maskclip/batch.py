@@ -247,8 +247,8 @@ def result_task(
 
     A stack or time series (:func:`~napari_maskclip.stack_files.stack_input`) is segmented slice
     by slice into one labels and one confidence TIFF (:mod:`napari_maskclip.stack_batch`), with
-    ``make_run(plane, probabilities, stacked=True, plane_channel_axis=...)``; it needs the class count (``n_classes``,
-    or ``stack_classes`` for a run that never streams its 2D maps).
+    ``make_run(plane, probabilities, stacked=True, plane_channel_axis=...)``; it needs the class
+    count (``n_classes``, or ``stack_classes`` for a run that never streams its 2D maps).
     """
 
     def run(update: Update) -> str:

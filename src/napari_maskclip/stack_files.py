@@ -76,11 +76,17 @@ def _empty_page(path: Path) -> Optional[int]:
         return None
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        for i, page in enumerate(tif.pages):
-            shape = getattr(page, "shape", None)
-            if shape is not None and (len(shape) == 0 or min(shape) < 1):
-                return i
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for i, page in enumerate(tif.pages):
+                shape = getattr(page, "shape", None)
+                if shape is not None and (len(shape) == 0 or min(shape) < 1):
+                    return i
+    except Exception as exc:  # a damaged page directory: one line naming the file
+        raise InvalidInputError(
+            f"Cannot read the pages of {path} ({' '.join(str(exc).split())[:200]}); the file is "
+            "truncated or damaged: save the stack again."
+        ) from exc
     return None
 
 
@@ -101,6 +107,8 @@ def stack_input(
     ndim = len(shape)
     axes = _metadata_axes(path, ndim) if ndim > 2 else None
     rgb = bool(axes and axes.endswith("S") and shape[-1] in (3, 4))
+    if axes is None and ndim >= 4 and channel_axis is None and shape[-1] in (3, 4):
+        rgb = True  # frames of colour pictures (a file without axis names)
     plane_ndim = 3 if rgb else 2
     if ndim <= 2 or (ndim == 3 and (rgb or channel_axis is not None or channels is not None
                                     or (axes is None and shape[-1] in (1, 3, 4))
