@@ -223,6 +223,7 @@ def test_streamed_slices_equal_held_slices(tmp_path, tiny_vit_files, monkeypatch
                                       tifffile.imread(tmp_path / "held" / name))
 
 
+@pytest.mark.slow
 def test_memory_holds_one_slice_of_confidence(tmp_path, tiny_vit_files):
     """120 slices x 4 classes: the whole confidence is 120x one slice's. The writers are never
     handed more than one slice, and the Python heap's peak over the run (model loaded before)
@@ -325,6 +326,7 @@ def test_a_damaged_slice_fails_alone_and_leaves_no_files(tmp_path, tiny_vit_file
                                                      "good_labels.tif"]
 
 
+@pytest.mark.slow
 def test_predict_with_a_student_on_a_stack(tmp_path, capsys):
     """``predict`` takes the same stacks: each slice's labels equal the student's on that slice."""
     from test_student_train import random_embeddings, shapes_data
@@ -359,6 +361,7 @@ def test_predict_with_a_student_on_a_stack(tmp_path, capsys):
             atol=1e-6)
 
 
+@pytest.mark.slow
 def test_workers_segment_stacks_like_the_plain_loop(tmp_path, tiny_vit_files, capsys):
     pytest.importorskip("distributed")
     stack = tmp_path / "vol.tif"
