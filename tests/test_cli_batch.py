@@ -148,15 +148,16 @@ def test_export_rerun_skips_finished_inputs_and_retries_the_failed(tmp_path, cap
     assert read_dataset(tmp_path / "ds").names == ["a", "c", "b"]
 
 
-def test_a_stack_given_to_segment_says_how_to_proceed(tmp_path, tiny_vit_files, capsys):
+def test_a_stack_given_to_segment_is_segmented_slice_by_slice(tmp_path, tiny_vit_files, capsys):
+    """(Stacks in depth: test_cli_stacks.py.)"""
     stack = tmp_path / "zstack.tif"
-    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (5, 24, 32)).astype(np.uint16))
-    assert main(["segment", str(stack), "--classes", "cat", "--out", str(tmp_path / "o"),
-                 "--quiet", *_model_args(tiny_vit_files)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "(5, 24, 32)" in err[0]
-    assert "save the slice you want" in err[0] and "napari" in err[0] and "--channel-axis" in err[0]
-    assert "do this for you" not in err[0]
+    tifffile.imwrite(stack, np.random.default_rng(0).integers(0, 4000, (5, 24, 32)).astype(np.uint16),
+                     photometric="minisblack")
+    assert main(["segment", str(stack), "--classes", "cat, dog", "--out", str(tmp_path / "o"),
+                 "--quiet", *_model_args(tiny_vit_files)]) == 0
+    assert "(5 slices)" in capsys.readouterr().out
+    assert tifffile.imread(tmp_path / "o" / "zstack_labels.tif").shape == (5, 24, 32)
+    assert tifffile.imread(tmp_path / "o" / "zstack_confidence.tif").shape == (2, 5, 24, 32)
 
 
 @pytest.mark.parametrize("confidence", [True, False])

@@ -114,6 +114,8 @@ def plan_results(
     n_classes: int,
     confidence: bool,
     overwrite: bool,
+    channel_axis: Optional[int] = None,
+    channels: Optional[Sequence[int]] = None,
 ) -> tuple[list[tuple[Path, dict[str, Any]]], int]:
     """Which images still need a result, and how many are finished; refuse before any work.
 
@@ -129,7 +131,8 @@ def plan_results(
     refused: list[str] = []
     skipped = 0
     for path in images:
-        files = result_paths(out, path.stem, n_classes=n_classes, confidence=confidence)
+        files = result_paths(out, path.stem, n_classes=n_classes, confidence=confidence,
+                             stack=_is_stack(path, channel_axis, channels))
         for target in files.paths:
             check_file_name(target)
         record = {"command": command, "request": digest, "source": source_fingerprint(path)}
@@ -144,6 +147,19 @@ def plan_results(
         more = f" ({len(refused) - 1} more image(s) likewise)" if len(refused) > 1 else ""
         raise InvalidInputError(f"Not starting: {refused[0]}{more}")
     return todo, skipped
+
+
+def _is_stack(path: Path, channel_axis: Optional[int], channels: Any) -> bool:
+    """Whether ``path`` is a stack or time series (its labels are a TIFF); an unreadable or
+    refused file counts as 2D here: its task fails with the reason."""
+    from .image_files import image_header
+    from .stack_files import stack_input
+
+    try:
+        shape, _ = image_header(path)
+        return stack_input(path, shape, channel_axis=channel_axis, channels=channels) is not None
+    except MaskClipError:
+        return False
 
 
 def skipped_line(skipped: int, what: str = "image") -> Optional[str]:
@@ -191,10 +207,8 @@ def check_2d(path: Path, image: Any, *, channel_axis: Optional[int], channels: A
     if len(shape) <= 2 or multichannel:
         return
     raise InvalidInputError(
-        f"{path} has shape {shape}: a stack or time series, not one 2D image. The command line "
-        "segments 2D images only for now: save the slice you want as its own file, or open the "
-        "stack in napari and use the MaskCLIP widget (current slice or all slices). If an axis "
-        "holds channels, say which with --channel-axis."
+        f"{path} has shape {shape}: its metadata names a channel axis but not which channels "
+        "to use; give --channel-axis (and --channels) for a multichannel image."
     )
 
 
@@ -221,6 +235,7 @@ def result_task(
     channel_axis: Optional[int] = None,
     channels: Optional[Sequence[int]] = None,
     n_classes: Optional[int] = None,
+    stack_classes: Optional[int] = None,
 ) -> Task:
     """A task that reads image ``path``, runs ``make_run(image, probabilities)`` (a progress
     generator that returns a segmentation result) and writes the three result files.
@@ -229,16 +244,25 @@ def result_task(
     :meth:`~napari_maskclip.engine.Segmenter.segment_iter`): False with ``--no-confidence`` (not
     computed), a streaming writer when ``n_classes`` maps of the image's size exceed
     :data:`CONFIDENCE_IN_MEMORY`, else True (held, then written).
+
+    A stack or time series (:func:`~napari_maskclip.stack_files.stack_input`) is segmented slice
+    by slice into one labels and one confidence TIFF (:mod:`napari_maskclip.stack_batch`), with
+    ``make_run(plane, probabilities, stacked=True, plane_channel_axis=...)``; it needs the class
+    count (``n_classes``, or ``stack_classes`` for a run that never streams its 2D maps).
     """
 
     def run(update: Update) -> str:
         from .image_files import FloatStackWriter, image_header, read_image
         from .progress import run_to_completion
         from .result_files import write_result
+        from .stack_files import stack_input
 
-        # The header first: a file that is not an image, too large or a stack fails here,
+        # The header first: a file that is not an image, too large or a bad stack fails here,
         # before the model is loaded or a pixel decoded.
         shape, _ = image_header(path)
+        stack = stack_input(path, shape, channel_axis=channel_axis, channels=channels)
+        if stack is not None:
+            return _stack_line(stack, update)
         check_2d(path, _Shape(shape), channel_axis=channel_axis, channels=channels)
         image = read_image(path)
         check_2d(path, image, channel_axis=channel_axis, channels=channels)
@@ -264,5 +288,25 @@ def result_task(
                 writer.discard()
         return f"{path.name}: {', '.join(p.name for p in files.paths)}" + (
             note(result) if note else "")
+
+    def _stack_line(stack: Any, update: Update) -> str:
+        from .stack_batch import run_stack
+
+        classes = stack_classes if stack_classes is not None else n_classes
+        if classes is None:
+            raise InvalidInputError(f"{path.name} is a stack: give the classes to segment it.")
+        extra: dict[str, Any] = {"source_image": str(path)}
+        if record is not None:
+            extra["run"] = record
+        try:
+            files = run_stack(stack, out, make_run, update, confidence=confidence,
+                              n_classes=classes, in_memory=CONFIDENCE_IN_MEMORY, extra=extra)
+        except OSError as exc:  # name the output folder when the error does not (a full disk)
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
+            raise
+        shape = " x ".join(map(str, stack.lead_shape))
+        plural = "s" if stack.layout.n_slices != 1 else ""
+        return f"{path.name} ({shape} slice{plural}): {', '.join(p.name for p in files.paths)}"
 
     return Task(path.name, run)

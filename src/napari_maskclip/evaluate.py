@@ -21,6 +21,11 @@ The file-level part pairs prediction and ground-truth masks by file stem (``PRED
 ``segment``/``predict`` output folder, a dataset, or a folder of masks; ``GT_DIR`` a dataset, its
 ``masks/`` folder, or a folder of masks) and, when both sides name their classes, maps predicted
 labels onto the ground truth's classes by name.
+
+A stack of masks (a ``segment``/``predict`` result of a z-stack or time series, or a ``T x Z x H
+x W`` label TIFF in a folder of masks) counts as one mask per slice, named as ``export`` names
+its samples (``<stem>_z0003``, ``<stem>_t0001_z0003``), so a stack's result pairs with its
+exported dataset, a truth stack, or per-slice truth masks; each slice is read alone.
 """
 
 from __future__ import annotations
@@ -229,12 +234,33 @@ class MaskSource:
     kind: str = "masks"
     #: Per stem, the dataset sample (its mask is read through the dataset's checked reader).
     samples: dict[str, Any] = field(default_factory=dict)
+    #: Per slice name, the stack file and the slice's leading index (see the module doc).
+    slices: dict[str, tuple[Path, tuple[int, ...]]] = field(default_factory=dict)
 
     def read(self, stem: str) -> np.ndarray:
         """The 2D mask of ``stem`` (checked: readable, 2D integers, the size its dataset says)."""
         if stem in self.samples:
             return self.samples[stem].read_mask()
+        if stem in self.slices:
+            return _read_slice(*self.slices[stem])
         return _read_mask(self.files[stem])
+
+    def add_stack(self, stem: str, path: Path, lead: Sequence[int],
+                  classes: Optional["DatasetClasses"] = None) -> None:
+        """List each slice of the mask stack ``path`` (leading axes ``lead``) under its name."""
+        from .export.layout import slice_name
+        from .stacks import leading_axis_names, leading_indices
+
+        lead = tuple(int(n) for n in lead)
+        axes = leading_axis_names(len(lead))
+        for index in leading_indices(lead + (1, 1)):
+            name = slice_name(stem, index, axes, lead)
+            if name in self.files:
+                raise InvalidInputError(f"{self.folder} has two masks for {name!r}.")
+            self.files[name] = path
+            self.slices[name] = (path, index)
+            if classes is not None:
+                self.classes[name] = classes
 
 
 def find_masks(folder: str | os.PathLike) -> MaskSource:
@@ -255,29 +281,71 @@ def find_masks(folder: str | os.PathLike) -> MaskSource:
     if results:
         files: dict[str, Path] = {}
         classes: dict[str, DatasetClasses] = {}
+        source = MaskSource(root, files, classes=classes, kind="results")
         for path in results:
             table = read_result_table(path)
             stem = path.name[: -len("_classes.json")]
             label_name = (table.get("files") or {}).get("labels") or f"{stem}{LABELS_SUFFIX}.png"
+            table_classes = DatasetClasses.from_json(table, source=str(path))
+            stack = table.get("stack")
+            if isinstance(stack, dict) and isinstance(stack.get("shape"), list) and stack["shape"]:
+                source.add_stack(stem, path.parent / label_name, stack["shape"], table_classes)
+                continue
             files[stem] = path.parent / label_name
-            classes[stem] = DatasetClasses.from_json(table, source=str(path))
-        return MaskSource(root, files, classes=classes, kind="results")
+            classes[stem] = table_classes
+        return source
     shared = None
     if (root.parent / CLASSES_JSON).is_file() and root.name == "masks":
         shared = read_class_table(root.parent / CLASSES_JSON)
-    files = {}
+    source = MaskSource(root, {}, shared_classes=shared)
+    files = source.files
     for path in sorted(root.iterdir()):
         if path.suffix.lower() not in _MASK_SUFFIXES or path.name.startswith("."):
             continue
         stem = path.stem
         if stem.endswith(LABELS_SUFFIX):
             stem = stem[: -len(LABELS_SUFFIX)]
+        lead = _stack_lead(path)
+        if lead:
+            source.add_stack(stem, path, lead)
+            continue
         if stem in files:
             raise InvalidInputError(f"{root} has two masks for {stem!r} ({files[stem].name}, {path.name}).")
         files[stem] = path
     if not files:
         raise InvalidInputError(f"No masks (*.png, *.tif) in {root}.")
-    return MaskSource(root, files, shared_classes=shared)
+    return source
+
+
+def _stack_lead(path: Path) -> tuple[int, ...]:
+    """The leading axes of a label TIFF holding a stack of masks (``Z x H x W`` or ``T x Z x H
+    x W`` integers), else ``()`` (a 2D mask, or a file :func:`_read_mask` judges)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return ()
+    from .stack_files import MAX_LOOP_AXES, TiffPlanes
+
+    try:
+        planes = TiffPlanes(path)
+    except InvalidInputError:
+        return ()
+    if planes.axes.endswith("S") or not 2 < planes.ndim <= 2 + MAX_LOOP_AXES:
+        return ()
+    if not np.issubdtype(planes.dtype, np.integer):
+        return ()
+    return planes.shape[:-2]
+
+
+def _read_slice(path: Path, index: tuple[int, ...]) -> np.ndarray:
+    """One slice of a mask stack, read alone."""
+    from .image_files import check_image_size
+    from .stack_files import TiffPlanes
+
+    planes = TiffPlanes(path)
+    check_image_size(path, planes.shape[-2:], planes.dtype)
+    mask = np.asarray(planes[index])
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise InvalidInputError(f"{path}: slice {index} is not a 2D label mask.")
+    return mask
 
 
 @dataclass

@@ -41,6 +41,9 @@ __all__ = [
     "plan_result",
     "request_digest",
     "source_fingerprint",
+    "remove_stale_results",
+    "table_text",
+    "previous_table",
 ]
 
 LABELS_SUFFIX = "_labels"
@@ -75,14 +78,15 @@ def result_paths(
     *,
     n_classes: Optional[int] = None,
     confidence: bool = True,
+    stack: bool = False,
 ) -> ResultFiles:
     """Where the files of image ``stem`` go in ``out_dir``.
 
     The labels are a PNG up to 255 classes and a TIFF beyond (as :func:`write_label_image`
-    decides); without ``n_classes`` the PNG name is given.
+    decides); without ``n_classes`` the PNG name is given. A ``stack``'s labels are a TIFF.
     """
     out = Path(out_dir)
-    suffix = ".tif" if n_classes is not None and n_classes > 255 else ".png"
+    suffix = ".tif" if stack or (n_classes is not None and n_classes > 255) else ".png"
     return ResultFiles(
         labels_path=out / f"{stem}{LABELS_SUFFIX}{suffix}",
         confidence_path=out / f"{stem}{CONFIDENCE_SUFFIX}" if confidence else None,
@@ -117,10 +121,7 @@ def write_result(
     }
     if extra:
         table.update(extra)
-    try:
-        text = json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
-    except ValueError as exc:  # NaN in a setting: never written (the file would not be JSON)
-        raise InvalidInputError(f"Refusing to write {paths.classes_path}: {exc}.") from exc
+    text = table_text(table, paths.classes_path)
     labels_path = write_label_image(paths.labels_path, result.labels, colors)
     if labels_path != paths.labels_path:  # label values beyond the class count: not a result
         labels_path.unlink()
@@ -131,16 +132,38 @@ def write_result(
     elif confidence:
         confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
     atomic_write_text(paths.classes_path, text)
-    if previous is not None:
-        # Only names this module gives a result of ``stem`` (a hand-edited table cannot point
-        # the clean-up at other files).
-        ours = {f"{stem}{LABELS_SUFFIX}.png", f"{stem}{LABELS_SUFFIX}.tif", f"{stem}{CONFIDENCE_SUFFIX}"}
-        keep = {labels_path.name, confidence_path.name if confidence_path else ""}
-        for name in previous["files"].values():
-            old = paths.classes_path.parent / str(name)
-            if name in ours and name not in keep and old.is_file() and not old.is_symlink():
-                old.unlink()
+    remove_stale_results(previous, paths.classes_path.parent, stem,
+                         keep={labels_path.name, confidence_path.name if confidence_path else ""})
     return ResultFiles(labels_path, confidence_path, paths.classes_path, table=table)
+
+
+def table_text(table: dict[str, Any], path: Path) -> str:
+    """The JSON text of a results table; NaN in a setting is refused (the file would not be
+    JSON), so a result that cannot be written whole writes nothing."""
+    try:
+        return json.dumps(table, indent=2, default=_jsonable, allow_nan=False)
+    except ValueError as exc:
+        raise InvalidInputError(f"Refusing to write {path}: {exc}.") from exc
+
+
+def previous_table(path: Path) -> Optional[dict[str, Any]]:
+    """The table of an earlier result at ``path`` this package wrote (for the clean-up of
+    :func:`remove_stale_results`), else None."""
+    return _read_own_table(path)
+
+
+def remove_stale_results(previous: Optional[dict[str, Any]], folder: Path, stem: str,
+                         keep: set[str]) -> None:
+    """Remove the files an earlier result of ``stem`` listed (``previous``, its table) and the
+    new one does not (``keep``): only names this module gives a result of ``stem``, so a
+    hand-edited table cannot point the clean-up at other files."""
+    if previous is None:
+        return
+    ours = {f"{stem}{LABELS_SUFFIX}.png", f"{stem}{LABELS_SUFFIX}.tif", f"{stem}{CONFIDENCE_SUFFIX}"}
+    for name in previous["files"].values():
+        old = folder / str(name)
+        if name in ours and name not in keep and old.is_file() and not old.is_symlink():
+            old.unlink()
 
 
 def request_digest(request: dict[str, Any]) -> str:
@@ -279,7 +302,12 @@ def read_result(classes_json: str | os.PathLike, *, confidence: bool = False) ->
     out = ResultFiles(labels_path, confidence_path, path, table=table)
     out.labels = read_label_image(labels_path)
     if confidence and confidence_path is not None and confidence_path.is_file():
-        out.confidence = read_float_stack(confidence_path)
+        if out.labels.ndim > 2:  # a stack's maps: read slice by slice when used (export)
+            from .stack_files import TiffPlanes
+
+            out.confidence = TiffPlanes(confidence_path)
+        else:
+            out.confidence = read_float_stack(confidence_path)
         expected = (len(table.get("classes") or []), *out.labels.shape)
         if out.confidence.shape != expected:
             raise InvalidInputError(

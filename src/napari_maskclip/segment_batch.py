@@ -66,7 +66,10 @@ class SegmentRun:
 
         return worker_cached(("segment", self.key()), load)
 
-    def __call__(self, image, probabilities):
+    def __call__(self, image, probabilities, *, stacked: bool = False,
+                 plane_channel_axis: Optional[int] = None):
+        """The run on ``image``; a ``stacked`` plane (a stack's slice) has its channel axis at
+        ``plane_channel_axis`` (first, or none)."""
         regions = None
         if self.region_file is not None:
             from .image_files import read_label_image
@@ -74,8 +77,9 @@ class SegmentRun:
             regions = read_label_image(Path(self.region_file))
         return self.segmenter().run_iter(
             image, self.classes, background=self.background or None,
-            channel_axis=self.channel_axis, channels=self.channels, regions=regions,
-            probabilities=probabilities)
+            channel_axis=plane_channel_axis if stacked else self.channel_axis,
+            channels=self.channels,
+            regions=regions, probabilities=probabilities)
 
 
 @dataclass
@@ -134,7 +138,8 @@ def segment_tasks(
         "channels": list(channels) if channels is not None else None, "confidence": confidence,
     }
     todo, skipped = plan_results(out, images, command="segment", request=request,
-                                 n_classes=len(fg), confidence=confidence, overwrite=overwrite)
+                                 n_classes=len(fg), confidence=confidence, overwrite=overwrite,
+                                 channel_axis=channel_axis, channels=channels)
     make_run = SegmentRun(model, pretrained, device, precision, settings, fg, bg,
                           channel_axis, channels, on_load=on_load)
     def run_for(path) -> SegmentRun:
@@ -244,6 +249,9 @@ class PredictRun:
                           self.precision])
         return worker_cached(("predict", key), load)
 
-    def __call__(self, image, probabilities):  # the student always returns its maps
-        return self.segmenter().run_iter(image, self.classes, channel_axis=self.channel_axis,
-                                         channels=self.channels)
+    def __call__(self, image, probabilities, *, stacked: bool = False,
+                 plane_channel_axis: Optional[int] = None):  # the student returns its maps
+        return self.segmenter().run_iter(
+            image, self.classes,
+            channel_axis=plane_channel_axis if stacked else self.channel_axis,
+            channels=self.channels)

@@ -100,8 +100,11 @@ def _jobs_from_segment(args: argparse.Namespace) -> list[dict[str, Any]]:
             missing.append(stem)
             continue
         settings = table.get("settings") if isinstance(table.get("settings"), dict) else {}
+        stack = table.get("stack") if isinstance(table.get("stack"), dict) else {}
         jobs.append({
             "name": safe_sample_name(stem), "image": image, "result": path,
+            # a stack's channel axis (one sample per slice, its channels last)
+            "channel_axis": stack.get("channel_axis"),
             "classes": list(classes.classes),
             "background": [spec.text for spec in classes.background],
             "provenance": {"model": settings.get("model"), "pretrained": settings.get("pretrained"),
@@ -123,11 +126,12 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
     from ..image_files import read_float_stack, read_image, read_label_image
     from ..result_files import read_result
 
-    image = read_image(job["image"])
     if "result" in job:
         result = read_result(job["result"], confidence=want_confidence)
+        image = _stack_image(job["image"]) if result.labels.ndim > 2 else read_image(job["image"])
         return {"image": image, "labels": result.labels, "probabilities": result.confidence,
                 "edited": None}
+    image = read_image(job["image"])
     labels = read_label_image(job["labels"])
     probabilities = read_float_stack(job["confidence"]) if job.get("confidence") else None
     if probabilities is not None:
@@ -154,6 +158,18 @@ def _load(job: dict[str, Any], want_confidence: bool) -> dict[str, Any]:
                 "give a mask of the same size (non-zero = painted by a person)."
             )
     return {"image": image, "labels": labels, "probabilities": probabilities, "edited": edited}
+
+
+def _stack_image(path: Path) -> Any:
+    """A stack's source image, read a slice at a time where it is a paged TIFF (the export pulls
+    one slice per sample; moving a channel axis reads it whole), else read whole."""
+    from ..image_files import image_header, read_image
+    from ..stack_files import TiffPlanes
+
+    image_header(path)  # the size limits, one-line errors
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        return TiffPlanes(path)
+    return read_image(path)
 
 
 def _request(job: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -264,7 +280,9 @@ def _run(args: argparse.Namespace) -> int:
                 edited=data["edited"], min_confidence=args.min_confidence,
                 save_confidence=not args.no_confidence, overwrite=args.overwrite,
                 remap=args.remap, add_classes=args.add_classes, provenance=job["provenance"],
-                source={"image": str(job["image"])}, channel_axis=args.channel_axis,
+                source={"image": str(job["image"])},
+                channel_axis=(args.channel_axis if args.channel_axis is not None
+                              else job.get("channel_axis")),
                 progress=update,
             )
             samples.extend(report.samples)

@@ -40,7 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     todo, skipped = plan_results(out, images, command="predict", request=request,
                                  n_classes=len(picked), confidence=not args.no_confidence,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, channel_axis=args.channel_axis,
+                                 channels=args.channels)
     if skipped:
         print(skipped_line(skipped))
     if not todo:
@@ -48,9 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"model: {segmenter.describe()}", file=sys.stderr)
 
-    def make_run(image, probabilities):  # the student always returns its maps
-        return segmenter.run_iter(image, args.classes, channel_axis=args.channel_axis,
-                                  channels=args.channels)
+    def make_run(image, probabilities, *, stacked=False, plane_channel_axis=None):
+        # the student always returns its maps; a stack's slice has its channels first
+        axis = plane_channel_axis if stacked else args.channel_axis
+        return segmenter.run_iter(image, args.classes, channel_axis=axis, channels=args.channels)
 
     on_cluster = args.scheduler is not None or args.workers is not None
     if on_cluster:  # workers load the checkpoint themselves, once each
@@ -60,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
                               args.channel_axis, args.channels, args.precision)
 
     tasks = [result_task(path, out, make_run, confidence=not args.no_confidence, record=record,
-                         channel_axis=args.channel_axis, channels=args.channels)
+                         channel_axis=args.channel_axis, channels=args.channels,
+                         stack_classes=len(picked))
              for path, record in todo]
     if on_cluster:
         return run_tasks_on_cluster(tasks, command="predict", scheduler=args.scheduler,
@@ -74,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment images with a trained MaskCLIP+ student",
         description="Segment each IMAGE with a student checkpoint (from 'napari-maskclip train') "
         "and write <stem>_labels.png, <stem>_confidence.tif and <stem>_classes.json into --out, "
-        "exactly as 'segment' does.",
+        "exactly as 'segment' does (stacks and time series too).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF...)")
     parser.add_argument("--student", required=True, metavar="CKPT", help="student checkpoint file")

@@ -209,7 +209,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment images into typed class names with MaskCLIP",
         description="Segment each IMAGE into the given classes and write <stem>_labels.png "
         "(palette PNG; uint16 TIFF beyond 255 classes), <stem>_confidence.tif (float32 CxHxW) and "
-        "<stem>_classes.json (classes, colours, settings) into --out.",
+        "<stem>_classes.json (classes, colours, settings) into --out. A TIFF stack or time series "
+        "(Z x H x W, T x Z x H x W, with a channel axis) is segmented slice by slice into one "
+        "<stem>_labels.tif and one <stem>_confidence.tif (C x the leading axes x H x W).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF...)")
     parser.add_argument("--classes", required=True,
