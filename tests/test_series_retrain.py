@@ -235,3 +235,61 @@ def test_warm_start_begins_from_the_current_weights(tmp_path):
     fresh = dict(scratch.result.net.named_parameters())
     assert not all(torch.allclose(fresh[k].detach().cpu(), old[k], atol=1e-6) for k in fresh
                    if k != "class_embeddings")
+
+
+def test_series_dataset_trains_on_teacher_labels_and_validates_on_human_pixels(tmp_path,
+                                                                              monkeypatch):
+    """Saved through the series session: unedited images get the demo teacher's pseudo-labels,
+    only pixels a person edited (or reviewed) are held out for the comparison."""
+    from PIL import Image
+
+    from napari_maskclip.series import SeriesSession, list_images
+    from napari_maskclip.series.predictor import SeriesPredictor
+    from napari_maskclip.student.teacher import Teacher
+    from napari_maskclip.synthetic import CLASS_NAMES, make_scene
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    found = [make_scene(k, size=(64, 64), n_objects=(1, 2)) for k in range(6)]
+    for k, sc in enumerate(found):
+        Image.fromarray(sc.image).save(folder / f"s{k}.png")
+    session = SeriesSession.open(list_images(folder), tmp_path / "ds", list(CLASS_NAMES))
+    teacher = SeriesPredictor.teacher("demo", list(CLASS_NAMES), background="background",
+                                      device="cpu")
+    edited_pixels = {}
+    for i in range(len(session)):
+        image = session.read_image(i)
+        shown = teacher.predict(image)
+        k = int(session.images[i].stem[1:])
+        if i % 3 == 0:  # left as the model labelled it
+            session.save(i, image, shown.labels, probabilities=shown.probabilities)
+            edited_pixels[session.names[i]] = 0
+        elif i % 3 == 1:  # the person fixed the left half
+            labels = shown.labels.copy()
+            labels[:, :32] = found[k].mask[:, :32]
+            edited = np.zeros(labels.shape, bool)
+            edited[:, :32] = True
+            session.save(i, image, labels, edited=edited)
+            edited_pixels[session.names[i]] = int(edited.sum())
+        else:  # right as it is: Mark reviewed
+            session.save(i, image, shown.labels, reviewed=True)
+            edited_pixels[session.names[i]] = 64 * 64
+    calls = []
+    original = Teacher.pseudo_labels
+
+    def spy(self, images):
+        calls.append(images.shape[0])
+        return original(self, images)
+
+    monkeypatch.setattr(Teacher, "pseudo_labels", spy)
+    settings = SETTINGS.replace(crop_size=64, batch_size=2, iterations=2)
+    outcome = run_to_completion(retrain_iter(
+        session.dataset_dir, None, tmp_path / "student.safetensors", iterations=2,
+        settings=settings, teacher=teacher.segmenter, current=lambda im: teacher.predict(im).labels,
+        device="cpu", precision="fp32", text_cache=None, val_fraction=0.34))
+    assert calls, "the teacher labelled the unedited pixels"
+    assert outcome.validation and all(edited_pixels[n] > 0 for n in outcome.validation)
+    assert outcome.validation_pixels == sum(edited_pixels[n] for n in outcome.validation)
+    assert outcome.miou_new is not None and outcome.miou_current is not None
+    assert outcome.promoted == (outcome.miou_new > outcome.miou_current)
+    assert (tmp_path / "student.safetensors").exists() == outcome.promoted

@@ -55,52 +55,45 @@ def _confetti(seed: int, size: int = 64) -> np.ndarray:
     return (hsv2rgb(hsv) * 255).astype(np.uint8)
 
 
-class _DemoPredictor:
-    """The demo MaskCLIP with the synthetic classes, behind ``predict(image)``."""
-
-    def __init__(self) -> None:
-        from napari_maskclip.demo import recommended_settings
-        from napari_maskclip.engine import Segmenter, TextEmbeddingCache, load_clip
-        from napari_maskclip.synthetic import CLASS_NAMES
-
-        loaded = load_clip("demo", None, device="cpu")
-        self.segmenter = Segmenter(loaded, text_cache=TextEmbeddingCache(None),
-                                   **recommended_settings())
-        self.classes = list(CLASS_NAMES)
-        self.calls = 0
-
-    def predict(self, image: np.ndarray):
-        self.calls += 1
-        return self.segmenter(image, self.classes, background="background")
-
-
 @pytest.fixture(scope="module")
 def demo_predictor():
     import torch
 
+    from napari_maskclip.series.predictor import SeriesPredictor
+    from napari_maskclip.synthetic import CLASS_NAMES
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield _DemoPredictor()
+    yield SeriesPredictor.teacher("demo", list(CLASS_NAMES), background="background",
+                                  device="cpu")
     torch.set_num_threads(before)
 
 
-def test_hardest_first_puts_ambiguous_scenes_first_with_the_demo_model(demo_predictor):
-    """Clear scenes (the backgrounds the demo model was trained on) interleaved with ambiguous
-    ones (every pixel a random colour): scored through the real model, the ambiguous ones come
-    first."""
-    from napari_maskclip.synthetic import make_scene
+def test_hardest_first_puts_ambiguous_scenes_first_with_the_demo_model(demo_predictor, tmp_path):
+    """A series folder of clear scenes (backgrounds the demo model was trained on) interleaved
+    with ambiguous ones (every pixel a random colour): scored through the real model, the
+    ambiguous ones come first in the session's order."""
+    from PIL import Image
 
-    images = []
+    from napari_maskclip.series import SeriesSession, list_images
+    from napari_maskclip.synthetic import CLASS_NAMES, make_scene
+
+    folder = tmp_path / "images"
+    folder.mkdir()
     for k in range(4):
-        images.append(make_scene(k, size=(64, 64), n_objects=(0, 0)).image)  # clear
-        images.append(_confetti(k))  # ambiguous
-    ambiguous = {1, 3, 5, 7}
-    gen = score_iter(lambda i: images[i], demo_predictor, range(len(images)))
+        clear = make_scene(k, size=(64, 64), n_objects=(0, 0)).image
+        Image.fromarray(clear).save(folder / f"img{2 * k}.png")
+        Image.fromarray(_confetti(k)).save(folder / f"img{2 * k + 1}.png")  # ambiguous
+    session = SeriesSession.open(list_images(folder), tmp_path / "ds", list(CLASS_NAMES))
+    ambiguous = {i for i, path in enumerate(session.images) if int(path.stem[3:]) % 2}
+    assert len(ambiguous) == 4
     steps = []
-    scores = run_to_completion(gen, steps.append)
+    scores = run_to_completion(score_iter(session, demo_predictor, range(len(session))),
+                               steps.append)
     assert sorted(scores) == list(range(8))
-    order = hardest_first(range(8), scores)
-    assert set(order[:4]) == ambiguous, scores
+    session.set_order(hardest_first(range(8), scores))
+    assert set(session.order[:4]) == ambiguous, scores
+    assert session.first_unsaved() in ambiguous
     assert [s.done for s in steps if s.info.get("score") is not None] == list(range(1, 9))
     assert steps[-1].total == 8 and steps[-1].fraction == 1.0
 
