@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from napari_maskclip.errors import InvalidInputError
+from napari_maskclip.errors import Cancelled, InvalidInputError
 from napari_maskclip.progress import run_to_completion
 from napari_maskclip.series.uncertainty import hardest_first, margin_uncertainty, score_iter
 
@@ -135,3 +135,16 @@ def test_score_iter_skips_images_it_cannot_score():
     assert [e["index"] for e in errors] == [1, 2]
     assert "cannot read" in errors[0]["error"] and "no class probabilities" in errors[1]["error"]
     assert hardest_first([1, 0, 2], scores) == [0, 1, 2]
+
+
+def test_a_cancelled_prediction_stops_the_scoring():
+    class Stopping:
+        calls = 0
+
+        def predict(self, image):
+            Stopping.calls += 1
+            raise Cancelled("Prediction cancelled.")
+
+    with pytest.raises(Cancelled):
+        run_to_completion(score_iter(lambda i: np.zeros((2, 2, 3), np.uint8), Stopping(), [0, 1]))
+    assert Stopping.calls == 1

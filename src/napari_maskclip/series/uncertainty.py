@@ -33,7 +33,7 @@ from typing import Any, Callable, Generator, Iterable, Mapping, Optional, Protoc
 
 import numpy as np
 
-from ..errors import InvalidInputError, MaskClipError
+from ..errors import Cancelled, InvalidInputError, MaskClipError
 from ..progress import Progress
 
 __all__ = ["margin_uncertainty", "hardest_first", "score_iter", "Predicts"]
@@ -132,6 +132,8 @@ def score_iter(
                     "the model gave no class probabilities, so its uncertainty is unknown"
                 )
             score = margin_uncertainty(probabilities, background_mass=background_mass)
+        except Cancelled:
+            raise
         except MaskClipError as exc:  # this image only: the others are still scored
             yield Progress("score", done + 1, total, f"image {index} not scored: {exc}",
                            info={"index": index, "error": str(exc)})
