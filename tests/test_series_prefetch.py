@@ -95,7 +95,8 @@ def test_next_image_is_prepared_before_it_is_asked_for(tmp_path, demo_teacher):
         prefetch.request(1)  # the person edits image 0 ...
         assert not prefetch.started(2)
         assert _wait(lambda: prefetch.ready(1))  # ... while image 1 is read and labelled
-        assert prefetch.started(1) and ready == [0, 1]
+        assert prefetch.started(1)
+        assert _wait(lambda: len(ready) == 2) and ready == [0, 1]  # on_ready runs after done()
         calls = counting.images
         second = prefetch.result(1)  # Next: no new prediction
         assert counting.images == calls
@@ -187,3 +188,67 @@ def test_student_predictor_uses_the_page_classes_in_order():
     np.testing.assert_allclose(prediction.probabilities[1], everything.probabilities[0], atol=1e-6)
     with pytest.raises(InvalidInputError, match="not trained on"):
         SeriesPredictor.student(student.segmenter, "zebra")
+
+
+def test_demo_teacher_batches_windows_without_changing_labels(demo_teacher):
+    from napari_maskclip.demo import recommended_settings
+    from napari_maskclip.engine import Segmenter
+
+    assert demo_teacher.segmenter.settings.window_batch == 32
+    one_at_a_time = Segmenter("demo", None, **recommended_settings())
+    assert one_at_a_time.settings.window_batch == 1
+    image = make_scene(11, size=(96, 96)).image
+    batched = demo_teacher.predict(image)
+    single = one_at_a_time(image, CLASSES)
+    np.testing.assert_array_equal(batched.labels, single.labels)
+    np.testing.assert_allclose(batched.probabilities, single.probabilities, atol=1e-4)
+
+
+def test_close_mid_prediction_stops_the_worker_and_writes_nothing(tmp_path, demo_teacher):
+    folder, _ = _folder(tmp_path, n=2, size=48)
+    Image.fromarray(make_scene(9, size=(320, 320)).image).save(folder / "scene0.png")
+    ds = tmp_path / "ds"
+    session = SeriesSession.open(list_images(folder), ds, CLASSES)
+    counting = CountingSegmenter(demo_teacher.segmenter)
+    prefetch = Prefetcher(session, SeriesPredictor(counting, CLASSES, label="MaskCLIP demo"))
+    prefetch.request(0)
+    assert counting.first_step.wait(60)
+    entry = prefetch._entries[0]
+    prefetch.close()  # returns once the worker stopped (at a window boundary)
+    assert entry.future.done()
+    with pytest.raises(Cancelled):
+        entry.future.result(timeout=0)
+    assert not ds.exists()  # predicting never writes; only save does
+    prefetch.close()  # twice is fine
+
+
+def test_mixed_kinds_and_sizes_are_labelled_and_saved(tmp_path, demo_teacher):
+    import tifffile
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    scene = make_scene(21, size=(40, 56))
+    Image.fromarray(scene.image[..., 0]).save(folder / "a_gray.png")
+    Image.fromarray(np.dstack([scene.image, np.full((40, 56), 255, np.uint8)])).save(folder / "b_rgba.png")
+    tifffile.imwrite(folder / "c_16bit.tif", scene.image[..., 1].astype(np.uint16) * 257)
+    Image.fromarray(make_scene(22, size=(72, 48)).image).save(folder / "d_rgb.jpg")
+    session = SeriesSession.open(list_images(folder), tmp_path / "ds", CLASSES)
+    with Prefetcher(session, demo_teacher) as prefetch:
+        for i in range(len(session)):
+            prediction = prefetch.result(i)
+            if i + 1 < len(session):
+                prefetch.request(i + 1)
+            assert prediction.labels.shape == prediction.image.shape[:2]
+            assert prediction.probabilities.shape == (3, *prediction.image.shape[:2])
+            session.save(i, prediction.image, prediction.labels,
+                         probabilities=prediction.probabilities, provenance=prediction.provenance)
+    from napari_maskclip.export import read_dataset
+
+    dataset = read_dataset(tmp_path / "ds")
+    assert dataset.names == ["a_gray", "b_rgba", "c_16bit", "d_rgb"]
+    assert dataset["c_16bit"].read_image().dtype == np.uint16
+    assert dataset["b_rgba"].read_image().shape == (40, 56, 4)
+    assert dataset["d_rgb"].shape == (72, 48)
+    assert dataset["a_gray"].provenance["model"] == "demo"
+    assert dataset["a_gray"].provenance["labelled_by"] == "MaskCLIP demo"
+    assert dataset["a_gray"].read_confidence().shape == (3, 40, 56)

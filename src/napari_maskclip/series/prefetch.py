@@ -37,8 +37,10 @@ class _Entry:
 
 class Prefetcher:
     """Prepares images of ``session`` with ``predictor`` in one background thread (see the module
-    docstring). ``on_ready(i)`` is called from the worker thread when image ``i``'s result (or its
-    error) is ready; it must be quick and thread-safe (e.g. emit a Qt signal)."""
+    docstring). ``on_ready(i)`` is called when image ``i``'s result (or its error; not a
+    cancellation) is ready, from the worker thread (or from the requesting thread if it was ready
+    at once); it must be quick and thread-safe (e.g. emit a Qt signal), and may call
+    :meth:`result`."""
 
     def __init__(self, session: SeriesSession, predictor: SeriesPredictor, *,
                  on_ready: Optional[Callable[[int], None]] = None, keep: int = 2) -> None:
