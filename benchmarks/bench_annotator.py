@@ -35,7 +35,8 @@ merge of their dicts.
   the whole simulation on that many pools and reports the mean (and each run).
 
     python benchmarks/bench_annotator.py [--sections al] [--al-rounds 3] [--al-per-round 20]
-        [--al-pool 100] [--al-eval 100] [--al-iterations 300] [--al-repeats 1] [--quick]
+        [--al-pool 100] [--al-eval 100] [--al-iterations 300] [--al-repeats 1]
+        [--al-first-pool 0] [--quick]
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ def _al_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--al-batch", type=int, default=8, help="al: student crops per step")
     parser.add_argument("--al-lr", type=float, default=0.05, help="al: student learning rate")
     parser.add_argument("--al-repeats", type=int, default=1, help="al: pools simulated (mean)")
+    parser.add_argument("--al-first-pool", type=int, default=0,
+                        help="al: index of the first pool (pools are seeded by their index)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
 
 
@@ -299,7 +302,7 @@ def al_section(args: argparse.Namespace) -> dict[str, Any]:
     teacher_miou = _held_out_miou(lambda im: teacher.predict(im).labels, eval_scenes, n_classes)
     runs: dict[str, list[dict[str, Any]]] = {"hardest": [], "order": []}
     for repeat in range(args.al_repeats):
-        pool = _scenes(AL_POOL_SEED + 1000 * repeat, args.al_pool)
+        pool = _scenes(AL_POOL_SEED + 1000 * (args.al_first_pool + repeat), args.al_pool)
         with tempfile.TemporaryDirectory(prefix="bench-al-") as tmp:
             work = Path(tmp)
             folder = work / "images"
@@ -333,7 +336,8 @@ def al_section(args: argparse.Namespace) -> dict[str, Any]:
         "al_setup": {"rounds": args.al_rounds, "per_round": args.al_per_round,
                      "pool": args.al_pool, "eval": args.al_eval,
                      "iterations": args.al_iterations, "batch": args.al_batch, "lr": args.al_lr,
-                     "repeats": args.al_repeats, "threads": args.threads},
+                     "repeats": args.al_repeats, "first_pool": args.al_first_pool,
+                     "threads": args.threads},
         "al_seconds": round(seconds, 1),
         "al_cpu_seconds": round(cpu_seconds, 1),
         "al_score_seconds": round(sum(r["score_seconds"] for r in runs["hardest"]), 1),
