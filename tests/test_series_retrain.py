@@ -293,3 +293,21 @@ def test_series_dataset_trains_on_teacher_labels_and_validates_on_human_pixels(t
     assert outcome.miou_new is not None and outcome.miou_current is not None
     assert outcome.promoted == (outcome.miou_new > outcome.miou_current)
     assert (tmp_path / "student.safetensors").exists() == outcome.promoted
+
+
+def test_a_class_added_since_the_student_starts_a_new_one(tmp_path):
+    """The dataset gained a class the student does not know: the new student starts from scratch
+    and the current one is still measured (its labels mapped by class name)."""
+    pairs = scenes(8, seed=6)
+    ds = tmp_path / "ds"
+    make_dataset(ds, pairs)
+    two = [np.where(m == 3, 0, m).astype(np.uint8) for _, m in pairs]  # no "blue" yet
+    data = TrainingData.from_arrays([p[0] for p in pairs], two, CLASSES[:2])
+    ckpt = tmp_path / "student.safetensors"
+    train(data, ckpt, settings=SETTINGS.replace(iterations=2), class_embeddings=EMB[:3],
+          device="cpu")
+    outcome = run_to_completion(retrain_iter(ds, ckpt, iterations=2, settings=SETTINGS,
+                                             class_embeddings=EMB, device="cpu",
+                                             val_fraction=0.25))
+    assert not outcome.warm_start and outcome.miou_current is not None
+    assert outcome.result.net.num_classes == 4
