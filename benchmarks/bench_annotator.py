@@ -30,7 +30,8 @@ merge of their dicts.
   MaskCLIP before the first student -, most uncertain first). Figures: the mIoU of the newest
   student of each round on ``--al-eval`` held-out scenes (all pixels, exact masks);
   ``al_miou_hardest`` / ``al_miou_order`` are those after the last round, ``al_rounds_*`` the
-  per-round lists, ``al_inuse_*`` the same for the model in use (the promoted one), and
+  per-round lists, ``al_inuse_*`` the same for the model in use (the promoted one; the demo
+  MaskCLIP's figure while no student was promoted), and
   ``al_teacher_miou`` the demo MaskCLIP's own. Everything is seeded; ``--al-repeats`` runs
   the whole simulation on that many pools and reports the mean (and each run).
 
@@ -215,7 +216,8 @@ def _held_out_miou(predict: Callable[[Any], Any], scenes: list[Any], n_classes: 
 
 
 def _simulate(strategy: str, pool_folder: Path, masks: list[Any], eval_scenes: list[Any],
-              teacher: Any, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+              teacher: Any, teacher_miou: float, work: Path,
+              args: argparse.Namespace) -> dict[str, Any]:
     """One labelling run: rounds of picking, perfect labelling, retraining; per-round figures."""
     import numpy as np
 
@@ -268,7 +270,7 @@ def _simulate(strategy: str, pool_folder: Path, masks: list[Any], eval_scenes: l
         if outcome.promoted:
             in_use = SeriesPredictor.student(StudentSegmenter(checkpoint, device="cpu"), classes)
         in_use_rounds.append(rounds[-1] if outcome.promoted else (
-            in_use_rounds[-1] if in_use_rounds else None))
+            in_use_rounds[-1] if in_use_rounds else teacher_miou))
         print(f"  {strategy:7s} round {len(rounds)}: {session.saved_count()} labelled, newest "
               f"student {100 * rounds[-1]:.1f} mIoU, validation new/current "
               f"{_pct(outcome.miou_new)}/{_pct(outcome.miou_current)} on "
@@ -312,7 +314,7 @@ def al_section(args: argparse.Namespace) -> dict[str, Any]:
             masks = [scene.mask for scene in pool]
             for strategy in runs:
                 runs[strategy].append(_simulate(strategy, folder, masks, eval_scenes, teacher,
-                                                work, args))
+                                                teacher_miou, work, args))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     def mean_rounds(strategy: str, key: str) -> list[Any]:
