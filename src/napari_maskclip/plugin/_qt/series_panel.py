@@ -1,0 +1,572 @@
+"""The Series page of the plugin's dock: annotate a whole folder, one image at a time.
+
+Choose an image folder (or a list file) and a dataset folder, press **Open**: the viewer shows
+the first image not saved yet, already labelled by the model of the Segment page (MaskCLIP with
+its classes and settings, or its student), with the Labels layer ready to paint. **Next** and
+**Previous** save the image through the project's exporter (:class:`~..series.SeriesSession`:
+atomic, locked, edited-pixel provenance, Export's class rules) and move on; **Mark reviewed**
+saves it as checked by a person (every pixel a human label) and moves on. Saved images come back
+with their saved labels, never a new prediction. Keyboard (bound on the viewer while a series is
+open): Shift+Right / Ctrl+Right = Next, Shift+Left / Ctrl+Left = Previous, Shift+Enter = Mark
+reviewed.
+
+No waiting: as soon as image k is on screen, image k+1 is read and labelled on the
+:class:`~..series.prefetch.Prefetcher`'s background thread; its "ready" callback reaches this page
+through a Qt signal (queued to the main thread), so Next usually shows labels at once. Jumping
+elsewhere cancels what is queued; closing the series, the dock or the viewer stops the thread.
+Opening (listing, checking the dataset's classes, loading the model) runs in the panels' job
+runner (:mod:`.job_runner`), so the UI never freezes.
+
+The layers are the :class:`~..series_view.SeriesView`'s (Qt-free).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Generator, Optional
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ...errors import Cancelled, MaskClipError
+from ...progress import Progress
+from ..jobs import JobOutcome, guarded_job
+from ..models import ModelChoice
+from ..notify import show_exception
+from ..series_view import SeriesView, ShownImage
+from .controls import WrapLabel, page_layout, row, small_button
+from .job_runner import BarState, JobRunner, RunnerPanel
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["SHORTCUTS", "SeriesPanel"]
+
+#: Viewer key bindings while a series is open: napari key -> what it does (README lists them).
+SHORTCUTS = {
+    "Shift-Right": "next",
+    "Control-Right": "next",
+    "Shift-Left": "previous",
+    "Control-Left": "previous",
+    "Shift-Enter": "mark_reviewed",
+}
+
+
+@dataclass
+class _OpenRequest:
+    """What Open needs, read from the controls on the main thread."""
+
+    source: str
+    recursive: bool
+    dataset: str
+    classes: str
+    background: str
+    choice: ModelChoice
+    settings: Any  # the engine's checked SegmentSettings (None for a student)
+
+
+def _open_iter(request: _OpenRequest) -> Generator[Progress, None, tuple[Any, Any]]:
+    """List the images, pair them with the dataset (Export's class checks), load the model.
+    Runs in the worker thread; torch loads here, the safe way (see ``..models``)."""
+    from ...series import SeriesSession, list_images
+    from ..models import import_student
+
+    yield Progress("load", 0, 0, f"listing {request.source}...")
+    images = list_images(request.source, recursive=request.recursive)
+    session = SeriesSession.open(images, request.dataset, request.classes,
+                                 background=request.background or None)
+    yield Progress("load", 0, 0, f"{len(images)} images; loading {request.choice.describe()}...")
+    import_student()  # engine and student, loaded the safe way inside napari (Triton hidden)
+    from ... import engine
+    from ...series.predictor import SeriesPredictor
+
+    choice = request.choice
+    if choice.is_student:
+        predictor = SeriesPredictor.student(choice.model, request.classes or None,
+                                            device=choice.device)
+    else:
+        # Its own model (not the Segment page's): one image at a time on another thread; the
+        # features of the image on screen and of the next one are kept.
+        segmenter = engine.Segmenter(choice.model, choice.pretrained, device=choice.device,
+                                     settings=request.settings, feature_cache_items=2)
+        predictor = SeriesPredictor.teacher(
+            segmenter, request.classes, background=request.background or None,
+            label="MaskCLIP demo" if choice.model == "demo" else None,
+        )
+    yield Progress("load", 1, 1, f"loaded {predictor.label}")
+    return session, predictor
+
+
+def _ready_relay(signal_owner: "SeriesPanel") -> Callable[[int], None]:
+    """The prefetcher's ``on_ready`` (worker thread): emit the page's signal, which Qt queues to
+    the main thread; a page already deleted is ignored."""
+
+    def relay(index: int) -> None:
+        try:
+            signal_owner.prediction_ready.emit(int(index))
+        except RuntimeError:  # the page's C++ object is gone (viewer closed)
+            pass
+
+    return relay
+
+
+def _shutdown(prefetcher: Any) -> None:
+    """Stop a prefetcher (connected to the page's ``destroyed``: must not touch the page)."""
+    try:
+        prefetcher.close()
+    except Exception:  # noqa: BLE001 - closing on teardown must never raise
+        pass
+
+
+class SeriesPanel(QWidget, RunnerPanel):
+    """The Series page (see the module doc)."""
+
+    #: An image is on screen ready to edit (its index); for scripts and tests.
+    image_shown = Signal(int)
+    #: Open ended: "done", "cancelled" or "error".
+    open_finished = Signal(str)
+    #: The prefetcher has image i's prediction (emitted from its thread, handled on the main one).
+    prediction_ready = Signal(int)
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.main: Any = None  # the Segment page (classes, model, settings)
+        self.session: Any = None
+        self.predictor: Any = None
+        self.prefetcher: Any = None
+        self.view = SeriesView(napari_viewer)
+        #: The image on screen (None while waiting for one or when closed).
+        self.index: Optional[int] = None
+        #: The image asked for whose prediction is not in yet.
+        self.waiting: Optional[int] = None
+        self._bound: list[str] = []
+
+        # ---- images, dataset, model ----
+        self.source = QLineEdit()
+        self.source.setPlaceholderText("folder of images, or a text file listing them")
+        self.source.setToolTip("PNG, JPEG, TIFF or BMP files (gray, RGB, 16-bit), sorted "
+                               "naturally (img2 before img10); or a .txt file, one path a line.")
+        self.source_folder = small_button("...", "Choose the image folder.")
+        self.source_list = small_button("list", "Choose a text file listing the images.")
+        self.source_list.setFixedWidth(40)
+        self.recursive = QCheckBox("include sub-folders")
+        self.dataset = QLineEdit()
+        self.dataset.setPlaceholderText("dataset folder (created on the first save)")
+        self.dataset.setToolTip("Every saved image goes into this dataset, as Export writes it. "
+                                "Reopening the same folder and dataset resumes where you left.")
+        self.dataset_pick = small_button("...", "Choose the dataset folder.")
+        images = QGroupBox("Images")
+        form = QFormLayout(images)
+        form.addRow("images", row(self.source, self.source_folder, self.source_list))
+        form.addRow("", self.recursive)
+        form.addRow("dataset", row(self.dataset, self.dataset_pick))
+        model_box = QGroupBox("Model")
+        self.model_info = WrapLabel("The Segment page's model, classes and settings.")
+        self.model_info.setToolTip("Change the classes, model or settings (or pick a trained "
+                                   "student) on the Segment page, then Open again.")
+        QVBoxLayout(model_box).addWidget(self.model_info)
+        self.help = WrapLabel(
+            "Keys: Shift+\u2192 next, Shift+\u2190 previous (Ctrl works too), Shift+Enter mark "
+            "reviewed. Next and Previous save the image."
+        )
+        column = QVBoxLayout()
+        column.addWidget(images)
+        column.addWidget(model_box)
+        column.addWidget(self.help)
+
+        # ---- footer: open/close, navigation, progress ----
+        self.open_button = QPushButton("Open")
+        self.open_button.setToolTip("Open the folder: continues at the first image not saved.")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop opening (listing or loading the model).")
+        self.close_button = QPushButton("Close")
+        self.close_button.setToolTip("Close the series (an edited image is saved first).")
+        self.previous_button = QPushButton("Previous")
+        self.previous_button.setToolTip("Save this image and show the one before (Shift+\u2190).")
+        self.next_button = QPushButton("Next")
+        self.next_button.setToolTip("Save this image and show the next one (Shift+\u2192).")
+        self.reviewed_button = QPushButton("Mark reviewed")
+        self.reviewed_button.setToolTip(
+            "Save this image as checked by a person: every pixel counts as a human label for "
+            "training and validation; then show the next one (Shift+Enter)."
+        )
+        self.progress = WrapLabel("No series open.")
+        self.status = WrapLabel("")
+        footer = QVBoxLayout()
+        top = QHBoxLayout()
+        for button in (self.open_button, self.cancel_button, self.close_button):
+            top.addWidget(button)
+        nav = QHBoxLayout()
+        for button in (self.previous_button, self.next_button, self.reviewed_button):
+            nav.addWidget(button)
+        footer.addLayout(top)
+        footer.addLayout(nav)
+        footer.addWidget(self.progress)
+        footer.addWidget(self.status)
+        page_layout(self, column, footer)
+
+        self.runner = JobRunner(
+            self, title="MaskCLIP series", start_button=self.open_button,
+            cancel_button=self.cancel_button, show=self._show_progress, finish=self._opened,
+            on_error=self.status.setText,
+        )
+        self.runner.ended.connect(self.open_finished.emit)
+        self.open_button.clicked.connect(self.open_series)
+        self.cancel_button.clicked.connect(self.runner.request_cancel)
+        self.close_button.clicked.connect(self.close_series)
+        self.previous_button.clicked.connect(self.previous)
+        self.next_button.clicked.connect(self.next)
+        self.reviewed_button.clicked.connect(self.mark_reviewed)
+        self.source_folder.clicked.connect(self._pick_folder)
+        self.source_list.clicked.connect(self._pick_list)
+        self.dataset_pick.clicked.connect(self._pick_dataset)
+        self.prediction_ready.connect(self._on_prediction_ready)
+        self._update_buttons()
+
+    # ---- the Segment page ------------------------------------------------------------------------
+    def attach(self, main: Any) -> None:
+        """Take classes, model and settings from the Segment page ``main``."""
+        self.main = main
+        self.refresh_model_info()
+
+    def refresh_model_info(self) -> None:
+        """Say which model and classes Open will use (the Segment page's, as they are now)."""
+        if self.predictor is not None:
+            return  # the open series says its own (progress line)
+        main = self.main
+        if main is None:
+            return
+        try:
+            choice = main.model.choice()
+        except MaskClipError as exc:
+            self.model_info.setText(f"Segment page: {exc}")
+            return
+        if choice.is_student:
+            text = f"{choice.describe()} (its own classes)"
+        else:
+            classes = main.classes.classes_text() or "(no classes typed on the Segment page)"
+            text = f"MaskCLIP, {choice.describe()}; classes: {classes}"
+        self.model_info.setText(text)
+
+    # ---- opening --------------------------------------------------------------------------------
+    def _request(self) -> _OpenRequest:
+        from ...errors import InvalidInputError
+
+        source, dataset = self.source.text().strip(), self.dataset.text().strip()
+        if not source:
+            raise InvalidInputError("Choose an image folder (or a list file) first.")
+        if not dataset:
+            raise InvalidInputError("Choose a dataset folder to save the labels into.")
+        main = self.main
+        if main is None:
+            raise InvalidInputError("The Series page needs the Segment page (open the MaskCLIP "
+                                    "dock from napari's Plugins menu).")
+        choice = main.model.choice()
+        classes, background, settings = main.classes.classes_text(), "", None
+        if choice.is_student:
+            classes = classes or ""
+        else:
+            if not classes:
+                raise InvalidInputError("Type the class names on the Segment page first.")
+            background = main.classes.background_text()
+            settings = main.settings.segment_settings()
+        return _OpenRequest(source, self.recursive.isChecked(), dataset, classes, background,
+                            choice, settings)
+
+    def open_series(self) -> Any:
+        """Open the folder and dataset in the fields (in the background); returns the worker, or
+        None (with the reason in the status line) if refused."""
+        if self.running:
+            return None
+        try:
+            request = self._request()
+        except MaskClipError as exc:
+            self.status.setText(show_exception(exc))
+            self.open_finished.emit("error")
+            return None
+        self.close_series()
+        self.status.setText(f"Opening {request.source}...")
+        return self.runner.start(lambda control: guarded_job(lambda: _open_iter(request), control))
+
+    def _show_progress(self, step: Progress) -> Optional[BarState]:
+        if step.message:
+            self.status.setText(step.message)
+        return BarState(description=step.message or None)
+
+    def _opened(self, outcome: JobOutcome) -> str:
+        if outcome.cancelled:
+            self.status.setText("Cancelled: no series opened.")
+            return "cancelled"
+        if outcome.error is not None:
+            self.status.setText(show_exception(outcome.error))
+            return "error"
+        session, predictor = outcome.result
+        self.start(session, predictor)
+        return "done"
+
+    def start(self, session: Any, predictor: Any) -> None:
+        """Annotate ``session`` with ``predictor`` (what Open does once they are ready; scripts
+        and tests may call it directly)."""
+        from ...series.prefetch import Prefetcher
+
+        self.close_series()
+        self.session, self.predictor = session, predictor
+        self.prefetcher = Prefetcher(session, predictor, on_ready=_ready_relay(self))
+        self.destroyed.connect(functools.partial(_shutdown, self.prefetcher))
+        self._bind_keys()
+        first = session.first_unsaved()
+        if first >= len(session):
+            first = session.next_index(None, +1)
+            self.status.setText("Every image of this series is saved; showing the first.")
+        self.model_info.setText(f"{predictor.label}; classes: "
+                                f"{', '.join(session.classes.names)}")
+        if first is None:
+            self._update_progress()
+            self.status.setText("No readable image in this series.")
+            return
+        self.go_to(first)
+
+    # ---- moving ---------------------------------------------------------------------------------
+    def go_to(self, i: int) -> None:
+        """Show image ``i`` (saved: its saved labels; else the model's, at once if prefetched).
+        An unreadable image is listed and the next readable one is shown instead."""
+        session = self.session
+        if session is None:
+            return
+        while True:
+            if session.is_saved(i):
+                if self._show_saved(i):
+                    return
+            else:
+                if not self.prefetcher.started(i):
+                    self.prefetcher.cancel_all()  # a jump: what was queued is not needed
+                self.prefetcher.request(i)
+                self.index, self.waiting = None, i
+                self._update_buttons()
+                self.status.setText(f"Labelling {session.names[i]}...")
+                if self._try_show_predicted(i):
+                    return
+                return  # shown when prediction_ready arrives
+            nxt = session.next_index(i, +1)
+            if nxt is None:
+                self._update_progress()
+                return
+            i = nxt
+
+    def _show_saved(self, i: int) -> bool:
+        session = self.session
+        try:
+            image = session.read_image(i)
+        except MaskClipError:
+            self._unreadable_changed()
+            return False
+        shown = ShownImage(
+            index=i, name=session.names[i], image=image, shown=session.saved_labels(i),
+            predicted=False, saved_edited=session.saved_edited(i),
+            model_label=self.predictor.label,
+        )
+        self._put(shown, "saved labels" + (", reviewed" if session.is_reviewed(i) else ""))
+        return True
+
+    def _on_prediction_ready(self, i: int) -> None:
+        if self.waiting == i:
+            self._try_show_predicted(i)
+
+    def _try_show_predicted(self, i: int) -> bool:
+        """Show image ``i``'s prediction if it is ready; True when the image is dealt with."""
+        session = self.session
+        if not self.prefetcher.ready(i):
+            return False
+        try:
+            prediction = self.prefetcher.result(i)
+            image = prediction.image if prediction.image is not None else session.read_image(i)
+        except Cancelled:  # dropped meanwhile (another request): ask again
+            self.prefetcher.request(i)
+            return False
+        except MaskClipError as exc:  # unreadable (recorded by the session) or failed
+            session.unreadable.setdefault(i, str(exc))
+            self.waiting = None
+            self._unreadable_changed()
+            nxt = session.next_index(i, +1)
+            if nxt is not None:
+                self.go_to(nxt)
+            else:
+                self._update_progress()
+            return True
+        shown = ShownImage(
+            index=i, name=session.names[i], image=image, shown=prediction.labels,
+            predicted=True, probabilities=prediction.probabilities,
+            model_label=prediction.model_label, provenance=dict(prediction.provenance or {}),
+        )
+        self._put(shown, f"labelled by {prediction.model_label}")
+        return True
+
+    def _put(self, shown: ShownImage, how: str) -> None:
+        session = self.session
+        colors = session.classes.colors[1:]
+        self.view.show(shown, class_names=session.classes.names, colors=colors,
+                       source_path=str(session.images[shown.index]))
+        self.index, self.waiting = shown.index, None
+        position = session.order.index(shown.index) + 1
+        self.status.setText(f"Image {position} of {len(session)}: {shown.name} ({how}).")
+        self._update_progress()
+        self._update_buttons()
+        self._prefetch_after(shown.index)
+        self.image_shown.emit(shown.index)
+
+    def _prefetch_after(self, i: int) -> None:
+        """Start labelling the next image not saved yet, right away."""
+        session = self.session
+        nxt = session.next_index(i, +1)
+        if nxt is not None and not session.is_saved(nxt):
+            self.prefetcher.request(nxt)
+
+    def _unreadable_changed(self) -> None:
+        session = self.session
+        if session is None or not session.unreadable:
+            return
+        listed = "; ".join(f"{session.names[k]}: {why}" for k, why in
+                           sorted(session.unreadable.items()))
+        self.status.setText(f"Skipped (unreadable): {listed}")
+
+    def save_current(self, *, reviewed: bool = False) -> bool:
+        """Save the image on screen (skipped when it is saved and unchanged, unless ``reviewed``);
+        False (with the reason shown) when saving failed: the page then stays on the image."""
+        shown = self.view.current
+        if self.session is None or shown is None or self.index is None:
+            return True
+        labels = self.view.labels()
+        if self.session.is_saved(shown.index) and not reviewed and not self.view.changed(labels):
+            return True
+        try:
+            self.session.save(
+                shown.index, shown.image, labels,
+                probabilities=shown.probabilities if shown.predicted else None,
+                edited=self.view.edited(labels), reviewed=reviewed,
+                provenance=shown.provenance,
+            )
+        except (MaskClipError, OSError) as exc:
+            self.status.setText(show_exception(exc))
+            return False
+        if self.prefetcher is not None:
+            self.prefetcher.invalidate(shown.index)  # its saved labels count from now on
+        self._update_progress()
+        return True
+
+    def _move(self, step: int, *, reviewed: bool = False) -> None:
+        if self.session is None or self.index is None:
+            return
+        if not self.save_current(reviewed=reviewed):
+            return
+        nxt = self.session.next_index(self.index, step)
+        if nxt is None:
+            where = "last" if step > 0 else "first"
+            self.status.setText(f"Saved. This is the {where} image of the series.")
+            return
+        self.go_to(nxt)
+
+    def next(self) -> None:
+        """Save this image and show the next one."""
+        self._move(+1)
+
+    def previous(self) -> None:
+        """Save this image and show the one before."""
+        self._move(-1)
+
+    def mark_reviewed(self) -> None:
+        """Save this image as reviewed by a person (every pixel a human label) and move on."""
+        self._move(+1, reviewed=True)
+
+    def close_series(self) -> None:
+        """Save an edited image, stop the background work, unbind the keys, remove the layers."""
+        if self.session is not None and self.index is not None and self.view.current is not None:
+            if self.view.changed():
+                self.save_current()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self._unbind_keys()
+        self.view.clear()
+        self.session = self.predictor = self.prefetcher = None
+        self.index = self.waiting = None
+        self.progress.setText("No series open.")
+        self._update_buttons()
+        self.refresh_model_info()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        self.runner.request_cancel()
+        self.close_series()
+        super().closeEvent(event)
+
+    # ---- keys -----------------------------------------------------------------------------------
+    def _bind_keys(self) -> None:
+        actions = {"next": self.next, "previous": self.previous,
+                   "mark_reviewed": self.mark_reviewed}
+        for key, action in SHORTCUTS.items():
+            self.viewer.bind_key(key, _key_handler(actions[action]), overwrite=True)
+            self._bound.append(key)
+
+    def _unbind_keys(self) -> None:
+        for key in self._bound:
+            try:
+                self.viewer.bind_key(key, None)
+            except (KeyError, ValueError):
+                pass
+        self._bound = []
+
+    # ---- lines and buttons ----------------------------------------------------------------------
+    def progress_line(self) -> str:
+        if self.session is None:
+            return "No series open."
+        return self.session.status().line(self.predictor.label)
+
+    def _update_progress(self) -> None:
+        self.progress.setText(self.progress_line())
+
+    def _update_buttons(self) -> None:
+        on_image = self.session is not None and self.index is not None
+        for button in (self.previous_button, self.next_button, self.reviewed_button):
+            button.setEnabled(on_image)
+        self.close_button.setEnabled(self.session is not None)
+
+    # ---- file choosers --------------------------------------------------------------------------
+    def _pick_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Image folder", self.source.text())
+        if path:
+            self.source.setText(path)
+
+    def _pick_list(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "List of images", self.source.text(),
+                                              "Text files (*.txt *.lst *.csv);;All files (*)")
+        if path:
+            self.source.setText(path)
+
+    def _pick_dataset(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset folder", self.dataset.text())
+        if path:
+            self.dataset.setText(path)
+
+    def set_folders(self, source: str, dataset: str, *, recursive: bool = False) -> None:
+        """Fill the fields (the ``annotate`` command, scripts)."""
+        self.source.setText(str(Path(source)))
+        self.dataset.setText(str(Path(dataset)))
+        self.recursive.setChecked(recursive)
+
+
+def _key_handler(action: Callable[[], None]) -> Callable[[Any], None]:
+    def handler(viewer: Any) -> None:  # napari passes the viewer
+        action()
+
+    return handler
