@@ -25,7 +25,8 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 
 # Subcommand modules, each with ``register(subparsers) -> None`` that sets ``func`` on its parser.
-_SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate", "coco", "import_")
+_SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate", "coco", "import_",
+                "annotate")
 
 
 def build_parser() -> argparse.ArgumentParser:

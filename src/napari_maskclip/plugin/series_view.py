@@ -63,6 +63,22 @@ class SeriesView:
         self.confidence_layer: Any = None
         self.labels_layer: Any = None
         self.current: Optional[ShownImage] = None
+        self._class_names: list[str] = []
+        self._top: Optional[np.ndarray] = None  # the confidence map, set on the layer when shown
+
+    def _present(self, layer: Any) -> bool:
+        """Whether ``layer`` is still in the viewer (by ``unique_id``: napari may hand plugins
+        proxies of its objects, which are not the same Python objects)."""
+        if layer is None:
+            return False
+        uid = layer.unique_id
+        return any(item.unique_id == uid for item in self.viewer.layers)
+
+    def _remove(self, layer: Any) -> None:
+        uid = layer.unique_id
+        for item in list(self.viewer.layers):
+            if item.unique_id == uid:
+                self.viewer.layers.remove(item)
 
     # ---- showing ---------------------------------------------------------------------------
     def show(
@@ -72,17 +88,21 @@ class SeriesView:
         class_names: Sequence[str],
         colors: Sequence[Sequence[float]],
         source_path: Optional[str] = None,
+        labels: Optional[np.ndarray] = None,
     ) -> Any:
-        """Put ``shown`` into the viewer (layers reused); returns the Labels layer."""
+        """Put ``shown`` into the viewer (layers reused); returns the Labels layer. ``labels``:
+        what the layer holds if not ``shown.shown`` (a person's labels that failed to save);
+        edits are still counted against ``shown.shown``."""
         image = np.asarray(shown.image)
-        labels = np.array(shown.shown, copy=True)  # the layer's own, writable copy
+        reference = np.asarray(shown.shown)
+        labels = np.array(reference if labels is None else labels, copy=True)  # the layer's own
         rgb = image.ndim == 3 and image.shape[-1] in (3, 4)
         self._show_image(image, rgb, shown.name)
         self._show_confidence(shown.probabilities, shown.name)
         record = RunRecord(
             class_names=list(class_names), source_name=shown.name, source_path=source_path,
             labelled_by="series", run_id=None,
-            fingerprints={}, predicted=record_planes(labels, [()]),
+            fingerprints={}, predicted=record_planes(reference, [()]),
             extra={"series_index": shown.index, "series_predicted": shown.predicted},
         )
         result = SimpleNamespace(
@@ -91,25 +111,30 @@ class SeriesView:
         )
         (_, kwargs, _), = result_layer_data(result, source_name=shown.name, record=record)
         layer = self.labels_layer
-        if layer is None or layer not in self.viewer.layers:
+        if not self._present(layer):
             layer = self.viewer.add_labels(labels, **kwargs)
             self.labels_layer = layer
         else:
-            layer.data = labels
-            layer.colormap = kwargs["colormap"]
-            layer.features = kwargs["features"]
-            layer.name = kwargs["name"]
+            if list(class_names) != self._class_names:  # colours and names change only then
+                layer.colormap = kwargs["colormap"]
+                layer.features = kwargs["features"]
             layer.metadata = kwargs["metadata"]
-            layer.refresh()
-        self.viewer.layers.selection.active = layer
-        layer.mode = "paint"
+            layer.name = kwargs["name"]
+            layer.data = labels  # a new array: napari's undo history starts afresh
+        self._class_names = list(class_names)
+        if self.viewer.layers.selection.active is None or (
+            self.viewer.layers.selection.active.unique_id != layer.unique_id
+        ):
+            self.viewer.layers.selection.active = layer
+        if layer.mode == "pan_zoom":
+            layer.mode = "paint"
         self.current = shown
         return layer
 
     def _show_image(self, image: np.ndarray, rgb: bool, name: str) -> None:
         layer = self.image_layer
         reuse = (
-            layer is not None and layer in self.viewer.layers and bool(layer.rgb) == rgb
+            self._present(layer) and bool(layer.rgb) == rgb
             and layer.data.ndim == image.ndim
         )
         limits = _contrast_limits(image)
@@ -120,30 +145,42 @@ class SeriesView:
                 layer.contrast_limits = limits
             layer.name = name
         else:
-            if layer is not None and layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+            if self._present(layer):
+                self._remove(layer)
             kwargs: dict[str, Any] = {"name": name, "rgb": rgb,
                                       "metadata": {META_KEY: {"role": SERIES_ROLE}}}
             if limits is not None:
                 kwargs["contrast_limits"] = limits
             self.image_layer = self.viewer.add_image(image, **kwargs)
-            self.viewer.layers.move(self.viewer.layers.index(self.image_layer), 0)
+            self.viewer.layers.move(len(self.viewer.layers) - 1, 0)
 
     def _show_confidence(self, probabilities: Optional[np.ndarray], name: str) -> None:
         layer = self.confidence_layer
-        if probabilities is None or len(probabilities) == 0:
-            if layer is not None and layer in self.viewer.layers:
-                layer.data = np.zeros((1, 1), dtype=np.float32)
+        if probabilities is None or len(probabilities) == 0:  # saved labels: no map
+            self._top = np.zeros((1, 1), dtype=np.float32) if self._present(layer) else None
+            if self._present(layer) and layer.visible:
                 layer.visible = False
             return
         top = np.asarray(probabilities, dtype=np.float32).max(axis=0)
-        if layer is None or layer not in self.viewer.layers:
-            self.confidence_layer = self.viewer.add_image(
+        if not self._present(layer):
+            self.confidence_layer = layer = self.viewer.add_image(
                 top, name=_CONFIDENCE_NAME, colormap="inferno", contrast_limits=(0.0, 1.0),
                 opacity=0.5, blending="translucent", visible=False,
-                metadata={META_KEY: {"role": SERIES_ROLE, "series_of": name}},
+                metadata={META_KEY: {"role": SERIES_ROLE}},
             )
+            layer.events.visible.connect(self._fill_confidence)
+            self._top = None
+        elif layer.visible:
+            layer.data = top
+            layer.contrast_limits = (0.0, 1.0)
+            self._top = None
         else:
+            self._top = top  # a hidden layer gets its data when shown (Next stays fast)
+
+    def _fill_confidence(self, event: Any = None) -> None:
+        layer = self.confidence_layer
+        if self._top is not None and layer is not None and layer.visible:
+            top, self._top = self._top, None
             layer.data = top
             layer.contrast_limits = (0.0, 1.0)
 
@@ -182,10 +219,11 @@ class SeriesView:
     def clear(self) -> None:
         """Remove the series' layers from the viewer (those the person has not removed)."""
         for layer in (self.labels_layer, self.confidence_layer, self.image_layer):
-            if layer is not None and layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
+            if self._present(layer):
+                self._remove(layer)
         self.image_layer = self.confidence_layer = self.labels_layer = None
         self.current = None
+        self._class_names, self._top = [], None
 
 
 def is_series_layer(layer: Any) -> bool:

@@ -23,11 +23,12 @@ The layers are the :class:`~..series_view.SeriesView`'s (Qt-free).
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Optional
 
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QEvent, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -77,6 +78,16 @@ class _OpenRequest:
     settings: Any  # the engine's checked SegmentSettings (None for a student)
 
 
+@dataclass
+class _Save:
+    """One image's save, taken when the person moved on."""
+
+    shown: ShownImage
+    labels: Any
+    edited: Any
+    reviewed: bool
+
+
 def _open_iter(request: _OpenRequest) -> Generator[Progress, None, tuple[Any, Any]]:
     """List the images, pair them with the dataset (Export's class checks), load the model.
     Runs in the worker thread; torch loads here, the safe way (see ``..models``)."""
@@ -109,13 +120,18 @@ def _open_iter(request: _OpenRequest) -> Generator[Progress, None, tuple[Any, An
     return session, predictor
 
 
-def _ready_relay(signal_owner: "SeriesPanel") -> Callable[[int], None]:
+def _ready_relay(page: "SeriesPanel") -> Callable[[int], None]:
     """The prefetcher's ``on_ready`` (worker thread): emit the page's signal, which Qt queues to
-    the main thread; a page already deleted is ignored."""
+    the main thread. It holds the page weakly (the prefetcher must not keep a closed viewer
+    alive); a page already gone is ignored."""
+    ref = weakref.ref(page)
 
     def relay(index: int) -> None:
+        owner = ref()
+        if owner is None:
+            return
         try:
-            signal_owner.prediction_ready.emit(int(index))
+            owner.prediction_ready.emit(int(index))
         except RuntimeError:  # the page's C++ object is gone (viewer closed)
             pass
 
@@ -137,6 +153,8 @@ class SeriesPanel(QWidget, RunnerPanel):
     image_shown = Signal(int)
     #: Open ended: "done", "cancelled" or "error".
     open_finished = Signal(str)
+    #: Image i was written into the dataset.
+    saved = Signal(int)
     #: The prefetcher has image i's prediction (emitted from its thread, handled on the main one).
     prediction_ready = Signal(int)
 
@@ -153,6 +171,9 @@ class SeriesPanel(QWidget, RunnerPanel):
         #: The image asked for whose prediction is not in yet.
         self.waiting: Optional[int] = None
         self._bound: list[str] = []
+        #: The save Next left for after the next image is on screen (see :meth:`_move`).
+        self.pending: Optional[_Save] = None
+        self._watching = False  # napari's main window is watched for Close
 
         # ---- images, dataset, model ----
         self.source = QLineEdit()
@@ -326,6 +347,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.session, self.predictor = session, predictor
         self.prefetcher = Prefetcher(session, predictor, on_ready=_ready_relay(self))
         self.destroyed.connect(functools.partial(_shutdown, self.prefetcher))
+        self._watch_window()
         self._bind_keys()
         first = session.first_unsaved()
         if first >= len(session):
@@ -414,14 +436,15 @@ class SeriesPanel(QWidget, RunnerPanel):
         self._put(shown, f"labelled by {prediction.model_label}")
         return True
 
-    def _put(self, shown: ShownImage, how: str) -> None:
+    def _put(self, shown: ShownImage, how: str, labels: Any = None) -> None:
         session = self.session
         colors = session.classes.colors[1:]
         self.view.show(shown, class_names=session.classes.names, colors=colors,
-                       source_path=str(session.images[shown.index]))
+                       source_path=str(session.images[shown.index]), labels=labels)
         self.index, self.waiting = shown.index, None
         position = session.order.index(shown.index) + 1
-        self.status.setText(f"Image {position} of {len(session)}: {shown.name} ({how}).")
+        self.status.setText(f"Image {position} of {len(session)}: {shown.name} ({how})."
+                            + self._unreadable_text())
         self._update_progress()
         self._update_buttons()
         self._prefetch_after(shown.index)
@@ -434,49 +457,83 @@ class SeriesPanel(QWidget, RunnerPanel):
         if nxt is not None and not session.is_saved(nxt):
             self.prefetcher.request(nxt)
 
-    def _unreadable_changed(self) -> None:
+    def _unreadable_text(self) -> str:
+        """`` Skipped (unreadable): name: reason; ...`` ("" when every image read)."""
         session = self.session
         if session is None or not session.unreadable:
-            return
+            return ""
         listed = "; ".join(f"{session.names[k]}: {why}" for k, why in
                            sorted(session.unreadable.items()))
-        self.status.setText(f"Skipped (unreadable): {listed}")
+        return f" Skipped (unreadable): {listed}"
 
-    def save_current(self, *, reviewed: bool = False) -> bool:
-        """Save the image on screen (skipped when it is saved and unchanged, unless ``reviewed``);
-        False (with the reason shown) when saving failed: the page then stays on the image."""
+    def _unreadable_changed(self) -> None:
+        if self._unreadable_text():
+            self.status.setText(self._unreadable_text().strip())
+            self._update_progress()
+
+    def _take(self, *, reviewed: bool = False) -> Optional[_Save]:
+        """A snapshot of what saving the image on screen writes (None: nothing to save, it is
+        saved and unchanged, unless ``reviewed``). Painting after this does not change it."""
         shown = self.view.current
         if self.session is None or shown is None or self.index is None:
-            return True
+            return None
         labels = self.view.labels()
         if self.session.is_saved(shown.index) and not reviewed and not self.view.changed(labels):
-            return True
+            return None
+        return _Save(shown, labels, self.view.edited(labels), reviewed)
+
+    def _write(self, job: _Save) -> bool:
+        """Save ``job`` through the session; on failure say so, and put the image back on screen
+        with the person's labels if the page has moved on (nothing painted is lost)."""
+        shown = job.shown
         try:
             self.session.save(
-                shown.index, shown.image, labels,
+                shown.index, shown.image, job.labels,
                 probabilities=shown.probabilities if shown.predicted else None,
-                edited=self.view.edited(labels), reviewed=reviewed,
-                provenance=shown.provenance,
+                edited=job.edited, reviewed=job.reviewed, provenance=shown.provenance,
             )
         except (MaskClipError, OSError) as exc:
-            self.status.setText(show_exception(exc))
+            message = show_exception(exc)
+            if self.index != shown.index:
+                self._put(shown, "not saved", labels=job.labels)
+            self.status.setText(f"{shown.name} was NOT saved: {message}")
             return False
         if self.prefetcher is not None:
             self.prefetcher.invalidate(shown.index)  # its saved labels count from now on
         self._update_progress()
+        self.saved.emit(shown.index)
         return True
 
+    def flush_saves(self) -> bool:
+        """Write the save that Next left for after the next image was shown; False if it failed."""
+        job, self.pending = self.pending, None
+        return job is None or self._write(job)
+
+    def save_current(self, *, reviewed: bool = False) -> bool:
+        """Save the image on screen now (see :meth:`_take`); False (with the reason shown) when
+        saving failed."""
+        if not self.flush_saves():
+            return False
+        job = self._take(reviewed=reviewed)
+        return job is None or self._write(job)
+
     def _move(self, step: int, *, reviewed: bool = False) -> None:
-        if self.session is None or self.index is None:
+        """Save and move. The next image is put on screen first and the save written right after
+        (on the next turn of the event loop), so the labels appear without waiting for the
+        files; any other action writes a pending save first."""
+        if self.session is None or self.index is None or not self.flush_saves():
             return
-        if not self.save_current(reviewed=reviewed):
-            return
+        job = self._take(reviewed=reviewed)
         nxt = self.session.next_index(self.index, step)
         if nxt is None:
-            where = "last" if step > 0 else "first"
-            self.status.setText(f"Saved. This is the {where} image of the series.")
+            if job is None or self._write(job):
+                where = "last" if step > 0 else "first"
+                self.status.setText(f"Saved. This is the {where} image of the series.")
             return
+        self.pending = job
         self.go_to(nxt)
+        if job is not None:
+            QTimer.singleShot(0, self.flush_saves)
 
     def next(self) -> None:
         """Save this image and show the next one."""
@@ -492,6 +549,7 @@ class SeriesPanel(QWidget, RunnerPanel):
 
     def close_series(self) -> None:
         """Save an edited image, stop the background work, unbind the keys, remove the layers."""
+        self.flush_saves()
         if self.session is not None and self.index is not None and self.view.current is not None:
             if self.view.changed():
                 self.save_current()
@@ -504,6 +562,20 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.progress.setText("No series open.")
         self._update_buttons()
         self.refresh_model_info()
+
+    def _watch_window(self) -> None:
+        """Close the series when napari's window closes (Qt sends child widgets no close event):
+        an edited image is saved and the background thread stops."""
+        window = self.window()
+        if window is not self and not self._watching:
+            window.installEventFilter(self)  # no Python reference kept: no cycle
+            self._watching = True
+
+    def eventFilter(self, watched: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Close and watched is self.window() and watched is not self:
+            self.runner.request_cancel()
+            self.close_series()
+        return False
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         self.runner.request_cancel()

@@ -1,0 +1,173 @@
+"""The Series page: a folder annotated one image at a time into a dataset, with the shipped demo
+model (issue 12). Edits, Next, Previous, close, reopen and resume; the next image is labelled
+before Next is pressed; Mark reviewed; unreadable images skipped; the keys bound on the viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from napari_maskclip.demo.scene import demo_classes, demo_scene
+from napari_maskclip.plugin._qt.docks import PAGE_SERIES, PLUGIN, SEGMENT_NAME
+from napari_maskclip.plugin._qt.series_panel import SHORTCUTS
+
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    """Five synthetic scenes (192 x 256 RGB)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(5):
+        iio.imwrite(folder / f"scene{k + 1}.png", demo_scene(seed=k).image)
+    return folder
+
+
+def open_series(make_napari_viewer, qtbot, folder, dataset, *, show=False):
+    """A viewer with the dock at its Series page on ``folder`` (demo model), first image shown."""
+    viewer = make_napari_viewer(show=show)
+    _, main = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
+    classes, background = demo_classes()
+    main.use_model("demo")
+    main.model.device.setCurrentText("cpu")
+    main.classes.text.setPlainText(classes)
+    main.classes.background.setEditText(background)
+    series = main.show_page(PAGE_SERIES)
+    series.set_folders(str(folder), str(dataset))
+    with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS):
+        assert series.open_series() is not None
+    return viewer, main, series
+
+
+def step(qtbot, series, action):
+    """Press a button (or call an action), wait until the next image is on screen and the image
+    left behind is written (Next shows first, then saves)."""
+    with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS) as blocker:
+        action()
+    qtbot.waitUntil(lambda: series.pending is None, timeout=TIMEOUT_MS)
+    return blocker.args[0]
+
+
+def test_series_edit_next_previous_close_reopen_resume(make_napari_viewer, qtbot, scenes, tmp_path):
+    dataset = tmp_path / "dataset"
+    viewer, main, series = open_series(make_napari_viewer, qtbot, scenes, dataset)
+    assert series.index == 0 and main.current_page() == PAGE_SERIES
+    assert series.progress.text() == "0 / 5 saved, 0 with edits, model: MaskCLIP demo"
+    layer = series.view.labels_layer
+    assert layer.name in viewer.layers  # (the plugin holds a proxy of napari's layer)
+    assert viewer.layers.selection.active.name == layer.name
+    assert layer.mode == "paint" and layer.data.shape == (192, 256)
+    predicted0 = np.array(layer.data)
+    assert predicted0.any()  # the demo model labelled the shapes
+
+    # Edit image 0: a block painted with a class other than what the model gave.
+    block = (slice(20, 40), slice(30, 60))
+    new_value = 1 if not (predicted0[block] == 1).all() else 2
+    layer.data[block] = new_value
+    layer.refresh()
+    expected_edited = np.zeros_like(predicted0, dtype=bool)
+    expected_edited[block] = predicted0[block] != new_value
+
+    assert step(qtbot, series, series.next_button.click) == 1
+    session = series.session
+    assert session.is_saved(0) and not session.is_saved(1)
+    np.testing.assert_array_equal(session.saved_edited(0), expected_edited)
+    saved0 = session.saved_labels(0)
+    assert (saved0[block] == new_value).all()
+    assert series.progress.text() == "1 / 5 saved, 1 with edits, model: MaskCLIP demo"
+
+    predicted1 = np.array(series.view.labels_layer.data)
+    assert step(qtbot, series, series.next_button.click) == 2  # image 1 saved unedited
+    assert session.is_saved(1) and not session.saved_edited(1).any()
+    assert step(qtbot, series, series.previous_button.click) == 1  # saves image 2
+    assert session.is_saved(2)
+    # A saved image comes back with its saved labels, not a new prediction.
+    np.testing.assert_array_equal(series.view.labels_layer.data, session.saved_labels(1))
+    np.testing.assert_array_equal(series.view.labels_layer.data, predicted1)
+    index_file = dataset / "dataset.json"
+    before = index_file.stat().st_mtime_ns
+    assert step(qtbot, series, series.next_button.click) == 2  # unchanged: not written again
+    assert index_file.stat().st_mtime_ns == before
+    assert step(qtbot, series, series.next_button.click) == 3
+    assert series.progress.text() == "3 / 5 saved, 1 with edits, model: MaskCLIP demo"
+
+    viewer.close()  # image 3 unedited: nothing to save, nothing lost
+    assert series.prefetcher is None  # stopped with the dock
+
+    viewer2, main2, series2 = open_series(make_napari_viewer, qtbot, scenes, dataset)
+    assert series2.index == 3  # resumes at the first image not saved
+    assert series2.progress.text() == "3 / 5 saved, 1 with edits, model: MaskCLIP demo"
+    for _ in range(3):
+        step(qtbot, series2, series2.previous_button.click)
+    assert series2.index == 0
+    np.testing.assert_array_equal(series2.view.labels_layer.data, saved0)  # the edit is back
+    assert series2.session.is_saved(3)  # Previous saves the image it leaves, edited or not
+
+
+def test_next_image_is_labelled_before_next_is_pressed(make_napari_viewer, qtbot, scenes, tmp_path):
+    viewer, main, series = open_series(make_napari_viewer, qtbot, scenes, tmp_path / "ds")
+    assert series.index == 0
+    # Image 1 was requested as soon as image 0 was shown.
+    qtbot.waitUntil(lambda: series.prefetcher.started(1), timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: series.prefetcher.ready(1), timeout=TIMEOUT_MS)
+    started = time.perf_counter()
+    series.next()  # no waiting: image 1 is on screen when next() returns
+    seconds = time.perf_counter() - started
+    assert series.index == 1 and series.waiting is None
+    assert series.pending is not None  # image 0 is written right after
+    with qtbot.waitSignal(series.saved, timeout=TIMEOUT_MS) as saved:
+        pass
+    assert saved.args == [0] and series.session.is_saved(0)
+    assert series.view.current.predicted and series.view.labels_layer.data.any()
+    print(f"Next to labels on screen (prefetched): {seconds:.3f} s")
+    qtbot.waitUntil(lambda: series.prefetcher.started(2), timeout=TIMEOUT_MS)
+
+
+def test_mark_reviewed_and_keys(make_napari_viewer, qtbot, scenes, tmp_path):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, main, series = open_series(make_napari_viewer, qtbot, scenes, tmp_path / "ds")
+    keys = {str(coerce_keybinding(key)) for key in SHORTCUTS}
+    bound = {str(key) for key in viewer.keymap}
+    assert keys <= bound, (keys, bound)
+
+    assert step(qtbot, series, series.reviewed_button.click) == 1
+    session = series.session
+    assert session.is_reviewed(0) and session.saved_edited(0).all()
+    sample = session.saved_sample(0)
+    assert sample.provenance["reviewed"] is True
+    assert "reviewed" in series.progress.text()
+
+    # The viewer's keys: Shift+Enter marks reviewed, Shift+Left goes back (saving image 1).
+    press = {str(key): func for key, func in viewer.keymap.items()}
+    step(qtbot, series, lambda: press[str(coerce_keybinding("Shift-Enter"))](viewer))
+    assert series.index == 2 and session.is_reviewed(1)
+    step(qtbot, series, lambda: press[str(coerce_keybinding("Shift-Left"))](viewer))
+    assert series.index == 1
+    index = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert len(index["samples"]) == 3
+
+    series.close_series()  # keys unbound, layers removed
+    assert not keys & {str(key) for key in viewer.keymap}
+    assert series.view.labels_layer is None and len(viewer.layers) == 0
+
+
+def test_unreadable_images_are_listed_and_skipped(make_napari_viewer, qtbot, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    iio.imwrite(folder / "a1.png", demo_scene(seed=1).image)
+    (folder / "a2.png").write_bytes(b"not a png at all")
+    iio.imwrite(folder / "a3.png", demo_scene(seed=2).image[..., 0])  # gray works too
+    viewer, main, series = open_series(make_napari_viewer, qtbot, folder, tmp_path / "ds")
+    assert series.index == 0
+    assert step(qtbot, series, series.next) == 2
+    assert 1 in series.session.unreadable
+    assert "a2" in series.status.text() and "unreadable" in series.status.text()
+    assert "1 unreadable" in series.progress.text()
+    assert series.view.image_layer.data.ndim == 2 and not series.view.image_layer.rgb
