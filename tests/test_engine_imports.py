@@ -25,7 +25,7 @@ ENGINE_FULL_IMPORT = (
 CORE_FULL_IMPORT = (
     "pkgutil, importlib; "
     "[importlib.import_module(p + '.' + m.name) "
-    "for p in ('napari_maskclip.student', 'napari_maskclip.export') "
+    "for p in ('napari_maskclip.student', 'napari_maskclip.export', 'napari_maskclip.series') "
     "for m in pkgutil.iter_modules(importlib.import_module(p).__path__)]; "
     "import napari_maskclip.evaluate, napari_maskclip.synthetic, napari_maskclip.demo, "
     "napari_maskclip.result_files, napari_maskclip.image_files, napari_maskclip.stacks"

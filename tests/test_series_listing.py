@@ -81,3 +81,15 @@ def test_bad_sources_are_refused_with_one_line(tmp_path):
     image = _png(tmp_path / "one.png")
     with pytest.raises(InvalidInputError, match="is an image"):
         list_images(image)
+
+
+def test_the_series_package_loads_without_torch():
+    """Listing, session and status are torch-free (the predictor loads torch on use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import napari_maskclip.series, napari_maskclip.series.status; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'napari', 'qtpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

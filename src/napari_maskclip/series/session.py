@@ -27,7 +27,7 @@ from ..export import ExportReport, export_sample, read_dataset
 from ..export.class_table import DEFAULT_BACKGROUND, DatasetClasses, read_class_table
 from ..export.layout import CLASSES_JSON, check_sample_name, ignore_index
 from ..export.ownership import check_dataset_folder
-from ..export.reader import Dataset, DatasetSample
+from ..export.reader import Dataset, DatasetSample, read_index
 from ..export.remap import ClassMapping, plan_class_mapping
 from ..image_files import read_image
 from .listing import ImageList
@@ -115,7 +115,7 @@ class SeriesSession:
             raise InvalidInputError("The image series is empty; choose a folder with images.")
         new = DatasetClasses.from_user(classes, background)
         root = Path(dataset_dir).expanduser()
-        if check_dataset_folder(root):
+        if check_dataset_folder(root) and read_index(root)["samples"]:  # as Export: an empty one adopts
             existing = read_class_table(root / CLASSES_JSON)
             plan_class_mapping(existing, new, remap=remap, add_classes=add_classes)
         for name in images.names:
