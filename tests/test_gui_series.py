@@ -153,6 +153,14 @@ def test_mark_reviewed_and_keys(make_napari_viewer, qtbot, scenes, tmp_path):
     index = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert len(index["samples"]) == 3
 
+    # The list: one line per image, marked; a click saves and jumps.
+    texts = [series.image_list.item(k).text() for k in range(series.image_list.count())]
+    assert len(texts) == 5 and texts[0].startswith("\u2605") and texts[1].startswith("\u2605")
+    assert texts[2].startswith("\u2713") and series.image_list.currentRow() == 1
+    item = series.image_list.item(4)
+    step(qtbot, series, lambda: series.image_list.itemClicked.emit(item))
+    assert series.index == 4 and series.image_list.currentRow() == 4
+
     series.close_series()  # keys unbound, layers removed
     assert not keys & {str(key) for key in viewer.keymap}
     assert series.view.labels_layer is None and len(viewer.layers) == 0

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Optional
 
-from qtpy.QtCore import QEvent, QTimer, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -36,6 +36,8 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -207,6 +209,14 @@ class SeriesPanel(QWidget, RunnerPanel):
         column.addWidget(images)
         column.addWidget(model_box)
         column.addWidget(self.help)
+        self.image_list = QListWidget()
+        self.image_list.setToolTip("The series in the order it is visited: \u2713 saved, "
+                                   "\u270e saved with edits, \u2605 reviewed, \u2717 "
+                                   "unreadable. Click an image to save this one and go there.")
+        self.image_list.setMinimumHeight(120)
+        self.image_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.image_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        column.addWidget(self.image_list, 1)
 
         # ---- footer: open/close, navigation, progress ----
         self.open_button = QPushButton("Open")
@@ -255,6 +265,9 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.source_list.clicked.connect(self._pick_list)
         self.dataset_pick.clicked.connect(self._pick_dataset)
         self.prediction_ready.connect(self._on_prediction_ready)
+        self.image_list.itemClicked.connect(
+            lambda item: self.jump(int(item.data(Qt.ItemDataRole.UserRole)))
+        )
         self._update_buttons()
 
     # ---- the Segment page ------------------------------------------------------------------------
@@ -517,14 +530,19 @@ class SeriesPanel(QWidget, RunnerPanel):
         job = self._take(reviewed=reviewed)
         return job is None or self._write(job)
 
-    def _move(self, step: int, *, reviewed: bool = False) -> None:
+    def jump(self, i: int) -> None:
+        """Save this image and show image ``i`` (a click in the list)."""
+        if self.session is not None and i != self.index:
+            self._move(0, target=i)
+
+    def _move(self, step: int, *, reviewed: bool = False, target: Optional[int] = None) -> None:
         """Save and move. The next image is put on screen first and the save written right after
         (on the next turn of the event loop), so the labels appear without waiting for the
         files; any other action writes a pending save first."""
         if self.session is None or self.index is None or not self.flush_saves():
             return
         job = self._take(reviewed=reviewed)
-        nxt = self.session.next_index(self.index, step)
+        nxt = target if target is not None else self.session.next_index(self.index, step)
         if nxt is None:
             if job is None or self._write(job):
                 where = "last" if step > 0 else "first"
@@ -560,6 +578,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.session = self.predictor = self.prefetcher = None
         self.index = self.waiting = None
         self.progress.setText("No series open.")
+        self.image_list.clear()
         self._update_buttons()
         self.refresh_model_info()
 
@@ -606,6 +625,37 @@ class SeriesPanel(QWidget, RunnerPanel):
 
     def _update_progress(self) -> None:
         self.progress.setText(self.progress_line())
+        self._update_list()
+
+    def _update_list(self) -> None:
+        """One line per image, in visiting order, marked saved / edited / reviewed / unreadable;
+        the image on screen selected."""
+        session, listing = self.session, self.image_list
+        if session is None:
+            listing.clear()
+            return
+        order = session.order
+        if listing.count() != len(order):
+            listing.clear()
+            for _ in order:
+                listing.addItem(QListWidgetItem())
+        for row_index, i in enumerate(order):
+            item = listing.item(row_index)
+            if i in session.unreadable:
+                mark = "\u2717"
+            elif session.is_reviewed(i):
+                mark = "\u2605"
+            elif session.is_saved(i):
+                sample = session.saved_sample(i)
+                edited = ((sample.info.get("pixels") or {}).get("edited") or 0) if sample else 0
+                mark = "\u270e" if edited else "\u2713"
+            else:
+                mark = "\u2003"
+            item.setText(f"{mark} {session.names[i]}")
+            item.setToolTip(str(session.images[i]))
+            item.setData(Qt.ItemDataRole.UserRole, i)
+            if i == self.index:
+                listing.setCurrentRow(row_index)
 
     def _update_buttons(self) -> None:
         on_image = self.session is not None and self.index is not None
