@@ -220,3 +220,35 @@ def test_close_mid_prediction_stops_the_worker_and_writes_nothing(tmp_path, demo
         entry.future.result(timeout=0)
     assert not ds.exists()  # predicting never writes; only save does
     prefetch.close()  # twice is fine
+
+
+def test_mixed_kinds_and_sizes_are_labelled_and_saved(tmp_path, demo_teacher):
+    import tifffile
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    scene = make_scene(21, size=(40, 56))
+    Image.fromarray(scene.image[..., 0]).save(folder / "a_gray.png")
+    Image.fromarray(np.dstack([scene.image, np.full((40, 56), 255, np.uint8)])).save(folder / "b_rgba.png")
+    tifffile.imwrite(folder / "c_16bit.tif", scene.image[..., 1].astype(np.uint16) * 257)
+    Image.fromarray(make_scene(22, size=(72, 48)).image).save(folder / "d_rgb.jpg")
+    session = SeriesSession.open(list_images(folder), tmp_path / "ds", CLASSES)
+    with Prefetcher(session, demo_teacher) as prefetch:
+        for i in range(len(session)):
+            prediction = prefetch.result(i)
+            if i + 1 < len(session):
+                prefetch.request(i + 1)
+            assert prediction.labels.shape == prediction.image.shape[:2]
+            assert prediction.probabilities.shape == (3, *prediction.image.shape[:2])
+            session.save(i, prediction.image, prediction.labels,
+                         probabilities=prediction.probabilities, provenance=prediction.provenance)
+    from napari_maskclip.export import read_dataset
+
+    dataset = read_dataset(tmp_path / "ds")
+    assert dataset.names == ["a_gray", "b_rgba", "c_16bit", "d_rgb"]
+    assert dataset["c_16bit"].read_image().dtype == np.uint16
+    assert dataset["b_rgba"].read_image().shape == (40, 56, 4)
+    assert dataset["d_rgb"].shape == (72, 48)
+    assert dataset["a_gray"].provenance["model"] == "demo"
+    assert dataset["a_gray"].provenance["labelled_by"] == "MaskCLIP demo"
+    assert dataset["a_gray"].read_confidence().shape == (3, 40, 56)

@@ -327,6 +327,7 @@ def train_iter(
     teacher: TeacherLike = None,
     pretrained: Optional[str] = None,
     class_embeddings: Optional[torch.Tensor] = None,
+    init_weights: Optional[dict[str, torch.Tensor]] = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str | torch.device = "auto",
@@ -346,6 +347,9 @@ def train_iter(
             some pixels need pseudo-labels or the class embeddings must be computed.
         class_embeddings: ``(K+1) x D`` classifier weights (row 0 background) instead of the
             teacher's text embeddings (advanced; tests).
+        init_weights: a new run starts from this student state dict (e.g. an earlier
+            checkpoint's ``model_state``, with its ``class_embeddings``) instead of backbone
+            weights: a warm start on other data, with a fresh optimiser and schedule.
         resume: continue from ``checkpoint`` at its saved iteration (the settings come from the
             checkpoint; ``iterations``, ``val_interval`` and ``save_interval`` may change).
         overwrite: replace an existing checkpoint instead of refusing.
@@ -363,7 +367,8 @@ def train_iter(
     try:
         run = yield from _prepare_iter(
             data, output, settings=settings, teacher=teacher, pretrained=pretrained,
-            class_embeddings=class_embeddings, resume=resume, overwrite=overwrite, device=device,
+            class_embeddings=class_embeddings, init_weights=init_weights, resume=resume,
+            overwrite=overwrite, device=device,
             text_cache=text_cache, precision=precision, overrides=overrides,
         )
         return (yield from _steps_iter(run))
@@ -381,6 +386,7 @@ def _prepare_iter(
     pretrained: Optional[str],
     class_embeddings: Optional[torch.Tensor],
     resume: bool,
+    init_weights: Optional[dict[str, torch.Tensor]] = None,
     overwrite: bool,
     device: str | torch.device,
     text_cache: Optional[TextEmbeddingCache] | str,
@@ -498,7 +504,16 @@ def _prepare_iter(
             )
     net = build_student(settings.backbone, embeddings, normalize_features=settings.normalize_features,
                         feature_scale=settings.feature_scale, seed=settings.seed)
-    if ckpt is None:
+    if ckpt is None and init_weights is not None:
+        try:
+            net.load_state_dict(init_weights, strict=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"The initial weights do not fit a {settings.backbone} student: "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+        weights_note = "from an earlier student"
+    elif ckpt is None:
         yield Progress("setup", 0, 0, "finding the backbone's initial weights")
         state, weights_note = yield from backbone_weights_iter(settings.backbone, settings.backbone_weights)
         if state is not None:
