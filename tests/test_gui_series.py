@@ -179,3 +179,33 @@ def test_unreadable_images_are_listed_and_skipped(make_napari_viewer, qtbot, tmp
     assert "a2" in series.status.text() and "unreadable" in series.status.text()
     assert "1 unreadable" in series.progress.text()
     assert series.view.image_layer.data.ndim == 2 and not series.view.image_layer.rgb
+
+
+def test_hardest_first_orders_the_rest_by_uncertainty(make_napari_viewer, qtbot, scenes, tmp_path):
+    from napari_maskclip.series.uncertainty import margin_uncertainty
+
+    viewer = make_napari_viewer()
+    _, main = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
+    classes, background = demo_classes()
+    main.use_model("demo")
+    main.classes.text.setPlainText(classes)
+    main.classes.background.setEditText(background)
+    series = main.show_page(PAGE_SERIES)
+    series.set_folders(str(scenes), str(tmp_path / "ds"))
+    series.hardest.setChecked(True)
+    states = []
+    series.job_finished.connect(states.append)
+    series.open_series()
+    qtbot.waitUntil(lambda: states == ["done", "done"], timeout=TIMEOUT_MS)  # open, then score
+    assert series.index == 0
+    session = series.session
+    scores = {i: margin_uncertainty(series.predictor.predict(session.read_image(i)).probabilities)
+              for i in range(1, 5)}
+    expected = [0] + sorted(scores, key=lambda i: -scores[i])
+    assert expected != list(range(5))  # these scenes are not already in that order
+    assert session.order == expected
+    assert [series.image_list.item(k).data(256) for k in range(5)] == expected  # UserRole
+    step(qtbot, series, series.next)
+    assert series.index == expected[1]
+    series.hardest.setChecked(False)  # back to folder order
+    assert session.order == list(range(5))

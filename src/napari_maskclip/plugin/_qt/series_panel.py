@@ -153,8 +153,8 @@ class SeriesPanel(QWidget, RunnerPanel):
 
     #: An image is on screen ready to edit (its index); for scripts and tests.
     image_shown = Signal(int)
-    #: Open ended: "done", "cancelled" or "error".
-    open_finished = Signal(str)
+    #: Open or the hardest-first scoring ended: "done", "cancelled" or "error".
+    job_finished = Signal(str)
     #: Image i was written into the dataset.
     saved = Signal(int)
     #: The prefetcher has image i's prediction (emitted from its thread, handled on the main one).
@@ -196,6 +196,14 @@ class SeriesPanel(QWidget, RunnerPanel):
         form.addRow("images", row(self.source, self.source_folder, self.source_list))
         form.addRow("", self.recursive)
         form.addRow("dataset", row(self.dataset, self.dataset_pick))
+        self.hardest = QCheckBox("hardest first")
+        self.hardest.setToolTip(
+            "Visit the images not saved yet in order of the model's uncertainty, most uncertain "
+            "first (mean over pixels of 1 - (p1 - p2), the margin between the two most likely "
+            "classes, background included). Scored in the background after Open; Cancel stops "
+            "it. Unchecked: folder order."
+        )
+        form.addRow("order", self.hardest)
         model_box = QGroupBox("Model")
         self.model_info = WrapLabel("The Segment page's model, classes and settings.")
         self.model_info.setToolTip("Change the classes, model or settings (or pick a trained "
@@ -251,16 +259,19 @@ class SeriesPanel(QWidget, RunnerPanel):
 
         self.runner = JobRunner(
             self, title="MaskCLIP series", start_button=self.open_button,
-            cancel_button=self.cancel_button, show=self._show_progress, finish=self._opened,
+            cancel_button=self.cancel_button, show=self._show_progress, finish=self._job_done,
             on_error=self.status.setText,
         )
-        self.runner.ended.connect(self.open_finished.emit)
+        self._job = "open"  # what the runner runs: "open" or "score"
+        self.runner.ended.connect(self._after_job)
+        self.runner.ended.connect(self.job_finished.emit)
         self.open_button.clicked.connect(self.open_series)
         self.cancel_button.clicked.connect(self.runner.request_cancel)
         self.close_button.clicked.connect(self.close_series)
         self.previous_button.clicked.connect(self.previous)
         self.next_button.clicked.connect(self.next)
         self.reviewed_button.clicked.connect(self.mark_reviewed)
+        self.hardest.toggled.connect(self._on_hardest_toggled)
         self.source_folder.clicked.connect(self._pick_folder)
         self.source_list.clicked.connect(self._pick_list)
         self.dataset_pick.clicked.connect(self._pick_dataset)
@@ -324,21 +335,88 @@ class SeriesPanel(QWidget, RunnerPanel):
         """Open the folder and dataset in the fields (in the background); returns the worker, or
         None (with the reason in the status line) if refused."""
         if self.running:
+            self.status.setText("Busy (opening or scoring): wait for it or press Cancel.")
             return None
         try:
             request = self._request()
         except MaskClipError as exc:
             self.status.setText(show_exception(exc))
-            self.open_finished.emit("error")
+            self.job_finished.emit("error")
             return None
         self.close_series()
         self.status.setText(f"Opening {request.source}...")
+        self._job = "open"
         return self.runner.start(lambda control: guarded_job(lambda: _open_iter(request), control))
 
+    def _job_done(self, outcome: JobOutcome) -> str:
+        return self._scored(outcome) if self._job == "score" else self._opened(outcome)
+
+    # ---- hardest first ---------------------------------------------------------------------------
+    def _on_hardest_toggled(self, on: bool) -> None:
+        if self.session is None:
+            return
+        if on:
+            self.score()
+        else:
+            if self.running and self._job == "score":
+                self.runner.request_cancel()
+            self.session.set_order(list(range(len(self.session))))
+            self._order_changed("Folder order.")
+
+    def score(self) -> Any:
+        """Score the images not saved yet by the model's uncertainty, in the background; when
+        done they are visited most uncertain first. Returns the worker (None if busy)."""
+        session, predictor = self.session, self.predictor
+        if session is None or self.running:
+            return None
+        from ...series.uncertainty import score_iter
+
+        todo = [i for i in session.order if not session.is_saved(i) and i not in
+                session.unreadable and i != self.index]
+        self._job = "score"
+        self.status.setText(f"Scoring {len(todo)} images by uncertainty (hardest first)...")
+        return self.runner.start(
+            lambda control: guarded_job(lambda: score_iter(session, predictor, todo), control)
+        )
+
+    def _scored(self, outcome: JobOutcome) -> str:
+        if outcome.cancelled:
+            self.status.setText("Hardest first cancelled: the order is unchanged.")
+            return "cancelled"
+        if outcome.error is not None:
+            self.status.setText(show_exception(outcome.error))
+            return "error"
+        session = self.session
+        if session is None or not self.hardest.isChecked():
+            return "cancelled"
+        from ...series.uncertainty import hardest_first
+
+        scores = outcome.result
+        done = [i for i in range(len(session)) if session.is_saved(i)]
+        here = [self.index] if self.index is not None and self.index not in done else []
+        rest = [i for i in range(len(session)) if i not in done and i not in here]
+        session.set_order(done + here + hardest_first(rest, scores))
+        self._order_changed(f"Hardest first: {len(scores)} images ordered by uncertainty.")
+        return "done"
+
+    def _order_changed(self, message: str) -> None:
+        self.status.setText(message)
+        self._update_progress()
+        if self.index is not None:
+            self._prefetch_after(self.index)
+
     def _show_progress(self, step: Progress) -> Optional[BarState]:
+        if self._job == "score":  # the person is working: only napari's progress bar says it
+            return BarState(done=step.done, total=step.total,
+                            description="MaskCLIP series: scoring (hardest first)")
         if step.message:
             self.status.setText(step.message)
         return BarState(description=step.message or None)
+
+    def _after_job(self, state: str) -> None:
+        """Once Open has ended (the runner is free): score for hardest first if asked."""
+        if state == "done" and self._job == "open" and self.hardest.isChecked():
+            self.score()
 
     def _opened(self, outcome: JobOutcome) -> str:
         if outcome.cancelled:
@@ -568,6 +646,8 @@ class SeriesPanel(QWidget, RunnerPanel):
     def close_series(self) -> None:
         """Save an edited image, stop the background work, unbind the keys, remove the layers."""
         self.flush_saves()
+        if self.running and self._job == "score":
+            self.runner.request_cancel()
         if self.session is not None and self.index is not None and self.view.current is not None:
             if self.view.changed():
                 self.save_current()
