@@ -209,3 +209,43 @@ def test_hardest_first_orders_the_rest_by_uncertainty(make_napari_viewer, qtbot,
     assert series.index == expected[1]
     series.hardest.setChecked(False)  # back to folder order
     assert session.order == list(range(5))
+
+
+def test_retrain_every_k_switches_to_a_better_student(make_napari_viewer, qtbot, scenes, tmp_path):
+    """After K saved images a student round runs in the background; the page uses the new student
+    only if it beats the model in use on held-out human pixels, and says which model labels."""
+    from napari_maskclip.series.retrain import split_for_validation
+    from napari_maskclip.student import TrainSettings
+
+    viewer, main, series = open_series(make_napari_viewer, qtbot, scenes, tmp_path / "ds")
+    series.retrain_settings = TrainSettings(
+        iterations=30, batch_size=4, crop_size=64, backbone="tiny", backbone_weights="random",
+        lr=0.05, self_train_fraction=1.0, val_fraction=0.0, val_interval=0, save_interval=0)
+    series.retrain_iterations.setValue(30)
+    series.retrain_every.setValue(2)
+    states = []
+    series.job_finished.connect(states.append)
+    # The person says these scenes are all background (the demo model sees shapes): a student
+    # learns that easily and beats the model in use on the held-out human pixels.
+    for _ in range(2):
+        assert not series.running  # fewer than 2 saved: not due yet
+        series.view.labels_layer.data = np.zeros_like(series.view.labels_layer.data)
+        step(qtbot, series, series.mark_reviewed)  # every pixel a person's
+    assert series.running and series._job == "retrain"  # 2 saved: a round started
+    qtbot.waitUntil(lambda: states == ["done"], timeout=TIMEOUT_MS * 3)
+    outcome = series.last_retrain
+    assert outcome.iterations == 30 and not outcome.warm_start
+    assert outcome.validation and outcome.validation_pixels > 0
+    _, val = split_for_validation(series.session.names[:2], [True, True], 0.2)
+    assert outcome.validation == [series.session.names[i] for i in val]
+    print(f"retrain: promoted={outcome.promoted} ({outcome.reason})")
+    student = tmp_path / "ds-student.safetensors"
+    assert outcome.promoted and outcome.miou_new > outcome.miou_current
+    assert student.is_file() and series.predictor.label == "student (iteration 30)"
+    assert "labelled by student (iteration 30)" in series.status.text()
+    # The image on screen keeps the labels of the model that made them; the next comes from
+    # the new student, and the progress line says so.
+    assert series.progress.text().endswith("model: MaskCLIP demo")
+    step(qtbot, series, series.next)
+    assert series.view.current.model_label == "student (iteration 30)"
+    assert series.progress.text().endswith("model: student (iteration 30)")

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -120,6 +121,41 @@ def _open_iter(request: _OpenRequest) -> Generator[Progress, None, tuple[Any, An
         )
     yield Progress("load", 1, 1, f"loaded {predictor.label}")
     return session, predictor
+
+
+@dataclass
+class _RetrainRequest:
+    """One retrain round, read on the main thread."""
+
+    dataset: Path
+    checkpoint: Optional[Path]  # the student in use, continued from (None: MaskCLIP in use)
+    output: Path
+    iterations: int
+    settings: Any  # TrainSettings of a new student (None: the checkpoint's or the defaults)
+    teacher: Optional[str]
+    pretrained: Optional[str]
+    current: Optional[Callable[[Any], Any]]  # the model in use now, when it is not a student
+    classes: list[str]
+    device: str
+
+
+def _retrain_iter(request: _RetrainRequest) -> Generator[Progress, None, tuple[Any, Any]]:
+    """Continue (or start) the student on the dataset so far; load it when it is promoted.
+    Runs in the worker thread."""
+    from ...series.predictor import SeriesPredictor
+    from ...series.retrain import retrain_iter
+
+    outcome = yield from retrain_iter(
+        request.dataset, request.checkpoint, request.output, iterations=request.iterations,
+        settings=request.settings, teacher=request.teacher, pretrained=request.pretrained,
+        current=request.current, device=request.device,
+    )
+    predictor = None
+    if outcome.promoted:
+        yield Progress("load", 0, 0, "loading the new student")
+        predictor = SeriesPredictor.student(outcome.checkpoint, request.classes,
+                                            device=request.device)
+    return outcome, predictor
 
 
 def _ready_relay(page: "SeriesPanel") -> Callable[[int], None]:
@@ -204,6 +240,22 @@ class SeriesPanel(QWidget, RunnerPanel):
             "it. Unchecked: folder order."
         )
         form.addRow("order", self.hardest)
+        self.retrain_every = QSpinBox()
+        self.retrain_every.setRange(0, 10_000)
+        self.retrain_every.setSpecialValueText("never")
+        self.retrain_every.setSuffix(" saved")
+        self.retrain_every.setToolTip(
+            "Retrain as you go: after every K saved images the student continues training in "
+            "the background on the dataset so far (teacher labels + your pixels, as 'train' "
+            "does); the page switches to it only when its mIoU on held-out human pixels beats "
+            "the model in use. 'never': off."
+        )
+        self.retrain_iterations = QSpinBox()
+        self.retrain_iterations.setRange(1, 1_000_000)
+        self.retrain_iterations.setValue(300)
+        self.retrain_iterations.setSuffix(" it")
+        self.retrain_iterations.setToolTip("Student iterations per retrain round.")
+        form.addRow("retrain every", row(self.retrain_every, self.retrain_iterations))
         model_box = QGroupBox("Model")
         self.model_info = WrapLabel("The Segment page's model, classes and settings.")
         self.model_info.setToolTip("Change the classes, model or settings (or pick a trained "
@@ -262,7 +314,14 @@ class SeriesPanel(QWidget, RunnerPanel):
             cancel_button=self.cancel_button, show=self._show_progress, finish=self._job_done,
             on_error=self.status.setText,
         )
-        self._job = "open"  # what the runner runs: "open" or "score"
+        self._job = "open"  # what the runner runs: "open", "score" or "retrain"
+        #: TrainSettings for a new student's retrain rounds (None: the checkpoint's or defaults).
+        self.retrain_settings: Any = None
+        #: The last retrain round's outcome (a RetrainOutcome), and the saved count it ran at.
+        self.last_retrain: Any = None
+        self._retrained_at = 0
+        self._opened_with: Optional[_OpenRequest] = None
+        self._student: Optional[Path] = None  # the student checkpoint in use
         self.runner.ended.connect(self._after_job)
         self.runner.ended.connect(self.job_finished.emit)
         self.open_button.clicked.connect(self.open_series)
@@ -346,10 +405,73 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.close_series()
         self.status.setText(f"Opening {request.source}...")
         self._job = "open"
+        self._opened_with = request
+        self._student = Path(request.choice.model) if request.choice.is_student else None
+        self._retrained_at = 0
         return self.runner.start(lambda control: guarded_job(lambda: _open_iter(request), control))
 
     def _job_done(self, outcome: JobOutcome) -> str:
+        if self._job == "retrain":
+            return self._retrained(outcome)
         return self._scored(outcome) if self._job == "score" else self._opened(outcome)
+
+    # ---- retrain as you go -----------------------------------------------------------------------
+    def _maybe_retrain(self) -> None:
+        """After a save: start a retrain round when K more images were saved since the last."""
+        from ...series.retrain import RetrainPolicy
+
+        session, every = self.session, self.retrain_every.value()
+        if session is None or not every or self.running:
+            return
+        policy = RetrainPolicy(every_k=every, iterations=self.retrain_iterations.value())
+        if policy.due(session.saved_count(), self._retrained_at):
+            self.retrain()
+
+    def retrain(self) -> Any:
+        """Start a retrain round now (in the background); returns the worker (None if busy)."""
+        session, request = self.session, self._opened_with
+        if session is None or request is None or self.running:
+            return None
+        dataset = Path(session.dataset_dir)
+        output = self._student or dataset.parent / f"{dataset.name}-student.safetensors"
+        predictor = self.predictor
+        job = _RetrainRequest(
+            dataset=dataset, checkpoint=self._student, output=output,
+            iterations=self.retrain_iterations.value(), settings=self.retrain_settings,
+            teacher=None if request.choice.is_student else request.choice.model,
+            pretrained=None if request.choice.is_student else request.choice.pretrained,
+            current=None if self._student else (lambda image: predictor.predict(image).labels),
+            classes=list(session.classes.names), device=request.choice.device,
+        )
+        self._retrained_at = session.saved_count()
+        self._job = "retrain"
+        self.status.setText(f"Retraining the student on {self._retrained_at} saved images "
+                            "(in the background; keep going)...")
+        return self.runner.start(lambda control: guarded_job(lambda: _retrain_iter(job), control))
+
+    def _retrained(self, outcome: JobOutcome) -> str:
+        if outcome.cancelled:
+            self.status.setText("Retrain cancelled: the model in use is unchanged.")
+            return "cancelled"
+        if outcome.error is not None:
+            self.status.setText("Retrain failed: " + show_exception(outcome.error))
+            return "error"
+        result, predictor = outcome.result
+        self.last_retrain = result
+        if self.session is None:
+            return "cancelled"
+        if predictor is None:
+            self.status.setText(f"Retrained; kept {self.predictor.label} ({result.reason}).")
+            return "done"
+        self._student = Path(result.checkpoint)
+        self.predictor = predictor
+        self.prefetcher.predictor = predictor  # what it prepared with the old model is dropped
+        self.status.setText(f"Retrained: the next images are labelled by {predictor.label} "
+                            f"({result.reason}).")
+        self._update_progress()
+        if self.index is not None:
+            self._prefetch_after(self.index)
+        return "done"
 
     # ---- hardest first ---------------------------------------------------------------------------
     def _on_hardest_toggled(self, on: bool) -> None:
@@ -406,9 +528,10 @@ class SeriesPanel(QWidget, RunnerPanel):
             self._prefetch_after(self.index)
 
     def _show_progress(self, step: Progress) -> Optional[BarState]:
-        if self._job == "score":  # the person is working: only napari's progress bar says it
-            return BarState(done=step.done, total=step.total,
-                            description="MaskCLIP series: scoring (hardest first)")
+        if self._job in ("score", "retrain"):  # the person works: napari's bar says it
+            what = "scoring (hardest first)" if self._job == "score" else f"retrain: {step.message}"
+            return BarState(done=step.done if step.total else None,
+                            total=step.total or None, description=f"MaskCLIP series: {what}")
         if step.message:
             self.status.setText(step.message)
         return BarState(description=step.message or None)
@@ -489,7 +612,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         shown = ShownImage(
             index=i, name=session.names[i], image=image, shown=session.saved_labels(i),
             predicted=False, saved_edited=session.saved_edited(i),
-            model_label=self.predictor.label,
+            model_label=_labelled_by(session.saved_sample(i)) or self.predictor.label,
         )
         self._put(shown, "saved labels" + (", reviewed" if session.is_reviewed(i) else ""))
         return True
@@ -593,6 +716,7 @@ class SeriesPanel(QWidget, RunnerPanel):
             self.prefetcher.invalidate(shown.index)  # its saved labels count from now on
         self._update_progress()
         self.saved.emit(shown.index)
+        self._maybe_retrain()
         return True
 
     def flush_saves(self) -> bool:
@@ -646,7 +770,7 @@ class SeriesPanel(QWidget, RunnerPanel):
     def close_series(self) -> None:
         """Save an edited image, stop the background work, unbind the keys, remove the layers."""
         self.flush_saves()
-        if self.running and self._job == "score":
+        if self.running and self._job in ("score", "retrain"):
             self.runner.request_cancel()
         if self.session is not None and self.index is not None and self.view.current is not None:
             if self.view.changed():
@@ -701,7 +825,9 @@ class SeriesPanel(QWidget, RunnerPanel):
     def progress_line(self) -> str:
         if self.session is None:
             return "No series open."
-        return self.session.status().line(self.predictor.label)
+        shown = self.view.current  # the model that labelled the image on screen
+        label = shown.model_label if shown is not None and shown.model_label else None
+        return self.session.status().line(label or self.predictor.label)
 
     def _update_progress(self) -> None:
         self.progress.setText(self.progress_line())
@@ -765,6 +891,13 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.source.setText(str(Path(source)))
         self.dataset.setText(str(Path(dataset)))
         self.recursive.setChecked(recursive)
+
+
+def _labelled_by(sample: Any) -> Optional[str]:
+    """Which model labelled a saved sample (its provenance), if recorded."""
+    provenance = getattr(sample, "provenance", None) or {}
+    value = provenance.get("labelled_by")
+    return value if isinstance(value, str) and value else None
 
 
 def _key_handler(action: Callable[[], None]) -> Callable[[Any], None]:
