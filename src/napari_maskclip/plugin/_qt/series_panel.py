@@ -243,7 +243,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.retrain_every = QSpinBox()
         self.retrain_every.setRange(0, 10_000)
         self.retrain_every.setSpecialValueText("never")
-        self.retrain_every.setSuffix(" saved")
+        self.retrain_every.setSuffix(" images")
         self.retrain_every.setToolTip(
             "Retrain as you go: after every K saved images the student continues training in "
             "the background on the dataset so far (teacher labels + your pixels, as 'train' "
@@ -253,7 +253,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.retrain_iterations = QSpinBox()
         self.retrain_iterations.setRange(1, 1_000_000)
         self.retrain_iterations.setValue(300)
-        self.retrain_iterations.setSuffix(" it")
+        self.retrain_iterations.setSuffix(" iter.")
         self.retrain_iterations.setToolTip("Student iterations per retrain round.")
         form.addRow("retrain every", row(self.retrain_every, self.retrain_iterations))
         model_box = QGroupBox("Model")
@@ -270,7 +270,8 @@ class SeriesPanel(QWidget, RunnerPanel):
         column.addWidget(model_box)
         column.addWidget(self.help)
         self.image_list = QListWidget()
-        self.image_list.setToolTip("The series in the order it is visited: \u2713 saved, "
+        self.image_list.setToolTip("The series in the order it is visited: \u25cb not saved, "
+                                   "\u2713 saved, "
                                    "\u270e saved with edits, \u2605 reviewed, \u2717 "
                                    "unreadable. Click an image to save this one and go there.")
         self.image_list.setMinimumHeight(120)
@@ -856,7 +857,7 @@ class SeriesPanel(QWidget, RunnerPanel):
                 edited = ((sample.info.get("pixels") or {}).get("edited") or 0) if sample else 0
                 mark = "\u270e" if edited else "\u2713"
             else:
-                mark = "\u2003"
+                mark = "\u25cb"
             item.setText(f"{mark} {session.names[i]}")
             item.setToolTip(str(session.images[i]))
             item.setData(Qt.ItemDataRole.UserRole, i)
