@@ -241,7 +241,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         )
         form.addRow("order", self.hardest)
         self.retrain_every = QSpinBox()
-        self.retrain_every.setRange(0, 10_000)
+        self.retrain_every.setRange(0, 9_999)
         self.retrain_every.setSpecialValueText("never")
         self.retrain_every.setSuffix(" images")
         self.retrain_every.setToolTip(
@@ -251,11 +251,12 @@ class SeriesPanel(QWidget, RunnerPanel):
             "the model in use. 'never': off."
         )
         self.retrain_iterations = QSpinBox()
-        self.retrain_iterations.setRange(1, 1_000_000)
+        self.retrain_iterations.setRange(1, 99_999)
         self.retrain_iterations.setValue(300)
-        self.retrain_iterations.setSuffix(" iter.")
+        self.retrain_iterations.setSuffix(" iterations")
         self.retrain_iterations.setToolTip("Student iterations per retrain round.")
-        form.addRow("retrain every", row(self.retrain_every, self.retrain_iterations))
+        form.addRow("retrain every", self.retrain_every)
+        form.addRow("retrain for", self.retrain_iterations)
         model_box = QGroupBox("Model")
         self.model_info = WrapLabel("The Segment page's model, classes and settings.")
         self.model_info.setToolTip("Change the classes, model or settings (or pick a trained "
