@@ -15,7 +15,14 @@ import pytest
 from qtpy.QtCore import QPoint, QRect
 from qtpy.QtWidgets import QApplication, QPushButton, QScrollArea, QSpinBox
 
-from napari_maskclip.plugin._qt.docks import EXPORT_NAME, PAGES, PLUGIN, SEGMENT_NAME, TRAIN_NAME
+from napari_maskclip.plugin._qt.docks import (
+    EXPORT_NAME,
+    PAGES,
+    PLUGIN,
+    SEGMENT_NAME,
+    SERIES_NAME,
+    TRAIN_NAME,
+)
 from napari_maskclip.plugin.preferences import preferences_path
 
 SIZES = [(1280, 800), (1600, 1200)]
@@ -135,7 +142,8 @@ def test_menu_entries_open_pages_of_one_dock(make_napari_viewer, qtbot):
     """Each widget contribution (what napari's Plugins menu opens) gives the same one dock, at its
     page; the opener's own placeholder dock goes away."""
     viewer = make_napari_viewer(show=True)
-    for name, page in ((EXPORT_NAME, "Export"), (TRAIN_NAME, "Train"), (SEGMENT_NAME, "Segment")):
+    for name, page in ((EXPORT_NAME, "Export"), (TRAIN_NAME, "Train"), (SERIES_NAME, "Series"),
+                       (SEGMENT_NAME, "Segment")):
         _, opened = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         _settle(qtbot)
         main = opened if name == SEGMENT_NAME else opened.main
@@ -143,7 +151,7 @@ def test_menu_entries_open_pages_of_one_dock(make_napari_viewer, qtbot):
             main.show_page(page)
         assert main.current_page() == page
         docks = [key for key in viewer.window.dock_widgets if "MaskCLIP" in key or
-                 "Export" in key or "Train" in key]
+                 "Export" in key or "Train" in key or "Annotate" in key]
         assert len(docks) == 1 and docks[0].startswith(SEGMENT_NAME), docks
         assert _dock_of(main).isVisible()
     # Buttons of the Segment page switch pages of the same dock.
