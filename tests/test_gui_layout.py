@@ -15,7 +15,14 @@ import pytest
 from qtpy.QtCore import QPoint, QRect
 from qtpy.QtWidgets import QApplication, QPushButton, QScrollArea, QSpinBox
 
-from napari_maskclip.plugin._qt.docks import EXPORT_NAME, PAGES, PLUGIN, SEGMENT_NAME, TRAIN_NAME
+from napari_maskclip.plugin._qt.docks import (
+    EXPORT_NAME,
+    PAGES,
+    PLUGIN,
+    SEGMENT_NAME,
+    SERIES_NAME,
+    TRAIN_NAME,
+)
 from napari_maskclip.plugin.preferences import preferences_path
 
 SIZES = [(1280, 800), (1600, 1200)]
@@ -135,7 +142,8 @@ def test_menu_entries_open_pages_of_one_dock(make_napari_viewer, qtbot):
     """Each widget contribution (what napari's Plugins menu opens) gives the same one dock, at its
     page; the opener's own placeholder dock goes away."""
     viewer = make_napari_viewer(show=True)
-    for name, page in ((EXPORT_NAME, "Export"), (TRAIN_NAME, "Train"), (SEGMENT_NAME, "Segment")):
+    for name, page in ((EXPORT_NAME, "Export"), (TRAIN_NAME, "Train"), (SERIES_NAME, "Series"),
+                       (SEGMENT_NAME, "Segment")):
         _, opened = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         _settle(qtbot)
         main = opened if name == SEGMENT_NAME else opened.main
@@ -143,7 +151,7 @@ def test_menu_entries_open_pages_of_one_dock(make_napari_viewer, qtbot):
             main.show_page(page)
         assert main.current_page() == page
         docks = [key for key in viewer.window.dock_widgets if "MaskCLIP" in key or
-                 "Export" in key or "Train" in key]
+                 "Export" in key or "Train" in key or "Annotate" in key]
         assert len(docks) == 1 and docks[0].startswith(SEGMENT_NAME), docks
         assert _dock_of(main).isVisible()
     # Buttons of the Segment page switch pages of the same dock.
@@ -164,3 +172,37 @@ def test_camera_fits_image_after_dock(make_napari_viewer, qtbot):
     viewer.reset_view()  # what fits the canvas as it is now, with the dock
     print(f"zoom after the dock: {zoom:.4f}, fitted: {viewer.camera.zoom:.4f}")
     assert zoom == pytest.approx(viewer.camera.zoom, rel=1e-3)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_series_page_fits_with_a_series_open(make_napari_viewer, qtbot, tmp_path, size):
+    """The Series page with a folder open (long paths, a long status line): no sideways scroll,
+    Open/Cancel/Close and Previous/Next/Mark reviewed all in sight."""
+    import imageio.v3 as iio
+
+    from napari_maskclip.demo.scene import demo_classes, demo_scene
+
+    folder = tmp_path / ("images_" + "x" * 80)
+    folder.mkdir()
+    for k in range(2):
+        iio.imwrite(folder / f"a_scene_with_a_rather_long_file_name_{k}.png",
+                    demo_scene(seed=k).image)
+    viewer, main = _open(make_napari_viewer, qtbot, size)
+    classes, background = demo_classes()
+    main.use_model("demo")
+    main.classes.text.setPlainText(classes)
+    series = main.show_page("Series")
+    series.set_folders(str(folder), str(tmp_path / ("dataset_" + "y" * 80)))
+    with qtbot.waitSignal(series.image_shown, timeout=120_000):
+        series.open_series()
+    _settle(qtbot)
+    buttons = [series.open_button, series.cancel_button, series.close_button,
+               series.previous_button, series.next_button, series.reviewed_button]
+    assert all(button.isVisibleTo(main) for button in buttons)
+    assert series.next_button.isEnabled() and series.reviewed_button.isEnabled()
+    problems = _check_page(main, "Series (open)", size)
+    series.status.setText("Skipped (unreadable): " + LONG_FOLDER)
+    _settle(qtbot)
+    problems += _check_page(main, "Series with a long status", size)
+    series.close_series()
+    assert not problems, "\n".join(problems)

@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "napari-widget.png"))
     parser.add_argument("--model", choices=["auto", "demo", "tiny"], default="auto")
     parser.add_argument("--size", default="1400x1000", help="window size, WIDTHxHEIGHT")
+    parser.add_argument("--series", action="store_true",
+                        help="show the Series page on a folder of synthetic scenes (demo model) "
+                        "after one edited image was saved")
     args = parser.parse_args(argv)
+    if args.series:
+        return _series(args)
     use_demo = args.model == "demo" or (args.model == "auto" and _demo_available())
 
     scratch = Path(tempfile.mkdtemp(prefix="maskclip-screenshot-"))
@@ -120,6 +125,79 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_write(out) as tmp:
         iio.imwrite(tmp, np.asarray(image), extension=".png")
     print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); model: {caption}")
+    viewer.close()
+    return 0
+
+
+def _series(args: argparse.Namespace) -> int:
+    """The Series page on eight synthetic scenes: the first edited and saved with Next, the
+    second on screen, labelled by the demo model (prefetched)."""
+    scratch = Path(tempfile.mkdtemp(prefix="maskclip-screenshot-"))
+    os.environ.setdefault("NAPARI_MASKCLIP_CONFIG_DIR", str(scratch / "config"))
+    os.environ.setdefault("NAPARI_MASKCLIP_CACHE_DIR", str(scratch / "cache"))
+    os.environ["NAPARI_CONFIG"] = str(scratch / "napari-settings.yaml")  # never the user's
+    import open_clip  # noqa: F401  (load torch's stack before the canvas; see plugin/models.py)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
+    import imageio.v3 as iio
+    import napari
+    import numpy as np
+    from napari.settings import get_settings
+    from qtpy.QtWidgets import QApplication
+
+    from napari_maskclip.atomic import atomic_write
+    from napari_maskclip.demo.scene import demo_classes, demo_scene
+    from napari_maskclip.plugin._qt.segment_panel import MaskClipWidget
+
+    folder = scratch / "scenes"
+    folder.mkdir()
+    for k in range(8):
+        iio.imwrite(folder / f"scene{k + 1:02d}.png", demo_scene(seed=10 + k).image)
+    get_settings().application.gui_notification_level = "error"
+    viewer = napari.Viewer(title="napari-maskclip")
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    viewer.window.resize(width, height)
+    widget = MaskClipWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MaskCLIP segmentation", area="right")
+    classes, background = demo_classes()
+    widget.use_model("demo")
+    widget.model.device.setCurrentText("cpu")
+    widget.classes.text.setPlainText(classes)
+    widget.classes.background.setEditText(background)
+    series = widget.show_page("Series")
+    series.set_folders(str(folder), str(scratch / "dataset"))
+
+    def wait(condition, seconds: float = 300) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        return condition()
+
+    series.open_series()
+    if not wait(lambda: series.index == 0):
+        print(f"series did not open: {series.status.text()}", file=sys.stderr)
+        return 1
+    layer = series.view.labels_layer
+    layer.data[40:90, 40:110] = 1  # a person's fix
+    layer.refresh()
+    wait(lambda: series.prefetcher.ready(1))
+    series.next()
+    if not wait(lambda: series.index == 1 and series.pending is None):
+        print(f"Next did not finish: {series.status.text()}", file=sys.stderr)
+        return 1
+    viewer.reset_view()
+    for _ in range(30):  # let the canvas and the docks paint
+        QApplication.processEvents()
+        time.sleep(0.02)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = viewer.screenshot(canvas_only=False, flash=False)
+    with atomic_write(out) as tmp:
+        iio.imwrite(tmp, np.asarray(image), extension=".png")
+    print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); {series.progress.text()}")
+    series.close_series()
     viewer.close()
     return 0
 

@@ -26,7 +26,7 @@ EXIT_CANCELLED = 130
 
 # Subcommand modules, each with ``register(subparsers) -> None`` that sets ``func`` on its parser.
 _SUBCOMMANDS = ("segment", "demo", "export", "train", "predict", "evaluate", "coco", "import_",
-                "status")
+                "status", "annotate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,2 +1,3 @@
-"""The Qt panels of the plugin (the only modules that import Qt): Segment, Export and Train, the
-sections of the Segment panel, small shared controls, and the job runner all panels use."""
+"""The Qt panels of the plugin (the only modules that import Qt): Segment, Export, Train and
+Series, the sections of the Segment panel, small shared controls, and the job runner all panels
+use."""

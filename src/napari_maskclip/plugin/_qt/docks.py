@@ -2,7 +2,7 @@
 
 napari makes one dock per widget contribution (``napari.yaml``), named after its
 ``display_name``. The plugin has one dock, the MaskCLIP widget (:mod:`.segment_panel`), whose
-pages (tabs) are Segment, Export and Train. The Export and Train menu entries are widget
+pages (tabs) are Segment, Export, Train and Series. The Export, Train and Series menu entries are widget
 contributions too (so they sit in the Plugins menu), but their widget is a page opener
 (:mod:`.openers`): it opens the MaskCLIP dock through napari (``add_plugin_dock_widget``: the one already open, else
 a new one), selects its page, and removes the empty dock napari made for the opener at the next
@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 __all__ = [
-    "EXPORT_NAME", "PAGES", "PAGE_EXPORT", "PAGE_SEGMENT", "PAGE_TRAIN", "PLUGIN", "SEGMENT_NAME",
+    "EXPORT_NAME", "PAGES", "PAGE_EXPORT", "PAGE_SEGMENT", "PAGE_SERIES", "PAGE_TRAIN", "PLUGIN",
+    "SEGMENT_NAME", "SERIES_NAME",
     "TRAIN_NAME", "main_panel", "show_panel",
 ]
 
@@ -23,7 +24,8 @@ PLUGIN = "napari-maskclip"
 SEGMENT_NAME = "MaskCLIP segmentation"
 EXPORT_NAME = "Export labels to a dataset"
 TRAIN_NAME = "Train MaskCLIP+ student"
-PAGE_SEGMENT, PAGE_EXPORT, PAGE_TRAIN = PAGES = ("Segment", "Export", "Train")
+SERIES_NAME = "Annotate a folder"
+PAGE_SEGMENT, PAGE_EXPORT, PAGE_TRAIN, PAGE_SERIES = PAGES = ("Segment", "Export", "Train", "Series")
 
 
 def main_panel(
@@ -55,7 +57,6 @@ def show_panel(
 ) -> Any:
     """The plugin's dock in ``viewer`` (opened if needed), shown and raised at page ``page``
     (one of :data:`PAGES`, or a widget's display name); returns that page's panel."""
-    page = {SEGMENT_NAME: PAGE_SEGMENT, EXPORT_NAME: PAGE_EXPORT, TRAIN_NAME: PAGE_TRAIN}.get(
-        page, page
-    )
+    page = {SEGMENT_NAME: PAGE_SEGMENT, EXPORT_NAME: PAGE_EXPORT, TRAIN_NAME: PAGE_TRAIN,
+            SERIES_NAME: PAGE_SERIES}.get(page, page)
     return main_panel(viewer, factory, opened).show_page(page)

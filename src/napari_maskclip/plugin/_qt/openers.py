@@ -1,4 +1,4 @@
-"""The widgets of the Export and Train menu entries: they open that page of the plugin's one dock
+"""The widgets of the Export, Train and Series menu entries: they open that page of the plugin's one dock
 (see :mod:`.docks`) and remove the empty dock napari made for them."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Any, Optional
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QDockWidget, QLabel, QVBoxLayout, QWidget
 
-from .docks import PAGE_EXPORT, PAGE_SEGMENT, PAGE_TRAIN, main_panel
+from .docks import PAGE_EXPORT, PAGE_SEGMENT, PAGE_SERIES, PAGE_TRAIN, main_panel
 from .segment_panel import MaskClipWidget
 
-__all__ = ["ExportPageOpener", "PageOpener", "TrainPageOpener"]
+__all__ = ["ExportPageOpener", "PageOpener", "SeriesPageOpener", "TrainPageOpener"]
 
 
 class PageOpener(QWidget):
@@ -48,3 +48,9 @@ class TrainPageOpener(PageOpener):
     """Plugins > MaskCLIP > Train MaskCLIP+ student: the Train page of the MaskCLIP dock."""
 
     page = PAGE_TRAIN
+
+
+class SeriesPageOpener(PageOpener):
+    """Plugins > MaskCLIP > Annotate a folder: the Series page of the MaskCLIP dock."""
+
+    page = PAGE_SERIES

@@ -9,7 +9,8 @@ image features and text embeddings: the status line says whether the image encod
 
 A trained MaskCLIP+ student can be the model (``student...``): the run goes through the same
 job and gives the same layers. The widget is the plugin's one dock: its pages (tabs) are Segment
-(this), Export (:mod:`.export_panel`) and Train (:mod:`.train_panel`); **Export to dataset...**
+(this), Export (:mod:`.export_panel`), Train (:mod:`.train_panel`) and Series
+(:mod:`.series_panel`, a folder one image at a time); **Export to dataset...**
 and **Train a student...** switch to them, and so do napari's menu entries (:mod:`.docks`).
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
@@ -134,15 +135,20 @@ class MaskClipWidget(QWidget, RunnerPanel):
         from .export_panel import ExportWidget
         from .train_panel import TrainWidget
 
+        from .series_panel import SeriesPanel
+
         self.export_page = ExportWidget(self.viewer)
         self.train_page = TrainWidget(self.viewer)
+        self.series_page = SeriesPanel(self.viewer)
         self.pages = QTabWidget()
         self.pages.setDocumentMode(True)
-        for page, title in zip((segment, self.export_page, self.train_page), PAGES):
+        for page, title in zip((segment, self.export_page, self.train_page, self.series_page),
+                               PAGES):
             self.pages.addTab(page, title)
         self.pages.setTabToolTip(0, "Class names -> labels and confidence maps.")
         self.pages.setTabToolTip(1, "Save labels as training data (image, mask, confidence).")
         self.pages.setTabToolTip(2, "Train a MaskCLIP+ student on exported datasets.")
+        self.pages.setTabToolTip(3, "Annotate a folder, one image at a time, into a dataset.")
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.pages)
@@ -150,6 +156,8 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
         self.export_page.attach(self)
         self.train_page.attach(self)
+        self.series_page.attach(self)
+        self.pages.currentChanged.connect(lambda _: self.series_page.refresh_model_info())
 
         self.runner = JobRunner(
             self, title="MaskCLIP", start_button=self.run_button,
@@ -237,7 +245,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
         if dock is not None:
             dock.show()
             dock.raise_()
-        return (self, self.export_page, self.train_page)[index]
+        return (self, self.export_page, self.train_page, self.series_page)[index]
 
     def current_page(self) -> str:
         return PAGES[self.pages.currentIndex()]
@@ -269,6 +277,8 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.cancel()  # a closed widget must not receive the result of a run
         self.export_page.cancel()
         self.train_page.cancel()  # the core saves the last completed iteration
+        self.series_page.runner.request_cancel()
+        self.series_page.close_series()  # saves an edited image, stops the prefetcher
         super().closeEvent(event)
 
     # ---- running -------------------------------------------------------------------------
