@@ -73,19 +73,46 @@ class DenseOutput:
 
 
 def interpolate_pos_embed(
-    pos: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]
+    pos: torch.Tensor,
+    native_grid: tuple[int, int],
+    grid: tuple[int, int],
+    *,
+    method: str = "grid",
+    pixels: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Resize a ViT positional embedding (class row + native grid) to ``grid``, bicubically.
 
-    At the native grid it is returned unchanged (the identity, exactly).
+    ``method="grid"``: to the exact grid; at the native grid it is returned unchanged.
+    ``method="scale_factor"``: the successors' reference code (SCLIP, NACLIP, ClearCLIP's
+    ``interpolate_pos_encoding``, after DINO): ``scale_factor=(g + 0.1) / native`` per axis, so
+    the bicubic samples sit at slightly other positions; skipped only when the input's pixel
+    height equals its width (``pixels``) and the grid is the native one.
     """
-    if tuple(grid) == tuple(native_grid):
+    if method == "scale_factor":
+        n = int(native_grid[0]) * int(native_grid[1])
+        square = pixels is None or pixels[0] == pixels[1]
+        if tuple(grid) == tuple(native_grid) and square:
+            return pos
+        if native_grid[0] != native_grid[1]:
+            raise InvalidInputError("scale_factor positional-embedding resize needs a square grid.")
+    elif method != "grid":
+        raise InvalidInputError(f"Unknown positional-embedding resize {method!r}: use grid or scale_factor.")
+    elif tuple(grid) == tuple(native_grid):
         return pos
     width = pos.shape[-1]
     cls_pos, patch_pos = pos[:1], pos[1:]
     gh0, gw0 = native_grid
     patch_pos = patch_pos.reshape(1, gh0, gw0, width).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
+    if method == "scale_factor":
+        side = math.sqrt(n)
+        factors = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        patch_pos = F.interpolate(patch_pos, scale_factor=factors, mode="bicubic",
+                                  align_corners=False)
+        if tuple(patch_pos.shape[-2:]) != tuple(grid):  # pragma: no cover - float guard
+            raise InvalidInputError(f"Positional embedding resized to {tuple(patch_pos.shape[-2:])}, "
+                                    f"not the grid {tuple(grid)}.")
+    else:
+        patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(-1, width).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
@@ -169,25 +196,28 @@ def _custom_last_attention(
     return attn.out_proj(mixed)
 
 
-def _vit_embed(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    x = visual.conv1(pixels)
+def _vit_embed(visual: nn.Module, pixels: torch.Tensor,
+               pos_embed_resize: str = "grid") -> tuple[torch.Tensor, tuple[int, int]]:
+    x = visual.conv1(pixels)  # a partial last patch (partial_patches="drop") is left out
     b, width, gh, gw = x.shape
     x = x.reshape(b, width, gh * gw).permute(0, 2, 1)
     cls = visual.class_embedding.reshape(1, 1, -1).expand(b, -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
-    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (gh, gw))
+    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (gh, gw),
+                                method=pos_embed_resize, pixels=tuple(pixels.shape[-2:]))
     x = x + pos.to(x.dtype)
     x = visual.ln_pre(x)
     return x, (gh, gw)
 
 
-def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool) -> DenseOutput:
+def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool,
+               pos_embed_resize: str = "grid", partial_patches: str = "pad") -> DenseOutput:
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
-    if pixels.shape[-2] % patch or pixels.shape[-1] % patch:
+    if partial_patches != "drop" and (pixels.shape[-2] % patch or pixels.shape[-1] % patch):
         raise InvalidInputError(
             f"Input {tuple(pixels.shape[-2:])} is not a multiple of the patch size {patch}; pad it."
         )
-    x, grid = _vit_embed(visual, pixels)
+    x, grid = _vit_embed(visual, pixels, pos_embed_resize)
     transformer = visual.transformer
     batch_first = getattr(transformer, "batch_first", True)
     blocks = transformer.resblocks
@@ -261,12 +291,15 @@ def _resnet_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys:
 
 @torch.no_grad()
 def dense_features(
-    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False
+    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False,
+    pos_embed_resize: str = "grid", partial_patches: str = "pad",
 ) -> DenseOutput:
     """Dense, L2-normalised embeddings of ``pixels`` (B x 3 x H x W, normalised, padded).
 
     ``mode`` is one of :data:`MODES`; ``with_keys`` also returns the last layer's patch keys
-    (for key smoothing).
+    (for key smoothing). ``pos_embed_resize`` and ``partial_patches`` (``drop``: the input need
+    not be a multiple of the patch; the last partial patch is left out, as the reference code's
+    patch convolution does) are the ViT conventions of :class:`~.settings.SegmentSettings`.
     """
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
@@ -274,7 +307,7 @@ def dense_features(
     if mode not in MODES:
         raise InvalidInputError(f"Unknown attention mode {mode!r}: use one of {', '.join(MODES)}.")
     if isinstance(visual, VisionTransformer):
-        return _vit_dense(visual, pixels, mode, with_keys)
+        return _vit_dense(visual, pixels, mode, with_keys, pos_embed_resize, partial_patches)
     if isinstance(visual, ModifiedResNet):
         return _resnet_dense(visual, pixels, mode, with_keys)
     raise UnsupportedModelError(f"Vision tower {type(visual).__name__} is not supported.")

@@ -58,6 +58,12 @@ class Teacher:
                 "A student's teacher reads random training crops, so it cannot vote within a "
                 "label image: use regions 'slic' or 'felzenszwalb', or none."
             )
+        if loaded.kind != "vit" and (self.settings.pos_embed_resize,
+                                     self.settings.partial_patches) != ("grid", "pad"):
+            raise InvalidInputError(
+                "The reference code's positional-embedding and partial-patch conventions apply "
+                "to ViT models only: use pos_embed_resize='grid', partial_patches='pad'."
+            )
         self.classes = list(classes)
         self.background = list(background) or parse_classes("background")
         self.confidence_threshold = confidence_threshold
@@ -109,10 +115,13 @@ class Teacher:
         mean = torch.tensor(loaded.mean, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
         std = torch.tensor(loaded.std, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
         x = (images.to(loaded.device, torch.float32) - mean) / std
-        ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
-        x = F.pad(x, (0, pw - width, 0, ph - height)).to(precision_dtype(self.precision))
+        if s.partial_patches != "drop":  # else the patch conv leaves the partial patch out
+            ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
+            x = F.pad(x, (0, pw - width, 0, ph - height))
+        x = x.to(precision_dtype(self.precision))
         visual = model_in(loaded, self.precision).visual
-        dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing)
+        dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing,
+                               pos_embed_resize=s.pos_embed_resize, partial_patches=s.partial_patches)
         regions = None
         if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
             crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()
