@@ -480,6 +480,10 @@ REGION_METHOD_ITEMS = ("felzenszwalb", "slic")
 LAYER_PREFIX = "layer: "
 #: The preset combo's entry for "no paper preset".
 NO_PRESET = "no preset"
+#: How the widget labels the settings a preset sets (for the "changed" note).
+_FIELD_LABELS = {"logit_scale": "temperature", "short_side": "short side",
+                 "key_smoothing": "key smoothing", "denoise": "prompt denoising", "pamr": "PAMR",
+                 "window": "window", "stride": "stride"}
 #: Settings a preset sets that have no control of their own (kept while its values stay chosen).
 _HIDDEN_PRESET_FIELDS = ("pamr_iterations", "pamr_dilations", "pos_embed_resize",
                          "partial_patches", "resize_antialias")
@@ -624,7 +628,8 @@ class SettingsSection(QGroupBox):
         form.addRow("templates", self.templates)
         form.addRow("temperature", self.temperature)
         form.addRow("min confidence", self.min_confidence)
-        form.addRow("refine", row(self.pamr, self.regions))
+        form.addRow("refine", self.pamr)
+        form.addRow("regions", self.regions)  # own row: a layer's name needs the width
         form.addRow(self.region_results)
         form.addRow("precision", self.precision)
         form.addRow(self.confidence_maps)
@@ -717,16 +722,19 @@ class SettingsSection(QGroupBox):
             self.preset_info.setText("")
         else:
             conventions = all(PRESETS[name].get(k) == v for k, v in REFERENCE_CONVENTIONS.items())
-            note = PRESET_SOURCES[name].split(":")[0] + (
-                "; the reference code's conventions (positional embedding by scale factor, "
-                "partial patches dropped, resize without antialiasing)" if conventions else "")
+            source = PRESET_SOURCES[name].split(":")[0]
+            kept = ("its conventions (positional embedding by scale factor, partial patches "
+                    "dropped, no antialiasing)" if conventions else "")
             if changed:
                 self.preset.addItem(f"{name}, changed")
                 self.preset.setCurrentIndex(self.preset.count() - 1)
-                note = f"Changed from {name}: {', '.join(changed)}. " + note + " still apply."
+                shown = ", ".join(_FIELD_LABELS.get(k, k) for k in changed)
+                note = f"Changed from {name} ({source}): {shown}."
+                if kept:
+                    note += f" {kept[0].upper()}{kept[1:]} still apply."
             else:
                 self.preset.setCurrentText(name)
-                note = f"{name}: " + note + "."
+                note = f"{name}: {source}" + (f", with {kept}." if kept else ".")
             self.preset_info.setText(note)
         self.preset_info.setVisible(bool(self.preset_info.text()))
         self.preset.blockSignals(False)
