@@ -20,8 +20,10 @@ Claims: b beats a (dense labels come out of the value path, not the naive tokens
 (the student denoises its teacher). The last line is one JSON object with the keys ``naive``,
 ``maskclip``, ``pd``, ``ks``, ``sclip``, ``clearclip``, ``naclip``, ``scclip``, ``student``,
 ``pamr`` (NACLIP + PAMR, the published pairing), ``regions`` (NACLIP + region voting), ``best``
-and ``best_name`` (the best training-free combination of table g) and ``table`` (g) (mIoU,
-percent).
+and ``best_name`` (the best training-free combination of table g), ``table`` (g),
+``attention_regions`` (NACLIP with its last block's attention restricted to superpixels, CorrCLIP's
+main idea, encode-time) and ``attention_table`` (h: that restriction on SCLIP, ClearCLIP and
+NACLIP, alone and with region voting) (mIoU, percent).
 
 Every row runs in ``--precision`` (default fp32, the reference). ``--compare-precision bf16`` (the
 default) adds b and the best training-free read-out again in that precision (keys ``maskclip_bf16``
@@ -155,6 +157,34 @@ def refinement_table(teacher, classes, background, scenes, n_classes, quiet=Fals
     return table
 
 
+#: Table h: CorrCLIP's restriction of the last block's attention to within-superpixel patches
+#: (encode-time), on the modes whose last block mixes patches; the same superpixels as table g.
+ATTENTION_MODES = ("sclip", "clearclip", "naclip")
+ATTENTION_REGIONS = {"attention_regions": "felzenszwalb", "felzenszwalb_scale": 50.0,
+                     "felzenszwalb_min_size": 50}
+
+
+def attention_table(teacher, classes, background, scenes, n_classes, quiet=False):
+    """Table h: mIoU with the attention restricted to superpixels, alone and with region voting
+    (on the same superpixels); each scene encoded once per mode."""
+    table: dict[str, dict[str, float]] = {}
+    for mode in ATTENTION_MODES:
+        features = [teacher.encode(scene.image, mode=mode, **ATTENTION_REGIONS)
+                    for scene in scenes]
+        table[mode] = {}
+        for name, refinement in (("restricted", {}),
+                                 ("restricted+regions", REFINEMENTS["regions"])):
+            it = iter(features)
+
+            def predict(image, refinement=refinement):
+                return teacher.segment(next(it), classes, background=background, mode=mode,
+                                       denoise=False, **{**ATTENTION_REGIONS, **refinement}).labels
+            table[mode][name] = round(100 * score(predict, scenes, n_classes).miou, 2)
+            if not quiet:
+                print(f"  h) {mode} {name}: {table[mode][name]:.1f}", file=sys.stderr)
+    return table
+
+
 def train_student(teacher, classes, background, scenes, args) -> tuple[Any, dict[str, Any]]:
     """A MaskCLIP+ student trained on the teacher's online pseudo-labels of unlabeled scenes."""
     from napari_maskclip.progress import run_to_completion
@@ -271,6 +301,10 @@ def main() -> int:
         t1 = time.perf_counter()
         table = refinement_table(teacher, classes, background, eval_scenes, n_classes, args.quiet)
         refine_seconds = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        attention = attention_table(teacher, classes, background, eval_scenes, n_classes,
+                                    args.quiet)
+        attention_seconds = time.perf_counter() - t1
     compare: dict[str, Any] = {}
     if args.compare_precision != "none":
         # b, and the best training-free read-out (a is the naive baseline), in the other precision.
@@ -343,6 +377,13 @@ def main() -> int:
                     best=best, best_name=best_name, table=table)
         print(f"best training-free: {best_name} {best:.1f} vs NACLIP {miou['naclip']:.1f}: "
               f"{best - miou['naclip']:+.1f} mIoU points (bar: >= +3)")
+        print(f"\nh) attention restricted to superpixels (CorrCLIP; encode-time; mIoU; "
+              f"{attention_seconds:.0f}s; {ATTENTION_REGIONS})")
+        print("| mode | plain | restricted | regions | restricted+regions |\n|---|---|---|---|---|")
+        for mode, row in attention.items():
+            print(f"| {mode} | {table[mode]['plain']:.1f} | {row['restricted']:.1f} | "
+                  f"{table[mode]['regions']:.1f} | {row['restricted+regions']:.1f} |")
+        miou.update(attention_regions=attention["naclip"]["restricted"], attention_table=attention)
     for key, scores in compare.items():
         name = f"{key}_{args.compare_precision}"
         miou[name] = round(100 * scores.miou, 2)

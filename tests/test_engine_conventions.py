@@ -149,3 +149,76 @@ def test_reference_conventions_are_refused_on_a_resnet(tiny_resnet):
 
     with pytest.raises(UnsupportedModelError, match="ViT"):
         Segmenter(tiny_resnet, text_cache=None, partial_patches="drop")
+
+
+# ---- CorrCLIP's restriction of the last block's attention to within-region patches -----------
+def _restricted_reference(visual, pixels: torch.Tensor, mode: str, regions: np.ndarray) -> torch.Tensor:
+    """The last block's attention with patch i allowed only patches j of its region (the class
+    token unrestricted both ways), written out with a boolean mask in float64."""
+    from engine_helpers import (REF_DTYPE, _heads, _layer_norm, _mlp, _out_proj, _unheads,
+                                naclip_bias, qkv, reference_vit_tokens)
+
+    x, grid = reference_vit_tokens(visual, pixels)
+    last = visual.transformer.resblocks[-1]
+    y = _layer_norm(x, last.ln_1)
+    q, k, v = (_heads(t, last.attn.num_heads) for t in qkv(last, y))
+    scale = q.shape[-1] ** -0.5
+    ids = np.concatenate([[-1], regions.reshape(-1)])
+    allowed = torch.from_numpy((ids[:, None] == ids[None, :]) | (ids[:, None] == -1)
+                               | (ids[None, :] == -1))
+    mask = torch.zeros(allowed.shape, dtype=REF_DTYPE).masked_fill(~allowed, float("-inf"))
+
+    def soft(a, b, extra=0.0):
+        return torch.softmax(a @ b.transpose(-1, -2) * scale + extra + mask, dim=-1)
+
+    if mode == "clearclip":
+        z = _out_proj(last, _unheads(soft(q, q) @ v))
+    elif mode == "naclip":
+        z = _out_proj(last, _unheads(soft(k, k, naclip_bias(grid)) @ v))
+    else:  # sclip: residual and MLP kept
+        z = x + _out_proj(last, _unheads((soft(q, q) + soft(k, k)) @ v))
+        z = z + _mlp(last, _layer_norm(z, last.ln_2))
+    feat = _layer_norm(z[:, 1:], visual.ln_post) @ visual.proj.detach().double()
+    feat = feat / feat.norm(dim=-1, keepdim=True)
+    return feat.transpose(1, 2).reshape(1, -1, *grid)
+
+
+@pytest.mark.parametrize("mode", ["sclip", "clearclip", "naclip"])
+def test_attention_restricted_to_regions_matches_the_reference(tiny_vit, mode):
+    visual = tiny_vit.visual
+    torch.manual_seed(2)
+    pixels = torch.randn(1, 3, 40, 48)
+    regions = np.zeros((5, 6), dtype=np.int64)
+    regions[:, 3:] = 1
+    regions[3:, :2] = 2
+    out = dense_features(visual, pixels, mode, token_regions=torch.from_numpy(regions)[None])
+    ref = _restricted_reference(visual, pixels, mode, regions)
+    np.testing.assert_allclose(out.features.double().numpy(), ref.numpy(), atol=2e-5)
+    free = dense_features(visual, pixels, mode)
+    assert (free.features - out.features).abs().max() > 1e-3  # the restriction changes them
+    one = dense_features(visual, pixels, mode, token_regions=torch.zeros(1, 5, 6, dtype=torch.long))
+    torch.testing.assert_close(one.features, free.features)  # one region: no restriction
+
+
+def test_attention_regions_setting_encodes_superpixels_at_patch_centres(tiny_vit):
+    """The Segmenter restricts each window's attention to the superpixels of that window (as the
+    model sees it), sampled at patch centres; the default encodes as before."""
+    from napari_maskclip.engine.regions import patch_regions, superpixels
+
+    image = random_rgb(40, 48, seed=4)
+    seg = _segmenter(tiny_vit, mode="clearclip", attention_regions="felzenszwalb")
+    features = seg.encode(image)
+    labels = superpixels(image.astype(np.float32) / 255.0, "felzenszwalb",
+                         **seg.settings.region_params("felzenszwalb"))
+    regions = patch_regions(labels, (5, 6), 8)
+    assert regions.shape == (5, 6) and len(np.unique(regions)) > 1
+    loaded = seg.loaded
+    unit = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    pixels = (unit - torch.tensor(loaded.mean).view(1, 3, 1, 1)) / torch.tensor(loaded.std).view(1, 3, 1, 1)
+    expected = dense_features(tiny_vit.visual, pixels, "clearclip",
+                              token_regions=torch.from_numpy(regions)[None].long())
+    torch.testing.assert_close(features.windows[0].features, expected.features[0], atol=1e-5, rtol=0)
+    plain = _segmenter(tiny_vit, mode="clearclip").encode(image)
+    assert (plain.windows[0].features - features.windows[0].features).abs().max() > 1e-3
+    with pytest.raises(InvalidInputError, match="mode"):
+        SegmentSettings(mode="maskclip", attention_regions="slic").validate()

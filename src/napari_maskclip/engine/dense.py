@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 NACLIP_SIGMA = 5.0
+#: Modes whose last block mixes patches, so attention can be restricted to regions.
+ATTENTION_REGION_MODES = ("sclip", "clearclip", "naclip")
 
 # Attention rows are computed in chunks so that a block of scores stays below this many floats.
 _ATTN_BLOCK_ELEMENTS = 1 << 25
@@ -168,28 +170,48 @@ def _chunked_attention(
     return out
 
 
+def region_attention_bias(regions: torch.Tensor, rows: slice, dtype=torch.float32) -> torch.Tensor:
+    """``B x 1 x rows x (1+N)`` additive bias: 0 between patches of one region (and for the class
+    token's row and column), -inf between patches of different regions (CorrCLIP's restriction).
+    ``regions``: ``B x N`` region ids of the patches."""
+    b, n = regions.shape
+    ids = torch.cat([torch.full((b, 1), -1, dtype=regions.dtype, device=regions.device), regions], 1)
+    token_rows = torch.arange(n + 1, device=regions.device)[rows]
+    same = ids[:, token_rows, None] == ids[:, None, :]
+    same[:, :, 0] = True  # every token may attend to the class token
+    same[:, token_rows == 0, :] = True  # the class token attends to every patch
+    bias = torch.zeros(same.shape, dtype=dtype, device=regions.device)
+    return bias.masked_fill_(~same, float("-inf"))[:, None]
+
+
 def _custom_last_attention(
-    block: nn.Module, y: torch.Tensor, mode: str, grid: tuple[int, int]
+    block: nn.Module, y: torch.Tensor, mode: str, grid: tuple[int, int],
+    regions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The last block's attention output (before the residual) under a training-free mode."""
+    """The last block's attention output (before the residual) under a training-free mode;
+    ``regions`` (``B x N`` patch region ids) restricts each patch to its own region's patches."""
     attn: nn.MultiheadAttention = block.attn
     heads = attn.num_heads
     q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (_split_heads(t, heads) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
 
+    def masked(rows: slice) -> torch.Tensor | float:
+        return 0.0 if regions is None else region_attention_bias(regions, rows, y.dtype)
+
     if mode == "sclip":
         def rows_fn(rows: slice) -> torch.Tensor:
-            qq = (q[:, :, rows] @ q.transpose(-1, -2)) * scale
-            kk = (k[:, :, rows] @ k.transpose(-1, -2)) * scale
+            qq = (q[:, :, rows] @ q.transpose(-1, -2)) * scale + masked(rows)
+            kk = (k[:, :, rows] @ k.transpose(-1, -2)) * scale + masked(rows)
             return qq.softmax(dim=-1) + kk.softmax(dim=-1)
     elif mode == "clearclip":
         def rows_fn(rows: slice) -> torch.Tensor:
-            return ((q[:, :, rows] @ q.transpose(-1, -2)) * scale).softmax(dim=-1)
+            return ((q[:, :, rows] @ q.transpose(-1, -2)) * scale + masked(rows)).softmax(dim=-1)
     elif mode == "naclip":
         def rows_fn(rows: slice) -> torch.Tensor:
             bias = naclip_gaussian(grid, device=y.device, dtype=y.dtype, rows=rows)
-            return ((k[:, :, rows] @ k.transpose(-1, -2)) * scale + bias).softmax(dim=-1)
+            return ((k[:, :, rows] @ k.transpose(-1, -2)) * scale + bias
+                    + masked(rows)).softmax(dim=-1)
     else:  # pragma: no cover - guarded by the caller
         raise InvalidInputError(f"Unknown attention mode {mode!r}.")
     mixed = _merge_heads(_chunked_attention(rows_fn, v))
@@ -211,13 +233,25 @@ def _vit_embed(visual: nn.Module, pixels: torch.Tensor,
 
 
 def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool,
-               pos_embed_resize: str = "grid", partial_patches: str = "pad") -> DenseOutput:
+               pos_embed_resize: str = "grid", partial_patches: str = "pad",
+               token_regions: Optional[torch.Tensor] = None) -> DenseOutput:
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
     if partial_patches != "drop" and (pixels.shape[-2] % patch or pixels.shape[-1] % patch):
         raise InvalidInputError(
             f"Input {tuple(pixels.shape[-2:])} is not a multiple of the patch size {patch}; pad it."
         )
     x, grid = _vit_embed(visual, pixels, pos_embed_resize)
+    regions = None
+    if token_regions is not None:
+        if mode not in ATTENTION_REGION_MODES:
+            raise InvalidInputError(
+                f"Restricting attention to regions needs a mode that mixes patches in the last "
+                f"block ({', '.join(ATTENTION_REGION_MODES)}), not {mode!r}."
+            )
+        if tuple(token_regions.shape[-2:]) != tuple(grid):
+            raise InvalidInputError(f"Token regions {tuple(token_regions.shape[-2:])} do not match "
+                                    f"the patch grid {tuple(grid)}.")
+        regions = token_regions.reshape(token_regions.shape[0], -1).to(x.device)
     transformer = visual.transformer
     batch_first = getattr(transformer, "batch_first", True)
     blocks = transformer.resblocks
@@ -248,13 +282,13 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
             z = x[:, 1:] + last.ls_1(v)
             z = z + last.ls_2(last.mlp(last.ln_2(z)))
         elif mode == "sclip":
-            z = x + last.ls_1(_custom_last_attention(last, y, mode, grid))
+            z = x + last.ls_1(_custom_last_attention(last, y, mode, grid, regions))
             z = z + last.ls_2(last.mlp(last.ln_2(z)))
             z = z[:, 1:]
         elif mode == "scclip":
             z = scclip_tokens(last, inter, grid, layerscale=last.ls_1)
         else:  # clearclip, naclip: the attention branch only (its LayerScale included)
-            z = last.ls_1(_custom_last_attention(last, y, mode, grid))[:, 1:]
+            z = last.ls_1(_custom_last_attention(last, y, mode, grid, regions))[:, 1:]
     if with_keys:
         width = y.shape[-1]
         w_k = last.attn.in_proj_weight[width:2 * width]
@@ -293,6 +327,7 @@ def _resnet_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys:
 def dense_features(
     visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False,
     pos_embed_resize: str = "grid", partial_patches: str = "pad",
+    token_regions: Optional[torch.Tensor] = None,
 ) -> DenseOutput:
     """Dense, L2-normalised embeddings of ``pixels`` (B x 3 x H x W, normalised, padded).
 
@@ -300,6 +335,8 @@ def dense_features(
     (for key smoothing). ``pos_embed_resize`` and ``partial_patches`` (``drop``: the input need
     not be a multiple of the patch; the last partial patch is left out, as the reference code's
     patch convolution does) are the ViT conventions of :class:`~.settings.SegmentSettings`.
+    ``token_regions`` (``B x gh x gw`` region ids of the patches) restricts the last block's
+    attention to patches of the same region (CorrCLIP; modes sclip, clearclip, naclip).
     """
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
@@ -307,7 +344,8 @@ def dense_features(
     if mode not in MODES:
         raise InvalidInputError(f"Unknown attention mode {mode!r}: use one of {', '.join(MODES)}.")
     if isinstance(visual, VisionTransformer):
-        return _vit_dense(visual, pixels, mode, with_keys, pos_embed_resize, partial_patches)
+        return _vit_dense(visual, pixels, mode, with_keys, pos_embed_resize, partial_patches,
+                          token_regions)
     if isinstance(visual, ModifiedResNet):
         return _resnet_dense(visual, pixels, mode, with_keys)
     raise UnsupportedModelError(f"Vision tower {type(visual).__name__} is not supported.")

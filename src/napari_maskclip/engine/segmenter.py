@@ -40,7 +40,7 @@ from .pamr import pamr_halo
 from .precision import model_in, precision_dtype, run_precision
 from .preprocess import check_image_array, plan_image
 from .readout import ActiveClasses, PromptLayout, Readout
-from .regions import RegionVote, check_regions, superpixels
+from .regions import RegionVote, check_regions, patch_regions, superpixels
 from .result import SegmentationResult
 from .settings import ENCODE_FIELDS, SegmentSettings
 from .templates import resolve_templates
@@ -167,12 +167,28 @@ class Segmenter:
         else:
             ph, pw = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
             batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops])
+        token_regions = self._token_regions(crops, s) if s.attention_regions else None
         batch = batch.to(precision_dtype(precision))
         self.image_encoder_calls += 1
         visual = model_in(self.loaded, precision).visual
         return dense_features(visual, batch, mode, with_keys=with_keys,
                               pos_embed_resize=s.pos_embed_resize,
-                              partial_patches="drop" if self._drops_partial(s) else "pad")
+                              partial_patches="drop" if self._drops_partial(s) else "pad",
+                              token_regions=token_regions)
+
+    def _token_regions(self, crops: list[torch.Tensor], s: SegmentSettings) -> torch.Tensor:
+        """``B x gh x gw`` superpixel ids of each crop's patches (``attention_regions``): the
+        superpixels of the crop as the model sees it (0..1, before normalising)."""
+        mean = torch.tensor(self.loaded.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.loaded.std, dtype=torch.float32).view(1, 3, 1, 1)
+        out = []
+        for c in crops:
+            unit = (c.float().cpu() * std + mean)[0].permute(1, 2, 0).numpy()
+            labels = superpixels(unit, s.attention_regions,
+                                 **s.region_params(s.attention_regions))
+            grid = (self._cells(unit.shape[0], s), self._cells(unit.shape[1], s))
+            out.append(torch.from_numpy(patch_regions(labels, grid, self.loaded.patch_size)))
+        return torch.stack(out).long()
 
     def _drops_partial(self, s: SegmentSettings) -> bool:
         """Whether windows lose their partial last patch (``partial_patches="drop"``, ViT only:

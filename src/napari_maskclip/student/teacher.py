@@ -28,7 +28,7 @@ from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
 from ..engine.precision import model_in, precision_dtype, run_precision
 from ..engine.readout import PromptLayout, Readout
-from ..engine.regions import superpixels
+from ..engine.regions import patch_regions, superpixels
 from ..engine.settings import SegmentSettings
 from ..engine.templates import resolve_templates
 from ..engine.text import TextEmbeddingCache, TextEncoder
@@ -120,8 +120,16 @@ class Teacher:
             x = F.pad(x, (0, pw - width, 0, ph - height))
         x = x.to(precision_dtype(self.precision))
         visual = model_in(loaded, self.precision).visual
+        token_regions = None
+        if s.attention_regions is not None:  # superpixels of each crop, as the engine's windows
+            cells = (lambda n: n // patch) if s.partial_patches == "drop" else (lambda n: -(-n // patch))
+            unit = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+            token_regions = torch.stack([torch.from_numpy(patch_regions(
+                superpixels(c, s.attention_regions, **s.region_params(s.attention_regions)),
+                (cells(height), cells(width)), patch)) for c in unit]).long()
         dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing,
-                               pos_embed_resize=s.pos_embed_resize, partial_patches=s.partial_patches)
+                               pos_embed_resize=s.pos_embed_resize, partial_patches=s.partial_patches,
+                               token_regions=token_regions)
         regions = None
         if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
             crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()
