@@ -104,6 +104,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="region voting: each region gets its mean class probabilities. "
                         "Regions from superpixels (slic, felzenszwalb) or a label image FILE of "
                         "the image's size (0 = no region); '{stem}' in FILE is each image's stem.")
+    refine.add_argument("--attention-regions", default=None, choices=["slic", "felzenszwalb"],
+                        help="CorrCLIP's restriction: in the last block each patch attends only "
+                        "to patches of its superpixel (modes sclip, clearclip, naclip; "
+                        "encode-time, uses the superpixel options below).")
     refine.add_argument("--slic-segments", type=positive_int, default=400, metavar="N")
     refine.add_argument("--slic-compactness", type=float, default=10.0, metavar="C")
     refine.add_argument("--felzenszwalb-scale", type=float, default=100.0, metavar="S")
@@ -163,6 +167,7 @@ def settings_from_args(args: argparse.Namespace):
         felzenszwalb_scale=args.felzenszwalb_scale,
         felzenszwalb_sigma=args.felzenszwalb_sigma,
         felzenszwalb_min_size=args.felzenszwalb_min_size,
+        attention_regions=getattr(args, "attention_regions", None),
         # None = not given (a preset's value, else the engine's default), so that an explicit
         # default still wins over a preset.
         pos_embed_resize=getattr(args, "pos_embed_resize", None) or "grid",
