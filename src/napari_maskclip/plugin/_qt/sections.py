@@ -33,7 +33,7 @@ from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDO
 from ...engine.settings import SegmentSettings
 from ...engine.templates import TEMPLATE_SETS
 from ...engine.precision import PRECISIONS
-from ...engine.presets import PRESET_SOURCES, PRESETS
+from ...engine.presets import PRESET_SOURCES, PRESETS, REFERENCE_CONVENTIONS
 from ...errors import InvalidInputError
 from ...stacks import StackLayout
 from ..models import ModelChoice, import_student
@@ -507,7 +507,8 @@ class SettingsSection(QGroupBox):
         defaults = SegmentSettings()  # the engine's (the paper's) defaults
         self._preset: Optional[str] = None  # the preset whose values were last applied
         self._applying = False
-        self._region_layers: list[Any] = []
+        self._region_layers: list[Any] = []  # the Labels layers listed in the regions box
+        self._all_labels: list[Any] = []  # every Labels layer of the viewer
         self._plugin_layers: list[Any] = []  # this plugin's result layers (offered on request)
         self.preset = QComboBox()
         self.preset.addItem(NO_PRESET)
@@ -653,8 +654,6 @@ class SettingsSection(QGroupBox):
     def choose_preset(self, name: Optional[str]) -> None:
         """Set every field a paper preset decides to its values (None: no preset; the fields
         stay as they are and the hidden ones go back to the engine's defaults)."""
-        from ...engine.presets import PRESETS
-
         if name is not None and name not in PRESETS:
             raise InvalidInputError(f"Unknown preset {name!r}: use one of {', '.join(PRESETS)}.")
         self._preset = name
@@ -697,8 +696,6 @@ class SettingsSection(QGroupBox):
 
     def preset_changes(self) -> list[str]:
         """The preset's fields whose control now shows another value (empty: as the preset)."""
-        from ...engine.presets import PRESETS
-
         if self._preset is None:
             return []
         shown = self._visible_values()
@@ -710,8 +707,6 @@ class SettingsSection(QGroupBox):
 
     def _show_preset_state(self) -> None:
         """The preset box and its note: the preset, ``<name>, changed`` or no preset."""
-        from ...engine.presets import REFERENCE_CONVENTIONS
-
         self.preset.blockSignals(True)
         for i in range(self.preset.count() - 1, 0, -1):
             if self.preset.itemText(i) not in PRESETS:
@@ -778,7 +773,7 @@ class SettingsSection(QGroupBox):
         current = self.region_layer()
         text = self.regions.currentText()
         show_results = self.region_results.isChecked()
-        self._region_layers = [layer for layer in getattr(self, "_all_labels", [])
+        self._region_layers = [layer for layer in self._all_labels
                                if show_results or layer not in self._plugin_layers]
         self.regions.blockSignals(True)
         while self.regions.count() > 1 + len(REGION_METHOD_ITEMS):
@@ -874,8 +869,6 @@ class SettingsSection(QGroupBox):
             values["window"] = int(self.window.value())
             values["stride"] = int(self.stride.value())
         if self._preset is not None:
-            from ...engine.presets import PRESETS
-
             preset = PRESETS[self._preset]
             # The preset's fields without a control stay in effect while it is chosen.
             values.update({k: preset[k] for k in _HIDDEN_PRESET_FIELDS if k in preset})
