@@ -202,8 +202,11 @@ def reference_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tenso
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(-1, width)])
 
 
-def reference_vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Tokens entering the last block (B x (1+N) x width), from raw weights."""
+def reference_vit_tokens(
+    visual: nn.Module, pixels: torch.Tensor, pos: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens entering the last block (B x (1+N) x width), from raw weights; ``pos`` replaces
+    the positional embedding (class row + grid) resized by :func:`reference_pos_embed`."""
     p = int(visual.patch_size[0])
     x = pixels.to(REF_DTYPE)
     b, c, h, w = x.shape
@@ -213,7 +216,8 @@ def reference_vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch
     assert visual.conv1.bias is None
     tokens = patches @ _w(visual.conv1.weight).reshape(width, -1).T
     cls = _w(visual.class_embedding).reshape(1, 1, width).expand(b, 1, width)
-    tokens = torch.cat([cls, tokens], dim=1) + reference_pos_embed(visual, (gh, gw))
+    tokens = torch.cat([cls, tokens], dim=1) + (
+        reference_pos_embed(visual, (gh, gw)) if pos is None else pos.to(REF_DTYPE))
     tokens = _layer_norm(tokens, visual.ln_pre)
     for block in visual.transformer.resblocks[:-1]:
         tokens = reference_block(block, tokens)
@@ -221,13 +225,14 @@ def reference_vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch
 
 
 def reference_vit_dense(
-    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip"
+    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip",
+    pos: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features B x D x gh x gw, keys B x N x width), both L2-normalised, float64.
 
     ``pixels`` must already be normalised and a multiple of the patch size.
     """
-    x, grid = reference_vit_tokens(visual, pixels)
+    x, grid = reference_vit_tokens(visual, pixels, pos)
     last = visual.transformer.resblocks[-1]
     _check_plain_block(last)
     y = _layer_norm(x, last.ln_1)
@@ -404,3 +409,57 @@ def assert_labels(labels: np.ndarray, ref_probs, values=None, *, margin: float =
     assert decided.mean() > 0.95, "too many near-ties to compare labels"
     assert labels.shape == expected.shape
     assert np.array_equal(labels[decided], expected[decided])
+
+
+# ---- resampling, written out (numpy, float64) for the reference-code conventions -----------
+def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.75, PyTorch's and OpenCV's bicubic)."""
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+
+def _resample_matrix(n_in: int, n_out: int, step: float, kind: str) -> np.ndarray:
+    """``n_out x n_in`` weights: output i samples input position ``(i + 0.5) * step - 0.5``
+    (half-pixel centres), edge samples clamped; ``kind`` ``bicubic`` or ``bilinear``."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) * step - 0.5
+        if kind == "bilinear":
+            x = max(x, 0.0)
+            x0 = int(np.floor(x))
+            t = x - x0
+            for j, w in ((x0, 1 - t), (x0 + 1, t)):
+                m[i, min(max(j, 0), n_in - 1)] += w
+        else:
+            x0 = int(np.floor(x))
+            t = x - x0
+            for j, d in ((x0 - 1, t + 1), (x0, t), (x0 + 1, 1 - t), (x0 + 2, 2 - t)):
+                m[i, min(max(j, 0), n_in - 1)] += float(_cubic(np.array(d)))
+    return m
+
+
+def resample(grid: np.ndarray, out: tuple[int, int], steps: tuple[float, float], kind: str) -> np.ndarray:
+    """``... x H x W`` resampled to ``out`` with source step ``steps`` per axis (input pixels
+    per output pixel: ``in / out`` for a resize to a size, ``1 / scale_factor`` for a scale)."""
+    rows = _resample_matrix(grid.shape[-2], out[0], steps[0], kind)
+    cols = _resample_matrix(grid.shape[-1], out[1], steps[1], kind)
+    return np.einsum("ij,...jk,lk->...il", rows, np.asarray(grid, dtype=np.float64), cols)
+
+
+def reference_pos_embed_scale_factor(visual: nn.Module, pixels: tuple[int, int]) -> torch.Tensor:
+    """The successors' reference code (SCLIP/NACLIP/ClearCLIP ``interpolate_pos_encoding``):
+    grid ``pixels // patch``; the native grid resized bicubically by the scale factor
+    ``(g + 0.1) / native`` (so sampled at ``(i + 0.5) * native / (g + 0.1) - 0.5``); unchanged
+    only for a square input at the native grid."""
+    pos = visual.positional_embedding.detach().double().numpy()
+    p = int(visual.patch_size[0])
+    native = int(visual.grid_size[0])
+    gh, gw = pixels[0] // p, pixels[1] // p
+    if (gh, gw) == (native, native) and pixels[0] == pixels[1]:
+        return torch.from_numpy(pos)
+    width = pos.shape[-1]
+    grid = pos[1:].reshape(native, native, width).transpose(2, 0, 1)
+    steps = (native / (gh + 0.1), native / (gw + 0.1))
+    patch = resample(grid, (gh, gw), steps, "bicubic").transpose(1, 2, 0).reshape(-1, width)
+    return torch.from_numpy(np.concatenate([pos[:1], patch]))

@@ -70,3 +70,22 @@ def test_missing_region_file_is_one_line_before_any_work(tmp_path, tiny_vit_file
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--regions" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_attention_regions_option_gives_the_engine_result(tmp_path, tiny_vit_files, capsys):
+    path, image = _image(tmp_path)
+    out = tmp_path / "out"
+    code = main(["segment", str(path), "--out", str(out), *_args(tiny_vit_files), "--mode",
+                 "naclip", "--attention-regions", "felzenszwalb", "--felzenszwalb-scale", "50"])
+    assert code == 0
+    settings = json.loads((out / "a_classes.json").read_text())["settings"]
+    assert settings["attention_regions"] == "felzenszwalb"
+    config, ckpt = tiny_vit_files
+    seg = Segmenter(load_clip(str(config), str(ckpt), device="cpu"), text_cache=None,
+                    templates="single", denoise=False, mode="naclip",
+                    attention_regions="felzenszwalb", felzenszwalb_scale=50.0)
+    assert np.array_equal(read_label_image(out / "a_labels.png"), seg(image, "red, green, blue").labels)
+    code = main(["segment", str(path), "--out", str(tmp_path / "o2"), *_args(tiny_vit_files),
+                 "--attention-regions", "slic"])  # mode maskclip: refused in one line
+    assert code != 0
+    assert "use mode sclip, clearclip or naclip" in capsys.readouterr().err

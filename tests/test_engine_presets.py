@@ -52,6 +52,18 @@ def test_cli_preset_fills_defaults_and_explicit_options_win(tmp_path, tiny_vit_f
     assert settings["templates"] == "openai80" and settings["logit_scale"] == 40.0
     assert settings["pamr"] is True and settings["denoise"] is False
     assert (settings["window"], settings["stride"], settings["short_side"]) == (32, 16, 40)
+    assert settings["pos_embed_resize"] == "scale_factor"  # the preset's conventions
+    assert settings["partial_patches"] == "drop" and settings["resize_antialias"] is False
+    out2 = tmp_path / "out2"
+    code = main(["segment", str(tmp_path / "a.png"), "--classes", "red, blue", "--out", str(out2),
+                 "--model", str(config), "--pretrained", str(ckpt), "--quiet",
+                 "--preset", "naclip", "--window", "32", "--stride", "16", "--short-side", "40",
+                 "--pos-embed-resize", "grid", "--resize-antialias"])
+    assert code == 0
+    settings = json.loads((out2 / "a_classes.json").read_text())["settings"]
+    assert settings["pos_embed_resize"] == "grid"  # given explicitly: wins over the preset
+    assert settings["resize_antialias"] is True  # also given explicitly (the default value)
+    assert settings["partial_patches"] == "drop"  # not given: the preset's
 
 
 def _openai_style_file(tmp_path, model):

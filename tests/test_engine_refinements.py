@@ -121,8 +121,13 @@ def test_region_and_pamr_settings_are_validated(tiny_vit):
 
 @pytest.mark.parametrize("refinement", [{"pamr": True, "pamr_iterations": 4},
                                         {"regions": "slic", "slic_segments": 6},
-                                        {"pamr": True, "regions": "felzenszwalb", "felzenszwalb_min_size": 20}],
-                         ids=["pamr", "slic", "pamr+felzenszwalb"])
+                                        {"pamr": True, "regions": "felzenszwalb", "felzenszwalb_min_size": 20},
+                                        {"mode": "naclip", "attention_regions": "felzenszwalb",
+                                         "felzenszwalb_min_size": 20},
+                                        {"mode": "sclip", "pos_embed_resize": "scale_factor",
+                                         "partial_patches": "drop"}],
+                         ids=["pamr", "slic", "pamr+felzenszwalb", "attention-regions",
+                              "reference-conventions"])
 def test_teacher_reads_crops_with_the_same_refinements(tiny_vit, refinement):
     from napari_maskclip.student.teacher import Teacher
     from napari_maskclip.classes import parse_classes

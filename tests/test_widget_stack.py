@@ -113,3 +113,29 @@ def test_memory_budget_is_checked_before_work(tiny_segmenter):
     request.keep_confidence = False  # labels alone fit
     result = run_to_completion(segment_stack_iter(tiny_segmenter, request))
     assert result.probabilities == [] and result.labels.shape == (50, 64, 64)
+
+
+def test_region_layer_of_a_stack_is_read_one_slice_at_a_time(tiny_segmenter):
+    """Regions shaped like the stack (a Labels layer over every slice) vote slice by slice,
+    reading only the slices segmented; a 2D layer serves every slice."""
+    from napari_maskclip.plugin.stack_run import check_region_data
+
+    rng = np.random.default_rng(1)
+    data = (rng.random((3, 40, 48)) * 255).astype(np.uint8)
+    layout = StackLayout(data.shape)
+    regions = np.zeros((3, 40, 48), dtype=np.int32)
+    regions[:, :, :24] = 1
+    regions[:, :, 24:] = 2
+    regions[2, :20] = 3  # slice 2 has its own regions
+    lazy = CountingArray(regions)
+    request = StackRequest(data=data, layout=layout, slices=[(0,), (2,)], classes="cat, dog, sofa",
+                           regions=lazy)
+    result = run_to_completion(segment_stack_iter(tiny_segmenter, request))
+    assert lazy.reads == [(40, 48), (40, 48)]
+    for index in (0, 2):
+        for region in np.unique(regions[index]):
+            assert np.unique(result.labels[index][regions[index] == region]).size == 1
+    assert result.settings["regions"] == "labels"
+    check_region_data(regions[0], layout)  # one 2D plane: for every slice
+    with pytest.raises(InvalidInputError, match="image's slices are 40x48"):
+        check_region_data(np.zeros((2, 40, 48)), layout)

@@ -52,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", action="store_true",
                         help="show the Series page on a folder of synthetic scenes (demo model) "
                         "after one edited image was saved")
+    parser.add_argument("--settings", action="store_true",
+                        help="scroll the Segment page to its Settings section")
+    parser.add_argument("--preset", default=None,
+                        help="after the run, choose this paper preset (shows the fields it sets)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="after the run (and preset), set the temperature field")
+    parser.add_argument("--regions-layer", action="store_true",
+                        help="after the run, add a Labels layer of the image's size and choose it "
+                        "as regions")
     args = parser.parse_args(argv)
     if args.series:
         return _series(args)
@@ -111,10 +120,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run did not finish: {finished} {widget.status.text()}", file=sys.stderr)
         return 1
     labels = widget.last_report.labels_layer
+    if args.regions_layer:
+        viewer.add_labels(np.zeros(labels.data.shape, dtype=np.int32), name="cellpose masks")
+        widget.settings.regions.setCurrentText("layer: cellpose masks")
+    if args.preset:
+        widget.settings.choose_preset(args.preset)
+    if args.temperature is not None:  # a field changed after the preset
+        widget.settings.temperature.setValue(args.temperature)
     viewer.layers.selection.active = labels
     for _ in range(20):  # let the canvas and the docks paint
         QApplication.processEvents()
         time.sleep(0.02)
+    if args.settings:  # once the page's layout has settled (wrapped notes change its height)
+        from qtpy.QtWidgets import QScrollArea
+
+        scroll = widget.pages.currentWidget().findChildren(QScrollArea)[0]
+        scroll.verticalScrollBar().setValue(widget.settings.y())
+        for _ in range(10):
+            QApplication.processEvents()
+            time.sleep(0.02)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image = viewer.screenshot(canvas_only=False, flash=False)

@@ -104,11 +104,26 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="region voting: each region gets its mean class probabilities. "
                         "Regions from superpixels (slic, felzenszwalb) or a label image FILE of "
                         "the image's size (0 = no region); '{stem}' in FILE is each image's stem.")
+    refine.add_argument("--attention-regions", default=None, choices=["slic", "felzenszwalb"],
+                        help="CorrCLIP's restriction: in the last block each patch attends only "
+                        "to patches of its superpixel (modes sclip, clearclip, naclip; "
+                        "encode-time, uses the superpixel options below).")
     refine.add_argument("--slic-segments", type=positive_int, default=400, metavar="N")
     refine.add_argument("--slic-compactness", type=float, default=10.0, metavar="C")
     refine.add_argument("--felzenszwalb-scale", type=float, default=100.0, metavar="S")
     refine.add_argument("--felzenszwalb-sigma", type=float, default=0.8, metavar="S")
     refine.add_argument("--felzenszwalb-min-size", type=positive_int, default=50, metavar="PX")
+    conventions = parser.add_argument_group(
+        "reference-code conventions (the successors' presets set them; see the README)")
+    conventions.add_argument("--pos-embed-resize", default=None, choices=["grid", "scale_factor"],
+                             help="positional embedding resized to the exact patch grid (default) "
+                             "or by the reference code's scale factor (grid + 0.1) / native.")
+    conventions.add_argument("--partial-patches", default=None, choices=["pad", "drop"],
+                             help="a window not a multiple of the patch: padded (default) or its "
+                             "partial patch dropped and the scores stretched (reference code).")
+    conventions.add_argument("--resize-antialias", action=argparse.BooleanOptionalAction,
+                             default=None, help="antialias when downscaling to --short-side "
+                             "(default); --no-resize-antialias: plain bilinear as mmseg.")
     from ..engine.presets import PRESETS
 
     group.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -152,6 +167,12 @@ def settings_from_args(args: argparse.Namespace):
         felzenszwalb_scale=args.felzenszwalb_scale,
         felzenszwalb_sigma=args.felzenszwalb_sigma,
         felzenszwalb_min_size=args.felzenszwalb_min_size,
+        attention_regions=getattr(args, "attention_regions", None),
+        # None = not given (a preset's value, else the engine's default), so that an explicit
+        # default still wins over a preset.
+        pos_embed_resize=getattr(args, "pos_embed_resize", None) or "grid",
+        partial_patches=getattr(args, "partial_patches", None) or "pad",
+        resize_antialias=getattr(args, "resize_antialias", None) is not False,
     )
     preset = getattr(args, "preset", None)
     if preset:
@@ -171,7 +192,8 @@ _PRESET_OPTIONS = {"mode": "mode", "templates": "templates", "logit_scale": "tem
                    "denoise": "denoise", "key_smoothing": "key_smoothing",
                    "short_side": "short_side", "window": "window", "stride": "stride",
                    "pamr": "pamr", "pamr_iterations": "pamr_iterations",
-                   "pamr_dilations": "pamr_dilations"}
+                   "pamr_dilations": "pamr_dilations", "pos_embed_resize": "pos_embed_resize",
+                   "partial_patches": "partial_patches", "resize_antialias": "resize_antialias"}
 
 
 

@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 NACLIP_SIGMA = 5.0
+#: Modes whose last block mixes patches, so attention can be restricted to regions.
+ATTENTION_REGION_MODES = ("sclip", "clearclip", "naclip")
 
 # Attention rows are computed in chunks so that a block of scores stays below this many floats.
 _ATTN_BLOCK_ELEMENTS = 1 << 25
@@ -73,19 +75,46 @@ class DenseOutput:
 
 
 def interpolate_pos_embed(
-    pos: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]
+    pos: torch.Tensor,
+    native_grid: tuple[int, int],
+    grid: tuple[int, int],
+    *,
+    method: str = "grid",
+    pixels: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Resize a ViT positional embedding (class row + native grid) to ``grid``, bicubically.
 
-    At the native grid it is returned unchanged (the identity, exactly).
+    ``method="grid"``: to the exact grid; at the native grid it is returned unchanged.
+    ``method="scale_factor"``: the successors' reference code (SCLIP, NACLIP, ClearCLIP's
+    ``interpolate_pos_encoding``, after DINO): ``scale_factor=(g + 0.1) / native`` per axis, so
+    the bicubic samples sit at slightly other positions; skipped only when the input's pixel
+    height equals its width (``pixels``) and the grid is the native one.
     """
-    if tuple(grid) == tuple(native_grid):
+    if method == "scale_factor":
+        n = int(native_grid[0]) * int(native_grid[1])
+        square = pixels is None or pixels[0] == pixels[1]
+        if tuple(grid) == tuple(native_grid) and square:
+            return pos
+        if native_grid[0] != native_grid[1]:
+            raise InvalidInputError("scale_factor positional-embedding resize needs a square grid.")
+    elif method != "grid":
+        raise InvalidInputError(f"Unknown positional-embedding resize {method!r}: use grid or scale_factor.")
+    elif tuple(grid) == tuple(native_grid):
         return pos
     width = pos.shape[-1]
     cls_pos, patch_pos = pos[:1], pos[1:]
     gh0, gw0 = native_grid
     patch_pos = patch_pos.reshape(1, gh0, gw0, width).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
+    if method == "scale_factor":
+        side = math.sqrt(n)
+        factors = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        patch_pos = F.interpolate(patch_pos, scale_factor=factors, mode="bicubic",
+                                  align_corners=False)
+        if tuple(patch_pos.shape[-2:]) != tuple(grid):  # pragma: no cover - float guard
+            raise InvalidInputError(f"Positional embedding resized to {tuple(patch_pos.shape[-2:])}, "
+                                    f"not the grid {tuple(grid)}.")
+    else:
+        patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(-1, width).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
@@ -141,53 +170,88 @@ def _chunked_attention(
     return out
 
 
+def region_attention_bias(regions: torch.Tensor, rows: slice, dtype=torch.float32) -> torch.Tensor:
+    """``B x 1 x rows x (1+N)`` additive bias: 0 between patches of one region (and for the class
+    token's row and column), -inf between patches of different regions (CorrCLIP's restriction).
+    ``regions``: ``B x N`` region ids of the patches."""
+    b, n = regions.shape
+    ids = torch.cat([torch.full((b, 1), -1, dtype=regions.dtype, device=regions.device), regions], 1)
+    token_rows = torch.arange(n + 1, device=regions.device)[rows]
+    same = ids[:, token_rows, None] == ids[:, None, :]
+    same[:, :, 0] = True  # every token may attend to the class token
+    same[:, token_rows == 0, :] = True  # the class token attends to every patch
+    bias = torch.zeros(same.shape, dtype=dtype, device=regions.device)
+    return bias.masked_fill_(~same, float("-inf"))[:, None]
+
+
 def _custom_last_attention(
-    block: nn.Module, y: torch.Tensor, mode: str, grid: tuple[int, int]
+    block: nn.Module, y: torch.Tensor, mode: str, grid: tuple[int, int],
+    regions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The last block's attention output (before the residual) under a training-free mode."""
+    """The last block's attention output (before the residual) under a training-free mode;
+    ``regions`` (``B x N`` patch region ids) restricts each patch to its own region's patches."""
     attn: nn.MultiheadAttention = block.attn
     heads = attn.num_heads
     q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (_split_heads(t, heads) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5
 
+    def masked(rows: slice) -> torch.Tensor | float:
+        return 0.0 if regions is None else region_attention_bias(regions, rows, y.dtype)
+
     if mode == "sclip":
         def rows_fn(rows: slice) -> torch.Tensor:
-            qq = (q[:, :, rows] @ q.transpose(-1, -2)) * scale
-            kk = (k[:, :, rows] @ k.transpose(-1, -2)) * scale
+            qq = (q[:, :, rows] @ q.transpose(-1, -2)) * scale + masked(rows)
+            kk = (k[:, :, rows] @ k.transpose(-1, -2)) * scale + masked(rows)
             return qq.softmax(dim=-1) + kk.softmax(dim=-1)
     elif mode == "clearclip":
         def rows_fn(rows: slice) -> torch.Tensor:
-            return ((q[:, :, rows] @ q.transpose(-1, -2)) * scale).softmax(dim=-1)
+            return ((q[:, :, rows] @ q.transpose(-1, -2)) * scale + masked(rows)).softmax(dim=-1)
     elif mode == "naclip":
         def rows_fn(rows: slice) -> torch.Tensor:
             bias = naclip_gaussian(grid, device=y.device, dtype=y.dtype, rows=rows)
-            return ((k[:, :, rows] @ k.transpose(-1, -2)) * scale + bias).softmax(dim=-1)
+            return ((k[:, :, rows] @ k.transpose(-1, -2)) * scale + bias
+                    + masked(rows)).softmax(dim=-1)
     else:  # pragma: no cover - guarded by the caller
         raise InvalidInputError(f"Unknown attention mode {mode!r}.")
     mixed = _merge_heads(_chunked_attention(rows_fn, v))
     return attn.out_proj(mixed)
 
 
-def _vit_embed(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    x = visual.conv1(pixels)
+def _vit_embed(visual: nn.Module, pixels: torch.Tensor,
+               pos_embed_resize: str = "grid") -> tuple[torch.Tensor, tuple[int, int]]:
+    x = visual.conv1(pixels)  # a partial last patch (partial_patches="drop") is left out
     b, width, gh, gw = x.shape
     x = x.reshape(b, width, gh * gw).permute(0, 2, 1)
     cls = visual.class_embedding.reshape(1, 1, -1).expand(b, -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
-    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (gh, gw))
+    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (gh, gw),
+                                method=pos_embed_resize, pixels=tuple(pixels.shape[-2:]))
     x = x + pos.to(x.dtype)
     x = visual.ln_pre(x)
     return x, (gh, gw)
 
 
-def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool) -> DenseOutput:
+def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool,
+               pos_embed_resize: str = "grid", partial_patches: str = "pad",
+               token_regions: Optional[torch.Tensor] = None) -> DenseOutput:
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
-    if pixels.shape[-2] % patch or pixels.shape[-1] % patch:
+    if partial_patches != "drop" and (pixels.shape[-2] % patch or pixels.shape[-1] % patch):
         raise InvalidInputError(
             f"Input {tuple(pixels.shape[-2:])} is not a multiple of the patch size {patch}; pad it."
         )
-    x, grid = _vit_embed(visual, pixels)
+    x, grid = _vit_embed(visual, pixels, pos_embed_resize)
+    regions = None
+    if token_regions is not None:
+        if mode not in ATTENTION_REGION_MODES:
+            raise InvalidInputError(
+                f"Restricting attention to regions needs a mode that mixes patches in the last "
+                f"block ({', '.join(ATTENTION_REGION_MODES)}), not {mode!r}."
+            )
+        if tuple(token_regions.shape[-2:]) != tuple(grid):
+            raise InvalidInputError(f"Token regions {tuple(token_regions.shape[-2:])} do not match "
+                                    f"the patch grid {tuple(grid)}.")
+        regions = token_regions.reshape(token_regions.shape[0], -1).to(x.device)
     transformer = visual.transformer
     batch_first = getattr(transformer, "batch_first", True)
     blocks = transformer.resblocks
@@ -218,13 +282,13 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
             z = x[:, 1:] + last.ls_1(v)
             z = z + last.ls_2(last.mlp(last.ln_2(z)))
         elif mode == "sclip":
-            z = x + last.ls_1(_custom_last_attention(last, y, mode, grid))
+            z = x + last.ls_1(_custom_last_attention(last, y, mode, grid, regions))
             z = z + last.ls_2(last.mlp(last.ln_2(z)))
             z = z[:, 1:]
         elif mode == "scclip":
             z = scclip_tokens(last, inter, grid, layerscale=last.ls_1)
         else:  # clearclip, naclip: the attention branch only (its LayerScale included)
-            z = last.ls_1(_custom_last_attention(last, y, mode, grid))[:, 1:]
+            z = last.ls_1(_custom_last_attention(last, y, mode, grid, regions))[:, 1:]
     if with_keys:
         width = y.shape[-1]
         w_k = last.attn.in_proj_weight[width:2 * width]
@@ -261,12 +325,18 @@ def _resnet_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys:
 
 @torch.no_grad()
 def dense_features(
-    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False
+    visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False,
+    pos_embed_resize: str = "grid", partial_patches: str = "pad",
+    token_regions: Optional[torch.Tensor] = None,
 ) -> DenseOutput:
     """Dense, L2-normalised embeddings of ``pixels`` (B x 3 x H x W, normalised, padded).
 
     ``mode`` is one of :data:`MODES`; ``with_keys`` also returns the last layer's patch keys
-    (for key smoothing).
+    (for key smoothing). ``pos_embed_resize`` and ``partial_patches`` (``drop``: the input need
+    not be a multiple of the patch; the last partial patch is left out, as the reference code's
+    patch convolution does) are the ViT conventions of :class:`~.settings.SegmentSettings`.
+    ``token_regions`` (``B x gh x gw`` region ids of the patches) restricts the last block's
+    attention to patches of the same region (CorrCLIP; modes sclip, clearclip, naclip).
     """
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
@@ -274,7 +344,8 @@ def dense_features(
     if mode not in MODES:
         raise InvalidInputError(f"Unknown attention mode {mode!r}: use one of {', '.join(MODES)}.")
     if isinstance(visual, VisionTransformer):
-        return _vit_dense(visual, pixels, mode, with_keys)
+        return _vit_dense(visual, pixels, mode, with_keys, pos_embed_resize, partial_patches,
+                          token_regions)
     if isinstance(visual, ModifiedResNet):
         return _resnet_dense(visual, pixels, mode, with_keys)
     raise UnsupportedModelError(f"Vision tower {type(visual).__name__} is not supported.")

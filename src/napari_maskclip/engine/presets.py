@@ -5,27 +5,37 @@ PAMR and denoising as that paper's official code evaluates (base config; some da
 a few values, e.g. NACLIP reads VOC whole, and thresholds per dataset are the user's). The
 preset's name is recorded in ``settings["preset"]`` of every result. Kept free of torch.
 
-Differences that remain from the reference code are conventions: the official code resizes the
-positional embedding by a scale factor (``size + 0.1``) instead of to the exact grid, loads
-images with mmseg's resize (antialiased differently) and normalises with CLIP's mean/std given in
-0..255 (the same values); MaskCLIP's code normalises with ImageNet's mean/std (a quirk, not
-reproduced). Use a ``-quickgelu`` model name (``ViT-B-16-quickgelu``) with OpenAI weights.
+The successors' presets also set the reference code's conventions (:data:`REFERENCE_CONVENTIONS`,
+engine settings ``pos_embed_resize``, ``partial_patches``, ``resize_antialias``); this project's
+own defaults are the exact grid, padding to whole patches and an antialiased downscale. What
+still differs: mmseg rounds the resized size with ``int(x + 0.5)`` (this project: Python's
+``round``), caps the long side at 2048, and cv2 resizes 8-bit images in fixed point; PAMR's
+guide is the original image here and the resized image there; MaskCLIP's code normalises with
+ImageNet's mean/std (a quirk, not reproduced). Use a ``-quickgelu`` model name
+(``ViT-B-16-quickgelu``) with OpenAI weights.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "PRESET_SOURCES", "preset_settings"]
+__all__ = ["PRESETS", "PRESET_SOURCES", "REFERENCE_CONVENTIONS", "preset_settings"]
+
+#: The successors' reference code (SCLIP, ClearCLIP, NACLIP, SC-CLIP; all on mmseg): positional
+#: embedding resized by the scale factor ``(grid + 0.1) / native``, a window's partial last
+#: patch left out by the patch convolution (scores stretched over the window), images resized
+#: by mmseg's cv2 bilinear (no antialiasing).
+REFERENCE_CONVENTIONS = {"pos_embed_resize": "scale_factor", "partial_patches": "drop",
+                         "resize_antialias": False}
 
 _SUCCESSOR = {"templates": "openai80", "denoise": False, "key_smoothing": False, "short_side": 336,
-              "window": 224, "stride": 112, "pamr": False}
+              "window": 224, "stride": 112, "pamr": False, **REFERENCE_CONVENTIONS}
 
 #: Settings of each preset (fields of :class:`~.settings.SegmentSettings`).
 PRESETS: dict[str, dict[str, Any]] = {
     "maskclip": {"mode": "maskclip", "templates": "maskclip85", "logit_scale": 100.0,
                  "denoise": False, "key_smoothing": False, "short_side": 512, "window": None,
-                 "stride": None, "pamr": False},
+                 "stride": None, "pamr": False, "resize_antialias": False},
     "sclip": {**_SUCCESSOR, "mode": "sclip", "logit_scale": 40.0},
     "clearclip": {**_SUCCESSOR, "mode": "clearclip", "logit_scale": 50.0, "short_side": 448,
                   "window": 448, "stride": 224},

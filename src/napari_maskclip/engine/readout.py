@@ -175,9 +175,14 @@ class Readout:
 
     # ---- 4. pixels ---------------------------------------------------------------------------
     @staticmethod
-    def upsample(scores: torch.Tensor, patch: int, size: tuple[int, int]) -> torch.Tensor:
+    def upsample(scores: torch.Tensor, patch: int, size: tuple[int, int],
+                 stretch: bool = False) -> torch.Tensor:
         """``B x C x h x w`` cell scores -> ``B x C x H x W`` pixels: bilinear to the padded size
-        the cells cover (``h*patch x w*patch``), cropped to ``size``."""
+        the cells cover (``h*patch x w*patch``), cropped to ``size``; with ``stretch`` (windows
+        whose partial last patch was dropped, as the reference code) bilinear to ``size``."""
+        if stretch:
+            return F.interpolate(scores.float(), size=tuple(size), mode="bilinear",
+                                 align_corners=False)
         gh, gw = scores.shape[-2:]
         up = F.interpolate(scores.float(), size=(gh * patch, gw * patch), mode="bilinear",
                            align_corners=False)
@@ -249,7 +254,8 @@ class Readout:
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
             part_keys = None if keys is None else keys.index_select(0, index.to(keys.device))
             scores = self.cell_scores(logits.index_select(0, index), active, part_keys)
-            pixels = self.upsample(scores, patch, size)
+            pixels = self.upsample(scores, patch, size,
+                                   stretch=self.settings.partial_patches == "drop")
             if self.settings.pamr:
                 pixels = self.refine_pixels(pixels, guide.index_select(0, index.to(guide.device)))
             part_regions = None if regions is None else [regions[i] for i in rows]

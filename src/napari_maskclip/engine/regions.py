@@ -19,7 +19,8 @@ import torch
 
 from ..errors import InvalidInputError
 
-__all__ = ["REGION_METHODS", "superpixels", "check_regions", "RegionVote", "region_vote"]
+__all__ = ["REGION_METHODS", "superpixels", "check_regions", "RegionVote", "region_vote",
+           "patch_regions"]
 
 REGION_METHODS = ("slic", "felzenszwalb")
 SLIC_DEFAULTS = {"n_segments": 400, "compactness": 10.0, "sigma": 0.0}
@@ -116,3 +117,13 @@ def region_vote(probs: torch.Tensor, regions: np.ndarray, block: Optional[int] =
     for y0 in range(0, h, step):
         vote.add(probs[:, y0:y0 + step], y0)
     return torch.cat([vote.apply(probs[:, y0:y0 + step], y0) for y0 in range(0, h, step)], dim=1)
+
+
+def patch_regions(labels: np.ndarray, grid: tuple[int, int], patch: int) -> np.ndarray:
+    """Region ids at patch resolution (``gh x gw``): the id at each patch's centre pixel (a
+    partial last patch: its centre clamped into the image). For restricting the last block's
+    attention to within-region patches (``SegmentSettings.attention_regions``)."""
+    h, w = labels.shape
+    ys = np.minimum(np.arange(grid[0]) * patch + patch // 2, h - 1)
+    xs = np.minimum(np.arange(grid[1]) * patch + patch // 2, w - 1)
+    return np.ascontiguousarray(labels[ys][:, xs])

@@ -40,9 +40,9 @@ from .pamr import pamr_halo
 from .precision import model_in, precision_dtype, run_precision
 from .preprocess import check_image_array, plan_image
 from .readout import ActiveClasses, PromptLayout, Readout
-from .regions import RegionVote, check_regions, superpixels
+from .regions import RegionVote, check_regions, patch_regions, superpixels
 from .result import SegmentationResult
-from .settings import SegmentSettings
+from .settings import ENCODE_FIELDS, SegmentSettings
 from .templates import resolve_templates
 from .text import TextEmbeddingCache, TextEncoder
 from .stitch import RowStitcher
@@ -91,6 +91,12 @@ class Segmenter:
     # ---- settings --------------------------------------------------------------------------
     def _checked(self, settings: SegmentSettings) -> SegmentSettings:
         settings.validate()
+        if self.loaded.kind != "vit" and (settings.pos_embed_resize, settings.partial_patches) != ("grid", "pad"):
+            raise UnsupportedModelError(
+                "The reference code's positional-embedding and partial-patch conventions apply to "
+                f"ViT models; {self.loaded.name} is a ResNet: use pos_embed_resize='grid', "
+                "partial_patches='pad'."
+            )
         if self.loaded.kind != "vit" and settings.mode in VIT_ONLY_MODES:
             raise UnsupportedModelError(
                 f"Mode {settings.mode!r} needs a ViT model; {self.loaded.name} is a ResNet. "
@@ -140,26 +146,59 @@ class Segmenter:
         return {"inference": "sliding", "window": window, "stride": stride}
 
     # ---- encoding --------------------------------------------------------------------------
-    def _pixels(self, unit: np.ndarray, proc: tuple[int, int]) -> torch.Tensor:
-        """0..1 HxWx3 -> normalised 1x3xhxw tensor at processing size (on the model device)."""
+    def _pixels(self, unit: np.ndarray, proc: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+        """0..1 HxWx3 -> normalised 1x3xhxw tensor at processing size (on the model device);
+        a downscale is antialiased unless ``antialias`` is False (the reference code's resize)."""
         x = torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1)[None]
         if tuple(x.shape[-2:]) != tuple(proc):
-            downscale = proc[0] < x.shape[-2] or proc[1] < x.shape[-1]
+            downscale = antialias and (proc[0] < x.shape[-2] or proc[1] < x.shape[-1])
             x = F.interpolate(x, size=proc, mode="bilinear", align_corners=False, antialias=downscale)
         mean = torch.tensor(self.loaded.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.loaded.std, dtype=torch.float32).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.loaded.device)
 
     def _encode_batch(self, crops: list[torch.Tensor], mode: str, with_keys: bool,
-                      precision: str = "fp32"):
+                      precision: str = "fp32", s: Optional[SegmentSettings] = None):
+        s = s or self.settings
         patch = self.loaded.patch_size
         h, w = crops[0].shape[-2:]
-        ph, pw = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
-        batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops])
+        if self._drops_partial(s):  # the reference code: the patch conv leaves the rest out
+            batch = torch.cat(crops)
+        else:
+            ph, pw = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
+            batch = torch.cat([F.pad(c, (0, pw - w, 0, ph - h)) for c in crops])
+        token_regions = self._token_regions(crops, s) if s.attention_regions else None
         batch = batch.to(precision_dtype(precision))
         self.image_encoder_calls += 1
         visual = model_in(self.loaded, precision).visual
-        return dense_features(visual, batch, mode, with_keys=with_keys)
+        return dense_features(visual, batch, mode, with_keys=with_keys,
+                              pos_embed_resize=s.pos_embed_resize,
+                              partial_patches="drop" if self._drops_partial(s) else "pad",
+                              token_regions=token_regions)
+
+    def _token_regions(self, crops: list[torch.Tensor], s: SegmentSettings) -> torch.Tensor:
+        """``B x gh x gw`` superpixel ids of each crop's patches (``attention_regions``): the
+        superpixels of the crop as the model sees it (0..1, before normalising)."""
+        mean = torch.tensor(self.loaded.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.loaded.std, dtype=torch.float32).view(1, 3, 1, 1)
+        out = []
+        for c in crops:
+            unit = (c.float().cpu() * std + mean)[0].permute(1, 2, 0).numpy()
+            labels = superpixels(unit, s.attention_regions,
+                                 **s.region_params(s.attention_regions))
+            grid = (self._cells(unit.shape[0], s), self._cells(unit.shape[1], s))
+            out.append(torch.from_numpy(patch_regions(labels, grid, self.loaded.patch_size)))
+        return torch.stack(out).long()
+
+    def _drops_partial(self, s: SegmentSettings) -> bool:
+        """Whether windows lose their partial last patch (``partial_patches="drop"``, ViT only:
+        a ResNet's convolutions read every pixel)."""
+        return s.partial_patches == "drop" and self.loaded.kind == "vit"
+
+    def _cells(self, size: int, s: SegmentSettings) -> int:
+        """Feature cells along a window side of ``size`` pixels."""
+        patch = self.loaded.patch_size
+        return size // patch if self._drops_partial(s) else math.ceil(size / patch)
 
     def _windows_plan(
         self,
@@ -187,7 +226,7 @@ class Segmenter:
                 unit = prepared.window(box.y0, box.y1, box.x0, box.x1)
                 return self._pixels(unit, (box.height, box.width))
         else:
-            pixels = self._pixels(prepared.whole(), proc)
+            pixels = self._pixels(prepared.whole(), proc, s.resize_antialias)
 
             def crop(box: Box) -> torch.Tensor:
                 return pixels[:, :, box.y0:box.y1, box.x0:box.x1]
@@ -195,20 +234,20 @@ class Segmenter:
 
     def _encoded(
         self, boxes: Sequence[Box], crop: Callable[[Box], torch.Tensor], mode: str,
-        with_keys: bool, batch: int, precision: str,
+        with_keys: bool, batch: int, precision: str, s: Optional[SegmentSettings] = None,
     ) -> Iterator[list[WindowFeatures]]:
         """The windows' dense features, ``batch`` windows per forward pass, a list per pass,
         encoded in ``precision`` (a resolved name)."""
-        patch = self.loaded.patch_size
+        s = s or self.settings
         for start in range(0, len(boxes), batch):
             group = boxes[start:start + batch]
             crops = [crop(b) for b in group]
             with torch.no_grad():
-                out = self._encode_batch(crops, mode, with_keys, precision)
+                out = self._encode_batch(crops, mode, with_keys, precision, s)
             del crops
             encoded = []
             for i, box in enumerate(group):
-                gh, gw = math.ceil(box.height / patch), math.ceil(box.width / patch)
+                gh, gw = self._cells(box.height, s), self._cells(box.width, s)
                 feat = out.features[i, :, :gh, :gw].contiguous()
                 keys = None
                 if out.keys is not None:
@@ -246,7 +285,7 @@ class Segmenter:
         yield Progress("encode", 0, total, f"encoding {total} window(s)")
         windows: list[WindowFeatures] = []
         for group in self._encoded(boxes, crop, s.mode, s.key_smoothing, s.window_batch,
-                                   precision):
+                                   precision, s):
             windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
         features = self._features(key, shape, proc, plan, s, windows, precision)
@@ -265,10 +304,8 @@ class Segmenter:
             patch=self.loaded.patch_size,
             windows=windows,
             model_identity=self.loaded.identity,
-            encode_settings={name: getattr(s, name) for name in ("mode", "window", "stride",
-                                                                  "short_side", "max_whole_pixels",
-                                                                  "auto_window")}
-            | {"precision": precision},
+            encode_settings={name: getattr(s, name) for name in ENCODE_FIELDS
+                             if name != "precision"} | {"precision": precision},
             plan=plan,
         )
 
@@ -408,7 +445,8 @@ class Segmenter:
             window_logits[i] = None  # read: its memory can go
             keys = keys_of(i) if s.key_smoothing else None
             cells = readout.cell_scores(lg, active, None if keys is None else keys[None])
-            up = readout.upsample(cells, patch, (box.height, box.width))[0]
+            up = readout.upsample(cells, patch, (box.height, box.width),
+                                  stretch=features.encode_settings.get("partial_patches") == "drop")[0]
             for y0, y1, block in stitch.add(box, up):
                 finish(y0, y1, block)
             yield Progress("segment", i + 1, total, f"window {i + 1}/{total}")
@@ -541,12 +579,12 @@ class Segmenter:
         total = len(boxes)
         yield Progress("encode", 0, total, f"encoding {total} window(s), streamed")
         window_logits: list[Optional[torch.Tensor]] = []
-        for group in self._encoded(boxes, crop, s.mode, False, s.window_batch, precision):
+        for group in self._encoded(boxes, crop, s.mode, False, s.window_batch, precision, s):
             window_logits.extend(query.logits(w.features) for w in group)
             yield Progress("encode", len(window_logits), total, f"window {len(window_logits)}/{total}")
 
         def keys_of(i: int) -> Optional[torch.Tensor]:  # key smoothing: encode the window again
-            (window,) = next(self._encoded([boxes[i]], crop, s.mode, True, 1, precision))
+            (window,) = next(self._encoded([boxes[i]], crop, s.mode, True, 1, precision, s))
             return window.keys
 
         meta = self._features("", shape, proc, plan, s, [], precision)
@@ -559,6 +597,7 @@ class Segmenter:
 
 
 ProbabilitiesOut = Union[bool, Callable[[int, int, np.ndarray], None]]
+
 
 
 class _Query:

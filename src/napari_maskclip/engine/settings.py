@@ -18,13 +18,17 @@ from .modes import MODES
 from .precision import PRECISIONS
 from .templates import TEMPLATE_SETS, resolve_templates
 
-__all__ = ["SegmentSettings", "ENCODE_FIELDS", "REGION_SOURCES"]
+__all__ = ["SegmentSettings", "ENCODE_FIELDS", "REGION_SOURCES", "POS_EMBED_RESIZES", "PARTIAL_PATCHES"]
 
 #: Fields whose change requires re-encoding the image.
 ENCODE_FIELDS = ("mode", "window", "stride", "short_side", "max_whole_pixels", "auto_window",
-                 "precision")
+                 "precision", "pos_embed_resize", "partial_patches", "resize_antialias",
+                 "attention_regions")
 #: Where region voting's regions come from (kept torch- and skimage-free for UIs and CLIs).
 REGION_SOURCES = ("slic", "felzenszwalb", "labels")
+#: Conventions (see :mod:`.presets`): this project's first, then the reference code's.
+POS_EMBED_RESIZES = ("grid", "scale_factor")
+PARTIAL_PATCHES = ("pad", "drop")
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,19 @@ class SegmentSettings:
     #: model's (bf16 on a CPU with native bf16, fp32 on other CPUs, fp16 on GPUs). The read-out
     #: after the encoders is fp32 in every precision; results record the precision used.
     precision: str = "auto"
+    #: Conventions of the successors' reference code, for reproducing a paper exactly (presets set
+    #: them; see :mod:`.presets`). Positional embedding resized to the exact patch grid
+    #: (``grid``) or by the reference's scale factor ``(grid + 0.1) / native`` (``scale_factor``).
+    pos_embed_resize: str = "grid"
+    #: A window whose size is not a multiple of the patch: padded to whole patches (``pad``), or
+    #: its last partial patch dropped and the cell scores stretched over the window (``drop``).
+    partial_patches: str = "pad"
+    #: Downscaling to ``short_side`` with antialiasing (True), or plain bilinear as mmseg/cv2.
+    resize_antialias: bool = True
+    #: CorrCLIP's restriction: in the last block each patch attends only to patches of its own
+    #: superpixel (``slic`` / ``felzenszwalb`` with the parameters below, per window, sampled
+    #: at patch centres); modes sclip, clearclip, naclip. Encode-time: it changes the features.
+    attention_regions: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -139,6 +156,20 @@ class SegmentSettings:
         if not isinstance(self.templates, str):
             resolve_templates(self.templates)  # a custom list: each needs exactly one "{}"
         self._validate_refinements()
+        if self.pos_embed_resize not in POS_EMBED_RESIZES:
+            raise InvalidInputError(f"pos_embed_resize must be one of {', '.join(POS_EMBED_RESIZES)}, "
+                                    f"got {self.pos_embed_resize!r}.")
+        if self.attention_regions not in (None, "slic", "felzenszwalb"):
+            raise InvalidInputError(f"attention_regions must be slic, felzenszwalb or none, got "
+                                    f"{self.attention_regions!r}.")
+        if self.attention_regions is not None and self.mode not in ("sclip", "clearclip", "naclip"):
+            raise InvalidInputError(
+                "attention_regions restricts the last block's attention between patches: use mode "
+                f"sclip, clearclip or naclip (mode {self.mode!r} does not mix patches there)."
+            )
+        if self.partial_patches not in PARTIAL_PATCHES:
+            raise InvalidInputError(f"partial_patches must be one of {', '.join(PARTIAL_PATCHES)}, "
+                                    f"got {self.partial_patches!r}.")
         return self
 
     def _validate_refinements(self) -> None:
@@ -158,18 +189,23 @@ class SegmentSettings:
                 "slic_compactness and felzenszwalb_scale must be positive, felzenszwalb_sigma >= 0."
             )
 
-    def region_params(self) -> dict[str, Any]:
-        """The superpixel parameters of ``regions`` (empty for user labels or none)."""
-        if self.regions == "slic":
+    def region_params(self, method: Optional[str] = None) -> dict[str, Any]:
+        """The superpixel parameters of ``method`` (default: ``regions``; empty for user labels
+        or none)."""
+        method = self.regions if method is None else method
+        if method == "slic":
             return {"n_segments": self.slic_segments, "compactness": self.slic_compactness}
-        if self.regions == "felzenszwalb":
+        if method == "felzenszwalb":
             return {"scale": self.felzenszwalb_scale, "sigma": self.felzenszwalb_sigma,
                     "min_size": self.felzenszwalb_min_size}
         return {}
 
     def encode_key(self) -> tuple[Any, ...]:
         """The part of the settings that determines image features."""
-        return tuple(getattr(self, name) for name in ENCODE_FIELDS)
+        key = tuple(getattr(self, name) for name in ENCODE_FIELDS)
+        if self.attention_regions is not None:  # its superpixels' parameters shape the features
+            key += (tuple(sorted(self.region_params(self.attention_regions).items())),)
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

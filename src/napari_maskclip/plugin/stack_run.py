@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MEMORY_BUDGET",
+    "check_region_data",
     "StackRequest",
     "StackResult",
     "predict_stack_iter",
@@ -57,6 +58,37 @@ class StackRequest:
     settings: "Optional[SegmentSettings]" = None
     keep_confidence: bool = True
     memory_budget: int = MEMORY_BUDGET
+    #: Region voting's label image (a napari Labels layer's data): one 2D plane of the image's
+    #: size for every slice, or shaped like the outputs (one plane per slice); read one slice at
+    #: a time (see :func:`check_region_data`). None: the settings' own regions, if any.
+    regions: Any = None
+
+
+def check_region_data(data: Any, layout: StackLayout, name: str = "the Labels layer") -> None:
+    """Refuse (with what to do) region data that fits neither one slice nor the whole stack."""
+    shape = tuple(int(s) for s in getattr(data, "shape", ()))
+    plane = tuple(layout.plane_shape)
+    if shape == plane or shape == tuple(layout.output_shape):
+        return
+    h, w = plane
+    stack = "" if shape[-2:] != plane else (
+        f" (a stack of {len(shape) - 2}D slices must match the image's "
+        f"{'x'.join(str(s) for s in layout.output_shape)})")
+    raise InvalidInputError(
+        f"{name} has shape {'x'.join(str(s) for s in shape) or '()'} but the image's slices are "
+        f"{h}x{w} (rows x columns){stack}: choose a Labels layer of the image's size as regions, "
+        "or 'no regions'."
+    )
+
+
+def _region_plane(request: StackRequest, index: Index) -> Optional[np.ndarray]:
+    """The region ids of slice ``index`` (only that slice is read from a lazy array)."""
+    data = request.regions
+    if data is None:
+        return None
+    if tuple(data.shape) == tuple(request.layout.plane_shape):
+        return np.asarray(data)
+    return np.asarray(data[request.layout.output_index(index)])
 
 
 @dataclass
@@ -139,7 +171,8 @@ def segment_stack_iter(
         features = yield from _forward(encoder, i, n, 0.0, _ENCODE_SHARE)
         encoded += segmenter.image_encoder_calls > calls
         query = segmenter.segment_iter(
-            features, request.classes, background=request.background or None, settings=settings
+            features, request.classes, background=request.background or None, settings=settings,
+            regions=_region_plane(request, index),
         )
         result = yield from _forward(query, i, n, _ENCODE_SHARE, 1.0 - _ENCODE_SHARE)
         key = layout.output_index(index)

@@ -28,7 +28,7 @@ from ..engine.dense import dense_features
 from ..engine.loading import LoadedModel
 from ..engine.precision import model_in, precision_dtype, run_precision
 from ..engine.readout import PromptLayout, Readout
-from ..engine.regions import superpixels
+from ..engine.regions import patch_regions, superpixels
 from ..engine.settings import SegmentSettings
 from ..engine.templates import resolve_templates
 from ..engine.text import TextEmbeddingCache, TextEncoder
@@ -57,6 +57,12 @@ class Teacher:
             raise InvalidInputError(
                 "A student's teacher reads random training crops, so it cannot vote within a "
                 "label image: use regions 'slic' or 'felzenszwalb', or none."
+            )
+        if loaded.kind != "vit" and (self.settings.pos_embed_resize,
+                                     self.settings.partial_patches) != ("grid", "pad"):
+            raise InvalidInputError(
+                "The reference code's positional-embedding and partial-patch conventions apply "
+                "to ViT models only: use pos_embed_resize='grid', partial_patches='pad'."
             )
         self.classes = list(classes)
         self.background = list(background) or parse_classes("background")
@@ -109,10 +115,21 @@ class Teacher:
         mean = torch.tensor(loaded.mean, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
         std = torch.tensor(loaded.std, dtype=torch.float32, device=loaded.device).view(1, 3, 1, 1)
         x = (images.to(loaded.device, torch.float32) - mean) / std
-        ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
-        x = F.pad(x, (0, pw - width, 0, ph - height)).to(precision_dtype(self.precision))
+        if s.partial_patches != "drop":  # else the patch conv leaves the partial patch out
+            ph, pw = math.ceil(height / patch) * patch, math.ceil(width / patch) * patch
+            x = F.pad(x, (0, pw - width, 0, ph - height))
+        x = x.to(precision_dtype(self.precision))
         visual = model_in(loaded, self.precision).visual
-        dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing)
+        token_regions = None
+        if s.attention_regions is not None:  # superpixels of each crop, as the engine's windows
+            cells = (lambda n: n // patch) if s.partial_patches == "drop" else (lambda n: -(-n // patch))
+            unit = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+            token_regions = torch.stack([torch.from_numpy(patch_regions(
+                superpixels(c, s.attention_regions, **s.region_params(s.attention_regions)),
+                (cells(height), cells(width)), patch)) for c in unit]).long()
+        dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing,
+                               pos_embed_resize=s.pos_embed_resize, partial_patches=s.partial_patches,
+                               token_regions=token_regions)
         regions = None
         if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
             crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()

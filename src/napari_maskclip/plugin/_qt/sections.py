@@ -33,6 +33,7 @@ from ...engine.names import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_MODEL, RANDO
 from ...engine.settings import SegmentSettings
 from ...engine.templates import TEMPLATE_SETS
 from ...engine.precision import PRECISIONS
+from ...engine.presets import PRESET_SOURCES, PRESETS, REFERENCE_CONVENTIONS
 from ...errors import InvalidInputError
 from ...stacks import StackLayout
 from ..models import ModelChoice, import_student
@@ -473,12 +474,54 @@ class ModelSection(QGroupBox):
         )
 
 
+#: The regions combo's first entries; Labels layers follow as ``layer: <name>``.
+NO_REGIONS = "no regions"
+REGION_METHOD_ITEMS = ("felzenszwalb", "slic")
+LAYER_PREFIX = "layer: "
+#: The preset combo's entry for "no paper preset".
+NO_PRESET = "no preset"
+#: How the widget labels the settings a preset sets (for the "changed" note).
+_FIELD_LABELS = {"logit_scale": "temperature", "short_side": "short side",
+                 "key_smoothing": "key smoothing", "denoise": "prompt denoising", "pamr": "PAMR",
+                 "window": "window", "stride": "stride"}
+#: Settings a preset sets that have no control of their own (kept while its values stay chosen).
+_HIDDEN_PRESET_FIELDS = ("pamr_iterations", "pamr_dilations", "pos_embed_resize",
+                         "partial_patches", "resize_antialias")
+
+
 class SettingsSection(QGroupBox):
-    """MaskCLIP's settings: read-out mode, refinements, windows, prompts."""
+    """MaskCLIP's settings: paper preset, read-out mode, refinements, windows, prompts.
+
+    A paper preset (:mod:`napari_maskclip.engine.presets`) sets the fields to that paper's values;
+    while they stay so the run records the preset, and once one is changed the preset box reads
+    ``<name>, changed`` and the run records ``preset_base`` and ``preset_changed`` instead.
+    Region voting's regions can be superpixels or any Labels layer of the viewer
+    (:meth:`set_region_layers`; the widget keeps the list up to date).
+    """
+
+    #: Emitted when the regions choice changes (the widget checks a layer's shape).
+    regions_changed = Signal()
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__("Settings", parent)
         defaults = SegmentSettings()  # the engine's (the paper's) defaults
+        self._preset: Optional[str] = None  # the preset whose values were last applied
+        self._applying = False
+        self._region_layers: list[Any] = []  # the Labels layers listed in the regions box
+        self._all_labels: list[Any] = []  # every Labels layer of the viewer
+        self._plugin_layers: list[Any] = []  # this plugin's result layers (offered on request)
+        self.preset = QComboBox()
+        self.preset.addItem(NO_PRESET)
+        for name in PRESETS:
+            self.preset.addItem(name)
+            self.preset.setItemData(self.preset.count() - 1, PRESET_SOURCES[name], Qt.ToolTipRole)
+        self.preset.setToolTip(
+            "A paper's evaluation settings (its official code's defaults): sets mode, templates, "
+            "temperature, windows, short side, PAMR and denoising below, and the reference code's "
+            "conventions. Changing a field afterwards makes the run 'changed' (recorded)."
+        )
+        self.preset_info = WrapLabel()
+        self.preset_info.setVisible(False)
         self.mode = QComboBox()
         for i, mode in enumerate(MODES):
             self.mode.addItem(mode)
@@ -514,11 +557,29 @@ class SettingsSection(QGroupBox):
         self.stride.setRange(8, 8192)
         self.stride.setValue(224)
         self.stride.setSuffix(" px")
+        self.short_side = QSpinBox()
+        self.short_side.setRange(0, 8192)
+        self.short_side.setValue(defaults.short_side or 0)
+        self.short_side.setSpecialValueText("as is")
+        self.short_side.setSuffix(" px")
+        self.short_side.setToolTip(
+            "Resize so the short side has this many pixels before inference (the papers: 336, "
+            "448 or 512); labels keep the image's size. 'as is': no resize. Re-encodes."
+        )
         self.templates = QComboBox()
         self.templates.addItems(TEMPLATE_SETS)
         self.templates.setCurrentText(str(defaults.templates))
         self.templates.setToolTip(
-            "maskclip85: the 85 prompt templates of the paper (better); single: 'a photo of a {}.'"
+            "maskclip85: the 85 prompt templates of the paper (better); openai80: CLIP's 80 (the "
+            "successors'); single: 'a photo of a {}.'"
+        )
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(1.0, 1000.0)
+        self.temperature.setDecimals(1)
+        self.temperature.setValue(defaults.logit_scale)
+        self.temperature.setToolTip(
+            "Softmax scale on the cosines: 100 as CLIP and MaskCLIP; the successors use 40-50 "
+            "(softer maps). Query-time: no re-encode."
         )
         self.min_confidence = self._unit_spin(defaults.background_threshold or 0.0)
         self.min_confidence.setToolTip(
@@ -531,11 +592,17 @@ class SettingsSection(QGroupBox):
             "iterations, dilations 8 and 16 px). Query-time: no re-encode; seconds on large images."
         )
         self.regions = QComboBox()
-        self.regions.addItems(["no regions", "felzenszwalb", "slic"])
+        self.regions.addItems([NO_REGIONS, *REGION_METHOD_ITEMS])
         self.regions.setToolTip(
-            "Region voting: every superpixel gets its mean class probabilities (query-time; the "
-            "superpixels are kept with the image's features)."
+            "Region voting: every region gets its mean class probabilities (query-time: no "
+            "re-encode). Superpixels of the image, or a Labels layer of the image's size (e.g. "
+            "SAM, micro-sam or Cellpose output; 0 = no region)."
         )
+        self.region_results = QCheckBox("offer MaskCLIP results as regions")
+        self.region_results.setToolTip(
+            "Also list the Labels layers this plugin made (its own results) as regions."
+        )
+        self.region_results.setVisible(False)
         self.precision = QComboBox()
         self.precision.addItems(PRECISIONS)
         self.precision.setCurrentText(defaults.precision)
@@ -546,18 +613,25 @@ class SettingsSection(QGroupBox):
         self.confidence_maps = QCheckBox("confidence maps")
         self.confidence_maps.setChecked(True)
         self.confidence_maps.setToolTip("Add one confidence image (0..1) per class.")
-        for combo in (self.mode, self.inference, self.templates, self.regions, self.precision):
+        for combo in (self.preset, self.mode, self.inference, self.templates, self.regions,
+                      self.precision):
             fit_combo(combo)
         form = QFormLayout(self)
+        form.addRow("preset", self.preset)
+        form.addRow(self.preset_info)
         form.addRow("mode", self.mode)
         form.addRow(row(self.denoise, self.denoise_threshold))
         form.addRow(row(self.key_smoothing, self.ks_threshold))
         form.addRow("inference", self.inference)
         form.addRow("window", self.window)  # one per row: side by side they are clipped
         form.addRow("stride", self.stride)
+        form.addRow("short side", self.short_side)
         form.addRow("templates", self.templates)
+        form.addRow("temperature", self.temperature)
         form.addRow("min confidence", self.min_confidence)
-        form.addRow("refine", row(self.pamr, self.regions))
+        form.addRow("refine", self.pamr)
+        form.addRow("regions", self.regions)  # own row: a layer's name needs the width
+        form.addRow(self.region_results)
         form.addRow("precision", self.precision)
         form.addRow(self.confidence_maps)
         self.denoise.toggled.connect(self.denoise_threshold.setEnabled)
@@ -565,8 +639,170 @@ class SettingsSection(QGroupBox):
         self.inference.currentTextChanged.connect(self._update_windows)
         self.denoise_threshold.setEnabled(self.denoise.isChecked())
         self.ks_threshold.setEnabled(self.key_smoothing.isChecked())
+        self.preset.activated.connect(self._on_preset_chosen)
+        for signal in (self.mode.currentTextChanged, self.denoise.toggled,
+                       self.key_smoothing.toggled, self.inference.currentTextChanged,
+                       self.window.valueChanged, self.stride.valueChanged,
+                       self.short_side.valueChanged, self.templates.currentTextChanged,
+                       self.temperature.valueChanged, self.pamr.toggled):
+            signal.connect(self._check_preset)
+        self.regions.currentIndexChanged.connect(self._on_regions_changed)
+        self.region_results.toggled.connect(lambda _: self._list_region_layers())
         self._update_windows()
 
+    # ---- paper presets -------------------------------------------------------------------
+    def choose_preset(self, name: Optional[str]) -> None:
+        """Set every field a paper preset decides to its values (None: no preset; the fields
+        stay as they are and the hidden ones go back to the engine's defaults)."""
+        if name is not None and name not in PRESETS:
+            raise InvalidInputError(f"Unknown preset {name!r}: use one of {', '.join(PRESETS)}.")
+        self._preset = name
+        self._applying = True
+        try:
+            if name is not None:
+                self._show_values(PRESETS[name])
+        finally:
+            self._applying = False
+        self._show_preset_state()
+
+    def _on_preset_chosen(self, index: int) -> None:
+        text = self.preset.itemText(index)
+        if text in PRESETS or text == NO_PRESET:
+            self.choose_preset(None if text == NO_PRESET else text)
+        else:  # the "<name>, changed" entry: nothing to apply
+            self._show_preset_state()
+
+    def _show_values(self, values: dict[str, Any]) -> None:
+        """Show a preset's visible values in the controls."""
+        if "mode" in values:
+            self.mode.setCurrentText(values["mode"])
+        if "templates" in values:
+            self.templates.setCurrentText(str(values["templates"]))
+        if "logit_scale" in values:
+            self.temperature.setValue(float(values["logit_scale"]))
+        for name, box in (("denoise", self.denoise), ("key_smoothing", self.key_smoothing),
+                          ("pamr", self.pamr)):
+            if name in values:
+                box.setChecked(bool(values[name]))
+        if "short_side" in values:
+            self.short_side.setValue(int(values["short_side"] or 0))
+        if "window" in values:
+            if values["window"] is None:
+                self.inference.setCurrentText(INFERENCE_AUTO)
+            else:
+                self.inference.setCurrentText(INFERENCE_SLIDING)
+                self.window.setValue(int(values["window"]))
+                self.stride.setValue(int(values.get("stride") or values["window"] // 2))
+
+    def preset_changes(self) -> list[str]:
+        """The preset's fields whose control now shows another value (empty: as the preset)."""
+        if self._preset is None:
+            return []
+        shown = self._visible_values()
+        return [k for k, v in PRESETS[self._preset].items() if k in shown and shown[k] != v]
+
+    def _check_preset(self, *_: Any) -> None:
+        if not self._applying:
+            self._show_preset_state()
+
+    def _show_preset_state(self) -> None:
+        """The preset box and its note: the preset, ``<name>, changed`` or no preset."""
+        self.preset.blockSignals(True)
+        for i in range(self.preset.count() - 1, 0, -1):
+            if self.preset.itemText(i) not in PRESETS:
+                self.preset.removeItem(i)
+        name, changed = self._preset, self.preset_changes()
+        if name is None:
+            self.preset.setCurrentText(NO_PRESET)
+            self.preset_info.setText("")
+        else:
+            conventions = all(PRESETS[name].get(k) == v for k, v in REFERENCE_CONVENTIONS.items())
+            source = PRESET_SOURCES[name].split(":")[0]
+            kept = ("its conventions (positional embedding by scale factor, partial patches "
+                    "dropped, no antialiasing)" if conventions else "")
+            if changed:
+                self.preset.addItem(f"{name}, changed")
+                self.preset.setCurrentIndex(self.preset.count() - 1)
+                shown = ", ".join(_FIELD_LABELS.get(k, k) for k in changed)
+                note = f"Changed from {name} ({source}): {shown}."
+                if kept:
+                    note += f" {kept[0].upper()}{kept[1:]} still apply."
+            else:
+                self.preset.setCurrentText(name)
+                note = f"{name}: {source}" + (f", with {kept}." if kept else ".")
+            self.preset_info.setText(note)
+        self.preset_info.setVisible(bool(self.preset_info.text()))
+        self.preset.blockSignals(False)
+
+    def _visible_values(self) -> dict[str, Any]:
+        """The preset-set fields as the controls show them (SegmentSettings names)."""
+        sliding = self.inference.currentText() == INFERENCE_SLIDING
+        return {
+            "mode": self.mode.currentText(),
+            "templates": self.templates.currentText(),
+            "logit_scale": float(self.temperature.value()),
+            "denoise": self.denoise.isChecked(),
+            "key_smoothing": self.key_smoothing.isChecked(),
+            "pamr": self.pamr.isChecked(),
+            "short_side": int(self.short_side.value()) or None,
+            "window": int(self.window.value()) if sliding else None,
+            "stride": int(self.stride.value()) if sliding else None,
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        """What a run records about the preset beyond its settings: when fields were changed
+        after choosing one, the preset they started from and which fields differ."""
+        changed = self.preset_changes()
+        if not changed:
+            return {}
+        return {"preset_base": self._preset, "preset_changed": changed}
+
+    # ---- regions from Labels layers ----------------------------------------------------------
+    def set_region_layers(self, layers: Any) -> None:
+        """List the viewer's Labels layers as regions (the plugin's own results only when
+        asked), keeping the current choice if its layer still exists (renamed or not)."""
+        from napari.layers import Labels
+
+        labels = [layer for layer in layers if isinstance(layer, Labels)]
+        self._plugin_layers = [layer for layer in labels if _is_plugin_output(layer)]
+        self._all_labels = labels
+        self.region_results.setVisible(bool(self._plugin_layers))
+        self._list_region_layers()
+
+    def _list_region_layers(self) -> None:
+        current = self.region_layer()
+        text = self.regions.currentText()
+        show_results = self.region_results.isChecked()
+        self._region_layers = [layer for layer in self._all_labels
+                               if show_results or layer not in self._plugin_layers]
+        self.regions.blockSignals(True)
+        while self.regions.count() > 1 + len(REGION_METHOD_ITEMS):
+            self.regions.removeItem(self.regions.count() - 1)
+        set_items(self.regions, [LAYER_PREFIX + layer.name for layer in self._region_layers])
+        if current in self._region_layers:
+            self.regions.setCurrentIndex(1 + len(REGION_METHOD_ITEMS)
+                                         + self._region_layers.index(current))
+        elif text.startswith(LAYER_PREFIX) or self.regions.findText(text) < 0:
+            self.regions.setCurrentText(NO_REGIONS)  # its layer is gone: no regions
+        self.regions.blockSignals(False)
+        if self.region_layer() is not current:
+            self._on_regions_changed()
+
+    def region_layer(self) -> Any:
+        """The Labels layer chosen as regions, or None."""
+        i = self.regions.currentIndex() - 1 - len(REGION_METHOD_ITEMS)
+        return self._region_layers[i] if 0 <= i < len(self._region_layers) else None
+
+    def choose_region_layer(self, layer: Any) -> None:
+        """Choose ``layer`` (one of the listed Labels layers) as regions."""
+        if layer not in self._region_layers:
+            raise InvalidInputError(f"{getattr(layer, 'name', layer)!r} is not a listed Labels layer.")
+        self.regions.setCurrentIndex(1 + len(REGION_METHOD_ITEMS) + self._region_layers.index(layer))
+
+    def _on_regions_changed(self, *_: Any) -> None:
+        self.regions_changed.emit()
+
+    # ---- the rest ----------------------------------------------------------------------------
     def apply_preset(self, *, templates: str, window: int, stride: int) -> None:
         """Settings a model asks for (see :func:`napari_maskclip.demo.recommended_settings`):
         its prompt templates, and sliding windows of the given size and stride."""
@@ -577,9 +813,10 @@ class SettingsSection(QGroupBox):
 
     def set_student_mode(self, student: bool) -> None:
         """Disable MaskCLIP's settings while a student is the model (confidence maps stay)."""
-        for control in (self.mode, self.denoise, self.denoise_threshold, self.key_smoothing,
-                        self.ks_threshold, self.inference, self.window, self.stride,
-                        self.templates, self.min_confidence, self.pamr, self.regions):
+        for control in (self.preset, self.mode, self.denoise, self.denoise_threshold,
+                        self.key_smoothing, self.ks_threshold, self.inference, self.window,
+                        self.stride, self.short_side, self.templates, self.temperature,
+                        self.min_confidence, self.pamr, self.regions, self.region_results):
             control.setEnabled(not student)
         if not student:
             self.denoise_threshold.setEnabled(self.denoise.isChecked())
@@ -607,6 +844,7 @@ class SettingsSection(QGroupBox):
 
     def overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``SegmentSettings.replace``."""
+        regions = self.regions.currentText()
         values: dict[str, Any] = {
             "mode": self.mode.currentText(),
             "denoise": self.denoise.isChecked(),
@@ -614,12 +852,14 @@ class SettingsSection(QGroupBox):
             "key_smoothing": self.key_smoothing.isChecked(),
             "ks_threshold": float(self.ks_threshold.value()),
             "templates": self.templates.currentText(),
+            "logit_scale": float(self.temperature.value()),
+            "short_side": int(self.short_side.value()) or None,
             "background_threshold": float(self.min_confidence.value()) or None,
             "window": None,
             "stride": None,
             "pamr": self.pamr.isChecked(),
-            "regions": (None if self.regions.currentText() == "no regions"
-                        else self.regions.currentText()),
+            "regions": (None if regions == NO_REGIONS
+                        else "labels" if regions.startswith(LAYER_PREFIX) else regions),
             "precision": self.precision.currentText(),
         }
         inference = self.inference.currentText()
@@ -628,6 +868,11 @@ class SettingsSection(QGroupBox):
         elif inference == INFERENCE_SLIDING:
             values["window"] = int(self.window.value())
             values["stride"] = int(self.stride.value())
+        if self._preset is not None:
+            preset = PRESETS[self._preset]
+            # The preset's fields without a control stay in effect while it is chosen.
+            values.update({k: preset[k] for k in _HIDDEN_PRESET_FIELDS if k in preset})
+            values["preset"] = None if self.preset_changes() else self._preset
         return values
 
     def keep_confidence(self) -> bool:

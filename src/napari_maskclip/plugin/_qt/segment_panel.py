@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
 
 from ...classes import parse_classes
 from ...engine.names import DEMO_MODEL
-from ...errors import MaskClipError
+from ...errors import InvalidInputError, MaskClipError
 from ...progress import Progress
 from ..jobs import JobOutcome, segmentation_job
 from ..layers import EDIT_POLICY, Geometry, apply_result
@@ -75,6 +75,9 @@ class _Run:
     what: str  # "the image", "slice 3", "12 slices"
     classes: str
     background: str
+    #: Entries the Labels layer's record adds to the engine's settings record (preset changes,
+    #: the Labels layer used as regions).
+    record_extra: dict[str, Any]
 
 
 class MaskClipWidget(QWidget, RunnerPanel):
@@ -170,6 +173,8 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.export_button.clicked.connect(self.open_export)
         self.train_button.clicked.connect(self.open_train)
         self.image.layer_changed.connect(self._on_layer_changed)
+        self.image.layer_changed.connect(self._check_region_layer)
+        self.settings.regions_changed.connect(self._check_region_layer)
         self.model.model.currentTextChanged.connect(self._on_model_changed)
         self.model.student_changed.connect(self._on_student_changed)
         events = self.viewer.layers.events
@@ -187,6 +192,27 @@ class MaskClipWidget(QWidget, RunnerPanel):
             name_event.disconnect(self._refresh_layers)  # no-op when not connected
             name_event.connect(self._refresh_layers)
         self.image.refresh(self.viewer.layers)
+        self.settings.set_region_layers(self.viewer.layers)
+
+    def _region_problem(self) -> Optional[str]:
+        """Why the Labels layer chosen as regions cannot serve the current image, or None."""
+        from ..stack_run import check_region_data
+
+        layer = self.settings.region_layer()
+        if layer is None or self.image.current_layer() is None:
+            return None
+        try:
+            check_region_data(self.image.layer_data(layer), self.image.layout(),
+                              f"The Labels layer '{layer.name}'")
+        except MaskClipError as exc:
+            return str(exc)
+        return None
+
+    def _check_region_layer(self) -> None:
+        """Say at once (status line) when the chosen regions layer does not fit the image."""
+        problem = self._region_problem()
+        if problem is not None:
+            self._set_status(problem)
 
     def _on_layer_changed(self) -> None:
         layer = self.image.current_layer()
@@ -312,6 +338,21 @@ class MaskClipWidget(QWidget, RunnerPanel):
             if background:
                 parse_classes(fg + parse_classes(background, allow_empty=True))
             settings = self.settings.segment_settings()  # checked now, not in the worker
+        region_layer = None if choice.is_student else self.settings.region_layer()
+        record_extra: dict[str, Any] = {} if choice.is_student else self.settings.provenance()
+        if region_layer is not None:
+            problem = self._region_problem()
+            if problem is not None:
+                raise InvalidInputError(problem)
+            record_extra["regions_layer"] = {
+                "name": region_layer.name,
+                "layer_id": str(region_layer.unique_id),
+                "shape": [int(n) for n in self.image.layer_data(region_layer).shape],
+                "replayable": False,
+                "note": "regions from a napari Labels layer: not stored with these settings, so "
+                        "they cannot be replayed; a student's teacher reads random crops "
+                        "without region voting",
+            }
         if self.image.all_slices() or not layout.loop_axes:
             slices = layout.all_slices()
         else:
@@ -332,6 +373,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
             channels=self.image.channel_indices(),
             settings=settings,
             keep_confidence=self.settings.keep_confidence(),
+            regions=None if region_layer is None else self.image.layer_data(region_layer),
         )
         what = layout.describe_slice(slices[0]) if len(slices) == 1 else f"{len(slices)} slices"
         return _Run(
@@ -342,6 +384,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
             what=what,
             classes=classes,
             background=background,
+            record_extra=record_extra,
         )
 
     def _start(self, job: _Run) -> Any:
@@ -407,7 +450,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
             class_names=list(result.class_names),
             class_texts=list(result.class_texts),
             background=result.background,
-            settings=result.settings,
+            settings={**result.settings, **job.record_extra} if result.settings else result.settings,
             source_layout=SourceLayout(layout.data_shape, layout.rgb, layout.channel_axis,
                                        job.request.channels or None),
         )
