@@ -222,3 +222,18 @@ def test_attention_regions_setting_encodes_superpixels_at_patch_centres(tiny_vit
     assert (plain.windows[0].features - features.windows[0].features).abs().max() > 1e-3
     with pytest.raises(InvalidInputError, match="mode"):
         SegmentSettings(mode="maskclip", attention_regions="slic").validate()
+
+
+def test_request_digest_ignores_late_fields_at_their_defaults():
+    """Results written before the conventions existed stay 'finished' for a rerun with the same
+    options; a non-default convention is part of the request (so it is not skipped)."""
+    from napari_maskclip.engine.settings import LATE_FIELDS, SegmentSettings
+
+    plain = SegmentSettings()
+    before = {k: v for k, v in plain.to_dict().items() if k not in LATE_FIELDS}
+    assert plain.request_dict() == before
+    changed = SegmentSettings(pos_embed_resize="scale_factor", resize_antialias=False)
+    assert changed.request_dict()["pos_embed_resize"] == "scale_factor"
+    assert changed.request_dict()["resize_antialias"] is False
+    assert "partial_patches" not in changed.request_dict()
+    assert set(LATE_FIELDS) <= set(plain.to_dict())

@@ -134,7 +134,7 @@ def segment_tasks(
     request = {
         "model": model, "pretrained": pretrained, "precision": precision,
         "classes": [c.text for c in fg], "background": [c.text for c in bg],
-        "settings": settings.to_dict(), "channel_axis": channel_axis,
+        "settings": settings.request_dict(), "channel_axis": channel_axis,
         "channels": list(channels) if channels is not None else None, "confidence": confidence,
     }
     todo, skipped = plan_results(out, images, command="segment", request=request,

@@ -26,6 +26,9 @@ ENCODE_FIELDS = ("mode", "window", "stride", "short_side", "max_whole_pixels", "
                  "attention_regions")
 #: Where region voting's regions come from (kept torch- and skimage-free for UIs and CLIs).
 REGION_SOURCES = ("slic", "felzenszwalb", "labels")
+#: Fields added after CLI results were first written; left out of a run's request digest at
+#: their defaults (see :meth:`SegmentSettings.request_dict`). Append every new field here.
+LATE_FIELDS = ("pos_embed_resize", "partial_patches", "resize_antialias", "attention_regions")
 #: Conventions (see :mod:`.presets`): this project's first, then the reference code's.
 POS_EMBED_RESIZES = ("grid", "scale_factor")
 PARTIAL_PATCHES = ("pad", "drop")
@@ -213,6 +216,14 @@ class SegmentSettings:
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out
+
+    def request_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the fields added later (:data:`LATE_FIELDS`) while they hold
+        their defaults: what a CLI run's request digest hashes, so results written before a
+        field existed are still recognised as finished by a rerun with the same options."""
+        defaults = type(self)()
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in LATE_FIELDS and getattr(self, k) == getattr(defaults, k))}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SegmentSettings":
