@@ -159,6 +159,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
             cancel_button=self.cancel_button, show=self._show_progress, finish=self._finish,
             on_error=self._set_status,
         )
+        footer.insertWidget(1, self.runner.bar)  # below the buttons, while a job runs
         self.runner.ended.connect(self.run_finished.emit)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
