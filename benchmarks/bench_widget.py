@@ -180,9 +180,11 @@ def run_widget(size: int, profile: str | None) -> dict:
         "main_thread_cpu_s": main_cpu,
         "worker_thread_cpu_s": marks.get("worker_thread_cpu_s", 0.0),
     }
+    names = [layer.name for layer in viewer.layers]
+    status = widget.status.text()
     viewer.close()
     return {"first_run_s": end - start, "cpu_s": cpu, "phases": phases, "settings": settings,
-            "status": widget.status.text(), "layers": [layer.name for layer in viewer.layers]}
+            "status": status, "layers": names}
 
 
 def _child(part: str, args: argparse.Namespace, config: str, extra: list[str]) -> dict:
