@@ -194,8 +194,11 @@ def test_twelve_classes_make_two_layers_not_thirteen(viewer):
 
 def test_the_label_picked_for_painting_shows_its_confidence(viewer):
     result = make_result((20, 30), ["cat", "dog", "bird"])
+    result.labels[:] = 2  # dog covers most pixels: shown first, and the label picked
     report = apply(viewer, result)
     labels, conf = report.labels_layer, report.confidence_layer
+    assert maps_of(conf).class_name == "dog" and labels.selected_label == 2
+    np.testing.assert_array_equal(conf.data, result.probabilities[1])
     labels.selected_label = 3
     assert maps_of(conf).class_name == "bird"
     np.testing.assert_array_equal(conf.data, result.probabilities[2])
@@ -207,6 +210,11 @@ def test_the_label_picked_for_painting_shows_its_confidence(viewer):
     assert show_confidence(viewer.layers, labels, "dog") is conf
     np.testing.assert_array_equal(conf.data, result.probabilities[1])
     assert show_confidence(viewer.layers, labels, "sofa") is None
+    # A re-run into the same layer keeps the label the user picked, and shows its map.
+    labels.selected_label = 1
+    again = apply(viewer, make_result((20, 30), ["cat", "dog", "bird"], seed=4))
+    assert again.mode == "updated" and labels.selected_label == 1
+    assert maps_of(conf).class_name == "cat"
 
 
 def test_deleting_a_labels_layer_deletes_its_confidence_layer_only(viewer):

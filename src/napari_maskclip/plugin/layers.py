@@ -475,6 +475,14 @@ def apply_result(
         viewer, conf_tuples[0] if conf_tuples else None, confidence, written,
         report.labels_layer, partial=(mode == "updated"),
     )
+    # The dock, the label to paint with and the map shown agree: a new layer starts on the
+    # class covering most pixels; a re-run into the same layer keeps the label the user picked.
+    shown = ConfidenceRecord.from_metadata(getattr(report.confidence_layer, "metadata", None))
+    if shown is not None:
+        if mode in ("new", "kept-edited"):
+            show_confidence(viewer.layers, report.labels_layer, shown.class_name)
+        else:
+            _follow_selected_label(lambda: viewer.layers, lambda: report.labels_layer)
     return report
 
 

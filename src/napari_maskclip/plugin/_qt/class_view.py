@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from qtpy.QtGui import QColor, QIcon, QPixmap
-from qtpy.QtWidgets import QColorDialog, QComboBox, QHBoxLayout, QPushButton, QWidget
+from qtpy.QtWidgets import QColorDialog, QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
 
 from ...colors import set_class_color
 from ...errors import MaskClipError
@@ -49,8 +49,11 @@ class ClassView(QWidget):
         self.color_button.setToolTip(
             "Give this class another colour: kept for later runs, layers and new datasets."
         )
+        caption = QLabel("class")
+        caption.setToolTip(self.combo.toolTip())
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(caption)
         layout.addWidget(self.combo, 1)
         layout.addWidget(self.color_button)
         self.combo.activated.connect(self._on_picked)
