@@ -15,6 +15,7 @@ import open_clip  # noqa: F401  (Triton before any canvas: see plugin/models.py 
 
 from napari_maskclip.plugin._qt.export_panel import SLICE_CURRENT, ExportWidget
 from napari_maskclip.export import read_dataset
+from napari_maskclip.plugin.records import ConfidenceRecord
 
 from test_widget import (  # noqa: F401  (fixtures: the config dir, the widget, notifications)
     RGB, STACK, _config_dir, make_widget, notifications, run_and_wait,
@@ -70,7 +71,10 @@ def test_export_records_exactly_the_painted_pixels(exported, tmp_path, tiny_vit_
     np.testing.assert_array_equal(sample.read_edited(), painted)
     np.testing.assert_array_equal(sample.read_image(), RGB)
     confidence = sample.read_confidence()
-    np.testing.assert_allclose(confidence[0], viewer.layers["photo [maskclip] cat"].data, atol=1e-3)
+    conf = viewer.layers["photo [maskclip] confidence"]
+    maps = ConfidenceRecord.from_metadata(conf.metadata).maps
+    np.testing.assert_allclose(confidence, maps, atol=1e-3)  # every class, not just the shown one
+    assert conf.data.shape == maps.shape[1:]
     assert sample.info["pixels"]["edited"] == int(painted.sum())
     # The model as chosen (loadable again as a student's teacher), not just the config's name.
     assert sample.provenance["model"] == str(tiny_vit_files[0])

@@ -99,10 +99,13 @@ def test_student_gives_maskclip_shaped_layers(make_widget, qtbot, student_path, 
     assert labels.features["name"].tolist() == ["background", *NAMES]
     blue = labels.colormap.map(np.array([3]))[0, :3]
     assert blue == pytest.approx(class_color("blue")[:3], abs=0.01)
-    maps = [viewer.layers[f"img [maskclip] {n}"] for n in NAMES]
-    for layer in maps:
-        assert layer.data.shape == shape and layer.data.dtype == np.float32
-        np.testing.assert_allclose(layer.scale, source.scale[spatial])
+    from napari_maskclip.plugin.records import ConfidenceRecord
+
+    conf = viewer.layers["img [maskclip] confidence"]
+    assert conf.data.shape == shape and conf.data.dtype == np.float32
+    np.testing.assert_allclose(conf.scale, source.scale[spatial])
+    maps = ConfidenceRecord.from_metadata(conf.metadata).maps
+    assert maps.shape == (len(NAMES), *shape)
 
     slices = {"all slices": [0, 1, 2], "current slice": [1]}.get(choices.get("slices"))
     for z in slices or [None]:
@@ -111,7 +114,7 @@ def test_student_gives_maskclip_shaped_layers(make_widget, qtbot, student_path, 
         expected = direct(student_path, plane, **pick)
         got = labels.data if z is None else labels.data[z]
         np.testing.assert_array_equal(got, expected.labels)
-        got_p = maps[2].data if z is None else maps[2].data[z]
+        got_p = maps[2] if z is None else maps[2][z]
         np.testing.assert_allclose(got_p, expected.probabilities[2], atol=1e-6)
     if slices == [1]:
         assert not labels.data[0].any() and not labels.data[2].any()

@@ -79,6 +79,30 @@ def test_a_flood_of_progress_is_coalesced_and_never_reentrant(runner_and_probe, 
     assert not runner.running and start.isEnabled() and not cancel.isEnabled()
 
 
+def test_the_bar_is_the_panels_own_and_napari_shows_no_activity(runner_and_probe, qtbot):
+    """The panel's bar shows the run and hides after; no napari progress is made (its animated
+    activity indicator recomposed the whole OpenGL window many times a second)."""
+    from napari.utils import progress
+
+    runner, probe, start, cancel = runner_and_probe
+    before = len(progress._all_instances)
+    seen: list[tuple[bool, int, int]] = []
+
+    def watched(control):
+        for i in range(1, 6):
+            yield Progress("test", i, 5, f"step {i}")
+            seen.append((runner.bar.isVisibleTo(runner.bar.parentWidget() or runner.bar),
+                         runner.bar.value(), len(progress._all_instances)))
+        return JobOutcome(result="finished")
+
+    with qtbot.waitSignal(runner.ended, timeout=TIMEOUT_MS):
+        runner.start(watched)
+        assert not runner.bar.isHidden() and runner.bar.maximum() >= 1
+    assert runner.bar.isHidden()
+    assert runner.bar.maximum() == 5 and runner.bar.value() == 5
+    assert all(n == before for _, _, n in seen)
+
+
 def test_cancel_stops_the_job_and_restores_the_buttons(runner_and_probe, qtbot):
     runner, probe, start, cancel = runner_and_probe
 

@@ -73,6 +73,16 @@ def test_confidence_records_and_suggestions():
     assert ConfidenceRecord.from_metadata(conf.to_metadata()) == conf
     assert (conf.source_id, conf.run_id) == ("id-1", "run-1")
     assert ConfidenceRecord.from_metadata(run.to_metadata()) is None  # a labels record
+    # A run's record carries every class's map; a one-class layer (older, or a script's) none.
+    maps = np.arange(2 * 6, dtype=np.float32).reshape(2, 2, 3)
+    full = ConfidenceRecord.of_run("dog", run.replace(class_names=["cat", "dog"]), maps)
+    back = ConfidenceRecord.from_metadata(full.to_metadata())
+    assert back.class_names == ("cat", "dog") and back.maps is maps
+    assert list(back.maps_by_class()) == ["cat", "dog"]
+    assert conf.maps_by_class("data") == {"dog": "data"}
+    bad = full.to_metadata()
+    bad["napari_maskclip"]["maps"] = maps[:1]  # fewer maps than classes: not trusted
+    assert ConfidenceRecord.from_metadata(bad).maps is None
 
     class Layer:
         def __init__(self, metadata):
@@ -105,8 +115,8 @@ def test_the_record_a_run_leaves_is_what_the_export_reads():
     record = RunRecord.from_metadata(layer.metadata)
     assert record.class_names == ["cat", "dog"] and record.role == "labels" and record.managed
     assert record.with_run(run) == record and set(record.fingerprints) == {""}
-    confidence = [ConfidenceRecord.from_metadata(c.metadata) for c in report.confidence_layers.values()]
-    assert {c.run_id for c in confidence} == {record.run_id}
+    confidence = ConfidenceRecord.from_metadata(report.confidence_layer.metadata)
+    assert confidence.run_id == record.run_id and confidence.class_names == ("cat", "dog")
     plan = plan_layer_export(layer_name=layer.name, metadata=layer.metadata,
                              features=layer.features, data=layer.data, layers=list(viewer.layers))
     assert plan.classes == ["cat", "dog; puppy"] and plan.background == "sky"

@@ -205,12 +205,14 @@ def test_runs_on_each_image_kind(make_widget, qtbot, data, kwargs, choices, shap
     np.testing.assert_allclose(labels.translate, source.translate[spatial])
     assert labels.features["name"].tolist() == ["background", "cat", "dog", "sofa"]
     assert labels.colormap.map(np.array([2]))[0, :3] == pytest.approx(class_color("dog")[:3], abs=0.01)
-    maps = [viewer.layers[f"img [maskclip] {n}"] for n in ("cat", "dog", "sofa")]
-    for layer in maps:
-        assert layer.data.shape == shape and layer.data.dtype == np.float32
-        assert layer.blending == "translucent"
-        np.testing.assert_allclose(layer.scale, source.scale[spatial])
-    stacked = np.stack([m.data for m in maps])
+    from napari_maskclip.plugin.records import ConfidenceRecord
+
+    conf = viewer.layers["img [maskclip] confidence"]
+    assert conf.data.shape == shape and conf.data.dtype == np.float32
+    assert conf.blending == "translucent"
+    np.testing.assert_allclose(conf.scale, source.scale[spatial])
+    stacked = ConfidenceRecord.from_metadata(conf.metadata).maps
+    assert stacked.shape == (3, *shape) and stacked.dtype == np.float32
     assert stacked.min() >= 0.0 and stacked.max() <= 1.0
     argmax = stacked.argmax(axis=0) + 1
     if filled is None:
@@ -251,7 +253,10 @@ def test_requery_with_new_names_runs_no_image_encoder(make_widget, qtbot):
     assert "no image-encoder pass" in widget.status.text()
     labels = viewer.layers["img [maskclip]"]
     assert labels.features["name"].tolist() == ["background", "sofa", "floor", "wall"]
-    assert "img [maskclip] cat" not in viewer.layers
+    from napari_maskclip.plugin.records import ConfidenceRecord
+
+    conf = ConfidenceRecord.from_metadata(viewer.layers["img [maskclip] confidence"].metadata)
+    assert conf.class_names == ("sofa", "floor", "wall")  # the maps follow the names
     # Asking again for names seen before also reuses the text embeddings.
     text_calls = segmenter.text.forward_calls
     widget.classes.text.setPlainText("cat, dog")
@@ -321,31 +326,36 @@ def test_rerun_keeps_edited_labels(make_widget, qtbot):
 
 def test_confidence_maps_stay_with_their_labels_layer(make_widget, qtbot):
     """A re-run whose labels go to a new '(2)' layer (the first was edited) adds its own
-    confidence layers; the edited layer keeps its maps, still paired by run for export."""
-    from napari_maskclip.plugin.records import META_KEY
+    confidence layer; the edited layer keeps its maps, still paired by run for export, and
+    deleting a Labels layer deletes its confidence layer (nothing left behind)."""
+    from napari_maskclip.plugin.records import META_KEY, ConfidenceRecord
 
     viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
     widget.classes.text.setPlainText("cat, dog")
     assert run_and_wait(qtbot, widget) == "done"
     labels = viewer.layers["img [maskclip]"]
-    cat = viewer.layers["img [maskclip] cat"]
-    cat_data = np.array(cat.data, copy=True)
+    conf = viewer.layers["img [maskclip] confidence"]
+    maps = np.array(ConfidenceRecord.from_metadata(conf.metadata).maps, copy=True)
     labels.paint((10, 10), 2)
     widget.classes.text.setPlainText("sofa, floor")
     assert run_and_wait(qtbot, widget) == "done"
-    assert viewer.layers["img [maskclip] cat"] is cat  # kept, unchanged, still the first run's
-    np.testing.assert_array_equal(cat.data, cat_data)
+    assert viewer.layers["img [maskclip] confidence"] is conf  # kept, still the first run's
+    np.testing.assert_array_equal(ConfidenceRecord.from_metadata(conf.metadata).maps, maps)
     run_id = labels.metadata[META_KEY]["run_id"]
-    assert cat.metadata[META_KEY]["run_id"] == run_id
-    assert "img [maskclip] dog" in viewer.layers
+    assert conf.metadata[META_KEY]["run_id"] == run_id
     new = widget.last_report.labels_layer
-    new_sofa = viewer.layers["img [maskclip] sofa (2)"]
-    assert new_sofa.metadata[META_KEY]["run_id"] == new.metadata[META_KEY]["run_id"] != run_id
+    new_conf = viewer.layers["img [maskclip] (2) confidence"]
+    assert new_conf.metadata[META_KEY]["run_id"] == new.metadata[META_KEY]["run_id"] != run_id
+    assert ConfidenceRecord.from_metadata(new_conf.metadata).class_names == ("sofa", "floor")
     # The next run with the same names updates the new pair only.
     assert run_and_wait(qtbot, widget) == "done"
     assert widget.last_report.labels_layer is new
-    assert viewer.layers["img [maskclip] sofa (2)"] is new_sofa
-    assert viewer.layers["img [maskclip] cat"] is cat
+    assert viewer.layers["img [maskclip] (2) confidence"] is new_conf
+    assert viewer.layers["img [maskclip] confidence"] is conf
+    # Deleting the edited Labels layer takes its confidence layer with it.
+    viewer.layers.remove(labels)
+    assert "img [maskclip] confidence" not in viewer.layers
+    assert "img [maskclip] (2) confidence" in viewer.layers
 
 
 def test_stack_slices_accumulate_without_losing_edits(make_widget, qtbot):
@@ -453,6 +463,7 @@ def test_recent_class_lists_are_remembered(make_widget, qtbot):
 def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
     """What the layers carry is enough for napari's Save to write a dataset sample."""
     from napari_maskclip.export import read_dataset
+    from napari_maskclip.plugin.records import ConfidenceRecord
 
     viewer, widget = make_widget((RGB, {"name": "photo", "rgb": True}))
     widget.classes.text.setPlainText("cat, dog; puppy")
@@ -468,7 +479,8 @@ def test_result_saves_as_a_training_sample(make_widget, qtbot, tmp_path):
     np.testing.assert_array_equal(sample.read_image(), RGB)
     confidence = sample.read_confidence()
     assert confidence is not None and confidence.shape == (2, *RGB.shape[:2])
-    np.testing.assert_allclose(confidence[1], viewer.layers["photo [maskclip] dog"].data, atol=1e-3)
+    maps = ConfidenceRecord.from_metadata(viewer.layers["photo [maskclip] confidence"].metadata).maps
+    np.testing.assert_allclose(confidence, maps, atol=1e-3)  # every class, not just the shown one
 
 
 @pytest.mark.parametrize("launch", ["first", pytest.param("second", marks=pytest.mark.slow)])

@@ -69,14 +69,26 @@ def _confidence(source, data, name, run_id="r1"):
                             "source_id": str(source.unique_id), "run_id": run_id}})
 
 
+def _run_confidence(source, maps, names, shown=0, run_id="r1"):
+    """The run's one confidence layer: every class's map in its record, one shown."""
+    return napari_layers.Image(maps[shown], name=f"{source.name} [maskclip] confidence", metadata={
+        "napari_maskclip": {"role": "confidence", "class_name": names[shown],
+                            "source_id": str(source.unique_id), "run_id": run_id,
+                            "class_names": list(names), "maps": maps}})
+
+
 def _export(layer, layers, folder, **options):
     plan = plan_layer_export(layer_name=layer.name, metadata=layer.metadata,
                              features=layer.features, data=layer.data, layers=layers)
     return plan, run_to_completion(plan.export_iter(folder, **options))
 
 
-def test_channel_stack_exports_one_sample_per_slice_with_the_channels_maskclip_saw(tmp_path):
-    """Z x C x H x W source, channel axis 1, channels 0 and 2 and 3 -> labels Z x 1 x H x W."""
+@pytest.mark.parametrize("style", ["run layer", "one layer per class"])
+def test_channel_stack_exports_one_sample_per_slice_with_the_channels_maskclip_saw(tmp_path, style):
+    """Z x C x H x W source, channel axis 1, channels 0 and 2 and 3 -> labels Z x 1 x H x W.
+
+    The maps come from the run's one confidence layer (every class's map, whichever it shows)
+    or from one-class layers (older versions, scripts)."""
     pixels = RNG.integers(0, 4000, (3, 4, 10, 12)).astype(np.uint16)
     source = napari_layers.Image(pixels, name="cells")
     labels = RNG.integers(0, 3, (3, 1, 10, 12)).astype(np.uint8)
@@ -86,8 +98,12 @@ def test_channel_stack_exports_one_sample_per_slice_with_the_channels_maskclip_s
     layout = {"data_shape": [3, 4, 10, 12], "rgb": False, "channel_axis": 1, "channels": [0, 2, 3]}
     layer = _managed_labels(labels, source, record, layout=layout)
     probs = RNG.random((2, 3, 1, 10, 12)).astype(np.float32)
-    conf = [_confidence(source, probs[k], n) for k, n in enumerate(["cat", "dog"])]
-    stale = _confidence(source, np.zeros((3, 1, 10, 12), np.float32), "cat", run_id="other")
+    if style == "run layer":
+        conf = [_run_confidence(source, probs, ["cat", "dog"], shown=1)]
+        stale = _run_confidence(source, np.zeros_like(probs), ["cat", "dog"], run_id="other")
+    else:
+        conf = [_confidence(source, probs[k], n) for k, n in enumerate(["cat", "dog"])]
+        stale = _confidence(source, np.zeros((3, 1, 10, 12), np.float32), "cat", run_id="other")
 
     plan, report = _export(layer, [source, stale, *conf, layer], tmp_path / "ds")
     ds = read_dataset(tmp_path / "ds")

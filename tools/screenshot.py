@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "napari-widget.png"))
     parser.add_argument("--model", choices=["auto", "demo", "tiny"], default="auto")
-    parser.add_argument("--size", default="1400x1000", help="window size, WIDTHxHEIGHT")
+    parser.add_argument("--size", default="1600x1200", help="window size, WIDTHxHEIGHT")
     parser.add_argument("--series", action="store_true",
                         help="show the Series page on a folder of synthetic scenes (demo model) "
                         "after one edited image was saved")

@@ -13,7 +13,8 @@ What the plugin's layer metadata gives (``metadata["napari_maskclip"]``, written
   ``source_id``, else by ``source_name``). With the run's ``source_layout`` (data shape, RGB,
   channel axis, picked channels), slices are read one at a time from the layer's data (dask and
   zarr are never loaded whole), with the channels MaskCLIP saw, channels last;
-* **confidence maps**: the confidence layers of the same run (``run_id``), one per class; slices
+* **confidence maps**: the confidence layer of the same run (``run_id``), which holds every
+  class's map (older one-class layers are read too); slices
   the run did not compute are NaN in the file ("not queried");
 * **edited pixels**: ``edited`` (an explicit mask) if present, else the ``predicted`` record
   (:mod:`.edits`): edited = current labels != what MaskCLIP wrote;
@@ -430,8 +431,11 @@ def plan_layer_export(
             if conf is None:
                 continue
             same_run = conf.run_id == run_id if run_id else conf.source_id == source_id
-            if same_run and tuple(layer.data.shape) == output_shape:
-                maps.setdefault(conf.class_name, layer.data)
+            if not same_run:
+                continue
+            for name, data in conf.maps_by_class(layer.data).items():
+                if tuple(data.shape) == output_shape:
+                    maps.setdefault(name, data)
     if names and all(n in maps for n in names):
         plan.probabilities = [_confidence_view(maps[n], axes, plan.predicted) for n in names]
     elif record.role == LABELS and record.settings is not None:

@@ -3,8 +3,16 @@
 :func:`result_layer_data` turns any result with ``labels``, ``probabilities``, ``class_names`` and
 ``colors`` (an engine :class:`~napari_maskclip.engine.SegmentationResult` or a stack result) into
 napari layer-data tuples: one Labels layer with the class names as ``features`` (shown in the
-status bar on hover) and a stable colour per class name, and one translucent float32 confidence
-Image per class, only the top few visible.
+status bar on hover) and a stable colour per class name, and **one** confidence Image per run.
+
+Why one confidence layer, not one per class: twelve classes made twelve layers whose long names
+(``<image> [maskclip] <class>``) were cut to the same prefix in the layer list, and a person looks
+at one class's confidence at a time anyway. The run's layer ``<labels layer> confidence`` holds
+every class's map (``(n_classes, *shape)`` in its :class:`~.records.ConfidenceRecord`, for export
+and instant switching) and shows one, in that class's colour: the class of the label picked in the
+Labels layer (picking a label to paint shows how sure the model was about it), or the one chosen
+in the dock (:func:`show_confidence`). Switching is a view swap, no copy and no re-run. The layer
+belongs to its Labels layer: deleting the Labels layer deletes it (:func:`link_run_layers`).
 
 :func:`apply_result` puts a run into the viewer. The plugin's layers are found by their metadata
 (:mod:`.records`: a :class:`~.records.RunRecord` on the Labels layer, a
@@ -29,8 +37,10 @@ Uses public napari API only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -42,6 +52,10 @@ from .records import CONFIDENCE, LABELS, META_KEY, ConfidenceRecord, RunRecord, 
 
 __all__ = [
     "EDIT_POLICY",
+    "confidence_layer_of",
+    "link_run_layers",
+    "recolor_class",
+    "show_confidence",
     "META_KEY",
     "ApplyReport",
     "Geometry",
@@ -59,8 +73,6 @@ EDIT_POLICY = (
     "you have not edited are rewritten; otherwise your edited Labels layer is kept as it is and "
     "the result goes into a new Labels layer."
 )
-#: Confidence maps visible after a run (the classes covering most pixels); the others are hidden.
-VISIBLE_CONFIDENCE = 3
 _UNLISTED_LABEL_COLOR = (0.6, 0.6, 0.6, 1.0)  # values the user paints beyond the class list
 _CONFIDENCE_OPACITY = 0.6
 
@@ -87,8 +99,9 @@ def labels_layer_name(source_name: str) -> str:
     return f"{source_name} [maskclip]"
 
 
-def confidence_layer_name(source_name: str, class_name: str) -> str:
-    return f"{source_name} [maskclip] {class_name}"
+def confidence_layer_name(labels_name: str) -> str:
+    """The run's confidence layer is named after its Labels layer (``(2)`` runs included)."""
+    return f"{labels_name} confidence"
 
 
 def _labels_colormap(class_names: Sequence[str], colors: Sequence[Sequence[float]]) -> dict:
@@ -106,19 +119,28 @@ def _confidence_colormap(class_name: str, color: Sequence[float]):
     from napari.utils.colormaps import Colormap
 
     r, g, b = (float(c) for c in color[:3])
+    # napari registers colormaps by name: the colour is part of it, so a new colour is used.
+    hex_rgb = "".join(f"{round(c * 255):02x}" for c in (r, g, b))
     return Colormap(
-        colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"maskclip {class_name}",
+        colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"maskclip {class_name} #{hex_rgb}",
         display_name=f"{class_name} confidence",
     )
 
 
-def _top_classes(result: Any, k: int) -> set[int]:
-    counts = result.class_pixel_counts() if hasattr(result, "class_pixel_counts") else [
-        int(np.count_nonzero(np.asarray(result.labels) == i + 1))
-        for i in range(len(result.class_names))
-    ]
-    order = sorted(range(len(counts)), key=lambda i: -counts[i])
-    return {i for i in order[:k] if counts[i] > 0}
+def _top_class(result: Any) -> int:
+    """Index of the class covering most pixels (shown first)."""
+    counts = result.class_pixel_counts() if hasattr(result, "class_pixel_counts") else np.bincount(
+        np.asarray(result.labels).ravel(), minlength=len(result.class_names) + 1)[1:]
+    return int(np.argmax(counts)) if len(counts) else 0
+
+
+def _stacked(probabilities: Any) -> Optional[np.ndarray]:
+    """The maps as one ``(n_classes, ...)`` float32 array (no copy when they already are)."""
+    if isinstance(probabilities, np.ndarray):
+        return probabilities if probabilities.dtype == np.float32 else probabilities.astype(
+            np.float32)
+    maps = list(probabilities)
+    return np.stack(maps).astype(np.float32, copy=False) if maps else None
 
 
 def result_layer_data(
@@ -127,32 +149,32 @@ def result_layer_data(
     source_name: str,
     geometry: Optional[Geometry] = None,
     record: Optional[RunRecord] = None,
-    visible_confidence: int = VISIBLE_CONFIDENCE,
 ) -> list[tuple[Any, dict[str, Any], str]]:
-    """Layer-data tuples (confidence images first, labels last) for any segmentation result.
+    """Layer-data tuples (the run's confidence image first when it has maps, labels last).
 
-    ``result`` needs ``labels``, ``probabilities`` (one map per class, iterable), ``class_names``
-    and ``colors``; ``record`` (its class names set from ``result``) goes into the Labels layer's
-    metadata, its source and run into each confidence layer's.
+    ``result`` needs ``labels``, ``probabilities`` (one map per class: a ``(n, ...)`` array or a
+    list), ``class_names`` and ``colors``; ``record`` (its class names set from ``result``) goes
+    into the Labels layer's metadata, its source and run into the confidence layer's, with every
+    class's map. The confidence layer shows the class covering most pixels.
     """
     geo = geometry.kwargs() if geometry is not None else {}
     names = list(result.class_names)
     colors = list(result.colors)
     record = (record or RunRecord()).replace(class_names=names, role=LABELS)
-    top = _top_classes(result, visible_confidence)
     layers: list[tuple[Any, dict[str, Any], str]] = []
-    for k, prob in enumerate(result.probabilities):
+    maps = _stacked(result.probabilities)
+    if maps is not None and len(maps) == len(names):
+        k = _top_class(result)
         layers.append((
-            prob,
+            maps[k],
             {
-                "name": confidence_layer_name(source_name, names[k]),
+                "name": confidence_layer_name(labels_layer_name(source_name)),
                 "colormap": _confidence_colormap(names[k], colors[k]),
                 "blending": "translucent",
                 "opacity": _CONFIDENCE_OPACITY,
                 "contrast_limits": (0.0, 1.0),
                 "rgb": False,
-                "visible": k in top,
-                "metadata": ConfidenceRecord.of_run(names[k], record).to_metadata(),
+                "metadata": ConfidenceRecord.of_run(names[k], record, maps).to_metadata(),
                 **geo,
             },
             "image",
@@ -205,32 +227,117 @@ def edited_slices(layer: Any) -> set[str]:
 
 
 # ---- finding the plugin's layers -----------------------------------------------------------------
-def managed_layers(viewer: Any, source_id: str) -> tuple[Any, dict[str, Any]]:
-    """The managed Labels layer (or None) and its confidence layers by class, for a source.
+def managed_layers(viewer: Any, source_id: str) -> tuple[Any, Any]:
+    """The managed Labels layer of a source (or None) and its run's confidence layer (or None).
 
-    Confidence layers belong to the run of their Labels layer (same ``run_id``): those of a
-    Labels layer a person edited and a re-run left alone stay with it. Without a managed Labels
-    layer (deleted by the user), the source's confidence layers are all returned, for reuse."""
+    A confidence layer belongs to the run of its Labels layer (same ``run_id``): that of a Labels
+    layer a person edited and a re-run left alone stays with it."""
     labels = None
-    run_id = None
-    confidence: dict[str, list[Any]] = {}
     for layer in viewer.layers:
         meta = plugin_metadata(getattr(layer, "metadata", None))
-        if meta.get("source_id") != source_id:
-            continue
-        if meta.get("role") == LABELS and labels is None:
+        if meta.get("source_id") == source_id and meta.get("role") == LABELS:
             record = RunRecord.from_metadata(layer.metadata)
             if record is not None and record.managed:
-                labels, run_id = layer, record.run_id
-        elif meta.get("role") == CONFIDENCE:
-            confidence.setdefault(meta.get("class_name"), []).append(layer)
-    owned: dict[str, Any] = {}
-    for name, layers in confidence.items():
-        mine = [layer for layer in layers
-                if labels is None or plugin_metadata(layer.metadata).get("run_id") == run_id]
-        if mine:
-            owned[name] = mine[-1]
-    return labels, owned
+                labels = layer
+                break
+    return labels, (confidence_layer_of(viewer.layers, labels) if labels is not None else None)
+
+
+def confidence_layer_of(layers: Any, labels_layer: Any) -> Any:
+    """The confidence layer of ``labels_layer``'s run (same ``run_id``), or None."""
+    record = RunRecord.from_metadata(getattr(labels_layer, "metadata", None))
+    if record is None or not record.run_id:
+        return None
+    for layer in layers:
+        conf = ConfidenceRecord.from_metadata(getattr(layer, "metadata", None))
+        if conf is not None and conf.run_id == record.run_id and conf.maps is not None:
+            return layer
+    return None
+
+
+def show_confidence(layers: Any, labels_layer: Any, class_name: str) -> Any:
+    """Show ``class_name``'s map in the confidence layer of ``labels_layer``'s run (a view swap:
+    every map is already there) and pick its label for painting, so both say the same class.
+    Returns the layer, or None when the run has no such map."""
+    layer = confidence_layer_of(layers, labels_layer)
+    record = ConfidenceRecord.from_metadata(getattr(layer, "metadata", None))
+    if record is None or class_name not in record.class_names:
+        return None
+    k = record.class_names.index(class_name)
+    if labels_layer.selected_label != k + 1:
+        labels_layer.selected_label = k + 1  # shows the map through _follow_selected_label
+    if record.class_name != class_name or layer.data is not record.maps[k]:
+        layer.data = record.maps[k]
+        layer.metadata = {**layer.metadata, **record.replace(class_name=class_name).to_metadata()}
+    layer.colormap = _confidence_colormap(class_name, _label_color(labels_layer, k + 1))
+    layer.contrast_limits = (0.0, 1.0)
+    return layer
+
+
+def _label_color(labels_layer: Any, value: int) -> tuple[float, ...]:
+    color = labels_layer.colormap.color_dict.get(value)
+    return tuple(float(c) for c in color) if color is not None else _UNLISTED_LABEL_COLOR
+
+
+def recolor_class(layers: Any, class_name: str, color: Sequence[float]) -> list[Any]:
+    """Give ``class_name`` the colour ``color`` in every Labels layer a run made (and in the
+    confidence layer showing it). Returns the Labels layers changed."""
+    rgba = tuple(float(c) for c in color[:3]) + (1.0,)
+    changed = []
+    for layer in list(layers):
+        record = RunRecord.from_metadata(getattr(layer, "metadata", None))
+        if record is None or record.role != LABELS or class_name not in (record.class_names or []):
+            continue
+        value = record.class_names.index(class_name) + 1
+        colors = {k: tuple(float(c) for c in v) for k, v in layer.colormap.color_dict.items()}
+        colors[value] = rgba
+        layer.colormap = colors
+        changed.append(layer)
+        conf = ConfidenceRecord.from_metadata(
+            getattr(confidence_layer_of(layers, layer), "metadata", None))
+        if conf is not None and conf.class_name == class_name:
+            show_confidence(layers, layer, class_name)
+    return changed
+
+
+# ---- a run's layers live and die together --------------------------------------------------------
+def link_run_layers(viewer: Any) -> None:
+    """Deleting a run's Labels layer deletes its confidence layer too (once per viewer: napari
+    ignores a second connection of the same callback)."""
+    viewer.layers.events.removed.connect(_on_layer_removed)
+
+
+def _on_layer_removed(event: Any) -> None:
+    layers = event.source
+    record = RunRecord.from_metadata(getattr(event.value, "metadata", None))
+    if record is None or record.role != LABELS or not record.run_id:
+        return
+    for layer in layers:  # a duplicate of the Labels layer still uses the maps
+        other = RunRecord.from_metadata(getattr(layer, "metadata", None))
+        if other is not None and other.role == LABELS and other.run_id == record.run_id:
+            return
+    for layer in list(layers):
+        conf = ConfidenceRecord.from_metadata(getattr(layer, "metadata", None))
+        if conf is not None and conf.run_id == record.run_id:
+            layers.remove(layer)
+
+
+def _follow_selected_label(layers_ref: Any, labels_ref: Any, event: Any = None) -> None:
+    """The confidence layer shows the class of the label picked for painting."""
+    layers, labels = layers_ref(), labels_ref()
+    if layers is None or labels is None:
+        return
+    record = RunRecord.from_metadata(labels.metadata)
+    names = (record.class_names or []) if record is not None else []
+    value = int(labels.selected_label)
+    if 1 <= value <= len(names):
+        show_confidence(layers, labels, names[value - 1])
+
+
+def _link_labels(viewer: Any, labels_layer: Any) -> None:
+    link_run_layers(viewer)
+    labels_layer.events.selected_label.connect(functools.partial(
+        _follow_selected_label, weakref.ref(viewer.layers), weakref.ref(labels_layer)))
 
 
 # ---- applying a run ------------------------------------------------------------------------------
@@ -240,7 +347,7 @@ class ApplyReport:
 
     mode: str  # "new", "updated", "replaced", "kept-edited"
     labels_layer: Any
-    confidence_layers: dict[str, Any] = field(default_factory=dict)
+    confidence_layer: Any = None
     kept_layer_name: Optional[str] = None
     edited: list[str] = field(default_factory=list)
 
@@ -313,7 +420,7 @@ def apply_result(
             mode = "kept-edited"
 
     run_id = uuid.uuid4().hex
-    if mode == "updated":  # the same run continues: its confidence layers stay paired
+    if mode == "updated":  # the same run continues: its confidence layer stays paired
         run_id = old.run_id or run_id
     record = RunRecord(class_names=names, source_id=source_id, source_name=source_name,
                        run_id=run_id)
@@ -358,64 +465,66 @@ def apply_result(
                                          **old.replace(managed=False).to_metadata()}
                 report.kept_layer_name = labels_layer.name
                 kwargs["name"] = _unique_name(viewer, kwargs["name"])
+                # The edited layer keeps its own confidence layer (an export of it pairs the
+                # maps by run); the new result gets a new one.
+                confidence = None
             report.labels_layer = viewer.add_layer(_layer_from_tuple(data, kwargs, "labels"))
+            _link_labels(viewer, report.labels_layer)
 
-    if mode == "kept-edited":
-        # The edited layer keeps its own confidence maps (an export of it pairs them by run);
-        # the new result gets new ones, named after its new Labels layer.
-        confidence = {}
-        suffix = report.labels_layer.name[len(labels_layer_name(source_name)):]
-        for _, kwargs, _ in conf_tuples:
-            kwargs["name"] = _unique_name(viewer, kwargs["name"] + suffix)
-    report.confidence_layers = _apply_confidence(
-        viewer, conf_tuples, confidence, written, report.labels_layer,
-        partial=(mode == "updated"), class_names=names,
+    report.confidence_layer = _apply_confidence(
+        viewer, conf_tuples[0] if conf_tuples else None, confidence, written,
+        report.labels_layer, partial=(mode == "updated"),
     )
+    # The dock, the label to paint with and the map shown agree: a new layer starts on the
+    # class covering most pixels; a re-run into the same layer keeps the label the user picked.
+    shown = ConfidenceRecord.from_metadata(getattr(report.confidence_layer, "metadata", None))
+    if shown is not None:
+        if mode in ("new", "kept-edited"):
+            show_confidence(viewer.layers, report.labels_layer, shown.class_name)
+        else:
+            _follow_selected_label(lambda: viewer.layers, lambda: report.labels_layer)
     return report
 
 
 def _apply_confidence(
     viewer: Any,
-    conf_tuples: list[tuple[Any, dict[str, Any], str]],
-    existing: dict[str, Any],
+    conf_tuple: Optional[tuple[Any, dict[str, Any], str]],
+    existing: Any,
     written: dict[str, Any],
     labels_layer: Any,
     *,
     partial: bool,
-    class_names: list[str],
-) -> dict[str, Any]:
-    """Update, add or remove the per-class confidence layers (kept just below the labels).
+) -> Any:
+    """Update, add or remove the run's confidence layer (kept just below its labels).
 
-    Layers of classes that are gone are reused for new classes before any is added or removed:
-    adding and removing napari layers costs far more than a re-query itself.
-    """
-    layers: dict[str, Any] = {}
-    stale = [existing.pop(name) for name in list(existing) if name not in class_names]
-    for name, (data, kwargs, _) in zip(class_names, conf_tuples):
-        layer = existing.get(name)
-        if layer is None and stale and not partial:
-            layer = stale.pop(0)
-        usable = (
-            layer is not None and isinstance(layer.data, np.ndarray)
-            and layer.data.shape == data.shape and layer.data.flags.writeable
-        )
-        if usable and partial:
-            for idx in written.values():
-                layer.data[idx] = data[idx]
-            layer.refresh()
-        elif usable:
-            layer.data = data
-            layer.name = kwargs["name"]
-            layer.colormap = kwargs["colormap"]
-            layer.contrast_limits = (0.0, 1.0)
-            layer.visible = kwargs["visible"]
-            layer.metadata = kwargs["metadata"]
-        else:
-            if layer is not None:
-                viewer.layers.remove(layer)
-            layer = _layer_from_tuple(data, kwargs, "image")
-            viewer.layers.insert(viewer.layers.index(labels_layer), layer)
-        layers[name] = layer
-    for layer in stale:
-        viewer.layers.remove(layer)
-    return layers
+    A partial run (same classes, some slices) writes its slices into the run's maps in place;
+    a full one reuses the existing layer (adding and removing napari layers costs far more than
+    a re-query itself)."""
+    if conf_tuple is None:
+        if existing is not None and not partial:
+            viewer.layers.remove(existing)
+        return None if not partial else existing
+    data, kwargs, _ = conf_tuple
+    new = ConfidenceRecord.from_metadata(kwargs["metadata"])
+    old = ConfidenceRecord.from_metadata(getattr(existing, "metadata", None))
+    name = confidence_layer_name(labels_layer.name)
+    if partial and old is not None and old.maps.shape == new.maps.shape \
+            and old.class_names == new.class_names and old.maps.flags.writeable:
+        for idx in written.values():
+            old.maps[(slice(None), *idx)] = new.maps[(slice(None), *idx)]
+        existing.refresh()
+        return existing
+    if old is not None and isinstance(existing.data, np.ndarray) \
+            and existing.data.shape == data.shape:
+        existing.metadata = {**existing.metadata, **kwargs["metadata"]}
+        existing.data = data
+        existing.name = name
+        existing.colormap = kwargs["colormap"]
+        existing.contrast_limits = (0.0, 1.0)
+        return existing
+    if existing is not None:
+        viewer.layers.remove(existing)
+    kwargs["name"] = name
+    layer = _layer_from_tuple(data, kwargs, "image")
+    viewer.layers.insert(viewer.layers.index(labels_layer), layer)
+    return layer

@@ -9,7 +9,8 @@ Everything lives in ``layer.metadata["napari_maskclip"]`` (:data:`META_KEY`), so
   settings and provenance, where the image came from (:class:`SourceLayout`), which slices the
   plugin wrote (fingerprints and the compressed ``predicted`` copy, see :mod:`.edits`), and the
   ``run_id`` its confidence layers share;
-* :class:`ConfidenceRecord` on a confidence image (role ``confidence``): its class and run;
+* :class:`ConfidenceRecord` on a run's confidence image (role ``confidence``): its run, the
+  class shown, and the maps of every class;
 * :class:`SampleSuggestion` on a sample image: the class names (and model) worth trying.
 
 Reading is lenient: a layer made by a script or an older version may lack fields or hold
@@ -212,29 +213,57 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class ConfidenceRecord:
-    """What a run stores on one of its confidence images."""
+    """What a run stores on its confidence image: the class shown, the run, and every map.
+
+    A run makes *one* confidence layer: ``maps`` holds one map per class of ``class_names``
+    (``(n_classes, *labels_shape)`` float32), the layer's data is the view ``maps[k]`` of the
+    class shown (``class_name``). Layers from older versions or scripts hold one class each
+    (no ``maps``): :meth:`maps_by_class` reads both.
+    """
 
     class_name: str
     source_id: Optional[str] = None
     source_name: Optional[str] = None
     run_id: Optional[str] = None
+    class_names: tuple[str, ...] = ()
+    maps: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of_run(cls, class_name: str, run: RunRecord) -> "ConfidenceRecord":
-        return cls(class_name, run.source_id, run.source_name, run.run_id)
+    def of_run(cls, class_name: str, run: RunRecord, maps: Optional[np.ndarray] = None
+               ) -> "ConfidenceRecord":
+        names = tuple(run.class_names or ()) if maps is not None else ()
+        return cls(class_name, run.source_id, run.source_name, run.run_id, names, maps)
+
+    def replace(self, **changes: Any) -> "ConfidenceRecord":
+        return dataclasses.replace(self, **changes)
 
     def to_metadata(self) -> dict[str, Any]:
-        return {META_KEY: {"role": CONFIDENCE, "class_name": self.class_name,
-                           "source_id": self.source_id, "source_name": self.source_name,
-                           "run_id": self.run_id}}
+        entry: dict[str, Any] = {"role": CONFIDENCE, "class_name": self.class_name,
+                                 "source_id": self.source_id, "source_name": self.source_name,
+                                 "run_id": self.run_id}
+        if self.maps is not None:
+            entry.update(class_names=list(self.class_names), maps=self.maps)
+        return {META_KEY: entry}
 
     @classmethod
     def from_metadata(cls, metadata: Optional[Mapping[str, Any]]) -> Optional["ConfidenceRecord"]:
         raw = plugin_metadata(metadata)
         if raw.get("role") != CONFIDENCE:
             return None
+        names = _texts(raw.get("class_names")) or []
+        maps = raw.get("maps")
+        if not (isinstance(maps, np.ndarray) and maps.ndim >= 1 and len(maps) == len(names)
+                and names):
+            names, maps = [], None
         return cls(class_name=str(raw.get("class_name")), source_id=_text(raw.get("source_id")),
-                   source_name=_text(raw.get("source_name")), run_id=_text(raw.get("run_id")))
+                   source_name=_text(raw.get("source_name")), run_id=_text(raw.get("run_id")),
+                   class_names=tuple(names), maps=maps)
+
+    def maps_by_class(self, layer_data: Any = None) -> dict[str, Any]:
+        """``{class name: map}``: every map of the run, or (an older one-class layer) its data."""
+        if self.maps is not None:
+            return dict(zip(self.class_names, self.maps))
+        return {self.class_name: layer_data} if layer_data is not None else {}
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ class StackResult:
     """
 
     labels: np.ndarray
-    probabilities: list[np.ndarray]
+    #: ``(n_classes, *labels.shape)`` float32, or ``[]`` when confidence maps are off.
+    probabilities: Any
     class_names: list[str]
     class_texts: list[str]
     background: str
@@ -198,7 +199,7 @@ def segment_stack_iter(
     )
 
 
-def _allocate(request: StackRequest, n_classes: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _allocate(request: StackRequest, n_classes: int) -> tuple[np.ndarray, Any]:
     """Full-shape outputs (pages committed only when written), after the memory check."""
     layout = request.layout
     if not request.slices:
@@ -214,8 +215,9 @@ def _allocate(request: StackRequest, n_classes: int) -> tuple[np.ndarray, list[n
         )
     label_dtype = np.uint8 if n_classes <= 255 else np.uint16
     labels = np.zeros(layout.output_shape, dtype=label_dtype)
+    # One (n_classes, ...) block: the confidence layer keeps it as it is (no stacking copy).
     probabilities = (
-        [np.zeros(layout.output_shape, dtype=np.float32) for _ in range(n_classes)]
+        np.zeros((n_classes, *layout.output_shape), dtype=np.float32)
         if request.keep_confidence else []
     )
     return labels, probabilities

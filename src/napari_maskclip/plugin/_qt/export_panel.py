@@ -168,6 +168,7 @@ class ExportWidget(QWidget, RunnerPanel):
             cancel_button=self.cancel_button, show=self._show_progress, finish=self._finish,
             on_error=self.status.setText,
         )
+        footer.insertWidget(1, self.runner.bar)  # below the buttons, while a job runs
         self.runner.ended.connect(self.export_finished.emit)
         self.folder_button.clicked.connect(self._choose_folder)
         self.instances_button.clicked.connect(self.show_instances)

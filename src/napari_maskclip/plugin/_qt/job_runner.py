@@ -1,5 +1,13 @@
-"""One job runner for every panel: a progress generator in a napari worker, with napari's progress
-bar, the panel's Start/Cancel buttons, cancel and teardown.
+"""One job runner for every panel: a progress generator in a napari worker, with a progress bar in
+the panel (:attr:`JobRunner.bar`, next to its Start/Cancel buttons), cancel and teardown.
+
+**Why the panel's own bar, not napari's** ``progress``: while a napari progress runs, napari's
+status bar animates an activity indicator many times a second, and a window holding an OpenGL
+canvas is recomposed through OpenGL on every repaint. With software OpenGL (no GPU driver: remote
+desktops, VMs, CI) that cost more CPU than the segmentation itself: measured with
+``benchmarks/bench_widget.py`` (128 px, 2 busy cores) the process used 45-95 s of CPU for a first
+run with napari's bar and 23 s without it, against 19-21 s for the engine alone. The panel's bar
+repaints only when its value changes (reports are coalesced, see below) and never animates.
 
 A panel hands :meth:`JobRunner.start` a *job*: a function that takes the run's
 :class:`~napari_maskclip.plugin.jobs.JobControl` and returns a generator yielding
@@ -15,8 +23,8 @@ called in the worker thread. The panel gives three callbacks, all called on the 
   (``"done"``, ``"cancelled"`` or ``"error"``), which :attr:`JobRunner.ended` then carries, once
   the bar is closed and the buttons are back.
 
-**Never re-entrant.** napari's progress bar pumps the Qt event loop when it changes
-(``QApplication.processEvents`` in its ``setValue`` / ``setDescription``), which delivers the
+**Never re-entrant.** A progress display may pump the Qt event loop when it changes (napari's
+bar calls ``QApplication.processEvents`` in ``setValue`` / ``setDescription``), which delivers the
 worker's next queued signals *inside* the current handler: a flood of progress reports then
 nests handlers until Python's recursion limit, and a result can be turned into layers in the
 middle of a bar update. So every worker signal goes into one queue and a single dispatcher
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Optional
 
 from qtpy.QtCore import QObject, QTimer, Signal
-from qtpy.QtWidgets import QAbstractButton
+from qtpy.QtWidgets import QAbstractButton, QProgressBar
 
 from ...progress import Progress
 from ..jobs import JobControl, JobOutcome
@@ -47,8 +55,8 @@ Job = Callable[[JobControl], Generator[Progress, None, JobOutcome]]
 
 @dataclass(frozen=True)
 class BarState:
-    """What napari's progress bar shows: ``done`` of ``total`` (None: leave the count alone)
-    and a description (None: leave it)."""
+    """What the progress bar shows: ``done`` of ``total`` (None: leave the count alone) and a
+    description (None: leave it; shown as the bar's tooltip, the panel's status line says it)."""
 
     done: Optional[int] = None
     total: Optional[int] = None
@@ -88,7 +96,11 @@ class JobRunner(QObject):
         self._on_error = on_error
         self.worker: Any = None
         self._control: Optional[JobControl] = None
-        self._pbar: Any = None
+        self._pbar: Optional[QProgressBar] = None
+        #: The panel puts it in its footer; shown only while a job runs.
+        self.bar = QProgressBar()
+        self.bar.setTextVisible(True)
+        self.bar.setVisible(False)
         self._description: Optional[str] = None
         self._queue: deque[tuple[str, Any]] = deque()
         self._dispatching = False
@@ -107,7 +119,6 @@ class JobRunner(QObject):
     def start(self, job: Job) -> Any:
         """Start ``job`` in a napari worker; returns the worker (not yet running a step)."""
         from napari.qt.threading import create_worker
-        from napari.utils import progress
 
         if self.running:
             raise RuntimeError("a job is running")  # panels check `running` first
@@ -122,7 +133,11 @@ class JobRunner(QObject):
         self._start_button.setEnabled(False)
         self._cancel_button.setEnabled(True)
         self._description = None
-        self._pbar = progress(total=0, desc=self.title)  # may pump events: state is set first
+        self._pbar = self.bar
+        self.bar.setRange(0, 1)  # determinate from the start: a busy bar would animate
+        self.bar.setValue(0)
+        self.bar.setToolTip(self.title)
+        self.bar.setVisible(True)
         worker.start()
         return worker
 
@@ -186,16 +201,16 @@ class JobRunner(QObject):
             return
         if state.description is not None and state.description != self._description:
             self._description = state.description
-            pbar.set_description(state.description)
-        if state.total is not None and state.total > 0 and pbar.total != state.total:
-            pbar.total = state.total
-        if state.done is not None and state.done > pbar.n:
-            pbar.update(state.done - pbar.n)
+            pbar.setToolTip(state.description)
+        if state.total is not None and state.total > 0 and pbar.maximum() != state.total:
+            pbar.setRange(0, state.total)
+        if state.done is not None and state.done > pbar.value():
+            pbar.setValue(min(state.done, pbar.maximum()))
 
     def _teardown(self) -> None:
         pbar, self._pbar = self._pbar, None
         if pbar is not None:
-            pbar.close()
+            pbar.setVisible(False)
         self.worker = None
         self._control = None
         self._start_button.setEnabled(True)

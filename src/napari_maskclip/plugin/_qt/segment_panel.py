@@ -46,6 +46,7 @@ from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..records import RunRecord, SampleSuggestion, SourceLayout
 from ..stack_run import StackRequest
+from .class_view import ClassView
 from .controls import WrapLabel, page_layout
 from .docks import PAGE_EXPORT, PAGE_TRAIN, PAGES
 from .job_runner import BarState, JobRunner, RunnerPanel
@@ -109,6 +110,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.cancel_button.setToolTip("Stop after the current window; nothing is changed.")
         self.cancel_button.setEnabled(False)
         self.status = WrapLabel("Ready.")
+        self.class_view = ClassView(self.viewer)
         self.export_button = QPushButton("Export to dataset...")
         self.export_button.setToolTip(
             "Save the labels (with the image, confidence maps and which pixels you edited) as "
@@ -128,6 +130,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
         buttons.addWidget(self.cancel_button)
         footer.addLayout(buttons)
         footer.addWidget(self.status)
+        footer.addWidget(self.class_view)
         more = QHBoxLayout()
         more.addWidget(self.export_button)
         more.addWidget(self.train_button)
@@ -167,6 +170,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
             cancel_button=self.cancel_button, show=self._show_progress, finish=self._finish,
             on_error=self._set_status,
         )
+        footer.insertWidget(1, self.runner.bar)  # below the buttons, while a job runs
         self.runner.ended.connect(self.run_finished.emit)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -305,6 +309,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.train_page.cancel()  # the core saves the last completed iteration
         self.series_page.runner.request_cancel()
         self.series_page.close_series()  # saves an edited image, stops the prefetcher
+        self.class_view.detach()
         super().closeEvent(event)
 
     # ---- running -------------------------------------------------------------------------
@@ -430,6 +435,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
             run=self._run_record(job, result),
         )
         self.last_report = report
+        self.class_view.attach(report.labels_layer)
         self._set_status(self._summary(outcome, job, report))
         model_text, weights = self.model.model.currentText(), self.model.pretrained.currentText()
 

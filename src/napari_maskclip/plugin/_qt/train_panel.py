@@ -226,6 +226,7 @@ class TrainWidget(QWidget, RunnerPanel):
             cancel_button=self.cancel_button, record=self._record_step,
             show=self._show_progress, finish=self._finish, on_error=self.status.setText,
         )
+        footer.insertWidget(1, self.runner.bar)  # below the buttons, while a job runs
         self.runner.ended.connect(self.train_finished.emit)
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
