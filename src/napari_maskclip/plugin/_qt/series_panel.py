@@ -316,6 +316,7 @@ class SeriesPanel(QWidget, RunnerPanel):
             cancel_button=self.cancel_button, show=self._show_progress, finish=self._job_done,
             on_error=self.status.setText,
         )
+        footer.insertWidget(1, self.runner.bar)  # below Open/Cancel/Close, while a job runs
         self._job = "open"  # what the runner runs: "open", "score" or "retrain"
         #: TrainSettings for a new student's retrain rounds (None: the checkpoint's or defaults).
         self.retrain_settings: Any = None
