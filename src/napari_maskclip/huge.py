@@ -472,6 +472,9 @@ def segment_large(
     if out.suffix != ".zarr":
         raise InvalidInputError(f"--out {out}: a huge image's result is a zarr store; name it "
                                 "*.zarr.")
+    if (out.exists() or out.is_symlink()) and (read_large_meta(out) is None or not out.is_dir()):
+        raise OutputError(f"{out} exists and napari-maskclip did not make it: move it away or "
+                          "choose another --out.")
     spec = SourceSpec.of(source, level, channel_axis)
     src = spec.open()
     pretrained = default_pretrained(model, pretrained)
@@ -492,9 +495,6 @@ def segment_large(
     existing = out.exists() or out.is_symlink()
     if existing:
         record = read_large_meta(out)
-        if record is None or not out.is_dir():
-            raise OutputError(f"{out} exists and napari-maskclip did not make it: move it away "
-                              "or choose another --out.")
         if record.get("request_digest") == digest and record.get("state") == "complete":
             return LargeResult(out, src.shape, [c.name for c in fg], already_done=True)
         if not overwrite:
