@@ -194,11 +194,14 @@ class _Job:
 
 @dataclass
 class TileStats:
-    """What a task touched: the largest source region it read (pixels), windows read."""
+    """What a task touched: the largest source region it read (pixels), windows read (the
+    memory a task needs is bounded by these)."""
 
     read_pixels: int = 0
     windows: int = 0
     class_max: Optional[list[float]] = None
+    #: The process that ran the task.
+    worker: int = field(default_factory=os.getpid)
 
 
 def _read_region(job: _Job, boxes: Sequence[tuple[int, int, int, int]], stats: TileStats):
@@ -516,7 +519,6 @@ def segment_large(
     try:
         # Pass 1: encode, per-tile class maxima (kept in markers for a resume).
         maxima = _done_tiles(store, "encoded")
-        done_before = len(maxima)
         yield Progress("encode", len(maxima), len(tiles), f"encoding {len(tiles)} tile(s)")
         todo = [t for t in tiles if t not in maxima]
         for tile, stats in _run(client, encode_tile, job, todo, (), window):
@@ -527,7 +529,7 @@ def segment_large(
         active, removed = _active(fg, bg, settings, maxima.values())
         # Pass 2: segment every tile with the classes kept.
         segmented = _done_tiles(store, "segmented")
-        done_before = max(done_before, len(segmented))
+        done_before = len(segmented)
         yield Progress("segment", len(segmented), len(tiles), "segmenting tiles")
         todo = [t for t in tiles if t not in segmented]
         for tile, stats in _run(client, segment_tile, job, todo, (active,), window):
