@@ -276,3 +276,27 @@ def test_refused_settings(scene, tmp_path):
         _run(source, tmp_path / "out.zarr", level=1)
     with pytest.raises(InvalidInputError, match="zarr store"):
         _run(source, tmp_path / "out.tif")
+
+
+def test_key_smoothing_and_background_threshold_match_too(segmenter, scene, tmp_path):
+    """Key smoothing (keys re-encoded per window in pass 2) and a background threshold, with
+    denoising dropping a class absent from the scene: still the whole-image result."""
+    settings = SegmentSettings(window=WINDOW, key_smoothing=True, background_threshold=0.4)
+    classes = CLASSES + ", purple elephant"
+    ref = segmenter(scene, classes, settings=settings)
+    out = tmp_path / "out.zarr"
+    result, _ = _run(_zarr_array(tmp_path / "big.zarr", scene, (64, 64, 3)), out, chunk=72,
+                     classes=classes, settings=settings)
+    assert result.removed_classes == ref.removed_classes
+    _assert_equal(out, ref.labels, ref.probabilities)
+
+
+def test_napari_opens_the_store_lazily_with_the_plugin(scene, tmp_path, make_napari_viewer):
+    out = tmp_path / "out.zarr"
+    _run(_zarr_array(tmp_path / "big.zarr", scene, (64, 64, 3)), out, chunk=64)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(out), plugin="napari-maskclip")
+    assert [layer.name for layer in layers][-1] == "out [maskclip]"
+    labels = viewer.layers["out [maskclip]"]
+    assert type(labels).__name__ == "Labels" and isinstance(labels.data, da.Array)
+    assert sum(type(layer).__name__ == "Image" for layer in viewer.layers) == 4
