@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -48,7 +47,7 @@ from typing import Any, Callable, Generator, Iterator, Optional, Sequence
 import numpy as np
 
 from .atomic import TEMP_PREFIX, _process_alive, atomic_write_text
-from .errors import InvalidInputError, MaskClipError, OutputError
+from .errors import InvalidInputError, OutputError
 from .lazy_source import SourceSpec, plan_source
 from .progress import Progress
 from .segment_batch import SegmentRun
@@ -413,7 +412,6 @@ class LargeResult:
     tiles: int = 0
     resumed: int = 0
     already_done: bool = False
-    stats: list[TileStats] = field(default_factory=list)
 
     def line(self) -> str:
         if self.already_done:
