@@ -198,7 +198,6 @@ def huge_section(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds and peak RSS of ``segment_large`` (demo model, default windows) on a
     ``--huge-size``^2 RGB zarr, on 1 and 2 local dask workers (cluster started before the
     clock; the model loads inside the timed run, once per worker)."""
-    import numpy as np
     import zarr
 
     from napari_maskclip.distributed import open_client

@@ -4,8 +4,6 @@ single-process sliding-window run on the whole image."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
