@@ -298,3 +298,23 @@ def test_napari_opens_the_store_lazily_with_the_plugin(scene, tmp_path, make_nap
     labels = viewer.layers["out [maskclip]"]
     assert type(labels).__name__ == "Labels" and isinstance(labels.data, da.Array)
     assert sum(type(layer).__name__ == "Image" for layer in viewer.layers) == 4
+
+
+def test_traced_memory_stays_far_below_the_image_results(scene, tmp_path):
+    """tracemalloc (NumPy and Python allocations; torch's own buffers are not traced) over a
+    whole run here, the model and text already loaded by a first run: the peak stays below a
+    third of what the image's labels and float32 maps take, which a single-process run holds."""
+    import tracemalloc
+
+    _run(_zarr_array(tmp_path / "warm.zarr", scene, (64, 64, 3)), tmp_path / "warm_out.zarr",
+         chunk=64)
+    big = np.tile(scene, (3, 3, 1))  # 510 x 450
+    source = _zarr_array(tmp_path / "big.zarr", big, (64, 64, 3))
+    image_results = big.shape[0] * big.shape[1] * (1 + 4 * 4)  # uint8 labels + 4 float32 maps
+    tracemalloc.start()
+    try:
+        _run(source, tmp_path / "out.zarr", chunk=64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < image_results / 3, (peak, image_results)
