@@ -13,8 +13,13 @@ the merge of their dicts.
   dask workers over ``--images`` synthetic ``--size``-px scenes, warm; ``dask_overhead`` = the
   1-worker time / the plain in-process loop's (target <= 1.15).
 
-    python benchmarks/bench_scale.py [--sections ddp,dask] [--backbone tiny] [--batch 8] [--crop 128]
-        [--iterations 6] [--threads 1] [--images 64] [--size 256] [--quick]
+* :func:`huge_section`: seconds and peak RSS (client plus workers, and the largest process) of
+  ``segment_large`` on a ``--huge-size``^2 RGB zarr (default 4096) with the demo model, on 1 and
+  2 local dask workers (``huge_s_N``, ``huge_peak_rss_mib_N``, ``huge_max_process_rss_mib_N``).
+
+    python benchmarks/bench_scale.py [--sections ddp,dask,huge] [--backbone tiny] [--batch 8]
+        [--crop 128] [--iterations 6] [--threads 1] [--images 64] [--size 256]
+        [--huge-size 4096] [--huge-chunk PX] [--quick]
 
 Run on an idle machine: the ratio needs at least as many free cores as processes x threads.
 """
@@ -151,8 +156,92 @@ def dask_section(args: argparse.Namespace) -> dict[str, Any]:
             "dask_images": n, "dask_size": args.size}
 
 
+# ---- huge images (segment --out OUT.zarr) -----------------------------------------------------
+class _PeakRss:
+    """Peak resident memory of this process plus all its children (dask workers), summed, and
+    the largest single process, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.me = psutil.Process()
+        self.total = self.single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            sizes = []
+            for proc in [self.me, *self.me.children(recursive=True)]:
+                try:
+                    sizes.append(proc.memory_info().rss)
+                except psutil.Error:
+                    continue
+            self.total = max(self.total, sum(sizes))
+            self.single = max(self.single, max(sizes, default=0))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "_PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def huge_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds and peak RSS of ``segment_large`` (demo model, default windows) on a
+    ``--huge-size``^2 RGB zarr, on 1 and 2 local dask workers (cluster started before the
+    clock; the model loads inside the timed run, once per worker)."""
+    import zarr
+
+    from napari_maskclip.distributed import open_client
+    from napari_maskclip.huge import segment_large
+    from napari_maskclip.progress import run_to_completion
+    from napari_maskclip.synthetic import make_scene
+
+    size = args.huge_size
+    classes = "red circle, green square, blue triangle"
+    figures: dict[str, Any] = {"huge_size": size}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        source = zarr.open_array(str(root / "big.zarr"), mode="w", shape=(size, size, 3),
+                                 chunks=(512, 512, 3), dtype="uint8")
+        for y in range(0, size, 512):  # written block by block: never the whole image in memory
+            for x in range(0, size, 512):
+                block = make_scene(seed=(y, x), size=(512, 512), n_objects=(2, 4)).image
+                source[y:y + 512, x:x + 512] = block[:min(512, size - y), :min(512, size - x)]
+        for workers in (1, 2):
+            with open_client(workers=workers) as client:
+                with _PeakRss() as rss:
+                    start = time.perf_counter()
+                    result = run_to_completion(segment_large(
+                        root / "big.zarr", root / f"out{workers}.zarr", classes=classes,
+                        model="demo", device="cpu", precision="fp32", client=client,
+                        chunk=args.huge_chunk))
+                    seconds = time.perf_counter() - start
+            chunk = zarr.open_array(str(root / f"out{workers}.zarr" / "labels"), mode="r").chunks
+            print(f"huge image {size}x{size} px, {result.tiles} tiles of {chunk[0]}x{chunk[1]}, "
+                  f"{workers} worker(s): {seconds:7.1f} s, {size * size / seconds / 1e6:.2f} Mpx/s, "
+                  f"peak RSS {rss.total / 2**20:.0f} MiB (client + workers), "
+                  f"largest process {rss.single / 2**20:.0f} MiB")
+            figures.update({f"huge_s_{workers}": seconds,
+                            f"huge_peak_rss_mib_{workers}": rss.total / 2**20,
+                            f"huge_max_process_rss_mib_{workers}": rss.single / 2**20,
+                            "huge_tiles": result.tiles, "huge_chunk": chunk[0]})
+    image_mib = size * size * 3 / 2**20
+    print(f"  (the image is {image_mib:.0f} MiB as uint8, {image_mib * 4:.0f} MiB as float32; "
+          f"its float32 confidence would be {3 * size * size * 4 / 2**20:.0f} MiB)")
+    return figures
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "ddp": ddp_section, "dask": dask_section}
+    "ddp": ddp_section, "dask": dask_section, "huge": huge_section}
 
 
 def main() -> None:
@@ -166,11 +255,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--images", type=int, default=64, help="dask: images in the batch")
     parser.add_argument("--size", type=int, default=256, help="dask: image side in pixels")
+    parser.add_argument("--huge-size", type=int, default=4096, help="huge: image side in pixels")
+    parser.add_argument("--huge-chunk", type=int, default=None, help="huge: tile size (default: "
+                        "the library's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.crop, args.iterations, args.images, args.size = 4, 64, 2, 8, 96
+        args.huge_size = 1024
     if args.worker_out:
         _worker(args)
         return

@@ -204,6 +204,11 @@ def _run(args: argparse.Namespace) -> int:
 
     # Validate everything cheap, and every file the run will write, before loading a model.
     settings = settings_from_args(args)
+    if str(args.out).endswith(".zarr"):
+        return _run_large(args, settings)
+    if args.chunk is not None or args.level is not None:
+        raise InvalidInputError("--chunk and --level are for huge images: write them to a zarr "
+                                "store with --out OUT.zarr.")
 
     def announce(loaded) -> None:  # in this process only (workers do not print)
         if not args.quiet:
@@ -225,6 +230,47 @@ def _run(args: argparse.Namespace) -> int:
     return run_tasks(batch.tasks, command="segment", quiet=args.quiet)
 
 
+def _run_large(args: argparse.Namespace, settings) -> int:
+    """``segment BIG --out OUT.zarr``: one huge image, tile by tile (:mod:`..huge`)."""
+    import contextlib
+
+    from ..huge import segment_large
+    from ..progress import run_to_completion
+
+    if len(args.images) != 1:
+        raise InvalidInputError(f"--out {args.out} segments one huge image; got "
+                                f"{len(args.images)} inputs.")
+
+    def announce(loaded) -> None:
+        if not args.quiet:
+            print(f"model: {loaded.describe()}", file=sys.stderr)
+
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.scheduler is not None or args.workers is not None:
+            from ..distributed import open_client
+
+            client = stack.enter_context(open_client(args.scheduler, args.workers))
+            if not args.quiet:
+                where = args.scheduler or f"{args.workers} local worker(s)"
+                print(f"dask: tiles on {where}", file=sys.stderr)
+        run = segment_large(
+            args.images[0], args.out, classes=args.classes, background=args.background or None,
+            model=args.model, pretrained=args.pretrained, device=args.device,
+            precision=args.precision, settings=settings, level=args.level,
+            channel_axis=args.channel_axis, channels=args.channels, chunk=args.chunk,
+            confidence=not args.no_confidence, overwrite=args.overwrite, client=client,
+            on_load=announce)
+        bar, update = progress_bar(Path(args.images[0]).name, disable=args.quiet, unit="tile")
+        try:
+            result = run_to_completion(run, update)
+        finally:
+            run.close()
+            bar.close()
+    print(result.line(), flush=True)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
@@ -235,12 +281,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(Z x H x W, T x Z x H x W, with a channel axis) is segmented slice by slice into one "
         "<stem>_labels.tif and one <stem>_confidence.tif (C x the leading axes x H x W).",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF...)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files (PNG, JPEG, TIFF...); with --out OUT.zarr one huge "
+                        "image: a .zarr array, an OME-Zarr group or a TIFF")
     parser.add_argument("--classes", required=True,
                         help="class names separated by commas or new lines; ';' separates "
                         "synonyms, e.g. 'cat, dog; puppy'.")
     add_batch_output_options(parser)
     add_cluster_options(parser)
+    huge = parser.add_argument_group(
+        "huge images (--out OUT.zarr)",
+        "One IMAGE (a .zarr array, an OME-Zarr group or a TIFF, read lazily) segmented tile by "
+        "tile at its native resolution into the zarr store OUT.zarr (labels, float16 "
+        "confidence); a killed run resumes.")
+    huge.add_argument("--chunk", type=positive_int, default=None, metavar="PX",
+                      help="tile and output chunk size (default: a multiple of the stride "
+                      "near 1024)")
+    huge.add_argument("--level", type=nonneg_int, default=None, metavar="N",
+                      help="pyramid level of an OME-Zarr group or a pyramidal TIFF (default 0, "
+                      "full resolution)")
     add_model_options(parser)
     add_engine_options(parser)
     parser.set_defaults(func=_run)

@@ -27,13 +27,14 @@ equals the same window of :func:`prepare_image`'s output bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import InvalidInputError
 
-__all__ = ["prepare_image", "plan_image", "PreparedImage", "check_image_array", "PERCENTILES"]
+__all__ = ["prepare_image", "plan_image", "PreparedImage", "check_image_array", "PERCENTILES",
+           "unit_rule", "subsample_step"]
 
 PERCENTILES = (1.0, 99.8)
 
@@ -84,25 +85,45 @@ def _min_max(data: np.ndarray) -> tuple[float, float]:
 
 def _unit_rule(data: np.ndarray, *, per_channel: bool) -> _Rule:
     """The rule for ``data`` (``H x W`` or ``H x W x C``): see the module doc."""
-    if data.dtype == np.bool_:
+    return unit_rule(data.dtype, data.shape[:2], lambda: _min_max(data),
+                     lambda step: data[::step, ::step], per_channel=per_channel)
+
+
+def subsample_step(shape: Sequence[int]) -> int:
+    """The step of the ``[::step, ::step]`` subsample the percentiles are taken from."""
+    return max(1, int(np.sqrt(shape[0] * shape[1] / 1_000_000)))
+
+
+def unit_rule(
+    dtype: np.dtype,
+    shape: Sequence[int],
+    min_max: Callable[[], tuple[float, float]],
+    subsample: Callable[[int], np.ndarray],
+    *,
+    per_channel: bool,
+) -> _Rule:
+    """The rule of an image known by its dtype, ``H x W`` shape, a ``min_max()`` of all its
+    values and a ``subsample(step)`` (its ``[::step, ::step]``): an image that is not in memory
+    (a zarr array, :mod:`napari_maskclip.huge`) gets exactly the rule of the same array in memory."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
         return _Rule("bool")
-    if data.dtype == np.uint8:
+    if dtype == np.uint8:
         return _Rule("uint8")
     prescale = None
-    if np.issubdtype(data.dtype, np.floating):
-        lo, hi = _min_max(data)
+    if np.issubdtype(dtype, np.floating):
+        lo, hi = min_max()
         if lo >= 0.0 and hi <= 1.0:
             return _Rule("unit")
         magnitude = max(abs(lo), abs(hi))
         if magnitude > _SAFE_MAGNITUDE:
             # 2**-k brings the largest magnitude to about 1e30: exact, and far from overflow.
             prescale = float(2.0 ** -(int(np.ceil(np.log2(magnitude))) - 100))
-    elif not np.issubdtype(data.dtype, np.integer):
-        raise InvalidInputError(f"Unsupported image dtype {data.dtype}: use integer or float data.")
+    elif not np.issubdtype(dtype, np.integer):
+        raise InvalidInputError(f"Unsupported image dtype {dtype}: use integer or float data.")
     axis = (0, 1) if per_channel else None
     # Subsample big images for the percentiles: exact enough, and 4096^2 stays fast.
-    step = max(1, int(np.sqrt(data.shape[0] * data.shape[1] / 1_000_000)))
-    sample = _as_float32(data[::step, ::step], prescale)
+    sample = _as_float32(subsample(subsample_step(shape)), prescale)
     lo = np.percentile(sample, PERCENTILES[0], axis=axis, keepdims=True)
     hi = np.percentile(sample, PERCENTILES[1], axis=axis, keepdims=True)
     with np.errstate(over="ignore"):
@@ -219,8 +240,7 @@ def plan_image(
         if not -n_channels <= c < n_channels:
             raise InvalidInputError(f"Channel {c} does not exist (the image has {n_channels}).")
     # The percentiles need only a subsample: pick the channels from it, not from the whole image.
-    step = max(1, int(np.sqrt(data.shape[0] * data.shape[1] / 1_000_000)))
-    rule = _unit_rule(_PickedView(data, picks, step), per_channel=True)
+    rule = _unit_rule(_PickedView(data, picks, subsample_step(data.shape)), per_channel=True)
     return PreparedImage(data, picks, rule)
 
 

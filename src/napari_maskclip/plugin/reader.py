@@ -1,0 +1,66 @@
+"""napari reader for huge-image results (``segment BIG --out OUT.zarr``), opened lazily.
+
+``napari OUT.zarr`` (or File > Open Folder) shows the labels and one confidence layer per class
+as dask arrays over the store's chunks: nothing is read until napari draws it. Stores that
+napari-maskclip did not make are left to other readers (``None``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+__all__ = ["get_reader", "read_large_result"]
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+
+def get_reader(path: Any) -> Optional[Callable[[Any], list[LayerData]]]:
+    """The reader of a napari-maskclip zarr result, or None for anything else."""
+    from ..huge import read_large_meta
+
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if not isinstance(path, (str, Path)) or read_large_meta(path) is None:
+        return None
+    return lambda p: read_large_result(p[0] if isinstance(p, (list, tuple)) else p)
+
+
+class _LazyResult:
+    """What :func:`~.layers.result_layer_data` reads from a result, over dask arrays."""
+
+    def __init__(self, path: Path, record: dict[str, Any]) -> None:
+        import dask.array as da
+
+        classes = record.get("classes") or []
+        self.class_names = [str(c["name"]) for c in classes]
+        self.colors = [tuple(c["color"]) for c in classes]
+        self.labels = da.from_zarr(str(path), component="labels")
+        self.probabilities: list[Any] = []
+        if (path / "confidence").is_dir():
+            confidence = da.from_zarr(str(path), component="confidence")
+            self.probabilities = [confidence[k] for k in range(confidence.shape[0])]
+
+    def class_pixel_counts(self) -> list[int]:
+        """Not counted (that would read the whole image): no confidence layer starts visible."""
+        return [0] * len(self.class_names)
+
+
+def read_large_result(path: str | Path) -> list[LayerData]:
+    """Layer data (confidence images, then labels) of the zarr result at ``path``, lazily."""
+    from ..errors import InvalidInputError
+    from ..huge import read_large_meta
+    from .layers import result_layer_data
+
+    path = Path(path)
+    record = read_large_meta(path)
+    if record is None or record.get("state") != "complete":
+        raise InvalidInputError(f"{path} is not a finished napari-maskclip result.")
+    result = _LazyResult(path, record)
+    name = path.name[:-len(".zarr")] if path.name.endswith(".zarr") else path.name
+    layers = result_layer_data(result, source_name=name, visible_confidence=0)
+    for data, kwargs, kind in layers:
+        kwargs.setdefault("metadata", {})["napari_maskclip_store"] = str(path)
+    return layers
