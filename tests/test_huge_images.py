@@ -160,16 +160,22 @@ def test_output_opens_lazily_in_the_reader(scene, reference, tmp_path):
     reader = get_reader(str(out))
     layers = reader(str(out))
     kinds = [kind for _, _, kind in layers]
-    assert kinds == ["image"] * 4 + ["labels"]
+    assert kinds == ["image", "labels"]  # one confidence layer for the run, as in the dock
     for data, _, _ in layers:
         assert isinstance(data, da.Array)  # lazy: nothing read yet
         assert data.chunksize[-2:] == (64, 64)
     np.testing.assert_array_equal(layers[-1][0].compute(), reference.labels)
-    np.testing.assert_allclose(layers[1][0].compute().astype(np.float32),
+    confidence = layers[0][1]
+    assert confidence["name"] == "out [maskclip] confidence" and confidence["visible"] is False
+    from napari_maskclip.plugin.records import ConfidenceRecord
+
+    record = ConfidenceRecord.from_metadata(confidence["metadata"])
+    maps = record.maps_by_class()
+    assert list(maps) == ["red circle", "green square", "blue triangle", "yellow star"]
+    assert isinstance(maps["green square"], da.Array)  # every class's map kept, still lazy
+    np.testing.assert_allclose(maps["green square"].compute().astype(np.float32),
                                reference.probabilities[1], atol=2.0 ** -12)
-    assert [k["name"] for _, k, _ in layers[:4]] == [
-        f"out [maskclip] {name}" for name in
-        ("red circle", "green square", "blue triangle", "yellow star")]
+    np.testing.assert_allclose(layers[0][0].compute(), reference.probabilities[0], atol=2.0 ** -12)
     assert read_large_meta(out)["state"] == "complete"
 
 
@@ -297,7 +303,8 @@ def test_napari_opens_the_store_lazily_with_the_plugin(scene, tmp_path, make_nap
     assert [layer.name for layer in layers][-1] == "out [maskclip]"
     labels = viewer.layers["out [maskclip]"]
     assert type(labels).__name__ == "Labels" and isinstance(labels.data, da.Array)
-    assert sum(type(layer).__name__ == "Image" for layer in viewer.layers) == 4
+    images = [layer for layer in viewer.layers if type(layer).__name__ == "Image"]
+    assert len(images) == 1 and isinstance(images[0].data, da.Array) and not images[0].visible
 
 
 def test_traced_memory_stays_far_below_the_image_results(scene, tmp_path):

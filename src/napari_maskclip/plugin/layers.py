@@ -135,8 +135,9 @@ def _top_class(result: Any) -> int:
 
 
 def _stacked(probabilities: Any) -> Optional[np.ndarray]:
-    """The maps as one ``(n_classes, ...)`` float32 array (no copy when they already are)."""
-    if isinstance(probabilities, np.ndarray):
+    """The maps as one ``(n_classes, ...)`` float32 array (no copy when they already are; a
+    lazy array such as dask's stays lazy)."""
+    if hasattr(probabilities, "ndim") and hasattr(probabilities, "dtype"):
         return probabilities if probabilities.dtype == np.float32 else probabilities.astype(
             np.float32)
     maps = list(probabilities)

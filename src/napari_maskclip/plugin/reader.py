@@ -1,7 +1,7 @@
 """napari reader for huge-image results (``segment BIG --out OUT.zarr``), opened lazily.
 
-``napari OUT.zarr`` (or File > Open Folder) shows the labels and one confidence layer per class
-as dask arrays over the store's chunks: nothing is read until napari draws it. Stores that
+``napari OUT.zarr`` (or File > Open Folder) shows the labels and the run's confidence layer (every
+class's map kept with it, as for a run in the dock) as dask arrays over the store's chunks: nothing is read until napari draws it. Stores that
 napari-maskclip did not make are left to other readers (``None``).
 """
 
@@ -38,13 +38,14 @@ class _LazyResult:
         self.class_names = [str(c["name"]) for c in classes]
         self.colors = [tuple(c["color"]) for c in classes]
         self.labels = da.from_zarr(str(path), component="labels")
-        self.probabilities: list[Any] = []
+        #: ``C x H x W`` float16 maps, lazy (the confidence layer's maps stay a dask array).
+        self.probabilities: Any = []
         if (path / "confidence").is_dir():
-            confidence = da.from_zarr(str(path), component="confidence")
-            self.probabilities = [confidence[k] for k in range(confidence.shape[0])]
+            self.probabilities = da.from_zarr(str(path), component="confidence")
 
     def class_pixel_counts(self) -> list[int]:
-        """Not counted (that would read the whole image): no confidence layer starts visible."""
+        """Not counted (that would read the whole image): the confidence layer starts hidden,
+        on the first class."""
         return [0] * len(self.class_names)
 
 
@@ -60,7 +61,9 @@ def read_large_result(path: str | Path) -> list[LayerData]:
         raise InvalidInputError(f"{path} is not a finished napari-maskclip result.")
     result = _LazyResult(path, record)
     name = path.name[:-len(".zarr")] if path.name.endswith(".zarr") else path.name
-    layers = result_layer_data(result, source_name=name, visible_confidence=0)
+    layers = result_layer_data(result, source_name=name)
     for data, kwargs, kind in layers:
         kwargs.setdefault("metadata", {})["napari_maskclip_store"] = str(path)
+        if kind == "image":
+            kwargs["visible"] = False  # shown on request: drawing it reads the store
     return layers

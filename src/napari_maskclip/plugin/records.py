@@ -252,7 +252,8 @@ class ConfidenceRecord:
             return None
         names = _texts(raw.get("class_names")) or []
         maps = raw.get("maps")
-        if not (isinstance(maps, np.ndarray) and maps.ndim >= 1 and len(maps) == len(names)
+        if not (hasattr(maps, "ndim") and hasattr(maps, "shape") and maps.ndim >= 1
+                and len(maps) == len(names)
                 and names):
             names, maps = [], None
         return cls(class_name=str(raw.get("class_name")), source_id=_text(raw.get("source_id")),
