@@ -19,13 +19,16 @@ import threading
 import uuid
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from .batch import SetupFailed, Task
 from .errors import InvalidInputError, MaskClipError
 from .messages import one_line
 
-__all__ = ["Outcome", "open_client", "map_tasks", "worker_cached", "threads_per_worker"]
+__all__ = ["Outcome", "open_client", "map_tasks", "stream_futures", "worker_cached",
+           "threads_per_worker"]
+
+T = TypeVar("T")
 
 _CACHE: dict[Any, Any] = {}
 _CACHE_LOCK = threading.Lock()
@@ -139,30 +142,42 @@ def map_tasks(client: Any, tasks: Sequence[Task], *, window: Optional[int] = Non
               ) -> Iterator[tuple[Task, Outcome]]:
     """Run ``tasks`` on the cluster, at most ``window`` (default twice the workers) in flight;
     yield ``(task, outcome)`` as each finishes. Closing the generator cancels the rest."""
+    batch = uuid.uuid4().hex[:8]
+    return stream_futures(
+        client, tasks,
+        lambda task: client.submit(run_task, task, pure=False, key=f"maskclip-{batch}-{task.name}"),
+        window=window,
+    )
+
+
+def stream_futures(client: Any, items: Iterable[T], submit: Callable[[T], Any], *,
+                   window: Optional[int] = None) -> Iterator[tuple[T, Any]]:
+    """``submit(item)`` (a future) for every item, at most ``window`` (default twice the
+    workers) in flight so memory stays bounded; yield ``(item, result)`` as each finishes and
+    release its future. Closing the generator cancels what is still pending."""
     from distributed import as_completed
 
     window = window or 2 * _n_workers(client)
-    batch = uuid.uuid4().hex[:8]
-    queue = iter(tasks)
-    pending: dict[Any, Task] = {}
+    queue = iter(items)
+    pending: dict[Any, T] = {}
     done = as_completed(loop=client.loop)
 
-    def submit(task: Task) -> None:
-        future = client.submit(run_task, task, pure=False, key=f"maskclip-{batch}-{task.name}")
-        pending[future] = task
+    def start(item: T) -> None:
+        future = submit(item)
+        pending[future] = item
         done.add(future)
 
     try:
-        for task in islice(queue, window):
-            submit(task)
+        for item in islice(queue, window):
+            start(item)
         for future in done:
-            task = pending.pop(future)
-            outcome = future.result()
+            item = pending.pop(future)
+            result = future.result()
             future.release()
-            yield task, outcome
+            yield item, result
             following = next(queue, None)
             if following is not None:
-                submit(following)
+                start(following)
     finally:
         if pending:
             client.cancel(list(pending), force=True)

@@ -626,36 +626,13 @@ def _run(client: Any, fn: Callable, job: _Job, tiles: list[tuple[int, int]], ext
         for tile in tiles:
             yield tile, fn(job, tile, *extra)
         return
-    from distributed import as_completed
+    from .distributed import stream_futures
 
-    from .distributed import _n_workers
-
-    window = window or 2 * _n_workers(client)
     tag = secrets.token_hex(4)
-    queue = iter(tiles)
-    pending: dict[Any, tuple[int, int]] = {}
-    done = as_completed(loop=client.loop)
     job_future = client.scatter(job, broadcast=True, hash=False)
-
-    def submit(tile: tuple[int, int]) -> None:
-        future = client.submit(fn, job_future, tile, *extra, pure=False,
-                               key=f"maskclip-{fn.__name__}-{tag}-{tile[0]}-{tile[1]}")
-        pending[future] = tile
-        done.add(future)
-
-    try:
-        for tile in queue:
-            submit(tile)
-            if len(pending) >= window:
-                break
-        for future in done:
-            tile = pending.pop(future)
-            stats = future.result()
-            future.release()
-            yield tile, stats
-            following = next(queue, None)
-            if following is not None:
-                submit(following)
-    finally:
-        if pending:
-            client.cancel(list(pending), force=True)
+    yield from stream_futures(
+        client, tiles,
+        lambda tile: client.submit(fn, job_future, tile, *extra, pure=False,
+                                   key=f"maskclip-{fn.__name__}-{tag}-{tile[0]}-{tile[1]}"),
+        window=window,
+    )

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..stacks import leading_indices, slice_key
 from .edits import record_planes
-from .records import CONFIDENCE, LABELS, META_KEY, ConfidenceRecord, RunRecord, plugin_metadata
+from .records import LABELS, META_KEY, ConfidenceRecord, RunRecord, plugin_metadata
 
 __all__ = [
     "EDIT_POLICY",

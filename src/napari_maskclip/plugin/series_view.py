@@ -24,7 +24,7 @@ import numpy as np
 
 from ..stacks import slice_key
 from .edits import edited_plane, record_planes
-from .layers import labels_layer_name, result_layer_data
+from .layers import result_layer_data
 from .records import META_KEY, RunRecord, plugin_metadata
 
 __all__ = ["SERIES_ROLE", "SeriesView", "ShownImage"]
