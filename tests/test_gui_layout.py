@@ -168,10 +168,11 @@ def test_camera_fits_image_after_dock(make_napari_viewer, qtbot):
     _settle(qtbot, 100)
     viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
     _settle(qtbot, 300)
-    zoom = viewer.camera.zoom
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9
+    zoom = camera.zoom
     viewer.reset_view()  # what fits the canvas as it is now, with the dock
-    print(f"zoom after the dock: {zoom:.4f}, fitted: {viewer.camera.zoom:.4f}")
-    assert zoom == pytest.approx(viewer.camera.zoom, rel=1e-3)
+    print(f"zoom after the dock: {zoom:.4f}, fitted: {camera.zoom:.4f}")
+    assert zoom == pytest.approx(camera.zoom, rel=1e-3)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
