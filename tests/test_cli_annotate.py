@@ -61,3 +61,23 @@ def test_classes_and_student_are_exclusive(capsys, folder, tmp_path):
         main(["annotate", str(folder), "--dataset", str(tmp_path / "ds"), "--classes", "a",
               "--student", "s.safetensors"])
     assert exit_info.value.code == 2
+
+
+def test_a_dataset_with_other_classes_is_refused_unless_remapped(monkeypatch, capsys, folder,
+                                                                 tmp_path):
+    from napari_maskclip.export import export_sample
+
+    dataset = tmp_path / "ds"
+    export_sample(dataset, "x", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8), "cat")
+    monkeypatch.setenv("DISPLAY", ":99")
+    opened = []
+    monkeypatch.setattr("napari_maskclip.cli.annotate._gui", lambda args: opened.append(args) or 0)
+    base = ["annotate", str(folder), "--dataset", str(dataset), "--classes", "cat, dog"]
+    assert main(base) == 1
+    assert "remap" in _one_line(capsys) and not opened
+    assert main(base + ["--remap"]) == 1  # dog is not in the dataset: needs --add-classes
+    assert "dog" in _one_line(capsys) and not opened
+    assert main(base + ["--add-classes"]) == 1
+    assert "--add-classes needs --remap" in _one_line(capsys)
+    assert main(base + ["--remap", "--add-classes"]) == 0
+    assert opened and opened[0].remap and opened[0].add_classes

@@ -249,3 +249,38 @@ def test_retrain_every_k_switches_to_a_better_student(make_napari_viewer, qtbot,
     step(qtbot, series, series.next)
     assert series.view.current.model_label == "student (iteration 30)"
     assert series.progress.text().endswith("model: student (iteration 30)")
+
+
+def test_a_dataset_with_other_classes_is_refused_or_remapped_as_export_does(
+        make_napari_viewer, qtbot, scenes, tmp_path):
+    """Item 6: the same refusal / remap choice as Export for a dataset with other classes."""
+    from napari_maskclip.export import export_sample
+
+    dataset = tmp_path / "dataset"
+    export_sample(dataset, "other", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8),
+                  "red circle, purple moon")
+    viewer = make_napari_viewer()
+    _, main = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
+    classes, background = demo_classes()
+    main.use_model("demo")
+    main.model.device.setCurrentText("cpu")
+    main.classes.text.setPlainText(classes)
+    main.classes.background.setEditText(background)
+    series = main.show_page(PAGE_SERIES)
+    series.set_folders(str(scenes), str(dataset))
+    with qtbot.waitSignal(series.runner.ended, timeout=TIMEOUT_MS) as ended:
+        series.open_series()
+    assert ended.args == ["error"] and series.session is None
+    assert "remap" in series.status.text()  # Export's message says how to proceed
+    assert not series.add_classes.isEnabled()
+    series.set_folders(str(scenes), str(dataset), remap=True, add_classes=True)
+    assert series.add_classes.isEnabled()
+    with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS):
+        series.open_series()
+    step(qtbot, series, series.next_button.click)
+    names = [c["name"] for c in json.loads((dataset / "classes.json").read_text())["classes"]]
+    assert names[1:3] == ["red circle", "purple moon"]  # the dataset's own list first, kept
+    assert set(classes.replace(";", ",").split(", ")) <= set(names)  # ours appended
+    saved = series.session.saved_labels(0)
+    labels = np.array(series.view.labels_layer.data)  # image 1 now; image 0 saved with remap
+    assert saved.shape == (192, 256) and labels.shape == (192, 256)

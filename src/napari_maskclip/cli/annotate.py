@@ -34,6 +34,14 @@ def _check(args: argparse.Namespace) -> None:
     images = list_images(args.images, recursive=args.recursive)
     if len(images) == 0:
         raise InvalidInputError(f"No images (png, jpg, tif, bmp) in {args.images}.")
+    if args.add_classes and not args.remap:
+        raise InvalidInputError("--add-classes needs --remap (it appends to the dataset's list "
+                                "the classes a remap cannot find there).")
+    if not args.student:  # the dataset's class rules, as the page will apply them on Open
+        from ..series import SeriesSession
+
+        SeriesSession.open(images, args.dataset, args.classes, background=args.background,
+                           remap=args.remap, add_classes=args.add_classes)
 
 
 def _gui(args: argparse.Namespace) -> int:
@@ -50,7 +58,8 @@ def _gui(args: argparse.Namespace) -> int:
     main = main_panel(viewer, factory=MaskClipWidget)
     _preset(main, args)
     series = main.show_page(PAGE_SERIES)
-    series.set_folders(args.images, args.dataset, recursive=args.recursive)
+    series.set_folders(args.images, args.dataset, recursive=args.recursive, remap=args.remap,
+                       add_classes=args.add_classes)
     series.open_series()
     napari.run()
     return 0
@@ -111,4 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", default=None,
                         help="weights tag or file (default: the model's usual weights).")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps.")
+    parser.add_argument("--remap", action="store_true",
+                        help="a dataset with another class list: map the classes onto it by name")
+    parser.add_argument("--add-classes", action="store_true",
+                        help="with --remap: append classes the dataset lacks to its list")
     parser.set_defaults(func=_run)

@@ -79,6 +79,8 @@ class _OpenRequest:
     background: str
     choice: ModelChoice
     settings: Any  # the engine's checked SegmentSettings (None for a student)
+    remap: bool = False  # a dataset with other classes: fit ours to its list by name (as Export)
+    add_classes: bool = False  # with remap: append the classes it lacks
 
 
 @dataclass
@@ -100,7 +102,8 @@ def _open_iter(request: _OpenRequest) -> Generator[Progress, None, tuple[Any, An
     yield Progress("load", 0, 0, f"listing {request.source}...")
     images = list_images(request.source, recursive=request.recursive)
     session = SeriesSession.open(images, request.dataset, request.classes,
-                                 background=request.background or None)
+                                 background=request.background or None, remap=request.remap,
+                                 add_classes=request.add_classes)
     yield Progress("load", 0, 0, f"{len(images)} images; loading {request.choice.describe()}...")
     import_student()  # engine and student, loaded the safe way inside napari (Triton hidden)
     from ... import engine
@@ -232,6 +235,18 @@ class SeriesPanel(QWidget, RunnerPanel):
         form.addRow("images", row(self.source, self.source_folder, self.source_list))
         form.addRow("", self.recursive)
         form.addRow("dataset", row(self.dataset, self.dataset_pick))
+        self.remap = QCheckBox("fit my classes to the dataset's (by name)")
+        self.remap.setToolTip(
+            "A dataset whose class list differs is refused on Open (as Export does). Tick to map "
+            "the classes onto the dataset's list by name (same name, same label)."
+        )
+        self.add_classes = QCheckBox("add classes the dataset lacks")
+        self.add_classes.setEnabled(False)
+        self.add_classes.setToolTip("With the box above: classes the dataset does not list yet "
+                                    "are appended to its list (otherwise refused).")
+        self.remap.toggled.connect(self.add_classes.setEnabled)
+        form.addRow("", self.remap)
+        form.addRow("", self.add_classes)
         self.hardest = QCheckBox("hardest first")
         self.hardest.setToolTip(
             "Visit the images not saved yet in order of the model's uncertainty, most uncertain "
@@ -390,8 +405,10 @@ class SeriesPanel(QWidget, RunnerPanel):
                 raise InvalidInputError("Type the class names on the Segment page first.")
             background = main.classes.background_text()
             settings = main.settings.segment_settings()
+        remap = self.remap.isChecked()
         return _OpenRequest(source, self.recursive.isChecked(), dataset, classes, background,
-                            choice, settings)
+                            choice, settings, remap=remap,
+                            add_classes=remap and self.add_classes.isChecked())
 
     def open_series(self) -> Any:
         """Open the folder and dataset in the fields (in the background); returns the worker, or
@@ -889,11 +906,14 @@ class SeriesPanel(QWidget, RunnerPanel):
         if path:
             self.dataset.setText(path)
 
-    def set_folders(self, source: str, dataset: str, *, recursive: bool = False) -> None:
+    def set_folders(self, source: str, dataset: str, *, recursive: bool = False,
+                    remap: bool = False, add_classes: bool = False) -> None:
         """Fill the fields (the ``annotate`` command, scripts)."""
         self.source.setText(str(Path(source)))
         self.dataset.setText(str(Path(dataset)))
         self.recursive.setChecked(recursive)
+        self.remap.setChecked(remap)
+        self.add_classes.setChecked(remap and add_classes)
 
 
 def _labelled_by(sample: Any) -> Optional[str]:
