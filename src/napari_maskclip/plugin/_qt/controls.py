@@ -14,6 +14,7 @@ from typing import Any
 
 from qtpy.QtCore import QEvent, QSize, Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFrame,
@@ -28,7 +29,8 @@ from qtpy.QtWidgets import (
 )
 
 __all__ = [
-    "WrapLabel", "ask_clip_checkpoint", "ask_model_config", "fit_combo", "page_layout", "row",
+    "WrapLabel", "ask_clip_checkpoint", "ask_model_config", "class_remap_boxes", "fit_combo",
+    "page_layout", "row",
     "set_items",
     "small_button",
 ]
@@ -55,6 +57,24 @@ def small_button(text: str, tip: str) -> QPushButton:
     button.setFixedWidth(32)
     button.setToolTip(tip)
     return button
+
+
+def class_remap_boxes() -> tuple[QCheckBox, QCheckBox]:
+    """Export's choice for a dataset with other classes, shared by every page that saves into
+    one: remap by name, and (only with it) append the classes the dataset lacks."""
+    remap = QCheckBox("fit my classes to the dataset's (by name)")
+    remap.setToolTip(
+        "When the dataset has other classes (or another order): match them by name or "
+        "synonym and renumber the labels to the dataset's list. Without it such a dataset is "
+        "refused."
+    )
+    add_classes = QCheckBox("add classes the dataset lacks")
+    add_classes.setEnabled(False)
+    add_classes.setToolTip(
+        "Append new class names to the dataset's list (old samples keep their meaning)."
+    )
+    remap.toggled.connect(add_classes.setEnabled)
+    return remap, add_classes
 
 
 def page_layout(owner: QWidget, body_layout: QLayout, footer_layout: QLayout) -> None:

@@ -40,7 +40,9 @@ from ..jobs import JobOutcome, guarded_job
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..records import LABELS, role_of
-from .controls import WrapLabel, fit_combo, page_layout, row, set_items, small_button
+from .controls import (
+    WrapLabel, class_remap_boxes, fit_combo, page_layout, row, set_items, small_button,
+)
 from .job_runner import BarState, JobRunner, RunnerPanel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,16 +116,7 @@ class ExportWidget(QWidget, RunnerPanel):
         self.save_confidence.setChecked(True)
         self.overwrite = QCheckBox("overwrite a sample of the same name")
         self.overwrite.setToolTip("Without it, an existing sample is never replaced.")
-        self.remap = QCheckBox("fit my classes to the dataset's (by name)")
-        self.remap.setToolTip(
-            "When the dataset has other classes (or another order): match them by name or "
-            "synonym and renumber the labels to the dataset's list."
-        )
-        self.add_classes = QCheckBox("add classes the dataset lacks")
-        self.add_classes.setEnabled(False)
-        self.add_classes.setToolTip(
-            "Append new class names to the dataset's list (old samples keep their meaning)."
-        )
+        self.remap, self.add_classes = class_remap_boxes()
         self.write_coco = QCheckBox(f"also write COCO instances ({COCO_FILE})")
         self.write_coco.setToolTip(
             f"After the export, write the whole dataset as COCO instance segmentation into "
@@ -173,7 +166,6 @@ class ExportWidget(QWidget, RunnerPanel):
         self.folder_button.clicked.connect(self._choose_folder)
         self.instances_button.clicked.connect(self.show_instances)
         self.use_threshold.toggled.connect(self.threshold.setEnabled)
-        self.remap.toggled.connect(self.add_classes.setEnabled)
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
         self.export_button.clicked.connect(self.export)
         self.cancel_button.clicked.connect(self.cancel)

@@ -50,7 +50,7 @@ from ..jobs import JobOutcome, guarded_job
 from ..models import ModelChoice
 from ..notify import show_exception
 from ..series_view import SeriesView, ShownImage
-from .controls import WrapLabel, page_layout, row, small_button
+from .controls import WrapLabel, class_remap_boxes, page_layout, row, small_button
 from .job_runner import BarState, JobRunner, RunnerPanel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -235,16 +235,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         form.addRow("images", row(self.source, self.source_folder, self.source_list))
         form.addRow("", self.recursive)
         form.addRow("dataset", row(self.dataset, self.dataset_pick))
-        self.remap = QCheckBox("fit my classes to the dataset's (by name)")
-        self.remap.setToolTip(
-            "A dataset whose class list differs is refused on Open (as Export does). Tick to map "
-            "the classes onto the dataset's list by name (same name, same label)."
-        )
-        self.add_classes = QCheckBox("add classes the dataset lacks")
-        self.add_classes.setEnabled(False)
-        self.add_classes.setToolTip("With the box above: classes the dataset does not list yet "
-                                    "are appended to its list (otherwise refused).")
-        self.remap.toggled.connect(self.add_classes.setEnabled)
+        self.remap, self.add_classes = class_remap_boxes()  # as Export
         form.addRow("", self.remap)
         form.addRow("", self.add_classes)
         self.hardest = QCheckBox("hardest first")
