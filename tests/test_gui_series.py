@@ -29,8 +29,8 @@ def scenes(tmp_path):
     return folder
 
 
-def open_series(make_napari_viewer, qtbot, folder, dataset, *, show=False):
-    """A viewer with the dock at its Series page on ``folder`` (demo model), first image shown."""
+def series_page(make_napari_viewer, *, show=False):
+    """A viewer with the dock at its Series page, the Segment page set to the demo model."""
     viewer = make_napari_viewer(show=show)
     _, main = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
     classes, background = demo_classes()
@@ -38,7 +38,12 @@ def open_series(make_napari_viewer, qtbot, folder, dataset, *, show=False):
     main.model.device.setCurrentText("cpu")
     main.classes.text.setPlainText(classes)
     main.classes.background.setEditText(background)
-    series = main.show_page(PAGE_SERIES)
+    return viewer, main, main.show_page(PAGE_SERIES)
+
+
+def open_series(make_napari_viewer, qtbot, folder, dataset, *, show=False):
+    """A viewer with the dock at its Series page on ``folder`` (demo model), first image shown."""
+    viewer, main, series = series_page(make_napari_viewer, show=show)
     series.set_folders(str(folder), str(dataset))
     with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS):
         assert series.open_series() is not None
@@ -259,14 +264,8 @@ def test_a_dataset_with_other_classes_is_refused_or_remapped_as_export_does(
     dataset = tmp_path / "dataset"
     export_sample(dataset, "other", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8),
                   "red circle, purple moon")
-    viewer = make_napari_viewer()
-    _, main = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
-    classes, background = demo_classes()
-    main.use_model("demo")
-    main.model.device.setCurrentText("cpu")
-    main.classes.text.setPlainText(classes)
-    main.classes.background.setEditText(background)
-    series = main.show_page(PAGE_SERIES)
+    viewer, main, series = series_page(make_napari_viewer)
+    classes, _ = demo_classes()
     series.set_folders(str(scenes), str(dataset))
     with qtbot.waitSignal(series.runner.ended, timeout=TIMEOUT_MS) as ended:
         series.open_series()

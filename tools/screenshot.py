@@ -139,18 +139,24 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(10):
             QApplication.processEvents()
             time.sleep(0.02)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image = viewer.screenshot(canvas_only=False, flash=False)
+    _save_screenshot(viewer, args.out, f"model: {caption}")
+    viewer.close()
+    return 0
+
+
+def _save_screenshot(viewer, path: str, note: str) -> None:
+    """The whole window as a PNG at ``path`` (written atomically), and one line saying so."""
     import imageio.v3 as iio
+    import numpy as np
 
     from napari_maskclip.atomic import atomic_write
 
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = viewer.screenshot(canvas_only=False, flash=False)
     with atomic_write(out) as tmp:
         iio.imwrite(tmp, np.asarray(image), extension=".png")
-    print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); model: {caption}")
-    viewer.close()
-    return 0
+    print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); {note}")
 
 
 def _series(args: argparse.Namespace) -> int:
@@ -166,11 +172,9 @@ def _series(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend")
     import imageio.v3 as iio
     import napari
-    import numpy as np
     from napari.settings import get_settings
     from qtpy.QtWidgets import QApplication
 
-    from napari_maskclip.atomic import atomic_write
     from napari_maskclip.demo.scene import demo_classes, demo_scene
     from napari_maskclip.plugin._qt.segment_panel import MaskClipWidget
 
@@ -215,12 +219,7 @@ def _series(args: argparse.Namespace) -> int:
     for _ in range(30):  # let the canvas and the docks paint
         QApplication.processEvents()
         time.sleep(0.02)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image = viewer.screenshot(canvas_only=False, flash=False)
-    with atomic_write(out) as tmp:
-        iio.imwrite(tmp, np.asarray(image), extension=".png")
-    print(f"wrote {out} ({image.shape[1]}x{image.shape[0]}); {series.progress.text()}")
+    _save_screenshot(viewer, args.out, series.progress.text())
     series.close_series()
     viewer.close()
     return 0
