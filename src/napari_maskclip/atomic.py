@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = [
+    "RawSpool",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -158,3 +159,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically and return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+class RawSpool:
+    """A temporary raw file of this project's (``.tmp-*.raw``) beside a target, for writers that
+    receive data in pieces and compress it into the target at the end: ``_file`` (opened for
+    reading and writing), :meth:`discard` drops it (after the commit, and on any failure)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        import tempfile
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".raw", dir=folder)
+        self._raw = Path(name)
+        self._file = os.fdopen(fd, "wb+")
+
+    def discard(self) -> None:
+        """Drop the temporary file (also after a failure)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self._raw.unlink()

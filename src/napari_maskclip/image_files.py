@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import RawSpool, atomic_write
 from .errors import InvalidInputError
 
 __all__ = [
@@ -285,7 +285,7 @@ def write_float_stack(
     return target
 
 
-class FloatStackWriter:
+class FloatStackWriter(RawSpool):
     """Writes a float32 ``C x H x W`` TIFF (as :func:`write_float_stack`) from blocks of rows.
 
     For maps too large to hold: each ``C x rows x W`` block (all channels of some rows, the way
@@ -295,16 +295,8 @@ class FloatStackWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, channels: int, height: int, width: int) -> None:
-        import tempfile
-
-        from .atomic import TEMP_PREFIX
-
+        super().__init__(folder)
         self.channels, self.height, self.width = int(channels), int(height), int(width)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".raw", dir=folder)
-        self._raw = Path(name)
-        self._file = os.fdopen(fd, "wb+")
         self._blocks: list[tuple[int, int, int]] = []  # (y0, y1, offset)
         self._rows = 0
 
@@ -346,13 +338,6 @@ class FloatStackWriter:
         finally:
             self.discard()
         return target
-
-    def discard(self) -> None:
-        """Drop the temporary file (also after a failure)."""
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            self._raw.unlink()
 
 
 def _all_finite(array: np.ndarray, rows: int = 256) -> bool:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .atomic import RawSpool
 from .errors import InvalidInputError
 from .stacks import DEFAULT_AXES, StackLayout
 
@@ -233,7 +233,7 @@ class TiffPlanes:
         return data[scalar + rest]
 
 
-class PagedStackWriter:
+class PagedStackWriter(RawSpool):
     """A TIFF of ``shape`` (pages over all leading axes) written one page or block at a time.
 
     :meth:`put` takes whole pages, :meth:`rows` blocks of rows of some pages (as the engine
@@ -244,19 +244,13 @@ class PagedStackWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, shape: Sequence[int], dtype: Any) -> None:
-        from .atomic import TEMP_PREFIX
-
+        super().__init__(folder)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.lead = self.shape[:-2]
         self.height, self.width = self.shape[-2:]
         self.page_bytes = self.height * self.width * self.dtype.itemsize
         self.n_pages = int(np.prod(self.lead, dtype=np.int64))
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".raw", dir=folder)
-        self._raw = Path(name)
-        self._file = os.fdopen(fd, "wb+")
         self._rows = np.zeros(self.n_pages, dtype=np.int64)  # rows written per page
         #: The largest array this writer was handed at once (bytes), for the memory tests.
         self.largest_block = 0
@@ -309,10 +303,3 @@ class PagedStackWriter:
         finally:
             self.discard()
         return target
-
-    def discard(self) -> None:
-        """Drop the temporary file (also after a failure)."""
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            self._raw.unlink()
