@@ -19,6 +19,12 @@ import pytest
 # still wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The exactness tests compare with fp32 references, and ``precision="auto"`` is bf16 on a CPU with
+# native bf16 (AVX512-BF16, AMX): the suite pins auto to fp32 on every CPU (subprocesses inherit
+# it), so its results do not depend on the machine it runs on. tests/test_precision.py tests
+# auto's detection and the bf16 path explicitly, with the variable removed.
+os.environ["NAPARI_MASKCLIP_CPU_BF16"] = "0"
+
 # Load torch's compiler stack (Triton, on Linux) at collection, before any napari canvas exists:
 # Triton loaded after Mesa's LLVM crashes the process (see napari_maskclip.plugin.models). This
 # keeps GUI tests independent of the order tests run in.

@@ -29,6 +29,12 @@ CPU = torch.device("cpu")
 MIN_COSINE = {"bf16": 0.999, "fp16": 0.9999}
 
 
+@pytest.fixture
+def detected_cpu(monkeypatch):
+    """For tests of the detection itself: without conftest's pin of auto to fp32."""
+    monkeypatch.delenv(P.CPU_BF16_ENV, raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     before = torch.get_num_threads()
@@ -57,7 +63,23 @@ def test_auto_follows_the_cpus_bf16_capability():
         P.resolve_precision(CPU, "fp64")
 
 
-def test_this_cpus_detection_agrees_with_proc_cpuinfo():
+@pytest.mark.parametrize("value, native", [("0", False), ("no", False), ("1", True), ("TRUE", True)])
+def test_the_environment_overrides_the_detection(monkeypatch, value, native):
+    monkeypatch.setenv(P.CPU_BF16_ENV, value)
+    assert P.cpu_has_native_bf16() is native
+    assert P.resolve_precision(CPU, "auto") == ("bf16" if native else "fp32")
+    # A simulated CPU (explicit flags) and an explicit precision are not overridden.
+    assert P.cpu_has_native_bf16({"avx512_bf16"}) is True
+    assert P.resolve_precision(CPU, "bf16") == "bf16"
+
+
+def test_an_unknown_override_value_leaves_the_detection(monkeypatch, detected_cpu):
+    detected = P.cpu_has_native_bf16()
+    monkeypatch.setenv(P.CPU_BF16_ENV, "maybe")
+    assert P.cpu_has_native_bf16() is detected
+
+
+def test_this_cpus_detection_agrees_with_proc_cpuinfo(detected_cpu):
     path = Path("/proc/cpuinfo")
     if not path.is_file():
         pytest.skip("no /proc/cpuinfo")
@@ -72,8 +94,8 @@ def test_this_cpus_detection_agrees_with_proc_cpuinfo():
 
 @pytest.mark.parametrize("flags, expected", [({"avx512f", "avx2"}, "fp32"),
                                              ({"avx512f", "avx512_bf16"}, "bf16")])
-def test_loaded_models_and_results_follow_the_simulated_cpu(monkeypatch, tiny_vit_files, flags,
-                                                            expected):
+def test_loaded_models_and_results_follow_the_simulated_cpu(monkeypatch, detected_cpu,
+                                                            tiny_vit_files, flags, expected):
     _simulate_cpu(monkeypatch, flags)
     config, ckpt = tiny_vit_files
     loaded = load_clip(str(config), str(ckpt), device="cpu")
@@ -184,7 +206,7 @@ def test_bf16_labels_agree_with_fp32_on_the_demo_model():
 
 
 # ---- the student ----------------------------------------------------------------------------
-def test_student_predicts_and_trains_in_bf16(tmp_path, monkeypatch):
+def test_student_predicts_and_trains_in_bf16(tmp_path, monkeypatch, detected_cpu):
     from napari_maskclip.student import StudentSegmenter, TrainSettings, train
 
     from test_student_train import random_embeddings, shapes_data

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "PRECISIONS",
     "NATIVE_BF16_FLAGS",
+    "CPU_BF16_ENV",
     "check_precision",
     "cpu_flags",
     "cpu_has_native_bf16",
@@ -51,6 +53,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: AVX512-BF16, AMX (every AMX CPU has AMX-BF16; torch reports the tile unit as ``amx_tile``),
 #: and Arm's BF16 extension (``bf16`` in an aarch64 ``Features`` line).
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_tile", "bf16"})
+#: Overrides the detection: ``0`` makes ``auto`` pick fp32 on a CPU with native bf16 (results
+#: bit-identical to a CPU without it, e.g. for a test suite or a pipeline shared across
+#: machines), ``1`` treats the CPU as having it. Unset or any other value: detected.
+CPU_BF16_ENV = "NAPARI_MASKCLIP_CPU_BF16"
+_ENV_VALUES = {"0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
 
 
 def check_precision(precision: Optional[str]) -> str:
@@ -93,7 +100,12 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_native_bf16(flags: Optional[Iterable[str]] = None) -> bool:
-    """Whether the CPU computes bf16 natively; ``flags`` simulates a CPU (tests), default: this one."""
+    """Whether the CPU computes bf16 natively; ``flags`` simulates a CPU (tests), default: this
+    one, unless :data:`CPU_BF16_ENV` says otherwise."""
+    if flags is None:
+        override = _ENV_VALUES.get(os.environ.get(CPU_BF16_ENV, "").strip().lower())
+        if override is not None:
+            return override
     found = cpu_flags() if flags is None else {f.lower() for f in flags}
     return bool(NATIVE_BF16_FLAGS & set(found))
 
