@@ -629,3 +629,23 @@ def test_coco_round_trip_with_the_file_written_elsewhere(tmp_path, capsys):
     for sample in original:
         assert (back[sample.name].read_mask() == sample.read_mask()).all()
         assert (back[sample.name].read_image() == sample.read_image()).all()
+
+
+# ---- geometry bounded by the image, not by the numbers in the file (issue 21.2) ---------------
+def test_far_polygon_coordinates_clip_exactly_and_never_overflow():
+    """Coordinates up to the float64 limit clip to what the same polygon cut at the margin gives
+    (the clipping's arithmetic must not overflow: ±1.7e308 used to reach pycocotools as NaN and
+    crash the process)."""
+    from napari_maskclip.export.coco_masks import MalformedSegmentation
+
+    big = 1.7e308
+    assert polygons_to_mask([[-big, 0, big, 0, 0, big]], (32, 32)).all()
+    assert (polygons_to_mask([[2, 2, big, 2, big, 10, 2, 10]], (32, 32))
+            == polygons_to_mask([[2, 2, 40, 2, 40, 10, 2, 10]], (32, 32))).all()
+    narrow = polygons_to_mask([[10, -big, 12, big, 14, -big]], (32, 32))
+    assert narrow[:, :9].sum() == 0 and narrow[:, 16:].sum() == 0 and narrow.sum() > 20
+    # A zigzag between -1e300 and 1e300: each edge clips to the margin, but its outline is far
+    # longer than any polygon a 32 x 32 image can hold, and is refused before pycocotools.
+    zigzag = [v for i in range(2000) for v in ((-1e300 if i % 2 else 1e300), float(i % 32))]
+    with pytest.raises(MalformedSegmentation, match="outline"):
+        polygons_to_mask([zigzag], (32, 32))
