@@ -163,7 +163,7 @@ def _own_result(path: Path) -> bool:
         if meta.stat().st_size > (1 << 20):
             return False
         attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False
     return isinstance(attrs, dict) and "napari_maskclip" in attrs
 
@@ -171,18 +171,25 @@ def _own_result(path: Path) -> bool:
 def _ome_level(group: Any, path: Path, level: Optional[int]):
     """The array of OME-Zarr level ``level`` (0: full resolution) and its axes."""
     attrs = dict(group.attrs)
-    multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    ome = attrs.get("ome")
+    multiscales = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict)
+                                               else None)
     if not multiscales:
         raise InvalidInputError(
             f"{path} is a zarr group without OME-Zarr multiscales: give the path of its image "
             "array (e.g. IMAGE.zarr/0).")
+    if (not isinstance(multiscales, list) or not isinstance(multiscales[0], dict)
+            or not isinstance(multiscales[0].get("datasets") or [], list)
+            or not isinstance(multiscales[0].get("axes") or [], list)):
+        raise InvalidInputError(f"{path}: its OME-Zarr multiscales metadata is malformed (a list "
+                                "of objects with 'datasets' and 'axes' lists expected).")
     datasets = multiscales[0].get("datasets") or []
     level = level or 0
     if not 0 <= level < len(datasets):
         raise InvalidInputError(f"{path} has {len(datasets)} level(s); there is no level {level}.")
     try:
         array = group[datasets[level]["path"]]
-    except (KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a missing or malformed path: zarr raises many kinds
         raise InvalidInputError(f"{path}: level {level}'s array is missing.") from exc
     axes = multiscales[0].get("axes")
     names = [a.get("name") if isinstance(a, dict) else a for a in axes] if axes else None
