@@ -77,8 +77,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
 _MASK_ENDINGS = ("", "_labels", "_mask")
 #: What to do when a listed file or link leads outside its folder (see :mod:`.confined`).
-_LINK_HINT = ("copy the files into the folder instead of linking them, or fix the split list's "
-              "names")
+_LINK_HINT = "copy the files into the folder instead of linking them"
+_SPLIT_HINT = f"{_LINK_HINT}, or fix the split list's names"
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -285,7 +285,7 @@ def plan_voc(
         colours.setdefault((224, 224, 192), 255)  # VOC's object border: ignore
     plan = ImportPlan(format="voc", source=folder, classes=classes, items=[])
     masks_dir = folder / "SegmentationClass"
-    masks_inside = Confinement(masks_dir, "masks folder", _LINK_HINT)
+    masks_inside = Confinement(masks_dir, "masks folder", _SPLIT_HINT if split else _LINK_HINT)
     images_inside = Confinement(folder / "JPEGImages", "images folder", _LINK_HINT)
     if split is not None:
         wanted = _split_names(folder, split)
