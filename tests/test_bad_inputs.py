@@ -484,11 +484,27 @@ def _coco_geometry(segmentation=None, bbox=None, size=(32, 32), counts=None):
 _ZIGZAG = [v for i in range(20000) for v in ((-1e300 if i % 2 else 1e300), float(i % 32))]
 
 
-def _image_file(name: str, content: bytes):
+def _image_file(name: str, content):
+    """``segment`` of one image file; ``content``: its bytes, or a function making them."""
     def build(inputs: Path, out: Path) -> list:
-        return ["segment", _write(inputs / name, content), "--classes", "red circle", "--out", out,
+        data = content() if callable(content) else content
+        return ["segment", _write(inputs / name, data), "--classes", "red circle", "--out", out,
                 *SEGMENT]
     return build
+
+
+def _png_zeros(width: int, height: int) -> bytes:
+    """A complete, valid RGB PNG of zeros (deflate at its best: ~1/1000 of the pixels' size)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, parts = zlib.compressobj(9), b"\0" * (1 + 3 * width), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+            + chunk(b"IEND", b""))
 
 
 def _zarr_source(damage):
@@ -529,6 +545,8 @@ BOUNDED_CASES = [
     # 21.5: a header that declares more than its file holds, a damaged chunk, a store's metadata
     ("png-header-16000", _image_file("huge.png", _png_header_only(16000, 16000)), 1, ["huge.png", "declares"], SEGMENT_MEMORY),
     ("tiff-header-16000", _image_file("huge.tif", _tiff_header_only(16000, 16000)), 1, ["huge.tif", "declares"], SEGMENT_MEMORY),
+    ("png-over-memory-limit", _image_file("zeros.png", lambda: _png_zeros(12000, 12000)), 1,
+     ["zeros.png", "decodes to", "RLIMIT_DATA"], 600 << 20),
     ("zarr-garbage-chunk", _zarr_source(lambda p: (p / "c" / "0" / "1").write_bytes(b"garbage" * 9)), 1,
      ["img.zarr", "chunk c/0/1", "cannot be read"], SEGMENT_MEMORY),
     ("zarr-declares-1e9-square", _zarr_source(lambda p: _zarr_meta(p, lambda m: m.update(shape=[10**9, 10**9]))), 1,

@@ -55,7 +55,8 @@ def _bad_chunk(array: Any, bounds: list[tuple[int, int]]) -> Optional[str]:
     for n, coords in enumerate(itertools.product(*ranges)):
         if n >= MAX_CHUNKS_SEARCHED:
             return None
-        box = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, chunks, array.shape))
+        box = tuple(slice(i * c, min((i + 1) * c, s))
+                    for i, c, s in zip(coords, chunks, array.shape))
         try:
             array[box]
         except _PASS_THROUGH:

@@ -182,7 +182,8 @@ def check_fits_memory(path: str | os.PathLike, nbytes: int, copies: int = 1) -> 
     if free is None or nbytes * copies <= free[0]:
         return
     raise InvalidInputError(
-        f"{Path(path)} decodes to {nbytes / 2**30:.2f} GiB ({copies} cop{'y' if copies == 1 else 'ies'} "
-        f"while reading), more than {free[1]} leaves this process ({free[0] / 2**30:.2f} GiB): "
-        "free memory (or raise the limit), or crop or downscale the image first."
+        f"{Path(path)} decodes to {nbytes / 2**30:.2f} GiB "
+        f"({copies} cop{'y' if copies == 1 else 'ies'} while reading), more than {free[1]} "
+        f"leaves this process ({free[0] / 2**30:.2f} GiB): free memory (or raise the limit), "
+        "or crop or downscale the image first."
     )

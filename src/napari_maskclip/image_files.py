@@ -9,8 +9,8 @@ Reading is bounded and never shows a traceback: the header is read first and an 
 than :data:`MAX_IMAGE_PIXELS` per plane or :data:`MAX_IMAGE_BYTES` decoded, larger than its file's
 data can hold, or larger than the memory left is refused before any pixel is decoded (a 300 kB TIFF
 can claim 100000 x 100000 pixels, a 229-byte PNG 16000 x 16000: see :mod:`.decode_limits`); an
-empty, truncated or non-image file raises :class:`~napari_maskclip.errors.InvalidInputError` naming the file. No NaN
-is ever written into a file: the writers refuse it.
+empty, truncated or non-image file raises :class:`~napari_maskclip.errors.InvalidInputError`
+naming the file. No NaN is ever written into a file: the writers refuse it.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ are when they stay within one image size of the image (pycocotools itself clips 
 so the masks equal every other COCO tool's); a polygon reaching further is first clipped to that
 margin (Sutherland-Hodgman, in arithmetic that cannot overflow for any finite coordinate), which
 can move its edge by a pixel where it was cut. An annotation's total outline is bounded by the
-image's size (:func:`outline_limit`), so no number in a file sets how much is allocated. Encoding runs
-only over an instance's bounding box, not the image.
+image's size (:func:`outline_limit`), so no number in a file sets how much is allocated.
+Encoding runs only over an instance's bounding box, not the image.
 """
 
 from __future__ import annotations
