@@ -32,10 +32,19 @@ from napari_maskclip.image_files import write_label_image
 SEGMENT = ["--model", "demo", "--templates", "single", "--quiet"]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, memory: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``memory``: its RLIMIT_DATA in bytes (heap and anonymous maps),
+    so an input that allocates without bound fails (MemoryError) instead of taking the machine."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+
     return subprocess.run([sys.executable, "-m", "napari_maskclip.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          preexec_fn=None if memory is None else limit)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -379,3 +388,248 @@ def test_result_table_with_nan_setting_is_refused(tmp_path):
     with pytest.raises(InvalidInputError, match="NaN|not JSON compliant|Out of range"):
         write_result(result, tmp_path, "a")
     assert not (tmp_path / "a_classes.json").exists()
+
+
+# ---- issue 21 (items 1, 2, 5, 8): names that leave their folder, numbers that would allocate ---
+# without bound, corrupt files; each row one class of input, under a memory limit that a correct
+# run fits with room to spare (RLIMIT_DATA: about 0.15 GiB for import, 1 GiB for segment with the
+# demo model) and the input, read as its numbers say, would exceed.
+GiB = 1 << 30
+IMPORT_MEMORY = 1 * GiB  # import's VmData is ~0.15 GiB
+SEGMENT_MEMORY = 2 * GiB + GiB // 2  # segment + demo model ~1.0 GiB; a 16000^2 RGB decode +1.5 GiB
+
+
+def _coco(folder: Path, images: list[dict], anns: list[dict] | None = None) -> Path:
+    """A COCO file in ``folder`` over ``images`` (one cat annotation per image unless ``anns``)."""
+    if anns is None:
+        anns = [{"id": i + 1, "image_id": im["id"], "category_id": 1, "iscrowd": 0,
+                 "segmentation": [[1, 1, 6, 1, 6, 6]]} for i, im in enumerate(images)]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "cat"}]}))
+    return path
+
+
+def _one_image(folder: Path, file_name: str = "a.png", size=(32, 32)) -> dict:
+    if not (folder / file_name).exists():
+        _write(folder / file_name, np.full((*size, 3), 90, np.uint8))
+    return {"id": 1, "file_name": file_name, "width": size[1], "height": size[0]}
+
+
+def _secret(inputs: Path) -> Path:
+    return _write(inputs / "private" / "photo.png", np.full((32, 32, 3), 7, np.uint8))
+
+
+def _coco_escape(kind: str):
+    def build(inputs: Path, out: Path) -> list:
+        secret = _secret(inputs)
+        folder = inputs / "coco"
+        name = {"dotdot": "../private/photo.png", "absolute": str(secret), "link": "photo.png"}[kind]
+        if kind == "link":
+            folder.mkdir(parents=True)
+            (folder / "photo.png").symlink_to(secret)
+        image = {"id": 1, "file_name": name, "width": 32, "height": 32}
+        return ["import", _coco(folder, [_one_image(folder), dict(image, id=2)]), "--out", out]
+    return build
+
+
+def _voc_split_escape(inputs: Path, out: Path) -> list:
+    _secret(inputs)
+    root = inputs / "VOC"
+    _write(root / "JPEGImages" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    write_label_image(root / "SegmentationClass" / "a.png", np.zeros((32, 32), np.uint8))
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n../../private/photo\n")
+    return ["import", root, "--split", "val", "--out", out]
+
+
+def _mask_folder_link(inputs: Path, out: Path) -> list:
+    secret = _secret(inputs)
+    _write(inputs / "images" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    (inputs / "images" / "b.png").symlink_to(secret)
+    for stem in "ab":
+        write_label_image(inputs / "masks" / f"{stem}.png", np.zeros((32, 32), np.uint8))
+    return ["import", inputs / "images", "--masks", inputs / "masks", "--classes", "cat", "--out", out]
+
+
+def _coco_written_elsewhere(inputs: Path, out: Path) -> list:
+    from napari_maskclip.export import export_sample
+    from napari_maskclip.export.coco import export_coco
+
+    labels = np.zeros((24, 30), np.uint8)
+    labels[4:12, 5:20] = 1
+    export_sample(inputs / "ds", "s0", np.zeros((24, 30, 3), np.uint8), labels, "cat")
+    (inputs / "shared").mkdir()
+    export_coco(inputs / "ds", inputs / "shared" / "x.json")
+    return ["import", inputs / "shared" / "x.json", "--out", out]
+
+
+def _coco_geometry(segmentation=None, bbox=None, size=(32, 32), counts=None):
+    def build(inputs: Path, out: Path) -> list:
+        folder = inputs / "coco"
+        image = _one_image(folder, size=(32, 32))
+        image.update(width=size[1], height=size[0])
+        ann = {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0}
+        if segmentation is not None:
+            ann["segmentation"] = segmentation
+        if bbox is not None:
+            ann["bbox"] = bbox
+        if counts is not None:
+            ann["segmentation"] = {"size": list(size), "counts": counts}
+        return ["import", _coco(folder, [image], [ann]), "--out", out]
+    return build
+
+
+_ZIGZAG = [v for i in range(20000) for v in ((-1e300 if i % 2 else 1e300), float(i % 32))]
+
+
+def _image_file(name: str, content):
+    """``segment`` of one image file; ``content``: its bytes, or a function making them."""
+    def build(inputs: Path, out: Path) -> list:
+        data = content() if callable(content) else content
+        return ["segment", _write(inputs / name, data), "--classes", "red circle", "--out", out,
+                *SEGMENT]
+    return build
+
+
+def _png_zeros(width: int, height: int) -> bytes:
+    """A complete, valid RGB PNG of zeros (deflate at its best: ~1/1000 of the pixels' size)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, parts = zlib.compressobj(9), b"\0" * (1 + 3 * width), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+            + chunk(b"IEND", b""))
+
+
+def _zarr_source(damage):
+    def build(inputs: Path, out: Path) -> list:
+        zarr = pytest.importorskip("zarr")
+        path = inputs / "img.zarr"
+        z = zarr.create_array(str(path), shape=(128, 128), chunks=(64, 64), dtype="float32")
+        z[:] = np.random.default_rng(0).random((128, 128), dtype=np.float32)
+        damage(path)
+        return ["segment", path, "--classes", "red circle", "--out", out.with_suffix(".zarr"),
+                *SEGMENT]
+    return build
+
+
+def _zarr_meta(path: Path, change) -> None:
+    meta = json.loads((path / "zarr.json").read_text())
+    change(meta)
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+# (case id, build(inputs, out) -> CLI args, exit code, words the one stderr line must hold
+#  (rc 0: none), memory limit)
+BOUNDED_CASES = [
+    # 21.1: a file name must resolve inside the folder it is relative to (links followed)
+    ("coco-name-dotdot", _coco_escape("dotdot"), 1, ["outside the images folder", "'../private/photo.png'"], IMPORT_MEMORY),
+    ("coco-name-absolute", _coco_escape("absolute"), 1, ["outside the images folder", "photo.png"], IMPORT_MEMORY),
+    ("coco-name-symlink", _coco_escape("link"), 1, ["outside the images folder", "private"], IMPORT_MEMORY),
+    ("voc-split-name-escapes", _voc_split_escape, 1, ["outside the masks folder", "private/photo"], IMPORT_MEMORY),
+    ("mask-folder-symlink", _mask_folder_link, 1, ["outside the images folder", "b.png"], IMPORT_MEMORY),
+    # 20.4: a COCO file exported elsewhere says which --images it needs
+    ("coco-exported-elsewhere", _coco_written_elsewhere, 1, ["--images", "ds"], IMPORT_MEMORY),
+    # 21.2: geometry clipped or refused against the image, never sized by the file's numbers
+    ("polygon-1.7e308", _coco_geometry([[-1.7e308, 0, 1.7e308, 0, 0, 1.7e308]]), 0, [], IMPORT_MEMORY),
+    ("polygon-zigzag-1e300", _coco_geometry([_ZIGZAG]), 1, ["Nothing was imported", "outline"], IMPORT_MEMORY),
+    ("bbox-1e300", _coco_geometry([], bbox=[0, 0, 1e300, 1e300]), 0, [], IMPORT_MEMORY),
+    ("rle-counts-1e15", _coco_geometry(counts=[10**15]), 1, ["Nothing was imported", "RLE"], IMPORT_MEMORY),
+    ("declared-1e6-square", _coco_geometry([[1, 1, 6, 1, 6, 6]], size=(10**6, 10**6)), 1, ["pixel limit"], IMPORT_MEMORY),
+    # 21.5: a header that declares more than its file holds, a damaged chunk, a store's metadata
+    ("png-header-16000", _image_file("huge.png", _png_header_only(16000, 16000)), 1, ["huge.png", "declares"], SEGMENT_MEMORY),
+    ("tiff-header-16000", _image_file("huge.tif", _tiff_header_only(16000, 16000)), 1, ["huge.tif", "declares"], SEGMENT_MEMORY),
+    ("png-over-memory-limit", _image_file("zeros.png", lambda: _png_zeros(12000, 12000)), 1,
+     ["zeros.png", "decodes to", "RLIMIT_DATA"], 600 << 20),
+    ("zarr-garbage-chunk", _zarr_source(lambda p: (p / "c" / "0" / "1").write_bytes(b"garbage" * 9)), 1,
+     ["img.zarr", "chunk c/0/1", "cannot be read"], SEGMENT_MEMORY),
+    ("zarr-declares-1e9-square", _zarr_source(lambda p: _zarr_meta(p, lambda m: m.update(shape=[10**9, 10**9]))), 1,
+     ["img.zarr", "declares"], SEGMENT_MEMORY),
+    ("zarr-metadata-nested", _zarr_source(lambda p: (p / "zarr.json").write_text("[" * 100000)), 1,
+     ["img.zarr"], SEGMENT_MEMORY),
+]
+
+
+@pytest.mark.parametrize("build, rc, needles, memory", [c[1:] for c in BOUNDED_CASES],
+                         ids=[c[0] for c in BOUNDED_CASES])
+def test_inputs_that_escape_or_claim_too_much(tmp_path, build, rc, needles, memory):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    args = build(inputs, out)
+    before = snapshot(inputs)
+    proc = run_cli(*args, "--quiet", memory=memory, timeout=120)
+    if rc == 0:
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        from napari_maskclip.export import read_dataset
+
+        mask = read_dataset(out)[read_dataset(out).names[0]].read_mask()
+        assert mask.shape == (32, 32) and (mask != 0).any()  # the clipped geometry landed
+    else:
+        assert_one_line_failure(proc, *needles)
+        assert proc.returncode == rc
+        assert not out.exists() and not out.with_suffix(".zarr").exists()
+    assert snapshot(inputs) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["inputs"] + (["out"] if rc == 0 else []))
+
+
+# 21.8: arrays of the wrong shape or kind through the Python API: InvalidInputError saying what
+# was expected, never numpy's broadcast/KeyError from deep inside.
+def _series(tmp_path: Path):
+    from napari_maskclip.series import SeriesSession, list_images
+
+    _write(tmp_path / "imgs" / "a.png", np.zeros((20, 30, 3), np.uint8))
+    return SeriesSession.open(list_images(tmp_path / "imgs"), tmp_path / "sds", "cat, dog")
+
+
+def _export(tmp_path: Path, **kwargs):
+    from napari_maskclip.export import export_sample
+
+    args = dict(image=np.zeros((20, 30, 3), np.uint8), labels=np.zeros((20, 30), np.uint8))
+    args.update(kwargs)
+    return export_sample(tmp_path / "ds", "a", args.pop("image"), args.pop("labels"), "cat", **args)
+
+
+_IMG, _LAB = np.zeros((20, 30, 3), np.uint8), np.zeros((20, 30), np.uint8)
+API_CASES = [
+    ("series-edited-shape", lambda t: _series(t).save(0, _IMG, _LAB, edited=np.ones((5, 5), bool)),
+     ["edited mask of image 0", "(5, 5)", "20 x 30"]),
+    ("series-edited-3d", lambda t: _series(t).save(0, _IMG, _LAB, edited=np.ones((20, 30, 3), bool)),
+     ["edited mask", "20 x 30"]),
+    ("series-edited-float", lambda t: _series(t).save(0, _IMG, _LAB, edited=np.full((20, 30), 0.5)),
+     ["edited mask", "booleans", "float64"]),
+    ("series-image-objects", lambda t: _series(t).save(0, np.full((20, 30), None), _LAB),
+     ["Image 0", "numbers", "object"]),
+    ("series-image-shape", lambda t: _series(t).save(0, np.zeros((30,), np.uint8), _LAB),
+     ["Image 0", "(30,)", "20 x 30"]),
+    ("series-labels-float", lambda t: _series(t).save(0, _IMG, _LAB.astype(float)), ["integers"]),
+    ("series-labels-text", lambda t: _series(t).save(0, _IMG, "labels"), ["labels of image 0", "array"]),
+    ("export-image-objects", lambda t: _export(t, image=np.full((20, 30), None)), ["image", "numbers"]),
+    ("export-image-complex", lambda t: _export(t, image=np.zeros((20, 30), np.complex64)), ["complex"]),
+    ("export-edited-float", lambda t: _export(t, edited=np.full((20, 30), 0.5)), ["edited mask", "booleans"]),
+    ("export-probabilities-int", lambda t: _export(t, probabilities=np.zeros((1, 20, 30), np.int64)),
+     ["probabilities", "floats"]),
+    ("export-probabilities-text", lambda t: _export(t, probabilities="maps"), ["probabilities", "array"]),
+    ("evaluate-gt-float", lambda t: __import__("napari_maskclip.evaluate", fromlist=["x"]).confusion_matrix(
+        _LAB, np.full((20, 30), 0.5), 3), ["ground truth", "integer"]),
+    ("evaluate-classes-1e9", lambda t: __import__("napari_maskclip.evaluate", fromlist=["x"]).confusion_matrix(
+        _LAB, _LAB, 10**9), ["num_classes", "65536"]),
+    ("evaluate-not-pairs", lambda t: __import__("napari_maskclip.evaluate", fromlist=["x"]).evaluate_arrays(
+        [_LAB], 3), ["pair"]),
+]
+
+
+@pytest.mark.parametrize("call, needles", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_wrong_arrays_through_the_python_api(tmp_path, call, needles):
+    from napari_maskclip.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError) as info:
+        call(tmp_path)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    assert not (tmp_path / "ds").exists()  # refused before anything was written

@@ -325,3 +325,27 @@ def test_traced_memory_stays_far_below_the_image_results(scene, tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < image_results / 3, (peak, image_results)
+
+
+def test_a_damaged_chunk_is_one_line_naming_it_in_the_reader_and_as_a_source(scene, tmp_path):
+    """A result store or a source whose chunk no longer decodes: one InvalidInputError naming the
+    store and the chunk (not the codec's RuntimeError from deep inside zarr)."""
+    from napari_maskclip.lazy_source import open_source
+    from napari_maskclip.plugin.reader import read_large_result
+
+    source = _zarr_array(tmp_path / "big.zarr", scene, (64, 64, 3))
+    out = tmp_path / "out.zarr"
+    _run(source, out, chunk=64)
+    labels = zarr.open_array(str(out / "labels"), mode="r")
+    key = labels.metadata.encode_chunk_key((1, 0))
+    (out / "labels" / key).write_bytes(b"not a chunk")
+    layers = read_large_result(out)
+    with pytest.raises(InvalidInputError, match=f"{key}.*cannot be read") as info:
+        layers[-1][0].compute()
+    assert str(out / "labels") in str(info.value) and "\n" not in str(info.value)
+    (source / zarr.open_array(str(source), mode="r").metadata.encode_chunk_key((0, 1, 0))
+     ).write_bytes(b"garbage")
+    lazy = open_source(source)
+    assert lazy.read(0, 10, 0, 10).shape == (10, 10, 3)  # the good chunks still read
+    with pytest.raises(InvalidInputError, match=r"c/0/1/0 \(pixels \[0:64, 64:128, 0:3\]\)"):
+        lazy.read(0, 100, 0, 150)

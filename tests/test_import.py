@@ -4,6 +4,7 @@ datasets of human labels, through the project's own exporter; bad input is one l
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -533,3 +534,118 @@ print(json.dumps(sorted(sys.modules)))
                                                         "PyQt5", "PyQt6", "PySide2", "PySide6")]
     assert heavy == [], heavy[:10]
     assert (tmp_path / "back" / "dataset.json").is_file()
+
+
+# ---- names that leave the images folder (issue 21.1) -----------------------------------------
+def _one_image_coco(folder, file_name):
+    """A COCO file in ``folder`` naming one 8x8 image ``file_name`` (one polygon of class cat)."""
+    doc = {
+        "images": [{"id": 1, "file_name": file_name, "width": 8, "height": 8}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                         "segmentation": [[1, 1, 6, 1, 6, 6]]}],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    path = folder / "instances.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "link", "linked-dir", "dotdot-inside"])
+def test_coco_names_must_stay_inside_the_images_folder(tmp_path, capsys, kind):
+    """`../`, an absolute path and a link leading out refuse the whole import (nothing written);
+    a `..` that stays inside is fine."""
+    secret = _png(tmp_path / "private" / "photo.png", np.full((8, 8, 3), 7, np.uint8))
+    images = tmp_path / "coco"
+    _png(images / "sub" / "ok.png", np.zeros((8, 8, 3), np.uint8))
+    name = {
+        "dotdot": "../private/photo.png",
+        "absolute": str(secret),
+        "link": "photo.png",
+        "linked-dir": "elsewhere/photo.png",
+        "dotdot-inside": "sub/../sub/ok.png",
+    }[kind]
+    if kind == "link":
+        (images / "photo.png").symlink_to(secret)
+    if kind == "linked-dir":
+        (images / "elsewhere").symlink_to(secret.parent, target_is_directory=True)
+    path = _one_image_coco(images, name)
+    out = tmp_path / "ds"
+    rc = main(["import", str(path), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    if kind == "dotdot-inside":
+        assert rc == 0, err
+        assert read_dataset(out).names == ["ok"]
+        return
+    assert rc == 1 and "\n" not in err, err
+    assert "outside the images folder" in err and repr(name) in err and "--images" in err
+    assert not out.exists()
+
+
+def test_voc_and_mask_folders_refuse_links_and_split_names_that_leave(tmp_path, capsys):
+    secret = _png(tmp_path / "private" / "photo.png", np.full((20, 24), 15, np.uint8), "P")
+    # VOC: a split list naming a mask outside SegmentationClass/
+    root = tmp_path / "VOC2012"
+    _voc(root)
+    (root / "ImageSets" / "Segmentation" / "evil.txt").write_text("2007_000001\n../../private/photo\n")
+    rc = main(["import", str(root), "--split", "evil", "--out", str(tmp_path / "v1"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "outside the masks folder" in err and "../../private/photo.png" in err, err
+    # VOC: a linked mask
+    (root / "SegmentationClass" / "2007_000009.png").symlink_to(secret)
+    shutil.copy(root / "JPEGImages" / "2007_000001.jpg", root / "JPEGImages" / "2007_000009.jpg")
+    rc = main(["import", str(root), "--out", str(tmp_path / "v2"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "outside the masks folder" in err and "\n" not in err, err
+    # images + masks: a linked image
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _png(images / "a.png", np.zeros((20, 24, 3), np.uint8))
+    (images / "b.png").symlink_to(secret)
+    for stem in "ab":
+        _png(masks / f"{stem}.png", np.zeros((20, 24), np.uint8))
+    rc = main(["import", str(images), "--masks", str(masks), "--classes", "cat",
+               "--out", str(tmp_path / "m"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "outside the images folder" in err and "b.png" in err, err
+    assert not any((tmp_path / d).exists() for d in ("v1", "v2", "m"))
+
+
+def test_coco_round_trip_with_the_file_written_elsewhere(tmp_path, capsys):
+    """export-coco DS --out elsewhere/x.json: file names stay relative to DS (CocoDetection's
+    root); importing the file alone says to pass --images DS, and with it the round trip holds."""
+    original = _scene_dataset(tmp_path / "ds")
+    elsewhere = tmp_path / "shared" / "annotations"
+    elsewhere.mkdir(parents=True)
+    target = elsewhere / "x.json"
+    assert main(["export-coco", str(original.path), "--out", str(target), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"--images {original.path.resolve()}" in err  # the export says so too
+    rc = main(["import", str(target), "--out", str(tmp_path / "back"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err and f"--images {original.path.resolve()}" in err, err
+    assert not (tmp_path / "back").exists()
+    assert main(["import", str(target), "--images", str(original.path), "--out",
+                 str(tmp_path / "back"), "--quiet"]) == 0
+    back = read_dataset(tmp_path / "back")
+    for sample in original:
+        assert (back[sample.name].read_mask() == sample.read_mask()).all()
+        assert (back[sample.name].read_image() == sample.read_image()).all()
+
+
+# ---- geometry bounded by the image, not by the numbers in the file (issue 21.2) ---------------
+def test_far_polygon_coordinates_clip_exactly_and_never_overflow():
+    """Coordinates up to the float64 limit clip to what the same polygon cut at the margin gives
+    (the clipping's arithmetic must not overflow: ±1.7e308 used to reach pycocotools as NaN and
+    crash the process)."""
+    from napari_maskclip.export.coco_masks import MalformedSegmentation
+
+    big = 1.7e308
+    assert polygons_to_mask([[-big, 0, big, 0, 0, big]], (32, 32)).all()
+    assert (polygons_to_mask([[2, 2, big, 2, big, 10, 2, 10]], (32, 32))
+            == polygons_to_mask([[2, 2, 40, 2, 40, 10, 2, 10]], (32, 32))).all()
+    narrow = polygons_to_mask([[10, -big, 12, big, 14, -big]], (32, 32))
+    assert narrow[:, :9].sum() == 0 and narrow[:, 16:].sum() == 0 and narrow.sum() > 20
+    # A zigzag between -1e300 and 1e300: each edge clips to the margin, but its outline is far
+    # longer than any polygon a 32 x 32 image can hold, and is refused before pycocotools.
+    zigzag = [v for i in range(2000) for v in ((-1e300 if i % 2 else 1e300), float(i % 32))]
+    with pytest.raises(MalformedSegmentation, match="outline"):
+        polygons_to_mask([zigzag], (32, 32))

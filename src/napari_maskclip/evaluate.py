@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .array_checks import require_array, require_kind
 from .errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +53,11 @@ __all__ = [
     "evaluate_folders",
     "MaskSource",
     "find_masks",
+    "MAX_EVAL_CLASSES",
 ]
+
+#: The most classes scored (a uint16 label image's values): the confusion matrix is k x (k + 1).
+MAX_EVAL_CLASSES = 65536
 
 
 # ---- pure scoring --------------------------------------------------------------------------------
@@ -68,11 +73,16 @@ def confusion_matrix(
     The last column counts scored pixels whose prediction is not in ``0..num_classes-1``.
     Ground-truth values other than the classes and ``ignore_index`` are an error.
     """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise InvalidInputError(f"num_classes must be a whole number, got {num_classes!r}.")
     k = int(num_classes)
-    if k < 1:
-        raise InvalidInputError("num_classes must be at least 1.")
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
+    if not 1 <= k <= MAX_EVAL_CLASSES:
+        raise InvalidInputError(
+            f"num_classes must lie in 1..{MAX_EVAL_CLASSES} (background included), got {k}.")
+    pred = np.asarray(require_array(pred, "The prediction"))
+    gt = np.asarray(require_array(gt, "The ground truth"))
+    require_kind(gt, "The ground truth", "biu", "integer labels")
+    require_kind(pred, "The prediction", "biu", "integer labels")
     if pred.shape != gt.shape:
         raise InvalidInputError(f"Prediction {pred.shape} and ground truth {gt.shape} differ in shape.")
     g = gt.reshape(-1)
@@ -209,11 +219,19 @@ def evaluate_arrays(
     class_names: Optional[Sequence[str]] = None,
 ) -> SegmentationScores:
     """Scores accumulated over ``(prediction, ground truth)`` pairs."""
-    cm = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    cm: Optional[np.ndarray] = None
     n = 0
-    for pred, gt in pairs:
-        cm += confusion_matrix(pred, gt, num_classes, ignore_index=ignore_index)
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidInputError(
+                f"Item {n} of the pairs is {type(pair).__name__}; expected a (prediction, ground "
+                "truth) pair of label arrays.")
+        part = confusion_matrix(pair[0], pair[1], num_classes, ignore_index=ignore_index)
+        cm = part if cm is None else cm + part
         n += 1
+    if cm is None:
+        cm = confusion_matrix(np.zeros(0, np.uint8), np.zeros(0, np.uint8), num_classes,
+                              ignore_index=ignore_index)
     return scores_from_confusion(cm, class_names, n_images=n)
 
 

@@ -339,7 +339,7 @@ def read_large_meta(path: str | Path) -> Optional[dict[str, Any]]:
         if Path(path).is_symlink() or meta.stat().st_size > (4 << 20):
             return None
         record = json.loads(meta.read_text()).get("attributes", {}).get(_KEY)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return None
     if isinstance(record, dict) and record.get("format") == FORMAT:
         return record

@@ -6,10 +6,11 @@ when there are more than 255 classes. Float stacks (confidence maps) go to TIFF 
 which keeps float32/float16 exactly. All writes are atomic (see :mod:`napari_maskclip.atomic`).
 
 Reading is bounded and never shows a traceback: the header is read first and an image larger
-than :data:`MAX_IMAGE_PIXELS` per plane or :data:`MAX_IMAGE_BYTES` decoded is refused before any
-pixel is decoded (a 300 kB TIFF can claim 100000 x 100000 pixels); an empty, truncated or
-non-image file raises :class:`~napari_maskclip.errors.InvalidInputError` naming the file. No NaN
-is ever written into a file: the writers refuse it.
+than :data:`MAX_IMAGE_PIXELS` per plane or :data:`MAX_IMAGE_BYTES` decoded, larger than its file's
+data can hold, or larger than the memory left is refused before any pixel is decoded (a 300 kB TIFF
+can claim 100000 x 100000 pixels, a 229-byte PNG 16000 x 16000: see :mod:`.decode_limits`); an
+empty, truncated or non-image file raises :class:`~napari_maskclip.errors.InvalidInputError`
+naming the file. No NaN is ever written into a file: the writers refuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .atomic import RawSpool, atomic_write
+from .decode_limits import (
+    check_fits_memory,
+    check_payload,
+    pillow_codec,
+    pillow_stored_bytes,
+    tiff_codec,
+)
 from .errors import InvalidInputError
 
 __all__ = [
@@ -108,6 +116,7 @@ def image_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
                     raise ValueError("no image data")
                 series = tif.series[0]
                 shape, dtype = tuple(int(n) for n in series.shape), np.dtype(series.dtype)
+                codec, copies, stored = tiff_codec(tif.pages.first), 1, None
         else:
             from PIL import Image
 
@@ -115,18 +124,24 @@ def image_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
                 width, height = image.size
                 frames = int(getattr(image, "n_frames", 1) or 1)
                 bands, kind = _PIL_MODES.get(image.mode, (4, "float64"))
+                codec, copies = pillow_codec(image), 2  # Pillow's buffer, then numpy's array
+                stored = pillow_stored_bytes(image)
             shape = ((frames,) if frames > 1 else ()) + (int(height), int(width))
             shape, dtype = shape + ((bands,) if bands > 1 else ()), np.dtype(kind)
     except InvalidInputError:
         raise
     except Exception as exc:  # any parser failure: a one-line message, not a traceback
         raise _unreadable(p, exc) from exc
-    check_image_size(p, shape, dtype)
+    check_image_size(p, shape, dtype, codec, copies, stored)
     return shape, dtype
 
 
-def check_image_size(p: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Refuse an image too large to read (or empty) before any of it is decoded."""
+def check_image_size(p: Path, shape: tuple[int, ...], dtype: np.dtype, codec: str | None = None,
+                     copies: int = 1, stored_bytes: int | None = None) -> None:
+    """Refuse an image too large to read (or empty) before any of it is decoded.
+
+    With ``codec`` (see :mod:`.decode_limits`) the file must also be able to hold the declared
+    pixels, and ``copies`` of them must fit the memory this process may still use."""
     if len(shape) < 2 or min(shape) < 1:
         raise InvalidInputError(f"{p} holds no pixels (shape {shape}); use a non-empty image.")
     spatial = sorted(shape, reverse=True)[:2]
@@ -138,6 +153,9 @@ def check_image_size(p: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
             f"napari-maskclip reads ({MAX_IMAGE_PIXELS // 2**20} megapixels per plane, "
             f"{MAX_IMAGE_BYTES / 2**30:.0f} GiB in all). Crop or downscale it first."
         )
+    if codec is not None:
+        check_payload(p, shape, dtype, codec, stored_bytes)
+        check_fits_memory(p, total, copies)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -236,14 +254,16 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
                 if not tif.series:
                     raise ValueError("no image data")
                 series = tif.series[0]
-                check_image_size(p, tuple(series.shape), np.dtype(series.dtype))
+                check_image_size(p, tuple(series.shape), np.dtype(series.dtype),
+                                 tiff_codec(tif.pages.first))
                 labels = np.asarray(series.asarray())
         else:
             from PIL import Image
 
             with _pillow_limit(), Image.open(p) as image:
                 width, height = image.size
-                check_image_size(p, (height, width), np.dtype(np.uint16))
+                check_image_size(p, (height, width), np.dtype(np.uint16), pillow_codec(image), 2,
+                                 pillow_stored_bytes(image))
                 if image.mode not in ("P", "L", "I", "I;16"):
                     raise InvalidInputError(
                         f"{p} is a colour image (mode {image.mode}), not a label map: labels must be "
@@ -359,7 +379,8 @@ def read_float_stack(path: str | os.PathLike) -> np.ndarray:
             if not tif.series:
                 raise ValueError("no image data")
             series = tif.series[0]
-            check_image_size(p, tuple(series.shape), np.dtype(series.dtype))
+            check_image_size(p, tuple(series.shape), np.dtype(series.dtype),
+                             tiff_codec(tif.pages.first))
             return np.asarray(series.asarray())
     except InvalidInputError:
         raise

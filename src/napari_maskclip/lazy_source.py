@@ -9,6 +9,9 @@ same min/max and ``[::step, ::step]`` subsample), reading it a block at a time.
 A :class:`SourceSpec` (a path and a level) is what travels to dask workers: each process opens
 the file itself (a TIFF's zarr store holds an open file and cannot be sent).
 
+Sizes are bounded before anything is planned (:data:`MAX_LAZY_PIXELS`), and a chunk that cannot
+be decoded is one line naming the store and the chunk (:mod:`.checked_chunks`).
+
 Needs ``zarr`` (the ``distributed`` extra).
 """
 
@@ -22,9 +25,18 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .checked_chunks import read_region
 from .errors import InvalidInputError
 
-__all__ = ["SourceSpec", "LazySource", "open_source", "plan_source", "is_lazy_source"]
+__all__ = ["SourceSpec", "LazySource", "open_source", "plan_source", "is_lazy_source",
+           "MAX_LAZY_PIXELS", "MAX_LAZY_CHANNELS"]
+
+_LAZY_SIDE = 1 << 18
+#: The largest plane segmented lazily (262144 x 262144 px, ~69 gigapixels: a whole-slide image
+#: fits): its tile list and output store are planned from this size.
+MAX_LAZY_PIXELS = _LAZY_SIDE * _LAZY_SIDE
+#: The most channels a lazy image's channel axis may have (read with every tile).
+MAX_LAZY_CHANNELS = 4096
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
 _OPEN: dict[SourceSpec, "LazySource"] = {}
@@ -80,8 +92,11 @@ class SourceSpec:
 class LazySource:
     """A 2D image (optionally with channels) inside an N-D lazy array."""
 
-    def __init__(self, array: Any, name: str, y: int, x: int, c: Optional[int]) -> None:
+    def __init__(self, array: Any, name: str, y: int, x: int, c: Optional[int],
+                 where: str = "") -> None:
         self.array, self.name = array, name
+        #: The store or file, named when a chunk cannot be read.
+        self.where = where or name
         self.y, self.x, self.c = y, x, c
         self.dtype = np.dtype(array.dtype)
         self.height, self.width = int(array.shape[y]), int(array.shape[x])
@@ -99,7 +114,7 @@ class LazySource:
         if self.c is not None:
             index[self.c] = slice(None)
             kept.append(self.c)
-        data = np.asarray(self.array[tuple(index)])
+        data = read_region(self.array, tuple(index), self.where)
         order = sorted(kept)  # the axes left, in stored order
         return np.transpose(data, [order.index(a) for a in kept])
 
@@ -139,7 +154,7 @@ def open_source(path: str | Path, *, level: Optional[int] = None,
             raise InvalidInputError(f"{p}: a TIFF of several series; save the image alone.")
     else:
         raise InvalidInputError(f"{p}: huge images are read from a .zarr folder or a TIFF file.")
-    return _source(node, p.name, axes, channel_axis)
+    return _source(node, p.name, axes, channel_axis, str(p))
 
 
 def _own_result(path: Path) -> bool:
@@ -148,7 +163,7 @@ def _own_result(path: Path) -> bool:
         if meta.stat().st_size > (1 << 20):
             return False
         attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False
     return isinstance(attrs, dict) and "napari_maskclip" in attrs
 
@@ -156,26 +171,54 @@ def _own_result(path: Path) -> bool:
 def _ome_level(group: Any, path: Path, level: Optional[int]):
     """The array of OME-Zarr level ``level`` (0: full resolution) and its axes."""
     attrs = dict(group.attrs)
-    multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    ome = attrs.get("ome")
+    multiscales = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict)
+                                               else None)
     if not multiscales:
         raise InvalidInputError(
             f"{path} is a zarr group without OME-Zarr multiscales: give the path of its image "
             "array (e.g. IMAGE.zarr/0).")
+    if (not isinstance(multiscales, list) or not isinstance(multiscales[0], dict)
+            or not isinstance(multiscales[0].get("datasets") or [], list)
+            or not isinstance(multiscales[0].get("axes") or [], list)):
+        raise InvalidInputError(f"{path}: its OME-Zarr multiscales metadata is malformed (a list "
+                                "of objects with 'datasets' and 'axes' lists expected).")
     datasets = multiscales[0].get("datasets") or []
     level = level or 0
     if not 0 <= level < len(datasets):
         raise InvalidInputError(f"{path} has {len(datasets)} level(s); there is no level {level}.")
     try:
         array = group[datasets[level]["path"]]
-    except (KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a missing or malformed path: zarr raises many kinds
         raise InvalidInputError(f"{path}: level {level}'s array is missing.") from exc
     axes = multiscales[0].get("axes")
     names = [a.get("name") if isinstance(a, dict) else a for a in axes] if axes else None
     return array, names
 
 
-def _source(array: Any, name: str, axes: Optional[Sequence[str]], channel_axis: Optional[int]
-            ) -> LazySource:
+def _source(array: Any, name: str, axes: Optional[Sequence[str]], channel_axis: Optional[int],
+            where: str = "") -> LazySource:
+    source = _source_axes(array, name, axes, channel_axis, where)
+    _check_size(source)
+    return source
+
+
+def _check_size(source: LazySource) -> None:
+    """Refuse sizes no image has (a zarr.json or TIFF tag can claim any): the work and the
+    output store follow the plane's size, so it is bounded before anything is planned."""
+    if source.height * source.width > MAX_LAZY_PIXELS:
+        raise InvalidInputError(
+            f"{source.where} declares a {source.width} x {source.height} image: more than "
+            f"napari-maskclip segments ({MAX_LAZY_PIXELS / 1e9:.0f} gigapixels, e.g. "
+            f"{_LAZY_SIDE} x {_LAZY_SIDE}). Check its metadata, or crop it first.")
+    if source.channels is not None and source.channels > MAX_LAZY_CHANNELS:
+        raise InvalidInputError(
+            f"{source.where} has {source.channels} channels on its channel axis (at most "
+            f"{MAX_LAZY_CHANNELS}); check --channel-axis or its metadata.")
+
+
+def _source_axes(array: Any, name: str, axes: Optional[Sequence[str]],
+                 channel_axis: Optional[int], where: str) -> LazySource:
     shape = tuple(int(n) for n in array.shape)
     if not np.issubdtype(np.dtype(array.dtype), np.number) and np.dtype(array.dtype) != np.bool_:
         raise InvalidInputError(f"{name}: values of type {array.dtype} are not an image.")
@@ -189,17 +232,17 @@ def _source(array: Any, name: str, axes: Optional[Sequence[str]], channel_axis: 
             raise InvalidInputError(
                 f"{name} has axes {''.join(axes)} of shape {shape}: huge images are one 2D plane; "
                 "save the plane (one t, one z) as its own array.")
-        return LazySource(array, name, y, x, c)
+        return LazySource(array, name, y, x, c, where)
     if len(shape) == 2:
         if channel_axis is not None:
             raise InvalidInputError(f"{name} is 2D ({shape}): it has no channel axis.")
-        return LazySource(array, name, 0, 1, None)
+        return LazySource(array, name, 0, 1, None, where)
     if len(shape) == 3:
         if channel_axis is not None and not -3 <= channel_axis < 3:
             raise InvalidInputError(f"channel_axis {channel_axis} is out of range for {shape}.")
         c = 2 if channel_axis is None else channel_axis % 3
         y, x = [a for a in range(3) if a != c]
-        return LazySource(array, name, y, x, c)
+        return LazySource(array, name, y, x, c, where)
     raise InvalidInputError(
         f"{name} has shape {shape}: huge images are 2D (gray), or 2D with a channel axis "
         "(--channel-axis); OME-Zarr axes other than c, y, x must have size 1.")

@@ -195,7 +195,7 @@ def _read_own_table(path: Path) -> Optional[dict[str, Any]]:
         if not path.is_file() or path.stat().st_size > _MAX_TABLE_BYTES:
             return None
         table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(table, dict) or not isinstance(table.get("classes"), list):
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["register"]
 
@@ -54,6 +55,12 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"note: {len(report.skipped_mask_only)} mask-only sample(s) have no image and were "
             f"skipped (e.g. {report.skipped_mask_only[0]})",
+            file=sys.stderr,
+        )
+    dataset = Path(args.dataset).resolve()
+    if Path(args.out).resolve().parent != dataset:
+        print(
+            f"note: its file names are relative to the dataset: import it with --images {dataset}",
             file=sys.stderr,
         )
     print(report.summary())

@@ -120,7 +120,7 @@ def file_digest(path: str | os.PathLike) -> str:
     memo: dict[str, str] = {}
     try:
         memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         memo = {}
     if memo_key in memo:
         return memo[memo_key]

@@ -182,7 +182,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read an open_clip model config JSON (plain, or HF-style with model_cfg/preprocess_cfg)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelLoadError(f"Cannot read model config {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ModelLoadError(f"Model config {path} must be a JSON object.")

@@ -11,8 +11,10 @@ crashes the process (measured: segmentation fault in 2.0.11). So counts are pars
 here (sum must equal height * width) and decoded with numpy. Polygons go to pycocotools as they
 are when they stay within one image size of the image (pycocotools itself clips them to the image,
 so the masks equal every other COCO tool's); a polygon reaching further is first clipped to that
-margin (Sutherland-Hodgman), which can move its edge by a pixel where it was cut. Encoding runs
-only over an instance's bounding box, not the image.
+margin (Sutherland-Hodgman, in arithmetic that cannot overflow for any finite coordinate), which
+can move its edge by a pixel where it was cut. An annotation's total outline is bounded by the
+image's size (:func:`outline_limit`), so no number in a file sets how much is allocated.
+Encoding runs only over an instance's bounding box, not the image.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "polygons_to_mask",
     "MalformedSegmentation",
     "MAX_POLYGON_OUTLINE",
+    "outline_limit",
 ]
 
 _HINT = "pip install 'napari-maskclip[coco]' (or pip install pycocotools)"
@@ -225,11 +228,19 @@ def _clip_polygon(
                 out.append(cross(prev, cur))
         return out
 
+    # Written so that no intermediate overflows for any finite input (coordinates up to 1.8e308):
+    # differences of halves, and the crossing as a convex combination of the two ends.
+    def between(u: float, v: float, t: float) -> float:
+        return (1.0 - t) * u + t * v
+
+    def fraction(edge: float, u: float, v: float) -> float:
+        return min(1.0, max(0.0, (edge * 0.5 - u * 0.5) / (v * 0.5 - u * 0.5)))
+
     def at_x(x: float):
-        return lambda a, b: (x, a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0]))
+        return lambda a, b: (x, between(a[1], b[1], fraction(x, a[0], b[0])))
 
     def at_y(y: float):
-        return lambda a, b: (a[0] + (b[0] - a[0]) * (y - a[1]) / (b[1] - a[1]), y)
+        return lambda a, b: (between(a[0], b[0], fraction(y, a[1], b[1])), y)
 
     pts = points
     for inside, cross in (
@@ -245,8 +256,17 @@ def _clip_polygon(
 
 
 #: Longest total polygon outline (pixels) rasterised for one annotation: pycocotools allocates
-#: 5 points per pixel of outline, so this caps that at ~0.5 GB for a hand-made file.
-MAX_POLYGON_OUTLINE = 10_000_000
+#: 5 points per pixel of outline (about 50 bytes, measured), so this caps that at ~200 MB.
+MAX_POLYGON_OUTLINE = 4_000_000
+
+
+def outline_limit(shape: tuple[int, int]) -> int:
+    """The longest outline accepted on an image of ``shape``: one that runs around every pixel
+    (4 per pixel) plus the border margin's, at most :data:`MAX_POLYGON_OUTLINE`. So the memory a
+    polygon can ask for follows the image, not the numbers in the file: clipped to the margin, a
+    zigzag between -1e300 and 1e300 still has a long outline, and is refused here."""
+    h, w = int(shape[0]), int(shape[1])
+    return int(min(MAX_POLYGON_OUTLINE, 4 * h * w + 64 * (h + w)))
 
 
 def polygons_to_mask(polygons: Any, shape: tuple[int, int]) -> Optional[np.ndarray]:
@@ -285,9 +305,11 @@ def polygons_to_mask(polygons: Any, shape: tuple[int, int]) -> Optional[np.ndarr
             np.maximum(np.abs(np.diff(xs, append=xs[:1])), np.abs(np.diff(ys, append=ys[:1]))).sum()
         )
         kept.append(np.stack([xs, ys], axis=1).ravel().tolist())
-    if outline > MAX_POLYGON_OUTLINE:
+    limit = outline_limit((h, w))
+    if outline > limit:
         raise MalformedSegmentation(
-            f"its polygons' outline is {outline:.0f} px long (more than {MAX_POLYGON_OUTLINE})"
+            f"its polygons' outline is {outline:.0f} px long, more than a {w} x {h} image can "
+            f"hold ({limit} px)"
         )
     if not kept:
         return None

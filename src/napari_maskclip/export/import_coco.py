@@ -21,7 +21,11 @@ Rules (the README's "Interoperability" section says the same):
   decoded (RLE of the wrong size or length, bad polygon numbers) skips its image: a mask with an
   object silently missing would teach background there.
 * **Polygons** are rasterised by pycocotools, clipped to the image (see :mod:`.coco_masks`).
-* **Images**: ``file_name`` is looked up under ``images_dir`` (default: the JSON file's folder).
+* **Images**: ``file_name`` is looked up under ``images_dir`` (default: the JSON file's folder)
+  and must stay inside it once links are followed: a name such as ``../x.png``, ``/abs/x.png``
+  or a link to a file elsewhere refuses the whole import, naming it (:mod:`.confined` says why).
+  When no image is found and the file is an ``export-coco`` output, the error names the dataset
+  its file names are relative to (``--images DATASET``).
   Missing files, headers that differ from the declared ``width``/``height``, and declared sizes
   over ``max_pixels`` skip the image (counted, with an example); nothing is allocated for a
   declared size before it is checked. A ``napari_maskclip.ignore`` region (written by
@@ -40,6 +44,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from .class_table import DEFAULT_BACKGROUND
+from .confined import Confinement
 from .coco_masks import (
     MalformedSegmentation,
     decode_counts,
@@ -279,6 +284,40 @@ def _build_labels(
     return labels, facts
 
 
+def _check_found(
+    plan: ImportPlan,
+    data: dict[str, Any],
+    source: Path,
+    images_dir: Optional[Union[str, os.PathLike]],
+) -> None:
+    """No image found at all: say which folder the names are relative to (one line).
+
+    ``export-coco`` writes file names relative to the dataset (what ``CocoDetection(root=...)``
+    expects), so its file written elsewhere finds its images only with ``--images DATASET``.
+    The folder recorded in the file is named, never used on its own: a file must not choose
+    where an import reads from.
+    """
+    missing = plan.skipped.get("image file not found")
+    if plan.items or not missing:
+        return
+    info = data.get("info")
+    own = info.get("napari_maskclip") if isinstance(info, dict) else None
+    dataset = own.get("dataset") if isinstance(own, dict) else None
+    root = Path(images_dir) if images_dir is not None else source.parent
+    where = "--images" if images_dir is not None else "its folder (the default for --images)"
+    if isinstance(dataset, str) and dataset.strip():
+        dataset = dataset[:500]
+        raise InvalidInputError(
+            f"None of the images of {source} is under {where} {root} (e.g. {missing[1]}): it was "
+            f"written by export-coco, whose file names are relative to the dataset; import it "
+            f"with --images {dataset}."
+        )
+    raise InvalidInputError(
+        f"None of the images of {source} is under {where} {root} (e.g. {missing[1]}): pass "
+        "--images DIR, the folder its file names are relative to."
+    )
+
+
 def plan_coco(
     path: Union[str, os.PathLike],
     *,
@@ -337,6 +376,7 @@ def plan_coco(
         by_image[image_id].append(ann)
     plan.facts[UNKNOWN_IMAGE] = unknown_image
 
+    confinement = Confinement(root)
     stems = Counter(
         safe_sample_name(Path(im["file_name"]).stem).casefold() for im in images.values()
     )
@@ -349,7 +389,9 @@ def plan_coco(
                 f"{file_name}: {w} x {h} > {max_pixels} pixels",
             )
             continue
-        image_path = root / file_name
+        image_path = confinement.resolve(file_name)
+        if image_path is None:
+            continue  # refused below, with the others
         if not image_path.is_file():
             plan.skip("image file not found", str(image_path))
             continue
@@ -371,4 +413,6 @@ def plan_coco(
                 source={"coco_image_id": image_id, "coco_file_name": file_name},
             )
         )
+    confinement.check(source)
+    _check_found(plan, data, source, images_dir)
     return plan

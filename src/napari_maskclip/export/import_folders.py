@@ -13,7 +13,9 @@ or ``_mask``; PNG or TIFF) is in the masks folder; values 0 = background, k = cl
 beyond 254 classes, or ``ignore_index``) = ignore.
 
 Either way a mask value that is not a class, a colour that is no class colour, or a mask whose
-size differs from its image skips that image (counted, with an example).
+size differs from its image skips that image (counted, with an example). Every file read must lie
+inside its folder once links are followed, and a split list's names must not leave
+``SegmentationClass/``: one that does refuses the whole import (see :mod:`.confined`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .importing import (
     image_size,
     read_checked_image,
 )
+from .confined import Confinement
 from .layout import safe_sample_name
 
 __all__ = [
@@ -73,6 +76,9 @@ VOC_CLASSES = (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
 _MASK_ENDINGS = ("", "_labels", "_mask")
+#: What to do when a listed file or link leads outside its folder (see :mod:`.confined`).
+_LINK_HINT = "copy the files into the folder instead of linking them"
+_SPLIT_HINT = f"{_LINK_HINT}, or fix the split list's names"
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -279,11 +285,15 @@ def plan_voc(
         colours.setdefault((224, 224, 192), 255)  # VOC's object border: ignore
     plan = ImportPlan(format="voc", source=folder, classes=classes, items=[])
     masks_dir = folder / "SegmentationClass"
+    masks_inside = Confinement(masks_dir, "masks folder", _SPLIT_HINT if split else _LINK_HINT)
+    images_inside = Confinement(folder / "JPEGImages", "images folder", _LINK_HINT)
     if split is not None:
         wanted = _split_names(folder, split)
         masks = []
         for stem in wanted:
-            mask = masks_dir / f"{stem}.png"
+            mask = masks_inside.resolve(f"{stem}.png")
+            if mask is None:
+                continue  # refused below
             if mask.is_file():
                 masks.append(mask)
             else:
@@ -291,13 +301,19 @@ def plan_voc(
     else:
         masks = sorted(p for p in masks_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
     for mask in masks:
+        if not masks_inside.check_file(mask):
+            continue
         image = _find_image(folder / "JPEGImages", mask.stem)
         if image is None:
             plan.skip("image file not found", str(folder / "JPEGImages" / f"{mask.stem}.jpg"))
             continue
+        if not images_inside.check_file(image):
+            continue
         plan.items.append(
             _mask_item(plan, safe_sample_name(mask.stem), image, mask, colours, 255, max_pixels)
         )
+    masks_inside.check(folder)
+    images_inside.check(folder)
     return plan
 
 
@@ -346,11 +362,15 @@ def plan_mask_folder(
         pairs.append((image, mask))
         if mask is not None:
             used.add(mask.resolve())
+    images_inside = Confinement(images_root, "images folder", _LINK_HINT)
+    masks_inside = Confinement(masks_root, "masks folder", _LINK_HINT)
     for image, mask in pairs:
         if image.resolve() in used:
             continue  # a mask in a shared images/masks folder
         if mask is None:
             plan.skip("no mask for the image", image.name)
+            continue
+        if not images_inside.check_file(image) or not masks_inside.check_file(mask):
             continue
         plan.items.append(
             _mask_item(
@@ -366,4 +386,6 @@ def plan_mask_folder(
         and p.resolve() not in image_files
     ]
     plan.facts["masks without an image (left out)"] = len(orphans)
+    images_inside.check(images_root)
+    masks_inside.check(masks_root)
     return plan

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..array_checks import require_array, require_kind
 from ..errors import InvalidInputError
 from ..stacks import DEFAULT_AXES, leading_indices
 from .layout import check_sample_name, slice_name
@@ -91,15 +92,22 @@ def _align_image(image: Any, labels_shape: tuple[int, ...], channel_axis: Option
     )
 
 
+def _checked_maps(maps: Any) -> Any:
+    maps = require_array(maps, "The probabilities")
+    require_kind(maps, "The probabilities", "f", "floats in 0..1 (one map per class)")
+    return maps
+
+
 def _align_probabilities(probabilities: Any, labels_shape: tuple[int, ...]) -> tuple[Any, int]:
-    if isinstance(probabilities, (list, tuple)):
-        maps = list(probabilities)
+    if isinstance(probabilities, (list, tuple)) and all(hasattr(p, "shape") for p in probabilities):
+        maps = [_checked_maps(p) for p in probabilities]
         for p in maps:
             if _shape(p) != labels_shape:
                 raise InvalidInputError(
                     f"A probability map has shape {_shape(p)}; each must match the labels {labels_shape}."
                 )
         return maps, len(maps)
+    probabilities = _checked_maps(probabilities)
     shape = _shape(probabilities)
     if shape[1:] != labels_shape:
         raise InvalidInputError(
@@ -145,11 +153,15 @@ def plan_stack(
             raise InvalidInputError(f"axis_names {axes!r} must name the {len(lead)} non-spatial axes with letters.")
 
     if image is not None:
+        image = require_array(image, "The image")
+        require_kind(image, "The image", "biuf", "numbers (gray, RGB(A) or channels)")
         image = _align_image(image, labels_shape, channel_axis)
     n_channels = None
     if probabilities is not None:
         probabilities, n_channels = _align_probabilities(probabilities, labels_shape)
     if edited is not None and not isinstance(edited, (bool, np.bool_)):
+        edited = require_array(edited, "The edited mask")
+        require_kind(edited, "The edited mask", "biu", "booleans (True where a person painted)")
         if _shape(edited) != labels_shape:
             raise InvalidInputError(f"The edited mask {_shape(edited)} must match the labels {labels_shape}.")
     elif isinstance(edited, np.bool_):

@@ -28,20 +28,38 @@ def get_reader(path: Any) -> Optional[Callable[[Any], list[LayerData]]]:
     return lambda p: read_large_result(p[0] if isinstance(p, (list, tuple)) else p)
 
 
+def _lazy(path: Path, component: str) -> Any:
+    """A dask array over the store's ``component``: a damaged chunk is one line naming it
+    (:mod:`napari_maskclip.checked_chunks`), a store that does not open too."""
+    import dask.array as da
+    import zarr
+
+    from ..checked_chunks import CheckedArray
+    from ..errors import InvalidInputError
+
+    try:
+        array = zarr.open_array(str(path / component), mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for damaged metadata
+        raise InvalidInputError(
+            f"{path}: its {component} array cannot be opened ({type(exc).__name__}); the result "
+            "is damaged: run segment again."
+        ) from exc
+    checked = CheckedArray(array, str(path / component))
+    return da.from_array(checked, chunks=checked.chunks, asarray=False, fancy=False)
+
+
 class _LazyResult:
     """What :func:`~.layers.result_layer_data` reads from a result, over dask arrays."""
 
     def __init__(self, path: Path, record: dict[str, Any]) -> None:
-        import dask.array as da
-
         classes = record.get("classes") or []
         self.class_names = [str(c["name"]) for c in classes]
         self.colors = [tuple(c["color"]) for c in classes]
-        self.labels = da.from_zarr(str(path), component="labels")
+        self.labels = _lazy(path, "labels")
         #: ``C x H x W`` float16 maps, lazy (the confidence layer's maps stay a dask array).
         self.probabilities: Any = []
         if (path / "confidence").is_dir():
-            self.probabilities = da.from_zarr(str(path), component="confidence")
+            self.probabilities = _lazy(path, "confidence")
 
     def class_pixel_counts(self) -> list[int]:
         """Not counted (that would read the whole image): the confidence layer starts hidden,

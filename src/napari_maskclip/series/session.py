@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..array_checks import require_array, require_kind, require_shape
 from ..classes import ClassesLike
 from ..errors import DatasetError, InvalidInputError
 from ..export import ExportReport, export_sample, read_dataset
@@ -75,6 +76,20 @@ def _as_2d_image(image: np.ndarray, path: Path) -> np.ndarray:
         f"{path} is not a 2D image (shape {image.shape}); the series annotates gray, RGB or RGBA "
         "images. Open stacks in the Segment page instead, or leave the file out."
     )
+
+
+def _edited_marks(edited: Any, shape: tuple[int, ...], i: int) -> np.ndarray:
+    """``edited`` of :meth:`SeriesSession.save` as an ``H x W`` bool mask: None (no pixel), one
+    bool for every pixel, or a bool/integer mask of the labels' exact shape."""
+    if edited is None:
+        return np.zeros(shape, dtype=bool)
+    if isinstance(edited, (bool, np.bool_)) or (hasattr(edited, "shape") and edited.shape == ()):
+        return np.full(shape, bool(edited), dtype=bool)
+    what = f"The edited mask of image {i}"
+    edited = require_array(edited, what)
+    require_kind(edited, what, "biu", "booleans (True where a person painted)")
+    require_shape(edited, what, shape, "the labels' shape")
+    return np.asarray(edited, dtype=bool).copy()
 
 
 class SeriesSession:
@@ -286,7 +301,9 @@ class SeriesSession:
     ) -> ExportReport:
         """Save image ``i`` and its labels (this session's values, :attr:`ignore_value` = ignore).
 
-        ``edited``: True where a person painted (None: no pixel, the labels are the model's).
+        ``edited``: True where a person painted: a bool (or 0/1 integer) mask of the labels'
+        shape, one bool for every pixel, or None (no pixel: the labels are the model's). Arrays
+        of another shape or kind raise :class:`InvalidInputError` saying what was expected.
         ``reviewed``: every pixel counts as a person's (edited everywhere, ``"reviewed": true``).
         Saving an image again replaces its earlier save, keeping the pixels edited then as edited
         (its labels are what the page showed) and a review. A sample of the same name that this
@@ -294,14 +311,17 @@ class SeriesSession:
         """
         i = self._check(i)
         name = self._names[i]
-        labels = np.asarray(labels)
+        labels = np.asarray(require_array(labels, f"The labels of image {i}"))
         if labels.ndim != 2:
             raise InvalidInputError(f"Labels of image {i} must be 2D, got shape {labels.shape}.")
-        image = np.asarray(image)
-        if image.shape[:2] != labels.shape:
+        require_kind(labels, f"The labels of image {i}", "biu", "integers (class indices)")
+        image = np.asarray(require_array(image, f"Image {i}"))
+        require_kind(image, f"Image {i}", "biuf", "numbers (gray, RGB(A) or channels)")
+        if image.ndim not in (2, 3) or image.shape[:2] != labels.shape:
             raise InvalidInputError(
-                f"The labels ({labels.shape}) do not match image {i} ({image.shape[:2]}); they "
-                "must be the image's size."
+                f"Image {i} has shape {image.shape}; expected {labels.shape[0]} x "
+                f"{labels.shape[1]} (gray) or {labels.shape[0]} x {labels.shape[1]} x C, the "
+                "labels' size."
             )
         self.refresh()
         previous = self._samples.get(name)
@@ -311,10 +331,7 @@ class SeriesSession:
                 "not save (another export, or another image folder); choose another dataset folder "
                 "so it is not replaced."
             )
-        if edited is None:
-            marks = np.zeros(labels.shape, dtype=bool)
-        else:
-            marks = np.broadcast_to(np.asarray(edited, dtype=bool), labels.shape).copy()
+        marks = _edited_marks(edited, labels.shape, i)
         was_reviewed = False
         if previous is not None:
             was_reviewed = bool(previous.provenance.get("reviewed"))
