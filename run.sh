@@ -40,17 +40,21 @@ platform_lock() {
 # One line that says what to do about the pip run that failed (its output is in $LOG).
 pip_failure() {
   local what="$1" lock="$2"
-  local fix="read it, fix the cause, then run the same command again"
+  local fix="read it, fix the cause, then run the same command again."
+  local missing
+  missing=$(grep -o -E 'requirement [^ ]+ \(from versions: none\)' "$LOG" | head -n 1 | cut -d' ' -f2 || true)
   if grep -q -E 'NewConnectionError|Temporary failure in name resolution|Network is unreachable|ConnectTimeout|ReadTimeout|ProxyError|SSLError' "$LOG"; then
-    fix="the package index could not be reached: check the network (or pip's proxy/index settings) and run again"
+    fix="the package index could not be reached: check the network (or pip's proxy/index settings) and run again."
+  elif [ -n "$missing" ]; then
+    fix="no package index offered any release of $missing: check the network and pip's index settings (pip config list), then run again."
   elif grep -q -E 'ResolutionImpossible|conflicting dependencies|No matching distribution found|Could not find a version that satisfies' "$LOG"; then
     if [ -n "$lock" ]; then
       fix="pyproject.toml and $lock disagree, or a pinned release is not available here: refresh the lock with ./run.sh lock (README, Development), or install without it: MASKCLIP_LOCK=none ./run.sh ..."
     else
-      fix="no set of releases satisfies pyproject.toml's requirements here: relax the bound that the log names"
+      fix="no set of releases satisfies pyproject.toml's requirements here: relax the bound that the log names."
     fi
   fi
-  fail "$what failed (pip's output: $LOG): $fix."
+  fail "$what failed (pip's output: $LOG): $fix"
 }
 
 make_venv() {
