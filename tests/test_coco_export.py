@@ -18,9 +18,6 @@ from napari_maskclip.export import export_sample, read_dataset  # noqa: E402
 from napari_maskclip.export.coco import export_coco  # noqa: E402
 from napari_maskclip.export.instances import instance_labels  # noqa: E402
 
-# pycocotools' own decode (annToMask) warns under numpy 2; the file it reads is not the cause.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 
 def _scene(seed: int, h: int = 36, w: int = 44):
     """Labels with a ring (hole of another class), diagonal neighbours, tiny specks, ignore."""

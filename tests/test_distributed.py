@@ -115,8 +115,9 @@ def test_workers_match_the_single_process_run_a_bad_image_fails_alone_and_reruns
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("wb") as out:  # the child has its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:

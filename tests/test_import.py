@@ -22,8 +22,6 @@ from napari_maskclip.export.import_coco import plan_coco  # noqa: E402
 from napari_maskclip.export.import_folders import VOC_CLASSES, voc_colormap  # noqa: E402
 from napari_maskclip.export.importing import import_plan  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
 H, W = 40, 50
 
 

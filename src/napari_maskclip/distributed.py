@@ -109,10 +109,13 @@ def open_client(
         return
     if workers < 1:
         raise InvalidInputError(f"--workers {workers}: give at least 1 worker.")
+    # No dashboard, but the scheduler's HTTP server (health, metrics) always starts: without an
+    # address of its own it takes :8787 on every interface, and a second cluster on this machine
+    # then warns and moves; on loopback and a free port it neither collides nor listens outside.
     cluster = LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=logging.CRITICAL,
-        env=_thread_env(threads_per_worker(workers)),
+        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        silence_logs=logging.CRITICAL, env=_thread_env(threads_per_worker(workers)),
     )
     try:
         client = Client(cluster, timeout=timeout, set_as_default=False)
