@@ -16,9 +16,14 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["DemoModelFiles", "demo_model_files", "recommended_settings"]
+__all__ = ["WINDOW_BATCH", "DemoModelFiles", "demo_model_files", "recommended_settings"]
 
 _HERE = Path(__file__).resolve().parent
+#: Windows per encoder pass for the demo model. Its 64 px windows are tiny: one per pass spends
+#: the time in per-call overhead and, with several threads on a busy CPU, in threads waiting on
+#: each other (the 256x192 demo scene's 117 windows: 14 s one at a time, 0.9 s 32 at a time on 2
+#: loaded cores); the labels are the same. Memory stays small (32 x 64 x 64 px).
+WINDOW_BATCH = 32
 
 
 class DemoModelFiles(NamedTuple):

@@ -15,8 +15,9 @@ and **Train a student...** switch to them, and so do napari's menu entries (:mod
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
-traceback (:mod:`..notify`). Opening the widget imports no torch; the first run does, in the
-worker.
+traceback (:mod:`..notify`). Importing this module imports no torch; once the dock shows, torch and
+open_clip are imported in a background thread (:func:`..models.preload_engine`), so the first run
+does not wait for them.
 """
 
 from __future__ import annotations
@@ -297,6 +298,9 @@ class MaskClipWidget(QWidget, RunnerPanel):
         if not self._fitted:
             self._fitted = True
             QTimer.singleShot(0, self.fit_view)
+            from ..models import preload_engine
+
+            preload_engine()  # torch and open_clip load while the user types the class names
 
     def fit_view(self) -> None:
         """Reset napari's camera so every layer is in view (public ``Viewer.reset_view``)."""
@@ -343,6 +347,10 @@ class MaskClipWidget(QWidget, RunnerPanel):
             if background:
                 parse_classes(fg + parse_classes(background, allow_empty=True))
             settings = self.settings.segment_settings()  # checked now, not in the worker
+            if choice.model == DEMO_MODEL and settings.window_batch == 1:
+                from ...demo import WINDOW_BATCH
+
+                settings = settings.replace(window_batch=WINDOW_BATCH)  # its tiny windows
         region_layer = None if choice.is_student else self.settings.region_layer()
         record_extra: dict[str, Any] = {} if choice.is_student else self.settings.provenance()
         if region_layer is not None:
