@@ -244,3 +244,31 @@ def test_bad_input_is_a_notification(make_widget, qtbot, notifications, tmp_path
     assert export_and_wait(qtbot, panel) == "error"
     assert any("not a dataset" in str(n.message) for n in notifications)
     assert not (tmp_path / "dataset.json").exists()
+
+
+def test_export_summary_follows_a_rerun_in_place(make_widget, qtbot, tmp_path):
+    """Issue 20: after a re-run into the same Labels layer the Export page says what the export
+    writes now (the new classes, their confidence maps), not what the first run had."""
+    viewer, widget = make_widget((RGB, {"name": "photo", "rgb": True}))
+    first = ", ".join(f"thing {k}" for k in range(12))
+    widget.classes.text.setPlainText(first)
+    widget.settings.confidence_maps.setChecked(False)
+    assert run_and_wait(qtbot, widget) == "done", widget.status.text()
+    panel = widget.open_export()
+    labels = panel.current_layer()
+    assert "thing 11" in panel.info.text() and "no confidence saved" in panel.info.text()
+    panel.name.setText("my_sample")  # what the user typed stays
+    widget.show_page("Segment")
+    widget.classes.text.setPlainText("cat, dog, sky")
+    widget.settings.confidence_maps.setChecked(True)
+    assert run_and_wait(qtbot, widget) == "done", widget.status.text()
+    assert viewer.layers["photo [maskclip]"] is labels  # re-run in place: the same layer
+    widget.pages.setCurrentWidget(panel)  # the Export tab
+    qtbot.waitUntil(lambda: "classes: cat, dog, sky" in panel.info.text(), timeout=10_000)
+    assert "thing" not in panel.info.text() and "no confidence" not in panel.info.text()
+    assert panel.name.text() == "my_sample"
+    panel.folder.setText(str(tmp_path / "ds"))
+    assert export_and_wait(qtbot, panel) == "done", panel.status.text()
+    ds = read_dataset(tmp_path / "ds")
+    assert ds.class_names == ["background", "cat", "dog", "sky"]
+    assert ds["my_sample"].read_confidence().shape[0] == 3

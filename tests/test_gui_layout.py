@@ -207,3 +207,87 @@ def test_series_page_fits_with_a_series_open(make_napari_viewer, qtbot, tmp_path
     problems += _check_page(main, "Series with a long status", size)
     series.close_series()
     assert not problems, "\n".join(problems)
+
+
+# ---- the view fits the image (issue 20) -----------------------------------------------------------
+def _outside_canvas(viewer, layer) -> list[str]:
+    """How ``layer``'s image lies outside the canvas (empty: all of it is in view): its corners
+    in canvas pixels, from the camera (center, zoom) and the canvas size, public napari API."""
+    height, width = viewer.canvas.size
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    cy, cx = camera.center[-2:]
+    rows, cols = layer.data.shape[-3:-1] if layer.rgb else layer.data.shape[-2:]
+    problems = []
+    for y, x in ((-0.5, -0.5), (rows - 0.5, cols - 0.5)):
+        wy, wx = layer.data_to_world((y, x))[-2:]
+        px, py = (wx - cx) * camera.zoom + width / 2, (wy - cy) * camera.zoom + height / 2
+        if not (-1 <= px <= width + 1 and -1 <= py <= height + 1):
+            problems.append(f"corner ({y}, {x}) of '{layer.name}' at canvas ({px:.0f}, "
+                            f"{py:.0f}), outside the {width}x{height} canvas")
+    return problems
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_view_fits_the_image_after_run(make_napari_viewer, qtbot, size):
+    """The Shapes scene sample, Run with the demo model: the whole image stays in the canvas (a
+    long confidence colormap name widened napari's layer controls and cut its right part), also
+    after a second run with long class names."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(*size)
+    _, main = viewer.window.add_plugin_dock_widget(PLUGIN, SEGMENT_NAME)
+    _settle(qtbot, 100)
+    (scene,) = viewer.open_sample(PLUGIN, "shapes")
+    main.model.device.setCurrentText("cpu")
+    _settle(qtbot, 200)
+    assert main.image.current_layer() is scene and main.model.model.currentText() == "demo"
+    assert _outside_canvas(viewer, scene) == []
+    problems = []
+    for classes in (None, "a red triangle in the upper left corner, "
+                          "a green circle that is somewhat bigger than the others"):
+        if classes is not None:
+            main.classes.text.setPlainText(classes)
+        with qtbot.waitSignal(main.run_finished, timeout=120_000) as blocker:
+            main.run()
+        qtbot.waitUntil(lambda: not main.running, timeout=120_000)
+        assert blocker.args == ["done"], main.status.text()
+        _settle(qtbot, 300)  # the layer controls and the canvas have their new sizes
+        problems += _outside_canvas(viewer, scene)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_view_fits_a_series_image(make_napari_viewer, qtbot, tmp_path, size):
+    """A Series image opens in a viewer that already holds another image (of another size): the
+    view fits the series image, also when the next one has another size."""
+    import imageio.v3 as iio
+
+    from napari_maskclip.demo.scene import demo_classes, demo_scene
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    wide = np.kron(demo_scene(seed=1).image, np.ones((3, 3, 1), np.uint8))  # 576 x 768
+    iio.imwrite(folder / "a1.png", wide)
+    iio.imwrite(folder / "a2.png", demo_scene(seed=2).image[:96])  # 96 x 256
+    viewer, main = _open(make_napari_viewer, qtbot, size)  # holds a 300 x 400 image
+    classes, background = demo_classes()
+    main.use_model("demo")
+    main.model.device.setCurrentText("cpu")
+    main.classes.text.setPlainText(classes)
+    series = main.show_page("Series")
+    series.set_folders(str(folder), str(tmp_path / "dataset"))
+    with qtbot.waitSignal(series.image_shown, timeout=120_000):
+        series.open_series()
+    _settle(qtbot, 300)
+    problems = _outside_canvas(viewer, series.view.image_layer)
+    with qtbot.waitSignal(series.image_shown, timeout=120_000):
+        series.next()
+    qtbot.waitUntil(lambda: series.pending is None, timeout=120_000)
+    _settle(qtbot, 300)
+    layer = series.view.image_layer
+    problems += _outside_canvas(viewer, layer)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    zoom = camera.zoom
+    viewer.reset_view(layers=[layer])
+    assert zoom == pytest.approx(camera.zoom, rel=1e-3)  # fitted, not just inside
+    series.close_series()
+    assert not problems, "\n".join(problems)

@@ -283,3 +283,113 @@ def test_a_dataset_with_other_classes_is_refused_or_remapped_as_export_does(
     saved = series.session.saved_labels(0)
     labels = np.array(series.view.labels_layer.data)  # image 1 now; image 0 saved with remap
     assert saved.shape == (192, 256) and labels.shape == (192, 256)
+
+
+# ---- issue 20: rough edges a newcomer met ---------------------------------------------------------
+class _HeldPredictor:
+    """The demo predictor, holding each prediction until the test lets it go (so the page can be
+    looked at while it waits for an image), whatever the machine's speed."""
+
+    def __init__(self, inner):
+        import threading
+
+        self.inner = inner
+        self.go = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict(self, image, *, cancel=None):
+        self.go.wait(TIMEOUT_MS / 1000)
+        return self.inner.predict(image, cancel=cancel)
+
+
+def test_series_lines_while_waiting_and_after_close(make_napari_viewer, qtbot, scenes, tmp_path):
+    """While the first image is being labelled the progress line is the series' (not "No series
+    open."); after Close the status line says what was saved, not the last image's line."""
+    from napari_maskclip.series import SeriesSession, list_images
+    from napari_maskclip.series.predictor import SeriesPredictor
+
+    viewer, main, series = series_page(make_napari_viewer)
+    classes, background = demo_classes()
+    session = SeriesSession.open(list_images(str(scenes)), tmp_path / "ds", classes,
+                                 background=background)
+    held = _HeldPredictor(SeriesPredictor.teacher("demo", classes, background=background,
+                                                  device="cpu"))
+    series.start(session, held)
+    assert series.index is None and series.status.text() == "Labelling scene1..."
+    assert series.progress.text() == "0 / 5 saved, 0 with edits, model: MaskCLIP demo"
+    with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS):
+        held.go.set()
+    step(qtbot, series, series.next)
+    assert series.status.text().startswith("Image 2 of 5")
+    series.close_button.click()
+    assert series.session is None and series.progress.text() == "No series open."
+    assert series.status.text() == f"Closed: 1 of 5 images saved in {tmp_path / 'ds'}."
+    assert series.image_list.count() == 0
+
+
+def test_series_shows_its_image_on_its_own_and_gives_the_other_layers_back(
+        make_napari_viewer, qtbot, scenes, tmp_path):
+    """A viewer that already holds images: while the series is open they are hidden (their
+    labels are not drawn over the series' image, nor the series' over them), the view fits the
+    series' image; Close shows them again (one hidden before stays hidden), nothing changed."""
+    viewer, main, series = series_page(make_napari_viewer)
+    photo = viewer.add_image(np.full((400, 600), 7, np.uint8), name="photo")
+    mask = viewer.add_labels(np.ones((400, 600), np.int32), name="photo labels")
+    hidden = viewer.add_image(np.zeros((50, 50), np.uint8), name="hidden before", visible=False)
+    series.set_folders(str(scenes), str(tmp_path / "ds"))
+    with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS):
+        series.open_series()
+    ours = [series.view.image_layer.name, series.view.labels_layer.name]
+    shown = [layer.name for layer in viewer.layers if layer.visible]
+    assert shown == ours, shown  # the series' image under its labels, nothing else
+    assert not photo.visible and not mask.visible and not hidden.visible
+    names = [layer.name for layer in viewer.layers]
+    assert names.index(ours[0]) < names.index(ours[1])
+    step(qtbot, series, series.next)  # the next image: still on its own
+    assert [layer.name for layer in viewer.layers if layer.visible] == [
+        series.view.image_layer.name, series.view.labels_layer.name]
+    series.close_series()
+    assert photo.visible and mask.visible and not hidden.visible
+    assert [layer.name for layer in viewer.layers] == ["photo", "photo labels", "hidden before"]
+    assert (photo.data == 7).all() and (mask.data == 1).all()
+
+
+def test_series_keys_work_after_clicking_a_page_button(make_napari_viewer, qtbot, scenes,
+                                                       tmp_path):
+    """Shift+Right / Shift+Left / Shift+Enter also work while the focus is on the dock (a page
+    button just clicked), not only on the canvas; nothing happens with no series open."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication
+
+    viewer, main, series = series_page(make_napari_viewer, show=True)
+    series.set_folders(str(scenes), str(tmp_path / "ds"))
+    with qtbot.waitSignal(series.image_shown, timeout=TIMEOUT_MS):
+        series.open_series()
+    window = series.window()
+    window.activateWindow()  # Xvfb has no window manager to do it
+    qtbot.waitUntil(window.isActiveWindow, timeout=10_000)
+    qtbot.mouseClick(series.next_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: series.index == 1 and series.pending is None, timeout=TIMEOUT_MS)
+    series.next_button.setFocus()
+    # Image 4 is not labelled yet (only the next one is prepared): the buttons are disabled
+    # while it is, and the focus they had stays on the page.
+    step(qtbot, series, lambda: series.jump(4))
+    assert series.index == 4
+    assert series.isAncestorOf(QApplication.focusWidget())  # the focus is on the page
+
+    def key(code):
+        return lambda: qtbot.keyClick(QApplication.focusWidget(), code,
+                                      Qt.KeyboardModifier.ShiftModifier)
+
+    step(qtbot, series, key(Qt.Key.Key_Left))
+    assert series.index == 3 and series.session.is_saved(4)
+    step(qtbot, series, key(Qt.Key.Key_Right))
+    assert series.index == 4 and series.session.is_saved(3)
+    step(qtbot, series, key(Qt.Key.Key_Left))
+    step(qtbot, series, key(Qt.Key.Key_Return))
+    assert series.index == 4 and series.session.is_reviewed(3)
+    series.close_series()
+    qtbot.keyClick(QApplication.focusWidget(), Qt.Key.Key_Right, Qt.KeyboardModifier.ShiftModifier)
+    assert series.session is None  # no series: the keys do nothing

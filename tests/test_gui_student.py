@@ -183,3 +183,26 @@ def test_student_labels_export_with_the_student_in_the_provenance(make_widget, q
     assert sample.provenance["settings"]["backbone"] == "tiny"
     np.testing.assert_array_equal(sample.read_mask(), labels.data)
     assert sample.read_edited().any() and sample.read_confidence().shape == (3, 48, 56)
+
+
+def test_the_model_box_shows_a_student_from_its_start(make_napari_viewer, qtbot, student_path):
+    """Issue 20: a student's label ("student: <file>") is longer than the model box; the box
+    shows its start (it showed the end, with "student" cut off), and typing is left alone."""
+    from napari_maskclip.plugin._qt.segment_panel import MaskClipWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1280, 800)
+    widget = MaskClipWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    long_name = student_path.parent / ("a_student_with_a_long_name_" + "x" * 30 + ".safetensors")
+    long_name.write_bytes(student_path.read_bytes())
+    assert widget.use_student(str(long_name))
+    qtbot.waitUntil(widget.model.model.isVisible, timeout=10_000)
+    line = widget.model.model.lineEdit()
+    assert line.text().startswith("student: ")
+    assert line.fontMetrics().horizontalAdvance(line.text()) > line.width()  # too long to fit
+    assert line.cursorPosition() == 0
+    from qtpy.QtCore import Qt
+
+    cursor = line.inputMethodQuery(Qt.InputMethodQuery.ImCursorRectangle)  # where it is drawn
+    assert cursor.left() < line.fontMetrics().horizontalAdvance("student")  # the start in view

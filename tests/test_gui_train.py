@@ -171,3 +171,21 @@ def test_end_to_end_run_export_train_predict_from_the_widget(make_widget, qtbot,
     layer = main.last_report.labels_layer
     assert layer.features["name"].tolist() == ["background", "cat", "dog"]
     assert "predicted by the student" in main.status.text()
+
+
+def test_train_tab_lists_the_dataset_exported_last(make_widget, tmp_path):
+    """Issue 20: the Train page reached by its tab (not only by its button) starts from the
+    dataset exported last, when it lists none."""
+    from napari_maskclip.plugin._qt.docks import PAGE_TRAIN, PAGES
+    from napari_maskclip.plugin.preferences import update_preferences
+
+    viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
+    assert widget.train_page.dataset_folders() == []
+    exported = str(tmp_path / "exported")
+    update_preferences(lambda prefs: setattr(prefs, "last_dataset", exported))  # as Export does
+    widget.pages.setCurrentIndex(PAGES.index(PAGE_TRAIN))  # a click on the tab
+    assert widget.train_page.dataset_folders() == [exported]
+    widget.train_page.set_datasets(["/mine"])
+    widget.pages.setCurrentIndex(0)
+    widget.pages.setCurrentIndex(PAGES.index(PAGE_TRAIN))
+    assert widget.train_page.dataset_folders() == ["/mine"]  # a listed folder stays

@@ -162,6 +162,30 @@ def test_a_suggested_model_never_replaces_the_users_choice(make_napari_viewer):
     assert widget.model.model.currentText() == "ViT-B-32"
 
 
+def test_opening_a_sample_makes_it_the_image_with_its_names(make_napari_viewer):
+    """Issue 20: File > Open Sample in a viewer that holds an image presets the widget as the
+    README says: the sample is the image to segment, its names fill the class box (replacing a
+    sample's, never names the user typed), the Shapes scene brings the demo model."""
+    viewer = make_napari_viewer()
+    viewer.add_image(RGB, name="cells", rgb=True)
+    widget = MaskClipWidget(viewer)
+    assert widget.image.current_layer().name == "cells" and widget.classes.classes_text() == ""
+    assert widget.model.model.currentText() == "ViT-B-16"  # the default (or remembered) model
+    viewer.open_sample("napari-maskclip", "shapes")
+    assert widget.image.current_layer().name == "shapes (demo)"
+    assert widget.classes.classes_text().startswith("red circle, red square")
+    assert_demo_preset(widget)
+    viewer.open_sample("napari-maskclip", "coffee")  # the names a sample filled in: replaced
+    assert widget.image.current_layer().name == "coffee"
+    assert widget.classes.classes_text().startswith("coffee cup")
+    assert widget.classes.background_text() == "wooden table; table"
+    widget.classes.text.setPlainText("cat, dog")  # typed: kept, with the background
+    viewer.open_sample("napari-maskclip", "astronaut")
+    assert widget.image.current_layer().name == "astronaut"
+    assert widget.classes.classes_text() == "cat, dog"
+    assert widget.classes.background_text() == "wooden table; table"
+
+
 # ---- image kinds ---------------------------------------------------------------------------------
 RNG = np.random.default_rng(0)
 GRAY16 = (RNG.random((48, 56)) * 60000).astype(np.uint16)
@@ -434,6 +458,26 @@ def test_weights_unavailable_offline_is_a_notification(make_widget, qtbot, notif
     messages = [str(n.message) for n in notifications]
     assert any("openai' weights of ViT-B-16" in m for m in messages)
     assert "Error:" in widget.status.text() and plugin_layers(viewer) == []
+
+
+def test_weights_offline_names_the_widgets_controls(make_widget, qtbot, notifications,
+                                                   monkeypatch):
+    """Issue 20: the offline-weights message in the dock says what to do with the dock's boxes
+    and buttons, not with the CLI's flags."""
+    from napari_maskclip.engine import pretrained
+
+    monkeypatch.setenv("NAPARI_MASKCLIP_OFFLINE", "1")
+    monkeypatch.setattr(pretrained, "cached_pretrained_file", lambda *args, **kwargs: None)
+    viewer, widget = make_widget((RGB, {"name": "img", "rgb": True}))
+    widget.model.model.setCurrentText("ViT-B-16")
+    widget.model.pretrained.setCurrentText("openai")
+    widget.classes.text.setPlainText("cat")
+    assert run_and_wait(qtbot, widget) == "error"
+    message = widget.status.text()
+    assert "'openai' weights of ViT-B-16" in message and "NAPARI_MASKCLIP_OFFLINE=1" in message
+    assert "'demo' in the model box" in message and "beside the weights box" in message
+    assert "--" not in message, message
+    assert any("'demo' in the model box" in str(n.message) for n in notifications)
 
 
 def test_unsupported_image_is_a_notification(make_widget, qtbot, notifications):

@@ -7,6 +7,8 @@ notification and the CLI prints it as one line; anything else is a bug and keeps
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class MaskClipError(Exception):
     """Base class of every error napari-maskclip raises on purpose."""
@@ -21,7 +23,15 @@ class ModelLoadError(MaskClipError):
 
 
 class WeightsUnavailableError(ModelLoadError):
-    """Pretrained weights are neither cached locally nor downloadable (e.g. offline)."""
+    """Pretrained weights are neither cached locally nor downloadable (e.g. offline).
+
+    The message says what to do with the CLI's options; ``model``, ``tag``, ``reason`` and
+    ``cache`` (when known) let a UI say it with its own controls."""
+
+    def __init__(self, message: str, *, model: Optional[str] = None, tag: Optional[str] = None,
+                 reason: Optional[str] = None, cache: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.model, self.tag, self.reason, self.cache = model, tag, reason, cache
 
 
 class UnsafeCheckpointError(ModelLoadError):

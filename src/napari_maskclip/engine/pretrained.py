@@ -120,7 +120,8 @@ def _unavailable(name: str, tag: str, reason: str, cache_dir: Optional[str]) -> 
         f"The '{tag}' weights of {name} are not cached and {reason}. Use --model demo (the tiny "
         f"offline model), or pass a local checkpoint: --pretrained /path/to/{name}.safetensors "
         f"(open_clip state dict, .safetensors or OpenAI's .pt, downloaded elsewhere); or copy the "
-        f"weights cache ({cache}) from a machine with internet."
+        f"weights cache ({cache}) from a machine with internet.",
+        model=name, tag=tag, reason=reason, cache=str(cache),
     )
 
 

@@ -115,6 +115,26 @@ def _labels_features(class_names: Sequence[str]) -> dict[str, list]:
     return {"index": list(range(len(class_names) + 1)), "name": ["background", *class_names]}
 
 
+#: Characters of a confidence colormap's display name (as many as napari's longest built-in
+#: one, "twilight shifted"): see :func:`colormap_display_name`.
+COLORMAP_NAME_CHARS = 16
+
+
+def colormap_display_name(class_name: str) -> str:
+    """The name napari shows for a class's confidence colormap: the class name, shortened to
+    :data:`COLORMAP_NAME_CHARS` characters (an ellipsis at the end).
+
+    napari lists every registered colormap in the colormap box of every image layer's controls,
+    and that box is as wide as its longest name: one long name ("red triangle confidence")
+    widened the layer-controls panel, narrowed the canvas and pushed the image's right part out
+    of view. The confidence layer's own name says "confidence", so the colormap's is the class
+    alone."""
+    name = " ".join(class_name.split())
+    if len(name) <= COLORMAP_NAME_CHARS:
+        return name
+    return name[:COLORMAP_NAME_CHARS - 1].rstrip() + "\u2026"
+
+
 def _confidence_colormap(class_name: str, color: Sequence[float]):
     from napari.utils.colormaps import Colormap
 
@@ -123,7 +143,7 @@ def _confidence_colormap(class_name: str, color: Sequence[float]):
     hex_rgb = "".join(f"{round(c * 255):02x}" for c in (r, g, b))
     return Colormap(
         colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"maskclip {class_name} #{hex_rgb}",
-        display_name=f"{class_name} confidence",
+        display_name=colormap_display_name(class_name),
     )
 
 

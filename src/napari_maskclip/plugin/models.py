@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine import Segmenter
     from ..student import StudentSegmenter
 
-__all__ = ["STUDENT", "ModelChoice", "SegmenterPool", "import_student"]
+__all__ = ["STUDENT", "ModelChoice", "SegmenterPool", "import_student", "preload_engine"]
 
 #: Encoded slices kept per model: enough for re-querying a typical stack without re-encoding
 #: (the engine also bounds the cache by memory, 2 GiB).
@@ -98,6 +98,10 @@ class ModelChoice:
         return f"{model} ({weights})"
 
 
+_preload: Optional[threading.Thread] = None
+_preload_lock = threading.Lock()
+
+
 def _import_engine():
     """Import the engine (torch, open_clip) into a running napari, safely.
 
@@ -107,6 +111,9 @@ def _import_engine():
     when napari is running and Triton is not loaded yet, it is hidden from this process
     (``torch`` then reports no Triton). Set ``NAPARI_MASKCLIP_ALLOW_TRITON=1`` to opt out.
     """
+    preload = _preload
+    if preload is not None and preload is not threading.current_thread():
+        preload.join()  # one thread imports torch at a time (no concurrent circular imports)
     if (
         sys.platform.startswith("linux")
         and "triton" not in sys.modules
@@ -117,6 +124,29 @@ def _import_engine():
     from .. import engine
 
     return engine
+
+
+def _preload_modules() -> None:
+    try:
+        _import_engine().Segmenter  # noqa: B018 - the attribute imports the segmenter (torch)
+        import open_clip  # noqa: F401  (every CLIP loader imports it: seconds on its own)
+    except Exception:  # noqa: BLE001 - a broken install says why on the run that needs it
+        pass
+
+
+def preload_engine() -> threading.Thread:
+    """Import torch, open_clip and the engine in a background thread (once per process), the
+    safe way (:func:`_import_engine`), so the first run does not wait for them: that import is
+    most of a small model's first run. A run started meanwhile waits for it
+    (:func:`_import_engine` joins the thread: one thread imports torch at a time). Returns the
+    thread."""
+    global _preload
+    with _preload_lock:
+        if _preload is None:
+            _preload = threading.Thread(target=_preload_modules, name="maskclip-preload",
+                                        daemon=True)
+            _preload.start()
+        return _preload
 
 
 def import_student():

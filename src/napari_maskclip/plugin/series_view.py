@@ -11,6 +11,12 @@ the same way as for Export: **edited = current labels != what the model wrote**.
 from the dataset (already saved) has no prediction: its saved edited mask is kept, and pixels
 changed since it was shown are added to it.
 
+While a series is open its layers are shown **on their own**: the layers the viewer held before
+are hidden (not removed, not changed) when the first image goes on screen, and shown again when
+the series closes (those the person removed meanwhile are gone; one shown again meanwhile stays
+shown). The view is fitted to the image when the first one opens and whenever the next one has
+another size (an image of the same size keeps the person's zoom).
+
 Public napari API only.
 """
 
@@ -65,6 +71,9 @@ class SeriesView:
         self.current: Optional[ShownImage] = None
         self._class_names: list[str] = []
         self._top: Optional[np.ndarray] = None  # the confidence map, set on the layer when shown
+        #: The other layers this view hid (by ``unique_id``), shown again by :meth:`clear`.
+        self._hidden: list[Any] = []
+        self._fitted_shape: Optional[tuple[int, ...]] = None  # the image size the view fits
 
     def _present(self, layer: Any) -> bool:
         """Whether ``layer`` is still in the viewer (by ``unique_id``: napari may hand plugins
@@ -97,6 +106,8 @@ class SeriesView:
         reference = np.asarray(shown.shown)
         labels = np.array(reference if labels is None else labels, copy=True)  # the layer's own
         rgb = image.ndim == 3 and image.shape[-1] in (3, 4)
+        if self.current is None:
+            self._hide_others()
         self._show_image(image, rgb, shown.name)
         self._show_confidence(shown.probabilities, shown.name)
         record = RunRecord(
@@ -129,7 +140,34 @@ class SeriesView:
         if layer.mode == "pan_zoom":
             layer.mode = "paint"
         self.current = shown
+        self._fit(image.shape[:2])
         return layer
+
+    def _hide_others(self) -> None:
+        """Hide every visible layer that is not the series' (remembered for :meth:`clear`)."""
+        ours = {layer.unique_id for layer in (self.image_layer, self.confidence_layer,
+                                              self.labels_layer) if layer is not None}
+        for layer in list(self.viewer.layers):
+            if layer.unique_id not in ours and layer.visible:
+                layer.visible = False
+                self._hidden.append(layer.unique_id)
+
+    def _show_others(self) -> None:
+        hidden, self._hidden = set(self._hidden), []
+        for layer in list(self.viewer.layers):
+            if layer.unique_id in hidden and not layer.visible:
+                layer.visible = True
+
+    def _fit(self, shape: tuple[int, ...]) -> None:
+        """Fit the view to the image when it is the first or of another size."""
+        if shape != self._fitted_shape and self._present(self.image_layer):
+            self._fitted_shape = tuple(shape)
+            self.viewer.reset_view(layers=[self._item(self.image_layer)])
+
+    def _item(self, layer: Any) -> Any:
+        """The viewer's own object for ``layer`` (see :meth:`_present`)."""
+        uid = layer.unique_id
+        return next(item for item in self.viewer.layers if item.unique_id == uid)
 
     def _show_image(self, image: np.ndarray, rgb: bool, name: str) -> None:
         layer = self.image_layer
@@ -152,7 +190,17 @@ class SeriesView:
             if limits is not None:
                 kwargs["contrast_limits"] = limits
             self.image_layer = self.viewer.add_image(image, **kwargs)
-            self.viewer.layers.move(len(self.viewer.layers) - 1, 0)
+            self._put_below_series_layers()
+
+    def _put_below_series_layers(self) -> None:
+        """A re-made image layer goes just below the series' confidence and labels layers (an
+        image added first is there already)."""
+        layers = self.viewer.layers
+        ids = [item.unique_id for item in layers]
+        others = [ids.index(layer.unique_id) for layer in (self.confidence_layer, self.labels_layer)
+                  if self._present(layer)]
+        if others:
+            layers.move(ids.index(self.image_layer.unique_id), min(others))
 
     def _show_confidence(self, probabilities: Optional[np.ndarray], name: str) -> None:
         layer = self.confidence_layer
@@ -217,13 +265,16 @@ class SeriesView:
 
     # ---- leaving ------------------------------------------------------------------------------
     def clear(self) -> None:
-        """Remove the series' layers from the viewer (those the person has not removed)."""
+        """Remove the series' layers from the viewer (those the person has not removed) and show
+        the layers the series hid again."""
         for layer in (self.labels_layer, self.confidence_layer, self.image_layer):
             if self._present(layer):
                 self._remove(layer)
         self.image_layer = self.confidence_layer = self.labels_layer = None
         self.current = None
         self._class_names, self._top = [], None
+        self._fitted_shape = None
+        self._show_others()
 
 
 def is_series_layer(layer: Any) -> bool:

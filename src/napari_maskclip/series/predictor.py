@@ -18,12 +18,13 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..classes import ClassesLike
+from ..demo import WINDOW_BATCH
 from ..errors import Cancelled, InvalidInputError
 
 __all__ = ["Prediction", "SeriesPredictor", "CancelLike", "DEMO_WINDOW_BATCH"]
 
-#: Windows per encoder pass for the demo model (see :meth:`SeriesPredictor.teacher`).
-DEMO_WINDOW_BATCH = 32
+#: Windows per encoder pass for the demo model (see :data:`napari_maskclip.demo.WINDOW_BATCH`).
+DEMO_WINDOW_BATCH = WINDOW_BATCH
 
 #: Something that says whether to stop: a ``threading.Event`` or a callable returning True.
 CancelLike = Union[None, threading.Event, Callable[[], bool]]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -169,6 +169,9 @@ class ExportWidget(QWidget, RunnerPanel):
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
         self.export_button.clicked.connect(self.export)
         self.cancel_button.clicked.connect(self.cancel)
+        self._replan = QTimer(self)  # the summary, again, after a re-run (see _on_metadata)
+        self._replan.setSingleShot(True)
+        self._replan.timeout.connect(self._show_plan)
         events = self.viewer.layers.events
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
@@ -186,9 +189,11 @@ class ExportWidget(QWidget, RunnerPanel):
     def _refresh_layers(self, event: Any = None) -> None:
         from napari.layers import Labels
 
-        for layer in self.viewer.layers:  # follow renames
+        for layer in self.viewer.layers:  # follow renames, and re-runs (a new record)
             layer.events.name.disconnect(self._refresh_layers)  # no-op when not connected
             layer.events.name.connect(self._refresh_layers)
+            layer.events.metadata.disconnect(self._on_metadata)
+            layer.events.metadata.connect(self._on_metadata)
         current = self.current_layer()
         self._layers = [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
         self.layer_combo.blockSignals(True)
@@ -202,6 +207,14 @@ class ExportWidget(QWidget, RunnerPanel):
         self.layer_combo.blockSignals(False)
         if self.current_layer() is not current:
             self._on_layer_changed()
+        else:  # the same layer, but its run's other layers (confidence, image) may have changed
+            self._replan.start(0)
+
+    def _on_metadata(self, event: Any = None) -> None:
+        """A re-run in place gives the Labels layer and its confidence layer new records: say
+        what exporting it writes now, once the run's layers are all updated (next turn of the
+        event loop; the several changes of one run give one new summary)."""
+        self._replan.start(0)
 
     def current_layer(self) -> Any:
         i = self.layer_combo.currentIndex()
@@ -219,24 +232,31 @@ class ExportWidget(QWidget, RunnerPanel):
         )
 
     def _on_layer_changed(self) -> None:
+        plan = self._show_plan()
+        if plan is not None:
+            self.name.setText(plan.name)
+
+    def _show_plan(self) -> Optional[ExportPlan]:
+        """Say what exporting the chosen layer writes now (classes, slices, notes); returns the
+        plan (None when it cannot be exported). The sample name is left as the user set it."""
         layer = self.current_layer()
         if layer is None:
             self.info.setText("No Labels layer: run MaskCLIP first (or open labels).")
             self.slices.setEnabled(False)
-            return
+            return None
         try:
             plan = self._plan(layer)
         except MaskClipError as exc:
             self.info.setText(str(exc))
             self.slices.setEnabled(False)
-            return
-        self.name.setText(plan.name)
+            return None
         self.slices.setEnabled(plan.is_stack)
         parts = [f"classes: {', '.join(plan.display_names)}"]
         if plan.is_stack and plan.predicted is not None:
             parts.append(f"MaskCLIP wrote {len(plan.written_leads)} slice(s)")
         parts += plan.notes
         self.info.setText("; ".join(parts) + ".")
+        return plan
 
     def show_instances(self) -> Any:
         """Add the chosen layer's instance layer (current slice of a stack); returns it."""

@@ -131,8 +131,12 @@ class ImageSection(QGroupBox):
         return self._layers[i] if 0 <= i < len(self._layers) else None
 
     def select(self, layer: Any) -> None:
-        if layer in self._layers:
-            self.layer_combo.setCurrentIndex(self._layers.index(layer))
+        """Choose ``layer`` (matched by ``unique_id``: napari may hand out proxies of it)."""
+        uid = getattr(layer, "unique_id", None)
+        for i, listed in enumerate(self._layers):
+            if listed is layer or (uid is not None and listed.unique_id == uid):
+                self.layer_combo.setCurrentIndex(i)
+                return
 
     def _on_layer_changed(self) -> None:
         layer = self.current_layer()
@@ -214,6 +218,7 @@ class ClassesSection(QGroupBox):
         self._tooltip = self.text.toolTip()
         self._typed: Optional[tuple[str, str]] = None  # what was typed before a student's list
         self._student_text = ""
+        self._suggested: tuple[str, str] = ("", "")  # what a sample filled in (classes, background)
         self.recent = QComboBox()
         self.recent.setToolTip("Class lists you used recently (remembered between sessions).")
         self.background = QComboBox()
@@ -281,14 +286,20 @@ class ClassesSection(QGroupBox):
     def background_text(self) -> str:
         return self.background.currentText().strip()
 
-    def suggest(self, layer: Any) -> None:
-        """Fill in the class names a sample image suggests, if the user typed none yet."""
+    def suggest(self, layer: Any) -> bool:
+        """Fill in the class names (and background names) a sample image suggests, unless the
+        user typed some: an empty box, or one still holding what a sample filled in, takes the
+        sample's; names typed or picked from the recent lists stay. True when they were used."""
         suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
-        if suggestion is None or self.classes_text():
-            return
+        suggested_classes, suggested_background = self._suggested
+        if suggestion is None or self.classes_text() not in ("", suggested_classes):
+            return False
+        background = suggestion.background or ""
         self.text.setPlainText(suggestion.classes)
-        if suggestion.background and not self.background_text():
-            self.background.setEditText(suggestion.background)
+        if self.background_text() in ("", suggested_background):
+            self.background.setEditText(background)
+        self._suggested = (self.classes_text(), background.strip())
+        return True
 
 
 class ModelSection(QGroupBox):
@@ -357,6 +368,8 @@ class ModelSection(QGroupBox):
         self.model.setCurrentText(remembered)
         self.pretrained.setCurrentText(prefs.pretrained or DEFAULT_PRETRAINED)
         self.model.currentTextChanged.connect(self._update_hint)
+        self.model.currentTextChanged.connect(self._show_label_start)
+        self.model.lineEdit().editingFinished.connect(self._show_label_start)
         self.model_file.clicked.connect(self._choose_model_file)
         self.pretrained_file.clicked.connect(self._choose_checkpoint)
         self.student_file.clicked.connect(self._choose_student)
@@ -376,6 +389,13 @@ class ModelSection(QGroupBox):
         set_items(self.model, [label])
         self.model.setItemData(self.model.count() - 1, path, Qt.ToolTipRole)
         return label
+
+    def _show_label_start(self, *_: Any) -> None:
+        """A student's label is shown from its start ("student: <file>"): the box's line edit
+        shows the end of a text too long for it, which cut "student" off. Not while typing."""
+        line = self.model.lineEdit()
+        if self.model.currentText() in self._students and not line.hasFocus():
+            line.home(False)
 
     def use_student(self, path: str) -> None:
         """Choose the student checkpoint ``path`` as the model (ModelLoadError if it is none)."""

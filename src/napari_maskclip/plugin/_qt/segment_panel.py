@@ -15,8 +15,9 @@ and **Train a student...** switch to them, and so do napari's menu entries (:mod
 
 Errors the user can fix (no weights offline, empty class list, unsupported image...) become a
 napari notification with the engine's message; anything else is a bug and is shown with its
-traceback (:mod:`..notify`). Opening the widget imports no torch; the first run does, in the
-worker.
+traceback (:mod:`..notify`). Importing this module imports no torch; once the dock shows, torch and
+open_clip are imported in a background thread (:func:`..models.preload_engine`), so the first run
+does not wait for them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ...progress import Progress
 from ..jobs import JobOutcome, segmentation_job
 from ..layers import EDIT_POLICY, Geometry, apply_result
 from ..models import ModelChoice, SegmenterPool
+from ..control_messages import in_widget_terms
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..records import RunRecord, SampleSuggestion, SourceLayout
@@ -96,6 +98,8 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.last_report: Any = None
         self._pending: Optional[_Run] = None
         self._fitted = False  # the camera is reset once the dock first shows
+        self._model_picked = False  # the user chose a model in this session (samples keep it)
+        self._presetting = False
 
         self.image = ImageSection()
         self.classes = ClassesSection(self.prefs)
@@ -163,7 +167,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.export_page.attach(self)
         self.train_page.attach(self)
         self.series_page.attach(self)
-        self.pages.currentChanged.connect(lambda _: self.series_page.refresh_model_info())
+        self.pages.currentChanged.connect(self._on_page_changed)
 
         self.runner = JobRunner(
             self, title="MaskCLIP", start_button=self.run_button,
@@ -189,13 +193,16 @@ class MaskClipWidget(QWidget, RunnerPanel):
     # ---- layers --------------------------------------------------------------------------
     def _refresh_layers(self, event: Any = None) -> None:
         inserted = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
-        if SampleSuggestion.from_metadata(getattr(inserted, "metadata", None)) is not None:
+        sample = SampleSuggestion.from_metadata(getattr(inserted, "metadata", None)) is not None
+        if sample:
             QTimer.singleShot(0, self.fit_view)  # a sample (or the demo scene) opened: show it all
         for layer in self.viewer.layers:
             name_event = layer.events.name
             name_event.disconnect(self._refresh_layers)  # no-op when not connected
             name_event.connect(self._refresh_layers)
         self.image.refresh(self.viewer.layers)
+        if sample:  # File > Open Sample: segment it, with its names (see _on_layer_changed)
+            self.image.select(inserted)
         self.settings.set_region_layers(self.viewer.layers)
 
     def _region_problem(self) -> Optional[str]:
@@ -219,23 +226,32 @@ class MaskClipWidget(QWidget, RunnerPanel):
             self._set_status(problem)
 
     def _on_layer_changed(self) -> None:
+        """A sample image chosen (File > Open Sample makes it the image): its class names fill
+        the class box unless the user typed some (:meth:`.ClassesSection.suggest`), and when
+        they do, the model it asks for is chosen with its preset (the Shapes scene: demo), unless
+        the user picked a model in this session (the remembered one is replaced)."""
         layer = self.image.current_layer()
         if layer is None:
             return
-        typed = bool(self.classes.classes_text())
-        self.classes.suggest(layer)
+        used = self.classes.suggest(layer)
         suggestion = SampleSuggestion.from_metadata(getattr(layer, "metadata", None))
-        if suggestion is not None and suggestion.model and not typed:
+        if used and suggestion is not None and suggestion.model and not self._model_picked:
             self.use_model(suggestion.model)  # e.g. the demo scene asks for the demo model
 
     def use_model(self, model: str) -> None:
         """Choose ``model`` with its preset (the demo model: one template, windows of its
         training size), whatever was chosen or remembered before: a preset applies whenever a
         sample or the demo asks for it, not only when the model's name changes."""
-        self.model.model.setCurrentText(model)
+        self._presetting = True
+        try:
+            self.model.model.setCurrentText(model)
+        finally:
+            self._presetting = False
         self._apply_preset(model)
 
     def _on_model_changed(self, text: str) -> None:
+        if not self._presetting:
+            self._model_picked = True
         self._apply_preset(text.strip())  # the user picked another model
 
     def _apply_preset(self, model: str) -> None:
@@ -280,6 +296,13 @@ class MaskClipWidget(QWidget, RunnerPanel):
     def current_page(self) -> str:
         return PAGES[self.pages.currentIndex()]
 
+    def _on_page_changed(self, index: int) -> None:
+        """A page reached by its tab is set up as its button sets it up: the Train page lists
+        the dataset exported last (when it lists none), Series says what Open will use."""
+        if index == PAGES.index(PAGE_TRAIN):
+            self.train_page.attach(self)
+        self.series_page.refresh_model_info()
+
     def open_export(self) -> Any:
         """Show the Export page, set to this widget's latest Labels layer."""
         self.export_page.attach(self)
@@ -297,6 +320,9 @@ class MaskClipWidget(QWidget, RunnerPanel):
         if not self._fitted:
             self._fitted = True
             QTimer.singleShot(0, self.fit_view)
+            from ..models import preload_engine
+
+            preload_engine()  # torch and open_clip load while the user types the class names
 
     def fit_view(self) -> None:
         """Reset napari's camera so every layer is in view (public ``Viewer.reset_view``)."""
@@ -343,6 +369,10 @@ class MaskClipWidget(QWidget, RunnerPanel):
             if background:
                 parse_classes(fg + parse_classes(background, allow_empty=True))
             settings = self.settings.segment_settings()  # checked now, not in the worker
+            if choice.model == DEMO_MODEL and settings.window_batch == 1:
+                from ...demo import WINDOW_BATCH
+
+                settings = settings.replace(window_batch=WINDOW_BATCH)  # its tiny windows
         region_layer = None if choice.is_student else self.settings.region_layer()
         record_extra: dict[str, Any] = {} if choice.is_student else self.settings.provenance()
         if region_layer is not None:
@@ -499,7 +529,7 @@ class MaskClipWidget(QWidget, RunnerPanel):
         self.status.setText(text)
 
     def _show_error(self, exc: BaseException) -> None:
-        self._set_status(show_exception(exc))
+        self._set_status(show_exception(in_widget_terms(exc)))  # this page's boxes, not CLI flags
 
     @staticmethod
     def _notify(message: str, *, error: bool) -> None:

@@ -7,8 +7,8 @@ its classes and settings, or its student), with the Labels layer ready to paint.
 atomic, locked, edited-pixel provenance, Export's class rules) and move on; **Mark reviewed**
 saves it as checked by a person (every pixel a human label) and moves on. Saved images come back
 with their saved labels, never a new prediction. Keyboard (bound on the viewer while a series is
-open): Shift+Right / Ctrl+Right = Next, Shift+Left / Ctrl+Left = Previous, Shift+Enter = Mark
-reviewed.
+open, and on this page so they work after a click on one of its buttons): Shift+Right /
+Ctrl+Right = Next, Shift+Left / Ctrl+Left = Previous, Shift+Enter = Mark reviewed.
 
 No waiting: as soon as image k is on screen, image k+1 is read and labelled on the
 :class:`~..series.prefetch.Prefetcher`'s background thread; its "ready" callback reaches this page
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generator, Optional
 
 from qtpy.QtCore import QEvent, Qt, QTimer, Signal
+from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -48,6 +49,7 @@ from ...errors import Cancelled, MaskClipError
 from ...progress import Progress
 from ..jobs import JobOutcome, guarded_job
 from ..models import ModelChoice
+from ..control_messages import in_widget_terms
 from ..notify import show_exception
 from ..series_view import SeriesView, ShownImage
 from .controls import WrapLabel, class_remap_boxes, page_layout, row, small_button
@@ -335,7 +337,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.runner.ended.connect(self.job_finished.emit)
         self.open_button.clicked.connect(self.open_series)
         self.cancel_button.clicked.connect(self.runner.request_cancel)
-        self.close_button.clicked.connect(self.close_series)
+        self.close_button.clicked.connect(lambda: self.close_series(keep_unsaved=True))
         self.previous_button.clicked.connect(self.previous)
         self.next_button.clicked.connect(self.next)
         self.reviewed_button.clicked.connect(self.mark_reviewed)
@@ -347,6 +349,7 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.image_list.itemClicked.connect(
             lambda item: self.jump(int(item.data(Qt.ItemDataRole.UserRole)))
         )
+        self._shortcuts = self._dock_shortcuts()
         self._update_buttons()
 
     # ---- the Segment page ------------------------------------------------------------------------
@@ -413,7 +416,9 @@ class SeriesPanel(QWidget, RunnerPanel):
             self.status.setText(show_exception(exc))
             self.job_finished.emit("error")
             return None
-        self.close_series()
+        if not self.close_series(keep_unsaved=True):  # the open image could not be saved
+            self.job_finished.emit("error")
+            return None
         self.status.setText(f"Opening {request.source}...")
         self._job = "open"
         self._opened_with = request
@@ -557,7 +562,9 @@ class SeriesPanel(QWidget, RunnerPanel):
             self.status.setText("Cancelled: no series opened.")
             return "cancelled"
         if outcome.error is not None:
-            self.status.setText(show_exception(outcome.error))
+            self.status.setText(show_exception(in_widget_terms(
+                outcome.error, model_box="Segment page's model box",
+                weights_box="Segment page's weights box")))
             return "error"
         session, predictor = outcome.result
         self.start(session, predictor)
@@ -603,6 +610,7 @@ class SeriesPanel(QWidget, RunnerPanel):
                 self.prefetcher.request(i)
                 self.index, self.waiting = None, i
                 self._update_buttons()
+                self._update_progress()  # the series' line, not "No series open."
                 self.status.setText(f"Labelling {session.names[i]}...")
                 if self._try_show_predicted(i):
                     return
@@ -778,14 +786,20 @@ class SeriesPanel(QWidget, RunnerPanel):
         """Save this image as reviewed by a person (every pixel a human label) and move on."""
         self._move(+1, reviewed=True)
 
-    def close_series(self) -> None:
-        """Save an edited image, stop the background work, unbind the keys, remove the layers."""
-        self.flush_saves()
-        if self.running and self._job in ("score", "retrain"):
-            self.runner.request_cancel()
+    def close_series(self, *, keep_unsaved: bool = False) -> bool:
+        """Save an edited image, stop the background work, unbind the keys, remove the layers
+        (the viewer's other layers are shown again) and say what was saved. With
+        ``keep_unsaved`` (the Close button, Open) a save that fails keeps the series open, with
+        the person's labels on screen and the reason in the status line: returns False."""
+        session = self.session
+        saved = self.flush_saves()
         if self.session is not None and self.index is not None and self.view.current is not None:
             if self.view.changed():
-                self.save_current()
+                saved = self.save_current() and saved
+        if not saved and keep_unsaved:
+            return False
+        if self.running and self._job in ("score", "retrain"):
+            self.runner.request_cancel()
         if self.prefetcher is not None:
             self.prefetcher.close()
         self._unbind_keys()
@@ -793,9 +807,13 @@ class SeriesPanel(QWidget, RunnerPanel):
         self.session = self.predictor = self.prefetcher = None
         self.index = self.waiting = None
         self.progress.setText("No series open.")
+        if session is not None and saved:  # a failed save's reason stays in the status line
+            self.status.setText(f"Closed: {session.saved_count()} of {len(session)} images saved "
+                                f"in {session.dataset_dir}.")
         self.image_list.clear()
         self._update_buttons()
         self.refresh_model_info()
+        return True
 
     def _watch_window(self) -> None:
         """Close the series when napari's window closes (Qt sends child widgets no close event):
@@ -823,6 +841,21 @@ class SeriesPanel(QWidget, RunnerPanel):
         for key, action in SHORTCUTS.items():
             self.viewer.bind_key(key, _key_handler(actions[action]), overwrite=True)
             self._bound.append(key)
+
+    def _dock_shortcuts(self) -> list[QShortcut]:
+        """The same keys while the focus is on this page (a button just clicked, the list):
+        napari's key bindings reach the canvas only. A text field keeps its own Shift+arrows."""
+        actions = {"next": self.next, "previous": self.previous,
+                   "mark_reviewed": self.mark_reviewed}
+        shortcuts = []
+        for key, action in SHORTCUTS.items():
+            qt_key = key.replace("Control-", "Ctrl+").replace("-", "+")
+            for sequence in {qt_key.replace("Enter", "Return"), qt_key}:
+                shortcut = QShortcut(QKeySequence(sequence), self)
+                shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+                shortcut.activated.connect(actions[action])
+                shortcuts.append(shortcut)
+        return shortcuts
 
     def _unbind_keys(self) -> None:
         for key in self._bound:
@@ -876,8 +909,14 @@ class SeriesPanel(QWidget, RunnerPanel):
 
     def _update_buttons(self) -> None:
         on_image = self.session is not None and self.index is not None
-        for button in (self.previous_button, self.next_button, self.reviewed_button):
+        navigation = (self.previous_button, self.next_button, self.reviewed_button)
+        clicked = any(button.hasFocus() for button in navigation)
+        for button in navigation:
             button.setEnabled(on_image)
+        if clicked and not on_image:
+            self.setFocus()  # a disabled button hands the focus on, maybe out of the dock
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(on_image)
         self.close_button.setEnabled(self.session is not None)
 
     # ---- file choosers --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ...errors import MaskClipError
 from ...progress import Progress
 from ...student.settings import BACKBONE_WEIGHTS, BACKBONES, TrainSettings
 from ..jobs import JobOutcome, guarded_job
+from ..control_messages import in_widget_terms
 from ..notify import notify, show_exception
 from ..preferences import WidgetPreferences, update_preferences
 from ..train_job import TrainRequest, training_iter
@@ -372,8 +373,9 @@ class TrainWidget(QWidget, RunnerPanel):
         if outcome.cancelled:
             self.status.setText(self._cancelled_text(request))
             return "cancelled"
-        if outcome.error is not None:
-            self.status.setText(show_exception(outcome.error))
+        if outcome.error is not None:  # a teacher offline: this page's teacher boxes
+            self.status.setText(show_exception(in_widget_terms(
+                outcome.error, model_box="teacher model box", weights_box="teacher weights box")))
             return "error"
         summary = outcome.result
         text = f"Trained to iteration {summary.iteration}: {summary.checkpoint}"
