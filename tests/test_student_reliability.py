@@ -26,6 +26,8 @@ from napari_maskclip.progress import run_to_completion
 from napari_maskclip.student import load_checkpoint, read_checkpoint_meta, train, train_iter
 from napari_maskclip.student.network import StudentNet
 
+from foreground import TerminalSigint, sigint_as_in_a_terminal
+from hang_guard import HANG_GUARD_S
 from test_student_cli import TINY, dataset  # noqa: F401  (fixture)
 from test_student_train import random_embeddings, shapes_data, tiny_settings
 
@@ -259,10 +261,13 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(small_disk, data, emb, str
 
 class _CtrlC:
     """Sends this process SIGINT from inside training forward pass number ``at`` (after its
-    batch-norm layers have updated their statistics), ``times`` times in a row."""
+    batch-norm layers have updated their statistics), ``times`` times in a row. SIGINT raises
+    ``KeyboardInterrupt`` during the block even where the suite runs with it ignored (a background
+    job); ``after`` is the handler training left installed."""
 
     def __init__(self, at: int, times: int = 1) -> None:
         self.at, self.times, self.calls = at, times, 0
+        self._sigint = TerminalSigint()
 
     def __call__(self, module, args, output) -> None:
         if isinstance(module, StudentNet) and module.training:
@@ -272,24 +277,26 @@ class _CtrlC:
                     signal.raise_signal(signal.SIGINT)
 
     def __enter__(self) -> "_CtrlC":
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        self._sigint.__enter__()
         self.handle = torch.nn.modules.module.register_module_forward_hook(self)
         return self
 
     def __exit__(self, *exc) -> None:
         self.handle.remove()
+        self._sigint.__exit__(*exc)
+        self.after = self._sigint.after
 
 
 def test_ctrl_c_inside_an_iteration_waits_for_its_end(tmp_path, data, emb, straight):
     path = tmp_path / "b.safetensors"
-    with _CtrlC(at=4), pytest.raises(KeyboardInterrupt):
+    with _CtrlC(at=4) as ctrl_c, pytest.raises(KeyboardInterrupt):
         run_to_completion(train_iter(data, path, settings=settings(), class_embeddings=emb,
                                      device="cpu"))
     # The 4th step completed and was saved with its own batch-norm statistics (before the fix:
     # iteration 3 was saved with statistics of 4 forward passes, and 15 of 52 tensors of the
     # resumed run differed from the uninterrupted one).
     assert load_checkpoint(path).iteration == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert ctrl_c.after is signal.default_int_handler  # training put the handler back
     run_to_completion(train_iter(data, path, resume=True, device="cpu"))
     assert_same_run(straight, path)
 
@@ -321,7 +328,7 @@ def _child(script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(napari_maskclip.__file__).parents[1]),
                OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=HANG_GUARD_S, preexec_fn=sigint_as_in_a_terminal)
 
 
 SIGINT_IN_FORWARD = """
