@@ -49,6 +49,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gui)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_dirs(tmp_path_factory):
+    """The same isolation for session- and module-scoped fixtures (models and segmenters built
+    once), which are set up before the per-test ``_isolated_cache``: without it they read and
+    write the user's real cache, whose text embeddings (encoded earlier in other batches) differ
+    from fresh ones in the last bit, so a test's result depended on what the machine ran before."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NAPARI_MASKCLIP_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        patch.setenv("NAPARI_MASKCLIP_CONFIG_DIR", str(tmp_path_factory.mktemp("session-config")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache and config directory (remembered class colours included):

@@ -14,6 +14,8 @@ import tifffile
 from napari_maskclip.cli import main
 from napari_maskclip.image_files import read_label_image
 
+from hang_guard import HANG_GUARD_S
+
 
 @pytest.fixture
 def images(tmp_path):
@@ -102,7 +104,7 @@ def test_segment_missing_image_and_nan_image(tmp_path, tiny_vit_files, capsys):
 
 def test_cli_entry_point_runs_as_a_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "napari_maskclip.cli", "segment", "--help"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0
     for option in ("--mode", "--denoise", "--key-smoothing", "--background", "--window",
                    "--stride", "--short-side", "--device"):
@@ -113,6 +115,7 @@ def test_cli_parser_starts_without_torch():
     """Option lists come from torch-free modules: --help and bad usage answer instantly."""
     code = ("import sys; from napari_maskclip.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'napari', 'qtpy') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -31,6 +31,8 @@ from napari_maskclip.colors import (
 from napari_maskclip.errors import InvalidInputError, PreferencesError
 from napari_maskclip.synthetic import CLASS_NAMES
 
+from hang_guard import HANG_GUARD_S
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -40,7 +42,7 @@ def _in_subprocess(names: list[str]) -> list[list[float]]:
             "print(json.dumps(class_colors(json.loads(sys.argv[1]))))")
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], capture_output=True,
-                         text=True, timeout=120, env=env, check=True)
+                         text=True, timeout=HANG_GUARD_S, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -270,7 +272,7 @@ def test_colours_load_neither_torch_nor_napari_nor_qt():
             "set_class_color('a', '#ff0000'); print(json.dumps(sorted(sys.modules)))")
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env, check=True)
+                         timeout=HANG_GUARD_S, env=env, check=True)
     modules = json.loads(out.stdout.strip().splitlines()[-1])
     assert "colorcet" in modules  # the probe really assigned palette colours
     heavy = [m for m in modules if m.split(".")[0] in ("torch", "napari", "qtpy", "PyQt5", "PyQt6",

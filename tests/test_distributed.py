@@ -23,6 +23,8 @@ from napari_maskclip.cli import main  # noqa: E402
 from napari_maskclip.segment_batch import segment_folder, segment_tasks  # noqa: E402
 from napari_maskclip.synthetic import make_scene  # noqa: E402
 
+from hang_guard import HANG_GUARD_S  # noqa: E402
+
 CLASSES = "red circle, green square, blue triangle"
 SRC = str(Path(napari_maskclip.__file__).resolve().parents[1])
 
@@ -120,6 +122,21 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _scheduler_address(info: Path, scheduler: subprocess.Popen, log: Path) -> str:
+    """The address in the scheduler's file, once that file is complete. The scheduler writes it
+    in place (not atomically), so the file existing is not the sign: the JSON parsing is. Polls
+    while the scheduler lives; HANG_GUARD_S only stops a scheduler that never writes it."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while True:
+        assert scheduler.poll() is None, log.read_text()
+        try:
+            return json.loads(info.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or half written
+        assert time.monotonic() < deadline, "the scheduler never wrote its file: " + log.read_text()
+        time.sleep(0.05)  # polling interval only: the loop waits for the file, not for a time
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -140,12 +157,7 @@ def test_an_external_scheduler_and_worker_give_the_same_results(scenes, tmp_path
                         "--no-dashboard", "--scheduler-file", str(info)], tmp_path / "s.log")
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while not info.exists() and time.monotonic() < deadline:
-            assert scheduler.poll() is None, (tmp_path / "s.log").read_text()
-            time.sleep(0.2)
-        time.sleep(0.2)
-        address = json.loads(info.read_text())["address"]
+        address = _scheduler_address(info, scheduler, tmp_path / "s.log")
         assert address.startswith("tcp://127.0.0.1:")
         worker = _start(["distributed.cli.dask_worker", address, "--nthreads", "1",
                          "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1"],

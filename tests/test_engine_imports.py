@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from hang_guard import HANG_GUARD_S
+
 UI_PREFIXES = ("napari", "PyQt5", "PyQt6", "PySide2", "PySide6", "qtpy", "vispy", "magicgui",
                "superqt", "app_model")
 
@@ -34,7 +36,8 @@ CORE_FULL_IMPORT = (
 
 def _modules_after_import(statement: str) -> list[str]:
     code = f"import json, sys; import {statement}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

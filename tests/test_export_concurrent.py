@@ -19,6 +19,8 @@ from napari_maskclip.errors import DatasetError
 from napari_maskclip.export import export_sample, export_sample_iter, read_dataset, writer
 from napari_maskclip.export.lock import DatasetLock
 
+from hang_guard import HANG_GUARD_S
+
 N_SLICES = 4
 
 _CHILD = textwrap.dedent("""
@@ -58,7 +60,7 @@ def test_two_processes_exporting_into_one_dataset_both_succeed(tmp_path, existin
         procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(root), tag, str(seed), str(barrier)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for tag, seed in (("p", 10 + trial), ("q", 20 + trial))]
-        outputs = [p.communicate(timeout=300) for p in procs]
+        outputs = [p.communicate(timeout=HANG_GUARD_S) for p in procs]
         for proc, (out, err) in zip(procs, outputs):
             assert proc.returncode == 0, f"trial {trial}: {err[-2000:]}"
         ds = read_dataset(root)

@@ -13,6 +13,8 @@ import pytest
 from napari_maskclip.atomic import TEMP_PREFIX
 from napari_maskclip.export import export_sample, files, read_dataset, writer
 
+from hang_guard import HANG_GUARD_S
+
 
 def _arrays(seed: int):
     rng = np.random.default_rng(seed)
@@ -133,7 +135,7 @@ def test_killed_export_process_leaves_a_valid_dataset(tmp_path, point):
     keep = _arrays(0)
     export_sample(tmp_path, "keep", keep[0], keep[1], "a, b", probabilities=keep[2])
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path), point, "7"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
 
     labels = np.random.default_rng(7)

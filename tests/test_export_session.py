@@ -16,6 +16,8 @@ from napari_maskclip.atomic import TEMP_PREFIX
 from napari_maskclip.export import ExportSession, export_sample, read_dataset, writer
 from napari_maskclip.export.layout import sample_file_slots
 
+from hang_guard import HANG_GUARD_S
+
 
 def _arrays(seed: int, size: int = 8):
     rng = np.random.default_rng(seed)
@@ -262,7 +264,7 @@ def _expected(seed: int, n: int):
 
 def _run_child(root, point, seed, kill_at, n=N):
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), point, str(seed), str(kill_at), str(n)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     return proc
 
 

@@ -21,7 +21,7 @@ from test_widget import (  # noqa: F401  (fixtures: the config dir, the widget, 
     RGB, STACK, _config_dir, make_widget, notifications, run_and_wait,
 )
 
-TIMEOUT_MS = 60_000
+from hang_guard import HANG_GUARD_MS as TIMEOUT_MS  # noqa: E402  (a hang guard, not a duration)
 
 
 def export_and_wait(qtbot, panel: ExportWidget) -> str:

@@ -25,6 +25,8 @@ from napari_maskclip.plugin._qt.docks import (
 )
 from napari_maskclip.plugin.preferences import preferences_path
 
+from hang_guard import HANG_GUARD_MS
+
 SIZES = [(1280, 800), (1600, 1200)]
 LONG_FOLDER = "/".join(["a_rather_long_folder_name_that_goes_on_and_on"] * 5)
 
@@ -194,7 +196,7 @@ def test_series_page_fits_with_a_series_open(make_napari_viewer, qtbot, tmp_path
     main.classes.text.setPlainText(classes)
     series = main.show_page("Series")
     series.set_folders(str(folder), str(tmp_path / ("dataset_" + "y" * 80)))
-    with qtbot.waitSignal(series.image_shown, timeout=120_000):
+    with qtbot.waitSignal(series.image_shown, timeout=HANG_GUARD_MS):
         series.open_series()
     _settle(qtbot)
     buttons = [series.open_button, series.cancel_button, series.close_button,

@@ -16,7 +16,7 @@ from napari_maskclip.demo.scene import demo_classes, demo_scene
 from napari_maskclip.plugin._qt.docks import PAGE_SERIES, PLUGIN, SEGMENT_NAME
 from napari_maskclip.plugin._qt.series_panel import SHORTCUTS
 
-TIMEOUT_MS = 120_000
+from hang_guard import HANG_GUARD_MS as TIMEOUT_MS  # noqa: E402  (a hang guard, not a duration)
 
 
 @pytest.fixture

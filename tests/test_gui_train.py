@@ -17,7 +17,7 @@ from napari_maskclip.student import read_checkpoint_meta
 from test_student_train import COLOURS, shapes_data
 from test_widget import RGB, _config_dir, make_widget, notifications, run_and_wait  # noqa: F401
 
-TIMEOUT_MS = 120_000
+from hang_guard import HANG_GUARD_MS as TIMEOUT_MS  # noqa: E402  (a hang guard, not a duration)
 
 
 @pytest.fixture(autouse=True)

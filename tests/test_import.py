@@ -22,6 +22,8 @@ from napari_maskclip.export.import_coco import plan_coco  # noqa: E402
 from napari_maskclip.export.import_folders import VOC_CLASSES, voc_colormap  # noqa: E402
 from napari_maskclip.export.importing import import_plan  # noqa: E402
 
+from hang_guard import HANG_GUARD_S  # noqa: E402
+
 H, W = 40, 50
 
 
@@ -524,7 +526,8 @@ import_plan(plan_coco({str(tmp_path / "i.json")!r}, images_dir={str(tmp_path / "
             {str(tmp_path / "back")!r})
 print(json.dumps(sorted(sys.modules)))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     modules = json.loads(out.stdout.strip().splitlines()[-1])
     assert "pycocotools" in modules and "napari_maskclip.export.import_coco" in modules

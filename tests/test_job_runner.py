@@ -11,7 +11,7 @@ from napari_maskclip.plugin._qt.job_runner import BarState, JobRunner
 from napari_maskclip.plugin.jobs import JobOutcome
 from napari_maskclip.progress import Progress
 
-TIMEOUT_MS = 60_000
+from hang_guard import HANG_GUARD_MS as TIMEOUT_MS  # noqa: E402  (a hang guard, not a duration)
 FLOOD = 3000
 
 

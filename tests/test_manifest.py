@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hang_guard import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,7 @@ def manifest():
 def test_npe2_validate_passes():
     out = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", "napari-maskclip"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "valid" in out.stdout
@@ -93,6 +95,7 @@ def test_imports_stay_light(modules, forbidden):
         + "".join(f"import {m}\n" for m in modules)
         + f"print(sorted(m for m in {forbidden!r} if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"{modules} imported {out.stdout.strip()}"

@@ -10,6 +10,8 @@ import pytest
 
 from napari_maskclip.engine.names import DEMO_MODEL, default_pretrained
 
+from hang_guard import HANG_GUARD_S
+
 
 @pytest.mark.parametrize(
     "model, given, expected",
@@ -39,6 +41,7 @@ def test_policy_modules_import_no_torch():
             "napari_maskclip.student.settings, napari_maskclip.stacks\n"
             "from napari_maskclip.demo.scene import demo_classes\ndemo_classes()\n"
             "print(sorted(m for m in ('torch', 'open_clip', 'qtpy', 'napari') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -18,10 +18,12 @@ from napari_maskclip.atomic import TEMP_PREFIX
 from napari_maskclip.export import read_dataset
 from napari_maskclip.series import SeriesSession, list_images
 
+from hang_guard import HANG_GUARD_S
+
 CLASSES = "cat, dog"
 
 _CHILD = textwrap.dedent("""
-    import sys, time
+    import sys, threading
     from pathlib import Path
     import numpy as np
     from napari_maskclip.export import files, writer
@@ -33,9 +35,9 @@ _CHILD = textwrap.dedent("""
     def labels_of(i, shape):
         return (np.arange(shape[0] * shape[1]).reshape(shape) + i) % 3
 
-    def hang():  # tell the parent we are mid-save, then wait to be killed
+    def hang():  # tell the parent we are mid-save, then wait to be killed (however late)
         marker.touch()
-        time.sleep(120)
+        threading.Event().wait()
 
     for i in range(len(session)):
         if i == 2:
@@ -75,7 +77,7 @@ def test_kill_during_save_leaves_a_valid_dataset_and_resumes(tmp_path, point):
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(folder), str(ds), point, str(marker)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD_S
         while not marker.exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the child never reached the save"

@@ -11,6 +11,8 @@ from napari_maskclip.export.layout import check_sample_name
 from napari_maskclip.series import list_images, natural_key, sample_name
 from napari_maskclip.series.listing import sample_names
 
+from hang_guard import HANG_GUARD_S
+
 
 def _png(path, value=0, size=(6, 5)):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,7 @@ def test_the_series_package_loads_without_torch():
 
     code = ("import sys; import napari_maskclip.series, napari_maskclip.series.status; "
             "print(sorted(m for m in ('torch', 'open_clip', 'napari', 'qtpy') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -17,6 +17,8 @@ from napari_maskclip.series.predictor import SeriesPredictor
 from napari_maskclip.series.prefetch import Prefetcher
 from napari_maskclip.synthetic import make_scene
 
+from hang_guard import HANG_GUARD_S
+
 CLASSES = "circle, square, triangle"
 
 
@@ -51,7 +53,7 @@ def demo_teacher():
     return SeriesPredictor.teacher("demo", CLASSES)
 
 
-def _wait(predicate, timeout=60.0):
+def _wait(predicate, timeout=HANG_GUARD_S):
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
@@ -134,13 +136,13 @@ def test_cancel_stops_between_windows_and_errors_stay_per_image(tmp_path, demo_t
         entry = prefetch._entries[0]
         prefetch.cancel_all()
         with pytest.raises(Cancelled):
-            entry.future.result(timeout=60)
+            entry.future.result(timeout=HANG_GUARD_S)
         assert not prefetch.ready(0)
         # The worker is free again: the broken image fails alone, the next one works.
         with pytest.raises(InvalidInputError, match="scene1.png"):
-            prefetch.result(1, timeout=60)
+            prefetch.result(1, timeout=HANG_GUARD_S)
         assert 1 in session.unreadable
-        assert prefetch.result(2, timeout=60).labels.shape == (48, 48)
+        assert prefetch.result(2, timeout=HANG_GUARD_S).labels.shape == (48, 48)
         steps_cancelled = counting.steps
     finally:
         prefetch.close()
@@ -163,10 +165,10 @@ def test_jumping_elsewhere_cancels_work_in_flight(tmp_path, demo_teacher):
         assert counting.first_step.wait(60)
         entry = prefetch._entries[1]
         start = counting.steps
-        prefetch.result(2, timeout=60)  # the person jumped to image 2
+        prefetch.result(2, timeout=HANG_GUARD_S)  # the person jumped to image 2
         assert entry.cancel.is_set() and 1 not in prefetch._entries
         with pytest.raises(Cancelled):
-            entry.future.result(timeout=60)
+            entry.future.result(timeout=HANG_GUARD_S)
         full = CountingSegmenter(demo_teacher.segmenter)
         SeriesPredictor(full, CLASSES, label="x").predict(make_scene(8, size=(320, 320)).image)
         assert counting.steps - start < full.steps // 2
@@ -191,14 +193,19 @@ def test_student_predictor_uses_the_page_classes_in_order():
 
 
 def test_demo_teacher_batches_windows_without_changing_labels(demo_teacher):
+    """In fp32, where batching changes only the rounding. Not in ``auto``: that is bf16 on a CPU
+    with native bf16 (AVX512-BF16, AMX), where batched and single windows differ by up to 6e-3
+    and 38 of these 9216 labels (measured), so the test's result depended on the machine."""
     from napari_maskclip.demo import recommended_settings
     from napari_maskclip.engine import Segmenter
 
     assert demo_teacher.segmenter.settings.window_batch == 32
-    one_at_a_time = Segmenter("demo", None, **recommended_settings())
+    teacher = SeriesPredictor.teacher("demo", CLASSES, precision="fp32")
+    assert teacher.segmenter.settings.window_batch == 32
+    one_at_a_time = Segmenter("demo", None, **recommended_settings(), precision="fp32")
     assert one_at_a_time.settings.window_batch == 1
     image = make_scene(11, size=(96, 96)).image
-    batched = demo_teacher.predict(image)
+    batched = teacher.predict(image)
     single = one_at_a_time(image, CLASSES)
     np.testing.assert_array_equal(batched.labels, single.labels)
     np.testing.assert_allclose(batched.probabilities, single.probabilities, atol=1e-4)

@@ -27,6 +27,8 @@ from napari_maskclip.student import TrainSettings, load_checkpoint, read_checkpo
 from napari_maskclip.student.data import augment_batch, iteration_rng
 from napari_maskclip.student.distributed import Ranks
 
+from foreground import sigint_as_in_a_terminal
+from hang_guard import HANG_GUARD_S
 from test_student_train import COLOURS, random_embeddings, shapes_data
 
 #: The torchrun tests start two Python processes each (about a minute).
@@ -58,7 +60,8 @@ def dataset(tmp_path, tiny_vit_files):
     return folder
 
 
-def _torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, args: list[str],
+             timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", NAPARI_MASKCLIP_DIST_TIMEOUT="120")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -131,15 +134,16 @@ def test_ctrl_c_stops_every_rank_after_the_same_iteration(dataset, tmp_path):
                "--iterations", "100000", *options]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=sigint_as_in_a_terminal)
         try:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + HANG_GUARD_S
             while "loss=" not in log.read_text() and time.monotonic() < deadline:
                 assert proc.poll() is None, log.read_text()[-3000:]
                 time.sleep(0.5)
             time.sleep(2.0)
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=90)
+            proc.wait(timeout=HANG_GUARD_S)
         finally:
             if proc.poll() is None:
                 proc.kill()

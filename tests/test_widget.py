@@ -21,7 +21,7 @@ from napari_maskclip.plugin.layers import META_KEY
 from napari_maskclip.plugin.preferences import CONFIG_ENV, WidgetPreferences
 from napari_maskclip.classes import class_color
 
-TIMEOUT_MS = 60_000
+from hang_guard import HANG_GUARD_MS as TIMEOUT_MS  # noqa: E402  (a hang guard, not a duration)
 
 
 @pytest.fixture(autouse=True)

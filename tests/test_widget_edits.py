@@ -25,6 +25,8 @@ from napari_maskclip.export import read_dataset  # noqa: E402
 from napari_maskclip.progress import run_to_completion  # noqa: E402
 from napari_maskclip.stacks import slice_key  # noqa: E402
 
+from hang_guard import HANG_GUARD_S  # noqa: E402
+
 RNG = np.random.default_rng(0)
 
 
@@ -194,6 +196,7 @@ def test_panel_modules_import_no_torch():
             "napari_maskclip.plugin._qt.export_panel, napari_maskclip.plugin._qt.train_panel, "
             "napari_maskclip.plugin.edits\n"
             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

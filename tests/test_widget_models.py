@@ -11,6 +11,8 @@ from napari_maskclip.plugin.models import ModelChoice, SegmenterPool
 from napari_maskclip.errors import ModelLoadError
 from napari_maskclip.progress import run_to_completion
 
+from hang_guard import HANG_GUARD_S
+
 
 def test_choice_from_fields(tmp_path):
     ckpt = tmp_path / "weights.safetensors"
@@ -50,7 +52,8 @@ def test_engine_import_hides_triton_inside_napari():
         "from torch.utils._triton import has_triton_package\n"
         "print(sys.modules.get('triton', 'absent'), has_triton_package())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "False"]
 

@@ -253,7 +253,7 @@ def result_task(
 
     def run(update: Update) -> str:
         from .image_files import FloatStackWriter, image_header, read_image
-        from .progress import run_to_completion
+        from .progress import Progress, run_to_completion
         from .result_files import write_result
         from .stack_files import stack_input
 
@@ -264,8 +264,10 @@ def result_task(
         if stack is not None:
             return _stack_line(stack, update)
         check_2d(path, _Shape(shape), channel_axis=channel_axis, channels=channels)
+        update(Progress("read", 0, 1, f"reading {path.name}"))
         image = read_image(path)
         check_2d(path, image, channel_axis=channel_axis, channels=channels)
+        update(Progress("read", 1, 1, f"read {path.name}"))
         probabilities: Any = confidence
         writer = None
         height, width = _spatial(image.shape, channel_axis)
@@ -278,7 +280,8 @@ def result_task(
             if record is not None:
                 extra["run"] = record
             files = write_result(result, out, path.stem, confidence=confidence, extra=extra,
-                                 confidence_writer=writer)
+                                 confidence_writer=writer, progress=lambda done, total: update(
+                                     Progress("write", done, total, f"writing {done}/{total} rows")))
         except OSError as exc:  # name the output folder when the error does not (a full disk)
             if exc.filename is None:
                 raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc

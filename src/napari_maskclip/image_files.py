@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -331,8 +331,11 @@ class FloatStackWriter(RawSpool):
         self._file.write(block.astype("<f4", copy=False).tobytes())
         self._rows = y1
 
-    def commit(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the TIFF at ``path`` from the blocks (all rows must be in) and drop the temp file."""
+    def commit(self, path: str | os.PathLike, *, overwrite: bool = True,
+               on_rows: Optional[Callable[[int], None]] = None) -> Path:
+        """Write the TIFF at ``path`` from the blocks (all rows must be in) and drop the temp file.
+        ``on_rows(n)`` after each strip of ``n`` rows of one channel is compressed (the commit of
+        a huge image's maps takes minutes: this is its progress)."""
         import zlib
 
         import tifffile
@@ -347,7 +350,10 @@ class FloatStackWriter(RawSpool):
             for c in range(self.channels):
                 for n, offset in rows:
                     self._file.seek(offset + c * n * self.width * 4)
-                    yield zlib.compress(self._file.read(n * self.width * 4), 6)
+                    strip = zlib.compress(self._file.read(n * self.width * 4), 6)
+                    if on_rows is not None:
+                        on_rows(n)
+                    yield strip
 
         target = Path(path)
         try:

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -102,11 +102,14 @@ def write_result(
     confidence: bool = True,
     extra: Optional[dict[str, Any]] = None,
     confidence_writer: Any = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ResultFiles:
     """Write a :class:`~napari_maskclip.engine.SegmentationResult` (or alike) as three files.
 
     ``confidence_writer``: a :class:`~napari_maskclip.image_files.FloatStackWriter` the maps were
     streamed into (when ``result.probabilities`` is None because they were too large to hold).
+    ``progress(done, total)``: rows written, counting the labels' rows and each confidence map's
+    (a huge image's files take minutes to compress: the bar's last stage).
     Files an earlier result of ``stem`` listed and this one does not (a confidence TIFF now
     skipped, a labels TIFF now a PNG) are removed after the new table is in place.
     """
@@ -122,15 +125,27 @@ def write_result(
     if extra:
         table.update(extra)
     text = table_text(table, paths.classes_path)
+    height = int(result.labels.shape[0])
+    maps = len(colors) if confidence else 0
+    total, written = height * (1 + maps), [0]
+
+    def rows_done(n: int) -> None:
+        written[0] = min(total, written[0] + n)
+        if progress is not None:
+            progress(written[0], total)
+
+    rows_done(0)
     labels_path = write_label_image(paths.labels_path, result.labels, colors)
+    rows_done(height)
     if labels_path != paths.labels_path:  # label values beyond the class count: not a result
         labels_path.unlink()
         raise InvalidInputError(f"{stem}: label values exceed the {len(colors)} classes; not written.")
     confidence_path = None
     if confidence and confidence_writer is not None:
-        confidence_path = confidence_writer.commit(paths.confidence_path)
+        confidence_path = confidence_writer.commit(paths.confidence_path, on_rows=rows_done)
     elif confidence:
         confidence_path = write_float_stack(paths.confidence_path, result.probabilities)
+    rows_done(total)
     atomic_write_text(paths.classes_path, text)
     remove_stale_results(previous, paths.classes_path.parent, stem,
                          keep={labels_path.name, confidence_path.name if confidence_path else ""})

@@ -39,8 +39,13 @@ __all__ = [
 Update = Callable[[Any], None]
 
 
+#: The bar's unit in stages that do not count ``unit`` (the caller's: windows, tiles...).
+STAGE_UNITS = {"read": "file", "write": "row"}
+
+
 def progress_bar(desc: str, disable: bool = False, unit: str = "win"):
-    """A tqdm bar on stderr, fed by :class:`~napari_maskclip.progress.Progress` reports."""
+    """A tqdm bar on stderr, fed by :class:`~napari_maskclip.progress.Progress` reports: each
+    stage restarts it with the stage's total, so tqdm shows that stage's rate and remaining time."""
     from tqdm import tqdm
 
     bar = tqdm(total=0, desc=desc, unit=unit, file=sys.stderr, disable=disable, leave=False)
@@ -51,7 +56,8 @@ def progress_bar(desc: str, disable: bool = False, unit: str = "win"):
             return
         if shown["stage"] != step.stage:
             shown["stage"] = step.stage
-            bar.set_description(f"{desc} {step.stage}")
+            bar.set_description(f"{desc} {step.stage}", refresh=False)
+            bar.unit = STAGE_UNITS.get(step.stage, unit)
             bar.reset(total=step.total)
         bar.n = step.done
         bar.refresh()
