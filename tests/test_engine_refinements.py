@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import EncoderCalls, assert_labels, blocky_rgb, class_probs, reference_logits, text_embeddings
-from test_engine_pamr import reference_pamr
+from engine_helpers import (EncoderCalls, assert_labels, blocky_rgb, class_probs, reference_logits,
+                            reference_pamr, text_embeddings)
 from napari_maskclip.engine import Segmenter
 from napari_maskclip.engine import segmenter as segmenter_module
 from napari_maskclip.errors import InvalidInputError

@@ -47,10 +47,10 @@ from .templates import resolve_templates
 from .text import TextEmbeddingCache, TextEncoder
 from .stitch import RowStitcher
 from .tlp import TLPGrid
-from .window_logits import window_logits as mode_window_logits
+from .window_logits import mode_options, window_logits as mode_window_logits
 from .windows import Box, window_boxes
 
-__all__ = ["Segmenter", "mode_options"]
+__all__ = ["Segmenter"]
 
 #: Features of one image above this are not kept: the image is streamed (see run_iter).
 STREAM_BYTES = 1 << 30
@@ -58,15 +58,6 @@ STREAM_BYTES = 1 << 30
 _REFINE_ROWS = 256
 #: Images up to this many pixels are refined by PAMR in one block (no repeated halo rows).
 _PAMR_WHOLE_PIXELS = 1 << 21
-
-
-def mode_options(s: SegmentSettings) -> dict[str, Any]:
-    """The encode settings a text-aware mode reads (``dense_features(mode_options=...)``)."""
-    if s.mode == "rfclip":
-        return {"channels": s.rfclip_channels}
-    if s.mode == "resclip":
-        return {"base": s.resclip_base, "rcs_weights": s.resclip_rcs_weights}
-    return {}
 
 
 class Segmenter:
@@ -359,7 +350,7 @@ class Segmenter:
             patch=self.loaded.patch_size,
             windows=windows,
             model_identity=self.loaded.identity,
-            encode_settings={name: getattr(s, name) for name in ENCODE_FIELDS
+            encode_settings={name: _plain(getattr(s, name)) for name in ENCODE_FIELDS
                              if name != "precision"} | {"precision": precision},
             plan=plan,
         )
@@ -687,6 +678,11 @@ class Segmenter:
 
 
 ProbabilitiesOut = Union[bool, Callable[[int, int, np.ndarray], None]]
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it (tuples as lists), for the settings a result records."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 

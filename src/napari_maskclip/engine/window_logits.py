@@ -19,7 +19,17 @@ from .readout import Readout
 from .resclip import resclip_features
 from .rfclip import rfclip_logits, text_clusters
 
-__all__ = ["window_logits"]
+__all__ = ["window_logits", "mode_options"]
+
+
+def mode_options(s: Any) -> dict[str, Any]:
+    """The encode settings a text-aware mode reads (``dense_features(mode_options=...)``) from
+    :class:`~.settings.SegmentSettings` ``s``."""
+    if s.mode == "rfclip":
+        return {"channels": s.rfclip_channels}
+    if s.mode == "resclip":
+        return {"base": s.resclip_base, "rcs_weights": s.resclip_rcs_weights}
+    return {}
 
 
 def window_logits(
