@@ -731,3 +731,69 @@ def reference_pamr(image: np.ndarray, scores: np.ndarray, iterations: int, dilat
                     new[:, y, x] += weights[i, y, x] * at(m, y + dy, x + dx)
         m = new
     return m
+
+
+# ---- TLP (PEARL's pearl/prop.py forward, float64) ---------------------------------------------
+def reference_tlp(image: torch.Tensor, logits: torch.Tensor, text: torch.Tensor,
+                  iterations: int = 25, grid: int = 80) -> torch.Tensor:
+    """PEARL's ``TLP.forward`` step by step for one image: ``image`` 3 x H x W (normalised),
+    ``logits`` C x H x W, ``text`` C x D; float64. Its text term keeps the code's
+    ``einsum("cc,bcij->bcij")`` (S's diagonal)."""
+    x = logits.to(REF_DTYPE)[None]
+    img = image.to(REF_DTYPE)[None]
+    _, c, h, w = x.shape
+    t = text.to(REF_DTYPE)
+    t = t / t.norm(dim=-1, keepdim=True)
+    s = torch.softmax((t @ t.T) / 0.5, dim=1)
+    s = s + 10.0 * torch.eye(c, dtype=REF_DTYPE)
+    s = s / (s.sum(dim=1, keepdim=True) + 1e-6)
+    sh, sw = max(1, round(h / float(grid))), max(1, round(w / float(grid)))
+    if sh > 1 or sw > 1:
+        img_s = F.avg_pool2d(img, (sh, sw), stride=(sh, sw), ceil_mode=False, count_include_pad=False)
+        log_s = F.avg_pool2d(x, (sh, sw), stride=(sh, sw), ceil_mode=False, count_include_pad=False)
+    else:
+        img_s, log_s = img, x
+    probs = torch.softmax(log_s, dim=1)
+    conf = probs.max(dim=1, keepdim=True)[0]
+    sp = torch.einsum("cc,bcij->bcij", s, probs)
+    agree = (probs * sp).sum(dim=1, keepdim=True).clamp(0.0, 1.0)
+    cw = (conf.clamp_min(0.05) ** 2) * (1.0 + agree)
+    gray = 0.299 * img_s[:, 0:1] + 0.587 * img_s[:, 1:2] + 0.114 * img_s[:, 2:3]
+    gx = (gray[..., 1:] - gray[..., :-1]).abs()
+    gy = (gray[..., 1:, :] - gray[..., :-1, :]).abs()
+    gx = gx / (gx.mean() + 1e-6)
+    gy = gy / (gy.mean() + 1e-6)
+    g_h = (probs[..., 1:] * torch.einsum("cc,bcij->bcij", s, probs[..., :-1])).sum(1, keepdim=True)
+    g_v = (probs[..., 1:, :] * torch.einsum("cc,bcij->bcij", s, probs[..., :-1, :])).sum(1, keepdim=True)
+    w_h = (torch.exp(-5.0 * gx) * (1.0 + g_h.clamp(0.0, 1.0))).clamp(0.0, 1.0)
+    w_v = (torch.exp(-5.0 * gy) * (1.0 + g_v.clamp(0.0, 1.0))).clamp(0.0, 1.0)
+
+    def lap(f):
+        out = torch.zeros_like(f)
+        dh = f[..., 1:] - f[..., :-1]
+        out[..., 1:] += w_h * dh
+        out[..., :-1] -= w_h * dh
+        dv = f[..., 1:, :] - f[..., :-1, :]
+        out[..., 1:, :] += w_v * dv
+        out[..., :-1, :] -= w_v * dv
+        return out
+
+    def apply(f):
+        return cw * f + lap(f)
+
+    sol = log_s.clone()
+    r = cw * log_s - apply(sol)
+    p = r.clone()
+    rs = (r * r).sum()
+    for _ in range(iterations):
+        ap = apply(p)
+        alpha = rs / ((p * ap).sum() + 1e-12)
+        sol = sol + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum()
+        p = r + rs_new / (rs + 1e-12) * p
+        rs = rs_new
+    if sh > 1 or sw > 1:
+        sol = F.interpolate(sol, size=(h, w), mode="bilinear", align_corners=False)
+    reference_tlp.system = (cw[0, 0], w_h[0, 0], w_v[0, 0], log_s[0])  # for the equation test
+    return sol[0]

@@ -160,6 +160,8 @@ class TLPGrid:
         sh = self.factors[0]
         if y0 % sh:
             raise ValueError(f"TLP blocks must start at multiples of {sh}, not {y0}")
+        if scores.shape[1] < sh:  # the last rows short of a cell: left out, as by the whole pool
+            return
         pooled = self._pool(scores.to(self.scores.dtype))
         g = self._pool(guide.to(device=self.scores.device, dtype=self.scores.dtype))
         if self.guide is None:
