@@ -10,8 +10,11 @@ Uses ViT-B-16's real architecture with random weights (no download). Measures:
   key smoothing (in a fresh subprocess, so nothing else counts);
 * refinements: on a 1024x1024 image with cached features, the seconds of a re-query with PAMR,
   with region voting on SLIC / Felzenszwalb superpixels (first query, which computes the
-  superpixels, and a repeat, which reuses them), each as a ratio to a plain re-query; and the
-  encode time of mode scclip vs naclip. ``--refinements`` runs only this part.
+  superpixels, and a repeat, which reuses them), with TLP, with the majority region vote, each
+  as a ratio to a plain re-query; the encode time of modes scclip, rfclip (``rfclip_global``
+  window) and resclip vs naclip, and the re-query time of rfclip and resclip (their text-side
+  read-out; ResCLIP's feedback reruns its last block and PAMR per window). ``--refinements``
+  runs only this part.
 
 Prints a table, then one JSON object as the last line. ``--quick`` shrinks every size for a smoke
 run (figures then mean little).
@@ -120,10 +123,18 @@ def bench_refinements(loaded, size: int, classes: list[str]) -> dict:
     image = np.repeat(np.repeat(image, 16, axis=0), 16, axis=1)  # flat blocks: some structure
     seg = Segmenter(loaded, text_cache=TextEmbeddingCache(None), templates="single", denoise=False)
     out: dict = {}
-    for mode in ("naclip", "scclip"):
+    encoded = {}
+    seg.encode(image[:64, :64], mode="naclip")  # warm-up: one-time costs stay out of the ratios
+    for mode in ("naclip", "scclip", "rfclip", "resclip"):
         start = time.perf_counter()
-        features = seg.encode(image, mode=mode)
+        encoded[mode] = seg.encode(image, mode=mode)
         out[f"encode_{mode}_s"] = time.perf_counter() - start
+    for mode in ("rfclip", "resclip"):  # their text-side read-out, text cached
+        seg.segment(encoded[mode], classes, mode=mode)
+        start = time.perf_counter()
+        seg.segment(encoded[mode], classes, mode=mode)
+        out[f"query_{mode}_s"] = time.perf_counter() - start
+    del encoded
     features = seg.encode(image, mode="naclip")
     seg.segment(features, classes, mode="naclip")  # text now cached
     calls = seg.image_encoder_calls
@@ -139,10 +150,14 @@ def bench_refinements(loaded, size: int, classes: list[str]) -> dict:
     for method in ("slic", "felzenszwalb"):
         out[f"{method}_first_s"] = query(regions=method)
         out[f"{method}_s"] = query(regions=method)
+    out["majority_s"] = query(regions="felzenszwalb", region_vote="majority")  # cached regions
+    out["tlp_s"] = statistics.median(query(tlp=True) for _ in range(2))
     assert seg.image_encoder_calls == calls, "a refinement ran the image encoder"
-    for key in ("pamr_s", "slic_first_s", "slic_s", "felzenszwalb_first_s", "felzenszwalb_s"):
+    for key in ("pamr_s", "slic_first_s", "slic_s", "felzenszwalb_first_s", "felzenszwalb_s",
+                "majority_s", "tlp_s", "query_rfclip_s", "query_resclip_s"):
         out[key.replace("_s", "_ratio")] = out[key] / plain
-    out["scclip_encode_ratio"] = out["encode_scclip_s"] / out["encode_naclip_s"]
+    for mode in ("scclip", "rfclip", "resclip"):
+        out[f"{mode}_encode_ratio"] = out[f"encode_{mode}_s"] / out["encode_naclip_s"]
     return out
 
 
@@ -272,9 +287,15 @@ def main() -> None:
         ("re-query + Felzenszwalb regions (first / cached)",
          f"{refine['felzenszwalb_first_s']:.2f}s / {refine['felzenszwalb_s']:.2f}s",
          f"{refine['felzenszwalb_first_ratio']:.1f}x / {refine['felzenszwalb_ratio']:.1f}x", "-"),
-        ("encode scclip vs naclip", f"{refine['encode_scclip_s']:.2f}s vs {refine['encode_naclip_s']:.2f}s",
-         f"{refine['scclip_encode_ratio']:.2f}x", "-"),
-    ]
+        ("re-query + Felzenszwalb majority vote (cached regions)", f"{refine['majority_s']:.2f}s",
+         f"{refine['majority_ratio']:.1f}x", "-"),
+        ("re-query + TLP (25 CG steps, ~80-cell grid)", f"{refine['tlp_s']:.2f}s",
+         f"{refine['tlp_ratio']:.1f}x", "-"),
+        ("re-query rfclip / resclip (text-side read-out)",
+         f"{refine['query_rfclip_s']:.2f}s / {refine['query_resclip_s']:.2f}s",
+         f"{refine['query_rfclip_ratio']:.1f}x / {refine['query_resclip_ratio']:.1f}x", "-"),
+    ] + [(f"encode {mode} vs naclip", f"{refine[f'encode_{mode}_s']:.2f}s vs {refine['encode_naclip_s']:.2f}s",
+          f"{refine[f'{mode}_encode_ratio']:.2f}x", "-") for mode in ("scclip", "rfclip", "resclip")]
     refine_json = {k: round(v, 4) for k, v in refine.items()}
     if args.refinements:
         print(f"model {args.model} (random weights), {args.threads} threads, torch {torch.__version__}")

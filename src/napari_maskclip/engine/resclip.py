@@ -204,7 +204,8 @@ def sfr_attention(labels: torch.Tensor, delete_same_entity: bool = True,
                 dist = (end - begin).abs().amax(dim=1)
                 points = (begin[:, None] * (1 - t) + end[:, None] * t).round().long()
                 inside = torch.arange(top + 1, device=device)[None] <= dist[:, None]
-                on = labels[points[..., 0], points[..., 1]] == flat[begin[:, 0] * gw + begin[:, 1]][:, None]
+                start_label = flat[begin[:, 0] * gw + begin[:, 1]][:, None]
+                on = labels[points[..., 0], points[..., 1]] == start_label
                 valid = (on | ~inside).all(dim=1).reshape(r.stop - r.start, n)
                 decay = torch.exp(-dist.to(torch.float64) / top).reshape(r.stop - r.start, n)
                 same[r] = torch.where(valid, same[r], same[r] * decay)

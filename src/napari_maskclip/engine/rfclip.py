@@ -67,7 +67,8 @@ _ESTIMATES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = weakref.We
 RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def distraction_channels(visual: nn.Module, channels: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+def distraction_channels(visual: nn.Module,
+                         channels: Optional[Sequence[int]] = None) -> tuple[int, ...]:
     """The channels whose over-activation marks a distractor token: ``channels`` if given, the
     published list for the model's width, else :func:`estimated_channels`."""
     width = int(visual.conv1.weight.shape[0])
@@ -93,8 +94,8 @@ def estimated_channels(visual: nn.Module, count: int = 8) -> tuple[int, ...]:
     if cached is not None:
         return cached
     param = visual.conv1.weight
-    size = tuple(int(s) for s in visual.image_size) if isinstance(visual.image_size, (tuple, list)) \
-        else (int(visual.image_size),) * 2
+    native = visual.image_size
+    size = tuple(int(s) for s in native) if isinstance(native, (tuple, list)) else (int(native),) * 2
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, *size, generator=g).to(device=param.device, dtype=param.dtype)
     x = visual.conv1(pixels)
@@ -117,7 +118,8 @@ def _weights(patches: torch.Tensor) -> torch.Tensor:
     return shifted / shifted.sum(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def fix_distraction(x: torch.Tensor, grid: tuple[int, int], channels: Sequence[int]) -> torch.Tensor:
+def fix_distraction(x: torch.Tensor, grid: tuple[int, int],
+                    channels: Sequence[int]) -> torch.Tensor:
     """Step 1 on ``B x (1+N) x W`` tokens: distractor patches blended with their 3x3 mean."""
     patches = x[:, 1:]
     b, n, width = patches.shape
@@ -159,7 +161,8 @@ def _refocus(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:, :1], out], dim=1)
 
 
-def _layer_averaged(last: nn.Module, inputs: list[torch.Tensor], keys: list[torch.Tensor]) -> list[torch.Tensor]:
+def _layer_averaged(last: nn.Module, inputs: list[torch.Tensor],
+                    keys: list[torch.Tensor]) -> list[torch.Tensor]:
     """Step 4 for every token tensor of ``inputs`` (``B x (1+N) x W``, before ``ln_1``), the
     earlier blocks' ``keys`` shared: patch outputs ``B x N x W`` (LayerScale included)."""
     attn: nn.MultiheadAttention = last.attn
@@ -249,7 +252,9 @@ def rfclip_logits(
     text = text.to(device=features.device, dtype=torch.float32)
     glob = global_embedding.to(device=features.device, dtype=torch.float32)
     sims = glob @ text.t()  # B Q
-    members = [np.flatnonzero(clusters == c) for c in range(int(clusters.max()) + 1)] if len(clusters) else []
+    count = int(clusters.max()) + 1 if len(clusters) else 0
+    members = [np.flatnonzero(clusters == c) for c in range(count)]
+    sims_np = sims.cpu().numpy()
     out = []
     for i in range(b):
         adjusted = text
@@ -258,7 +263,7 @@ def rfclip_logits(
             for idx in members:
                 if idx.size == 0:
                     continue
-                best = int(idx[int(np.argmax(sims[i, torch.from_numpy(idx).to(sims.device)].cpu().numpy()))])
+                best = int(idx[int(np.argmax(sims_np[i, idx]))])  # the first on ties
                 t = F.normalize(text[best], dim=0)
                 top = torch.topk(flat[i] @ t, min(_TOPK, flat.shape[1])).indices
                 mean = F.normalize(flat[i, top].mean(dim=0), dim=0)
