@@ -22,7 +22,10 @@ weights, seed 0; a few positional-embedding entries raised in RF-CLIP's distract
 that its fix has tokens to work on) and one synthetic 300x400 RGB scene:
 
 * the engine: ``Segmenter`` with ``SegmentSettings.from_preset(name)`` alone (fp32), the class
-  names below (synonyms included), the image-size scores captured before the softmax;
+  names below (synonyms included), the image-size scores captured before the softmax; extra
+  rows: ResCLIP with its temporary threshold at 0 (with random weights no pixel reaches the
+  preset's 0.25, so its feedback sees one label) and its other base attentions, and NACLIP's
+  preset with PAMR guided by the original image (this project's default guide);
 * the reference: its segmentor class built without ``__init__`` (which downloads CLIP) and its
   attributes set as ``__init__`` sets them from the same config values, its ``VisionTransformer``
   given the same vision weights (OpenAI and open_clip share the layout), ``query_features`` the
@@ -372,6 +375,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     image = make_scene(seed=7, size=size, n_objects=(3, 5)).image
     rows = []
     runs = [(preset, {}) for preset in found]
+    if "resclip" in found:  # the feedback with several labels (random weights leave every pixel
+        # below the preset's threshold, so its labels are all prompt 0), and the other bases
+        runs += [("resclip", {"resclip_temp_threshold": 0.0}),
+                 ("resclip", {"resclip_base": "clearclip", "resclip_temp_threshold": 0.0}),
+                 ("resclip", {"resclip_base": "sclip", "resclip_temp_threshold": 0.0})]
     if "naclip" in found:  # what the reference guide setting buys: PAMR guided by the original
         runs.append(("naclip", {"refine_guide": "original"}))
     for preset, changes in runs:
@@ -379,13 +387,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append(compare(preset, found[preset], pamr_file, model, loaded, image, **changes))
         except FileNotFoundError as exc:
             rows.append({"preset": preset, "skipped": str(exc)})
-    print(f"{'preset':8} {'max |logit diff|':>17} {'labels equal':>13} {'(margin > 0.05)':>16}")
+    print(f"{'preset':44} {'max |logit diff|':>17} {'labels equal':>13} {'(margin > 0.05)':>16}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['preset']:8} skipped: {r['skipped']}")
             continue
         name = r["preset"] + "".join(f" {k}={v}" for k, v in r["changes"].items())
-        print(f"{name:8} {r['max_logit_diff']:17.2e} {100 * r['label_agreement']:12.2f}% "
+        print(f"{name:44} {r['max_logit_diff']:17.2e} {100 * r['label_agreement']:12.2f}% "
               f"{100 * r['label_agreement_margin_0.05']:15.2f}%")
     print(json.dumps({"size": list(size), "results": rows}))
     return 0

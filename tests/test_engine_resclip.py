@@ -81,6 +81,11 @@ def test_sfr_matches_reference_and_decays_broken_paths():
     torch.testing.assert_close(plain, reference_sfr(labels, delete_same_entity=False), atol=1e-12, rtol=0)
     assert (got - plain).abs().max() > 1e-3
     torch.testing.assert_close(got.sum(dim=1), torch.ones(12, dtype=torch.float64), atol=1e-7, rtol=0)
+    # Many labels at random (most paths cross another label) and large regions (most do not).
+    g = torch.Generator().manual_seed(0)
+    for grid in (torch.randint(0, 4, (5, 7), generator=g),
+                 (torch.arange(6)[:, None] // 3 + 2 * (torch.arange(8)[None] > 4)).long()):
+        torch.testing.assert_close(sfr_attention(grid), reference_sfr(grid), atol=1e-12, rtol=0)
 
 
 def test_patch_label_is_the_most_frequent_pixel_label_lowest_on_ties():

@@ -190,25 +190,9 @@ def sfr_attention(labels: torch.Tensor, delete_same_entity: bool = True,
     flat = labels.reshape(-1)
     same = (flat[:, None] == flat[None, :]).to(torch.float64)
     same.fill_diagonal_(1.0)
-    if delete_same_entity:
-        coords = torch.stack([torch.arange(n, device=device) // gw,
-                              torch.arange(n, device=device) % gw], dim=1)
-        top = max(gh, gw) - 1
-        if top > 0:
-            t = torch.linspace(0, 1, steps=top + 1, device=device)[None, :, None]
-            rows_per = max(1, _BLOCK_ELEMENTS // max(1, n * (top + 1) * 2))
-            for start in range(0, n, rows_per):
-                r = slice(start, min(n, start + rows_per))
-                begin = coords[r][:, None, :].expand(-1, n, -1).reshape(-1, 2)
-                end = coords[None, :, :].expand(r.stop - r.start, -1, -1).reshape(-1, 2)
-                dist = (end - begin).abs().amax(dim=1)
-                points = (begin[:, None] * (1 - t) + end[:, None] * t).round().long()
-                inside = torch.arange(top + 1, device=device)[None] <= dist[:, None]
-                start_label = flat[begin[:, 0] * gw + begin[:, 1]][:, None]
-                on = labels[points[..., 0], points[..., 1]] == start_label
-                valid = (on | ~inside).all(dim=1).reshape(r.stop - r.start, n)
-                decay = torch.exp(-dist.to(torch.float64) / top).reshape(r.stop - r.start, n)
-                same[r] = torch.where(valid, same[r], same[r] * decay)
+    top = max(gh, gw) - 1
+    if delete_same_entity and top > 0:
+        _decay_broken_paths(same, labels, top)
     size = min(n, int(6 * sigma + 1))
     size = size if size % 2 == 1 else size + 1
     offsets = torch.arange(size, device=device, dtype=torch.float64) - size // 2
@@ -216,6 +200,66 @@ def sfr_attention(labels: torch.Tensor, delete_same_entity: bool = True,
     kernel = kernel / kernel.sum()
     blurred = F.conv1d(same[:, None], kernel.view(1, 1, -1), padding=size // 2)[:, 0].relu()
     return blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
+
+
+def _decay_broken_paths(same: torch.Tensor, labels: torch.Tensor, top: int) -> None:
+    """Step 2's decay, in place on ``same`` (``N x N``): every same-label pair whose sampled
+    straight path leaves the label gets ``exp(-dist / T)``. A path stays inside the bounding box
+    of its two patches, so a pair whose box holds only its label is valid without sampling (a
+    2D prefix sum per label tells); the others are sampled in chunks of similar distance, each
+    only as far as its longest path (the points are the reference's: ``c_i (1 - t) + c_j t`` in
+    float32, ``t`` from ``linspace(0, 1, T + 1)``, rounded half to even)."""
+    gh, gw = labels.shape
+    n = gh * gw
+    device = labels.device
+    flat = labels.reshape(-1)
+    ys = torch.arange(n, device=device, dtype=torch.int32) // gw
+    xs = torch.arange(n, device=device, dtype=torch.int32) % gw
+    _, inverse = flat.unique(return_inverse=True)
+    onehot = F.one_hot(inverse.reshape(gh, gw)).permute(2, 0, 1).to(torch.int32)
+    csum = F.pad(onehot.cumsum(1).cumsum(2), (1, 0, 1, 0)).to(torch.int32).reshape(-1)
+    stride_l, stride_y = (gh + 1) * (gw + 1), gw + 1
+    ts = torch.linspace(0, 1, steps=top + 1, device=device)
+    rows_per = max(1, _BLOCK_ELEMENTS // (8 * n))
+    need_i, need_j = [], []
+    for start in range(0, n, rows_per):
+        rows = torch.arange(start, min(n, start + rows_per), device=device)
+        y0, y1 = torch.minimum(ys[rows, None], ys[None]), torch.maximum(ys[rows, None], ys[None])
+        x0, x1 = torch.minimum(xs[rows, None], xs[None]), torch.maximum(xs[rows, None], xs[None])
+        base = (inverse[rows] * stride_l)[:, None].to(torch.int32)
+
+        def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return csum.take((base + y * stride_y + x).long())
+
+        count = at(y1 + 1, x1 + 1) - at(y0, x1 + 1) - at(y1 + 1, x0) + at(y0, x0)
+        need = (flat[rows, None] == flat[None]) & (count != (y1 - y0 + 1) * (x1 - x0 + 1))
+        pi, pj = torch.nonzero(need, as_tuple=True)
+        need_i.append(rows[pi])
+        need_j.append(pj)
+    i_all, j_all = torch.cat(need_i), torch.cat(need_j)
+    if not i_all.numel():
+        return
+    dist_all = torch.maximum((ys[i_all] - ys[j_all]).abs(), (xs[i_all] - xs[j_all]).abs())
+    order = torch.argsort(dist_all)
+    i_all, j_all, dist_all = i_all[order], j_all[order], dist_all[order]
+    flat32 = flat.reshape(-1)
+    c = 0
+    while c < i_all.numel():
+        longest = int(dist_all[min(i_all.numel(), c + 1) - 1])
+        chunk = max(1, _BLOCK_ELEMENTS // (4 * (longest + 1)))
+        stop = min(i_all.numel(), c + chunk)
+        longest = int(dist_all[stop - 1])
+        i, j, dist = i_all[c:stop], j_all[c:stop], dist_all[c:stop]
+        t = ts[:longest + 1][None]
+        u = 1 - t
+        py = (ys[i].float()[:, None] * u + ys[j].float()[:, None] * t).round_().to(torch.int32)
+        px = (xs[i].float()[:, None] * u + xs[j].float()[:, None] * t).round_().to(torch.int32)
+        on = flat32.take((py * gw + px).long()) == flat32[i][:, None]
+        inside = torch.arange(longest + 1, device=device, dtype=torch.int32)[None] <= dist[:, None]
+        broken = ~(on | ~inside).all(dim=1)
+        bi, bj = i[broken], j[broken]
+        same[bi, bj] = same[bi, bj] * torch.exp(-dist[broken].to(torch.float64) / top)
+        c = stop
 
 
 def _scaled_sfr(sfr: torch.Tensor, weight: float) -> torch.Tensor:

@@ -178,7 +178,8 @@ class Segmenter:
                               pos_embed_resize=s.pos_embed_resize,
                               partial_patches="drop" if self._drops_partial(s) else "pad",
                               token_regions=token_regions,
-                              mode_options={**mode_options(s), "global_only": global_only})
+                              mode_options={**mode_options(s, self.loaded.visual),
+                                            "global_only": global_only})
 
     def _token_regions(self, crops: list[torch.Tensor], s: SegmentSettings) -> torch.Tensor:
         """``B x gh x gw`` superpixel ids of each crop's patches (``attention_regions``): the

@@ -10,23 +10,28 @@ feedback (:func:`.resclip.resclip_features`) before the cosines.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .readout import Readout
 from .resclip import resclip_features
-from .rfclip import rfclip_logits, text_clusters
+from .rfclip import distraction_channels, rfclip_logits, text_clusters
 
 __all__ = ["window_logits", "mode_options"]
 
 
-def mode_options(s: Any) -> dict[str, Any]:
+def mode_options(s: Any, visual: Optional[nn.Module] = None) -> dict[str, Any]:
     """The encode settings a text-aware mode reads (``dense_features(mode_options=...)``) from
-    :class:`~.settings.SegmentSettings` ``s``."""
+    :class:`~.settings.SegmentSettings` ``s``. ``visual``: the model's own vision tower (not a
+    half-precision copy), from which RF-CLIP's channels are chosen when the settings give none,
+    so that every precision reads the same channels."""
     if s.mode == "rfclip":
-        return {"channels": s.rfclip_channels}
+        channels = s.rfclip_channels
+        if channels is None and visual is not None:
+            channels = distraction_channels(visual)
+        return {"channels": channels}
     if s.mode == "resclip":
         return {"base": s.resclip_base, "rcs_weights": s.resclip_rcs_weights}
     return {}

@@ -133,7 +133,8 @@ class Teacher:
                 (cells(height), cells(width)), patch)) for c in unit]).long()
         dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing,
                                pos_embed_resize=s.pos_embed_resize, partial_patches=s.partial_patches,
-                               token_regions=token_regions, mode_options=mode_options(s))
+                               token_regions=token_regions,
+                               mode_options=mode_options(s, loaded.visual))
         logits = None
         if s.mode in TEXT_AWARE_MODES:  # each crop read whole: its own global embedding
             logits = window_logits(self._readout, dense.features, dense.state, s.mode,
