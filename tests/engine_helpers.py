@@ -202,11 +202,10 @@ def reference_pos_embed(visual: nn.Module, grid: tuple[int, int]) -> torch.Tenso
     return torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(-1, width)])
 
 
-def reference_vit_tokens(
-    visual: nn.Module, pixels: torch.Tensor, pos: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Tokens entering the last block (B x (1+N) x width), from raw weights; ``pos`` replaces
-    the positional embedding (class row + grid) resized by :func:`reference_pos_embed`."""
+def reference_embed(visual: nn.Module, pixels: torch.Tensor, pos: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch embedding (explicit matmul) + class token + positional embedding (``pos``, or the
+    native one resized by :func:`reference_pos_embed`) + ``ln_pre``, float64."""
     p = int(visual.patch_size[0])
     x = pixels.to(REF_DTYPE)
     b, c, h, w = x.shape
@@ -218,7 +217,15 @@ def reference_vit_tokens(
     cls = _w(visual.class_embedding).reshape(1, 1, width).expand(b, 1, width)
     tokens = torch.cat([cls, tokens], dim=1) + (
         reference_pos_embed(visual, (gh, gw)) if pos is None else pos.to(REF_DTYPE))
-    tokens = _layer_norm(tokens, visual.ln_pre)
+    return _layer_norm(tokens, visual.ln_pre), (gh, gw)
+
+
+def reference_vit_tokens(
+    visual: nn.Module, pixels: torch.Tensor, pos: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens entering the last block (B x (1+N) x width), from raw weights; ``pos`` replaces
+    the positional embedding (class row + grid) resized by :func:`reference_pos_embed`."""
+    tokens, (gh, gw) = reference_embed(visual, pixels, pos)
     for block in visual.transformer.resblocks[:-1]:
         tokens = reference_block(block, tokens)
     return tokens, (gh, gw)
@@ -477,18 +484,6 @@ def reference_any_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + _mlp(block, _layer_norm(x, block.ln_2)) * _gamma(block.ls_2)
 
 
-def reference_embed(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Patch embedding + class token + resized positional embedding + ``ln_pre`` (float64)."""
-    p = int(visual.patch_size[0])
-    x = pixels.to(REF_DTYPE)
-    b, c, h, w = x.shape
-    gh, gw = h // p, w // p
-    patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
-    width = visual.conv1.weight.shape[0]
-    tokens = patches @ _w(visual.conv1.weight).reshape(width, -1).T
-    cls = _w(visual.class_embedding).reshape(1, 1, width).expand(b, 1, width)
-    tokens = torch.cat([cls, tokens], dim=1) + reference_pos_embed(visual, (gh, gw))
-    return _layer_norm(tokens, visual.ln_pre), (gh, gw)
 
 
 def _softmax_attention(block: nn.Module, y: torch.Tensor, kind: str) -> torch.Tensor:

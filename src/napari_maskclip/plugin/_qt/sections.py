@@ -728,7 +728,7 @@ class SettingsSection(QGroupBox):
             conventions = all(PRESETS[name].get(k) == v for k, v in REFERENCE_CONVENTIONS.items())
             source = PRESET_SOURCES[name].split(":")[0]
             kept = ("its conventions (positional embedding by scale factor, partial patches "
-                    "dropped, no antialiasing, PAMR guided by the resized image)"
+                    "dropped, no antialiasing, PAMR and TLP guided by the resized image)"
                     if conventions else "")
             if changed:
                 self.preset.addItem(f"{name}, changed")
