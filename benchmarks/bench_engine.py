@@ -10,8 +10,11 @@ Uses ViT-B-16's real architecture with random weights (no download). Measures:
   key smoothing (in a fresh subprocess, so nothing else counts);
 * refinements: on a 1024x1024 image with cached features, the seconds of a re-query with PAMR,
   with region voting on SLIC / Felzenszwalb superpixels (first query, which computes the
-  superpixels, and a repeat, which reuses them), each as a ratio to a plain re-query; and the
-  encode time of mode scclip vs naclip. ``--refinements`` runs only this part.
+  superpixels, and a repeat, which reuses them), with TLP, with the majority region vote, each
+  as a ratio to a plain re-query; the encode time of modes scclip, rfclip (``rfclip_global``
+  window) and resclip vs naclip, and the re-query time of rfclip (whole image) and of resclip
+  against naclip on 224/112 windows (ResCLIP's feedback reruns its last block and PAMR per
+  window). ``--refinements`` runs only this part.
 
 Prints a table, then one JSON object as the last line. ``--quick`` shrinks every size for a smoke
 run (figures then mean little).
@@ -120,10 +123,30 @@ def bench_refinements(loaded, size: int, classes: list[str]) -> dict:
     image = np.repeat(np.repeat(image, 16, axis=0), 16, axis=1)  # flat blocks: some structure
     seg = Segmenter(loaded, text_cache=TextEmbeddingCache(None), templates="single", denoise=False)
     out: dict = {}
-    for mode in ("naclip", "scclip"):
-        start = time.perf_counter()
-        features = seg.encode(image, mode=mode)
+    encoded = {}
+    seg.encode(image[:64, :64], mode="naclip")  # warm-up: one-time costs stay out of the ratios
+    for mode in ("naclip", "scclip", "rfclip", "resclip"):
+        start, cpu = time.perf_counter(), time.process_time()  # CPU time: steadier under load
+        encoded[mode] = seg.encode(image, mode=mode)
         out[f"encode_{mode}_s"] = time.perf_counter() - start
+        out[f"encode_{mode}_cpu_s"] = time.process_time() - cpu
+    # Their text-side read-out, text cached. ResCLIP's feedback is O(N^2.5) in a window's
+    # patches (a whole 1024^2 image: 4096 patches, minutes), so it is timed on its preset's
+    # 224/112 windows, against a plain naclip query of the same windows.
+    seg.segment(encoded["rfclip"], classes, mode="rfclip")
+    start = time.perf_counter()
+    seg.segment(encoded["rfclip"], classes, mode="rfclip")
+    out["query_rfclip_s"] = time.perf_counter() - start
+    del encoded
+    for mode in ("naclip", "resclip"):
+        windows = seg.encode(image, mode=mode, window=224, stride=112)
+        seg.segment(windows, classes, mode=mode)
+        start, cpu = time.perf_counter(), time.process_time()
+        seg.segment(windows, classes, mode=mode)
+        out[f"windows_{mode}_s"] = time.perf_counter() - start
+        out[f"windows_{mode}_cpu_s"] = time.process_time() - cpu
+    out["windows"] = len(windows.windows)
+    del windows
     features = seg.encode(image, mode="naclip")
     seg.segment(features, classes, mode="naclip")  # text now cached
     calls = seg.image_encoder_calls
@@ -139,10 +162,17 @@ def bench_refinements(loaded, size: int, classes: list[str]) -> dict:
     for method in ("slic", "felzenszwalb"):
         out[f"{method}_first_s"] = query(regions=method)
         out[f"{method}_s"] = query(regions=method)
+    out["majority_s"] = query(regions="felzenszwalb", region_vote="majority")  # cached regions
+    out["tlp_s"] = statistics.median(query(tlp=True) for _ in range(2))
     assert seg.image_encoder_calls == calls, "a refinement ran the image encoder"
-    for key in ("pamr_s", "slic_first_s", "slic_s", "felzenszwalb_first_s", "felzenszwalb_s"):
+    for key in ("pamr_s", "slic_first_s", "slic_s", "felzenszwalb_first_s", "felzenszwalb_s",
+                "majority_s", "tlp_s", "query_rfclip_s"):
         out[key.replace("_s", "_ratio")] = out[key] / plain
-    out["scclip_encode_ratio"] = out["encode_scclip_s"] / out["encode_naclip_s"]
+    out["windows_resclip_ratio"] = out["windows_resclip_s"] / out["windows_naclip_s"]
+    for mode in ("scclip", "rfclip", "resclip"):
+        out[f"{mode}_encode_ratio"] = out[f"encode_{mode}_s"] / out["encode_naclip_s"]
+        out[f"{mode}_encode_cpu_ratio"] = out[f"encode_{mode}_cpu_s"] / out["encode_naclip_cpu_s"]
+    out["windows_resclip_cpu_ratio"] = out["windows_resclip_cpu_s"] / out["windows_naclip_cpu_s"]
     return out
 
 
@@ -272,10 +302,21 @@ def main() -> None:
         ("re-query + Felzenszwalb regions (first / cached)",
          f"{refine['felzenszwalb_first_s']:.2f}s / {refine['felzenszwalb_s']:.2f}s",
          f"{refine['felzenszwalb_first_ratio']:.1f}x / {refine['felzenszwalb_ratio']:.1f}x", "-"),
-        ("encode scclip vs naclip", f"{refine['encode_scclip_s']:.2f}s vs {refine['encode_naclip_s']:.2f}s",
-         f"{refine['scclip_encode_ratio']:.2f}x", "-"),
-    ]
-    refine_json = {k: round(v, 4) for k, v in refine.items()}
+        ("re-query + Felzenszwalb majority vote (cached regions)", f"{refine['majority_s']:.2f}s",
+         f"{refine['majority_ratio']:.1f}x", "-"),
+        ("re-query + TLP (25 CG steps, ~80-cell grid)", f"{refine['tlp_s']:.2f}s",
+         f"{refine['tlp_ratio']:.1f}x", "-"),
+        ("re-query rfclip (text refocusing), whole image", f"{refine['query_rfclip_s']:.2f}s",
+         f"{refine['query_rfclip_ratio']:.1f}x", "-"),
+        (f"re-query resclip vs naclip, {refine['windows']} windows 224/112 (its feedback)",
+         f"{refine['windows_resclip_s']:.2f}s vs {refine['windows_naclip_s']:.2f}s",
+         f"{refine['windows_resclip_ratio']:.1f}x (CPU {refine['windows_resclip_cpu_ratio']:.1f}x)", "-"),
+    ] + [(f"encode {mode} vs naclip (wall; CPU)",
+          f"{refine[f'encode_{mode}_s']:.2f}s vs {refine['encode_naclip_s']:.2f}s; "
+          f"{refine[f'encode_{mode}_cpu_s']:.2f}s vs {refine['encode_naclip_cpu_s']:.2f}s",
+          f"{refine[f'{mode}_encode_ratio']:.2f}x; {refine[f'{mode}_encode_cpu_ratio']:.2f}x", "-")
+         for mode in ("scclip", "rfclip", "resclip")]
+    refine_json = {k: round(v, 4) if isinstance(v, float) else v for k, v in refine.items()}
     if args.refinements:
         print(f"model {args.model} (random weights), {args.threads} threads, torch {torch.__version__}")
         print("| measure | times | result | target |\n|---|---|---|---|")

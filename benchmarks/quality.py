@@ -8,17 +8,19 @@ seen in training, this prints mIoU and pixel accuracy (all classes, background i
   b) MaskCLIP                          (the value path; no refinements)
   c) b + prompt denoising
   d) b + key smoothing
-  e) the SCLIP, ClearCLIP, NACLIP and SC-CLIP read-outs
+  e) the SCLIP, ClearCLIP, NACLIP, SC-CLIP, RF-CLIP and ResCLIP read-outs
   f) a MaskCLIP+ student trained with the project's own training code on b's pseudo-labels of
      *separate, unlabeled* scenes (no ground truth anywhere in its training)
   g) the query-time refinements on every read-out: mode x {plain, +PAMR, +regions (region
-     voting on Felzenszwalb superpixels), +both}; each image encoded once per mode, then
-     re-queried. Superpixel parameters were chosen on a separate tuning stream of scenes
-     (TUNE_STREAM), never on the evaluation scenes.
+     voting on Felzenszwalb superpixels, mean probability), +both, +TLP (PEARL's text-aware
+     propagation), +majority (the same regions, CorrCLIP's most-frequent-label vote)}; each
+     image encoded once per mode, then re-queried. Superpixel parameters were chosen on a
+     separate tuning stream of scenes (TUNE_STREAM), never on the evaluation scenes.
 
 Claims: b beats a (dense labels come out of the value path, not the naive tokens), and f beats b
 (the student denoises its teacher). The last line is one JSON object with the keys ``naive``,
-``maskclip``, ``pd``, ``ks``, ``sclip``, ``clearclip``, ``naclip``, ``scclip``, ``student``,
+``maskclip``, ``pd``, ``ks``, ``sclip``, ``clearclip``, ``naclip``, ``scclip``, ``rfclip``,
+``resclip``, ``student``,
 ``pamr`` (NACLIP + PAMR, the published pairing), ``regions`` (NACLIP + region voting), ``best``
 and ``best_name`` (the best training-free combination of table g), ``table`` (g),
 ``attention_regions`` (NACLIP with its last block's attention restricted to superpixels, CorrCLIP's
@@ -59,13 +61,16 @@ STUDENT_STREAM = (20261127, 8)
 TUNE_STREAM = (20261127, 9)  # where the superpixel parameters below were picked
 
 #: Table g: the modes and the query-time refinements applied to each.
-REFINED_MODES = ("maskclip", "sclip", "clearclip", "naclip", "scclip")
+REFINED_MODES = ("maskclip", "sclip", "clearclip", "naclip", "scclip", "rfclip", "resclip")
 REFINEMENTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "pamr": {"pamr": True},
     "regions": {"regions": "felzenszwalb", "felzenszwalb_scale": 50.0, "felzenszwalb_min_size": 50},
     "pamr+regions": {"pamr": True, "regions": "felzenszwalb", "felzenszwalb_scale": 50.0,
                      "felzenszwalb_min_size": 50},
+    "tlp": {"tlp": True},
+    "majority": {"regions": "felzenszwalb", "felzenszwalb_scale": 50.0, "felzenszwalb_min_size": 50,
+                 "region_vote": "majority"},
 }
 
 READOUTS: dict[str, dict[str, Any]] = {
@@ -77,6 +82,8 @@ READOUTS: dict[str, dict[str, Any]] = {
     "clearclip": {"mode": "clearclip", "denoise": False},
     "naclip": {"mode": "naclip", "denoise": False},
     "scclip": {"mode": "scclip", "denoise": False},
+    "rfclip": {"mode": "rfclip", "denoise": False},
+    "resclip": {"mode": "resclip", "denoise": False},
 }
 LABELS = {
     "naive": "a) naive last-layer tokens",
@@ -87,6 +94,8 @@ LABELS = {
     "clearclip": "e) ClearCLIP read-out",
     "naclip": "e) NACLIP read-out",
     "scclip": "e) SC-CLIP read-out",
+    "rfclip": "e) RF-CLIP read-out",
+    "resclip": "e) ResCLIP read-out",
     "student": "f) MaskCLIP+ student (on {teacher}'s pseudo-labels)",
 }
 #: Largest mIoU change (points) a half-precision read-out may show against fp32 (issue 16).

@@ -89,3 +89,33 @@ def test_attention_regions_option_gives_the_engine_result(tmp_path, tiny_vit_fil
                  "--attention-regions", "slic"])  # mode maskclip: refused in one line
     assert code != 0
     assert "use mode sclip, clearclip or naclip" in capsys.readouterr().err
+
+
+def test_tlp_vote_and_readout_options_reach_the_engine(tmp_path, tiny_vit_files):
+    path, image = _image(tmp_path, "c.png", seed=2)
+    out = tmp_path / "out"
+    code = main(["segment", str(path), "--out", str(out), *_args(tiny_vit_files), "--precision",
+                 "fp32", "--mode", "resclip", "--resclip-base", "clearclip", "--tlp",
+                 "--tlp-grid", "10", "--regions", "slic", "--slic-segments", "6",
+                 "--region-vote", "majority", "--refine-guide", "resized"])
+    assert code == 0
+    settings = json.loads((out / "c_classes.json").read_text())["settings"]
+    assert settings["mode"] == "resclip" and settings["resclip_base"] == "clearclip"
+    assert settings["tlp"] is True and settings["tlp_grid"] == 10 and settings["tlp_iterations"] == 25
+    assert settings["region_vote"] == "majority" and settings["refine_guide"] == "resized"
+    assert settings["resclip_rcs_weights"] == [2.0, 0.4]
+    config, ckpt = tiny_vit_files
+    seg = Segmenter(load_clip(str(config), str(ckpt), device="cpu", precision="fp32"),
+                    text_cache=None, templates="single", denoise=False, mode="resclip",
+                    resclip_base="clearclip", tlp=True, tlp_grid=10, regions="slic",
+                    slic_segments=6, region_vote="majority", refine_guide="resized")
+    expected = seg(image, "red, green, blue").labels
+    assert np.array_equal(read_label_image(out / "c_labels.png"), expected)
+    # A preset fills the read-out's settings; an explicit option still wins.
+    out2 = tmp_path / "out2"
+    assert main(["segment", str(path), "--out", str(out2), *_args(tiny_vit_files), "--precision",
+                 "fp32", "--preset", "rfclip", "--rfclip-global", "window", "--short-side", "56",
+                 "--window", "32", "--stride", "16"]) == 0
+    settings = json.loads((out2 / "c_classes.json").read_text())["settings"]
+    assert settings["mode"] == "rfclip" and settings["rfclip_global"] == "window"
+    assert settings["rfclip_global_weight"] == 0.25 and settings["refine_guide"] == "resized"

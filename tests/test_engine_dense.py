@@ -25,8 +25,9 @@ from napari_maskclip.engine.dense import attnpool_value_features, interpolate_po
 from napari_maskclip.errors import InvalidInputError, UnsupportedModelError
 
 ATOL = 1e-5
-#: Modes whose reference lives in engine_helpers; scclip's is in test_engine_scclip.py.
-REFERENCED_MODES = tuple(m for m in MODES if m != "scclip")
+#: Modes whose reference is reference_vit_dense; scclip's is in test_engine_scclip.py, rfclip's
+#: and resclip's (reference_rfclip, reference_resclip) in test_engine_rfclip/resclip.py.
+REFERENCED_MODES = tuple(m for m in MODES if m not in ("scclip", "rfclip", "resclip"))
 
 
 def _pixels(h: int, w: int, seed: int = 0, batch: int = 1) -> torch.Tensor:

@@ -12,41 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine_helpers import reference_pamr
 from napari_maskclip.engine import pamr as pamr_module
 from napari_maskclip.engine.pamr import pamr, pamr_halo
-
-
-def reference_pamr(image: np.ndarray, scores: np.ndarray, iterations: int, dilations) -> np.ndarray:
-    """``image`` C x H x W, ``scores`` K x H x W; plain loops, float64."""
-    c, h, w = image.shape
-    img = image.astype(np.float64)
-    m = scores.astype(np.float64).copy()
-
-    def at(arr, y, x):
-        return arr[:, min(max(y, 0), h - 1), min(max(x, 0), w - 1)]
-
-    neighbours = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                  if (dy, dx) != (0, 0)]
-    weights = np.zeros((len(neighbours), h, w))
-    for y in range(h):
-        for x in range(w):
-            window = np.stack([at(img, y + dy * d, x + dx * d) for d in dilations
-                               for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=1)  # C x 9*len(d)
-            std = window.std(axis=1, ddof=1)
-            logits = []
-            for dy, dx in neighbours:
-                a = -np.abs(img[:, y, x] - at(img, y + dy, x + dx)) / (1e-8 + 0.1 * std)
-                logits.append(a.mean())
-            e = np.exp(np.array(logits) - max(logits))
-            weights[:, y, x] = e / e.sum()
-    for _ in range(iterations):
-        new = np.zeros_like(m)
-        for y in range(h):
-            for x in range(w):
-                for i, (dy, dx) in enumerate(neighbours):
-                    new[:, y, x] += weights[i, y, x] * at(m, y + dy, x + dx)
-        m = new
-    return m
 
 
 def _inputs(h=11, w=13, c=3, k=4, seed=0):

@@ -28,6 +28,20 @@ def test_every_preset_is_valid_and_recorded():
         preset_settings("segformer")
 
 
+def test_2025_presets_carry_their_configs_values_and_the_reference_guide():
+    rf = SegmentSettings.from_preset("rfclip")
+    assert (rf.mode, rf.rfclip_global, rf.logit_scale) == ("rfclip", "image", 40.0)
+    assert (rf.rfclip_global_weight, rf.rfclip_text_weight, rf.rfclip_cluster_threshold) == (0.25, 0.04, 0.09)
+    res = SegmentSettings.from_preset("resclip")
+    assert (res.mode, res.resclip_base, res.resclip_temp_threshold) == ("resclip", "naclip", 0.25)
+    assert res.resclip_rcs_weights == (2.0, 0.4) and res.resclip_sfr_weights == (1.8, 0.7)
+    assert not rf.pamr and not res.pamr
+    for name in ("sclip", "clearclip", "naclip", "scclip", "rfclip", "resclip"):
+        assert SegmentSettings.from_preset(name).refine_guide == "resized"  # PAMR's guide
+    assert SegmentSettings.from_preset("maskclip").refine_guide == "original"
+    assert SegmentSettings().refine_guide == "original"  # this project's default
+
+
 def test_openai80_is_clips_eighty_imagenet_templates():
     t80 = resolve_templates("openai80")
     assert len(t80) == 80 and t80[0] == "a bad photo of a {}." and t80[-1] == "a tattoo of the {}."

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import EncoderCalls, assert_labels, blocky_rgb, class_probs, reference_logits, text_embeddings
-from test_engine_pamr import reference_pamr
+from engine_helpers import (EncoderCalls, assert_labels, blocky_rgb, class_probs, reference_logits,
+                            reference_pamr, text_embeddings)
 from napari_maskclip.engine import Segmenter
 from napari_maskclip.engine import segmenter as segmenter_module
 from napari_maskclip.errors import InvalidInputError
@@ -125,16 +125,20 @@ def test_region_and_pamr_settings_are_validated(tiny_vit):
                                         {"mode": "naclip", "attention_regions": "felzenszwalb",
                                          "felzenszwalb_min_size": 20},
                                         {"mode": "sclip", "pos_embed_resize": "scale_factor",
-                                         "partial_patches": "drop"}],
+                                         "partial_patches": "drop"},
+                                        {"mode": "rfclip"},
+                                        {"mode": "resclip", "resclip_temp_threshold": 0.0},
+                                        {"tlp": True, "tlp_grid": 10, "regions": "slic",
+                                         "region_vote": "majority", "slic_segments": 6}],
                          ids=["pamr", "slic", "pamr+felzenszwalb", "attention-regions",
-                              "reference-conventions"])
+                              "reference-conventions", "rfclip", "resclip", "tlp+majority"])
 def test_teacher_reads_crops_with_the_same_refinements(tiny_vit, refinement):
     from napari_maskclip.student.teacher import Teacher
     from napari_maskclip.classes import parse_classes
 
     crops = [blocky_rgb(40, 48, seed=s, block=8) for s in (5, 6)]
     batch = torch.stack([torch.from_numpy(c.astype(np.float32) / 255.0).permute(2, 0, 1) for c in crops])
-    seg = _segmenter(tiny_vit, **refinement)
+    seg = _segmenter(tiny_vit, precision="fp32", **refinement)
     teacher = Teacher(tiny_vit, parse_classes(CLASSES), parse_classes("background"), seg.settings,
                       text_cache=None)
     assert teacher.record()["settings"]["pamr"] == refinement.get("pamr", False)
@@ -152,3 +156,31 @@ def test_teacher_refuses_a_label_image_for_regions(tiny_vit):
 
     with pytest.raises(InvalidInputError, match="slic"):
         Teacher(tiny_vit, parse_classes(CLASSES), [], SegmentSettings(regions="labels"), text_cache=None)
+
+
+def test_resized_guide_is_the_processing_image_restored(tiny_vit, monkeypatch):
+    """refine_guide="resized" (the successors' presets): PAMR reads the image resized to the
+    processing size and back, as the reference code's interpolate(inputs, ori_shape)."""
+    import torch.nn.functional as F
+
+    image = blocky_rgb(36, 52, seed=7, block=4)
+    seg = _segmenter(tiny_vit, precision="fp32", pamr=True, pamr_iterations=3,
+                     pamr_dilations=(1, 2), short_side=24)
+    features = seg.encode(image)
+    original = seg.segment(features, CLASSES)
+    resized = seg.segment(features, CLASSES, refine_guide="resized")
+    assert resized.settings["refine_guide"] == "resized"
+    assert not np.allclose(original.probabilities, resized.probabilities, atol=1e-4)
+    x = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    proc = F.interpolate(x, size=features.proc_shape, mode="bilinear", align_corners=False,
+                         antialias=True)
+    back = F.interpolate(proc, size=(36, 52), mode="bilinear", align_corners=False)[0]
+    (guide,) = features.guides.values()
+    np.testing.assert_allclose(guide, back.permute(1, 2, 0).numpy(), atol=1e-6)
+    seen = []
+    original_pamr = segmenter_module.pamr
+    monkeypatch.setattr(segmenter_module, "pamr",
+                        lambda g, s, **k: seen.append(g.clone()) or original_pamr(g, s, **k))
+    again = seg.segment(features, CLASSES, refine_guide="resized")
+    np.testing.assert_allclose(seen[0][0].permute(1, 2, 0).numpy(), guide, atol=0)
+    np.testing.assert_array_equal(again.labels, resized.labels)

@@ -81,3 +81,37 @@ def test_region_vote_accumulator_refuses_nothing_on_empty_regions():
     probs = torch.tensor([[[0.2, 0.8], [0.5, 0.5]], [[0.8, 0.2], [0.5, 0.5]]])
     vote.add(probs, 0)
     assert torch.equal(vote.apply(probs, 0), probs)
+
+
+def _reference_majority(probs: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """CorrCLIP's vote, written out: per region the share of pixels whose argmax is each class."""
+    out = probs.astype(np.float64).copy()
+    labels = probs.argmax(axis=0)
+    for r in np.unique(regions):
+        if r == 0:
+            continue
+        sel = regions == r
+        counts = np.bincount(labels[sel], minlength=probs.shape[0])
+        out[:, sel] = (counts / sel.sum())[:, None]
+    return out
+
+
+def test_majority_vote_is_the_most_frequent_label_per_region():
+    rng = np.random.default_rng(4)
+    probs = rng.random((4, 17, 19)).astype(np.float32)
+    regions = rng.integers(0, 6, (17, 19)).astype(np.int32)
+    out = region_vote(torch.from_numpy(probs), regions, block=4, rule="majority").numpy()
+    np.testing.assert_allclose(out, _reference_majority(probs, regions), atol=1e-6)
+    assert np.array_equal(out[:, regions == 0], probs[:, regions == 0])
+    # Where the rules disagree: one confident pixel of class 0, two mild ones of class 1.
+    p = torch.tensor([[0.9, 0.4, 0.4], [0.1, 0.6, 0.6]]).reshape(2, 1, 3)
+    one = np.ones((1, 3), np.int32)
+    assert int(region_vote(p, one).argmax(0)[0, 0]) == 0  # mean: 0.57 vs 0.43
+    majority = region_vote(p, one, rule="majority")
+    assert int(majority.argmax(0)[0, 0]) == 1
+    torch.testing.assert_close(majority[:, 0, 0], torch.tensor([1 / 3, 2 / 3]))
+    # Ties go to the lowest class index.
+    tie = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).reshape(2, 1, 2)
+    assert int(region_vote(tie, np.ones((1, 2), np.int32), rule="majority").argmax(0)[0, 0]) == 0
+    with pytest.raises(InvalidInputError, match="majority"):
+        region_vote(p, one, rule="mode")

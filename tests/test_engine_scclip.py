@@ -20,7 +20,7 @@ from engine_helpers import (
     build_clip,
     qkv,
     reference_block,
-    reference_pos_embed,
+    reference_embed,
     tiny_config,
 )
 from napari_maskclip.engine import dense_features, wrap_model
@@ -31,16 +31,7 @@ BETA, RES_CLS = 0.4, 0.3
 
 def _intermediates(visual, pixels):
     """Outputs of blocks 1..L-1 (float64, batch-first, class token first)."""
-    p = int(visual.patch_size[0])
-    x = pixels.to(REF_DTYPE)
-    b, c, h, w = x.shape
-    gh, gw = h // p, w // p
-    patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
-    width = visual.conv1.weight.shape[0]
-    tokens = patches @ _w(visual.conv1.weight).reshape(width, -1).T
-    cls = _w(visual.class_embedding).reshape(1, 1, width).expand(b, 1, width)
-    tokens = torch.cat([cls, tokens], dim=1) + reference_pos_embed(visual, (gh, gw))
-    tokens = _layer_norm(tokens, visual.ln_pre)
+    tokens, (gh, gw) = reference_embed(visual, pixels)
     out = []
     for block in visual.transformer.resblocks[:-1]:
         tokens = reference_block(block, tokens)

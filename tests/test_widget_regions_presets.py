@@ -149,7 +149,7 @@ def test_a_preset_sets_the_fields_visibly_and_a_change_is_recorded_as_such(qtbot
     assert s.mode.currentText() == "naclip"  # the fields stay as they are
 
 
-@pytest.mark.parametrize("name", ["maskclip", "sclip", "clearclip", "scclip"])
+@pytest.mark.parametrize("name", ["maskclip", "sclip", "clearclip", "scclip", "rfclip", "resclip"])
 def test_every_preset_gives_its_papers_settings(qtbot, name):
     from napari_maskclip.plugin._qt.sections import SettingsSection
 
@@ -174,3 +174,25 @@ def test_a_run_records_the_preset_and_its_changes(make_widget, qtbot):
     record = _result_record(viewer)
     assert record["preset"] is None and record["preset_base"] == "sclip"
     assert record["preset_changed"] == ["templates"]
+
+
+def test_tlp_box_and_the_2025_presets_hidden_values(qtbot):
+    """TLP sits beside PAMR (query-time); the RF-CLIP/ResCLIP presets' values without a control
+    of their own stay in effect while the preset is chosen."""
+    from napari_maskclip.plugin._qt.sections import SettingsSection
+
+    section = SettingsSection()
+    qtbot.addWidget(section)
+    assert not section.segment_settings().tlp
+    section.tlp.setChecked(True)
+    assert section.segment_settings().tlp
+    _choose_preset(section, "resclip")
+    s = section.segment_settings()
+    assert s.mode == "resclip" and s.resclip_sfr_weights == (1.8, 0.7)
+    assert s.refine_guide == "resized" and s.tlp is True
+    section.tlp.setChecked(False)
+    _choose_preset(section, "rfclip")
+    assert section.segment_settings() == SegmentSettings.from_preset("rfclip")
+    assert "resized image" in section.preset_info.text()
+    section.set_student_mode(True)
+    assert not section.tlp.isEnabled()

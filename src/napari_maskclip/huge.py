@@ -28,8 +28,8 @@ tile and class. Atomic at the store level: everything is written into a temporar
 Each finished tile leaves a marker; a run that was killed is resumed by the next run of the same
 request (its temporary store claimed, finished tiles kept). A finished ``OUT.zarr`` of the same
 request is reported done; one of another request is replaced only with ``overwrite``; anything
-napari-maskclip did not make is refused. PAMR and region voting (which need whole-image scores)
-are refused.
+napari-maskclip did not make is refused. PAMR, TLP and region voting (which need whole-image
+scores) are refused, and so is RF-CLIP's whole-image global embedding (each window's own works).
 """
 
 from __future__ import annotations
@@ -241,6 +241,8 @@ def encode_tile(job: _Job, tile: tuple[int, int]) -> TileStats:
     import torch
     import zarr
 
+    from .engine.settings import ENCODE_FIELDS
+
     stats = TileStats()
     query = job.query()
     readout = query.readout
@@ -249,8 +251,11 @@ def encode_tile(job: _Job, tile: tuple[int, int]) -> TileStats:
     if len(rows) and len(cols):
         boxes = [job.grid.window_box(iy, ix) for iy in rows for ix in cols]
         store = None
+        seg = job.segmenter()
+        s = seg.settings
+        encoded = {name: getattr(s, name) for name in ENCODE_FIELDS} | {"precision": seg.precision(s)}
         for k, (_, window) in enumerate(_encoder(job, boxes, stats, with_keys=False)):
-            logits = query.logits(window.features)  # 1 x Q x gh x gw
+            logits = seg._window_logits(query, window, encoded)  # 1 x Q x gh x gw
             class_max = torch.maximum(class_max, readout.class_max(logits)[0].cpu())
             values = logits[0].cpu().numpy()
             if store is None:
@@ -466,9 +471,13 @@ def segment_large(
         raise InvalidInputError(
             "Huge images are segmented at their native resolution: drop --short-side (for a "
             "coarser scale use a lower-resolution pyramid level, --level N).")
-    if settings.pamr or settings.regions is not None:
-        raise InvalidInputError("PAMR and region voting need the whole image's scores: turn them "
-                                "off for huge images.")
+    if settings.pamr or settings.tlp or settings.regions is not None:
+        raise InvalidInputError("PAMR, TLP and region voting need the whole image's scores: turn "
+                                "them off for huge images.")
+    if settings.mode == "rfclip" and settings.rfclip_global == "image":
+        raise InvalidInputError("RF-CLIP's global embedding of the whole image needs the whole "
+                                "image at once: use rfclip_global 'window' (--rfclip-global "
+                                "window) for huge images.")
     out = Path(os.path.abspath(out))
     if out.suffix != ".zarr":
         raise InvalidInputError(f"--out {out}: a huge image's result is a zarr store; name it "

@@ -68,7 +68,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("MaskCLIP")
     group.add_argument("--mode", default="maskclip", choices=[m for m in MODES],
                        help="last-layer read-out: maskclip (paper), sclip, clearclip, naclip, "
-                       "scclip (ViT only), naive (baseline).")
+                       "scclip, rfclip, resclip (ViT only), naive (baseline).")
     group.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                        help="prompt denoising: drop classes absent from the image (default on).")
     group.add_argument("--denoise-threshold", type=unit_float, default=0.5, metavar="P")
@@ -100,6 +100,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     refine.add_argument("--pamr-iterations", type=nonneg_int, default=10, metavar="N")
     refine.add_argument("--pamr-dilations", type=_dilations, default=(8, 16), metavar="D[,D]",
                         help="neighbour distances in pixels (default 8,16 as SCLIP/NACLIP).")
+    refine.add_argument("--tlp", action="store_true",
+                        help="TLP (PEARL): text-aware Laplacian propagation of the scores, a few "
+                        "conjugate-gradient steps on a grid of about 80 cells a side (after PAMR).")
+    refine.add_argument("--tlp-iterations", type=nonneg_int, default=25, metavar="N")
+    refine.add_argument("--tlp-grid", type=positive_int, default=80, metavar="CELLS")
+    refine.add_argument("--region-vote", default="mean", choices=["mean", "majority"],
+                        help="region voting's rule: mean probability (default) or the most "
+                        "frequent label (CorrCLIP's).")
     refine.add_argument("--regions", default=None, metavar="slic|felzenszwalb|FILE",
                         help="region voting: each region gets its mean class probabilities. "
                         "Regions from superpixels (slic, felzenszwalb) or a label image FILE of "
@@ -124,6 +132,16 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     conventions.add_argument("--resize-antialias", action=argparse.BooleanOptionalAction,
                              default=None, help="antialias when downscaling to --short-side "
                              "(default); --no-resize-antialias: plain bilinear as mmseg.")
+    conventions.add_argument("--refine-guide", default=None, choices=["original", "resized"],
+                             help="PAMR's and TLP's guide: the image (default) or the image resized "
+                             "to --short-side and back (reference code).")
+    readouts = parser.add_argument_group("RF-CLIP and ResCLIP (their presets set them)")
+    readouts.add_argument("--rfclip-global", default=None, choices=["window", "image"],
+                          help="rfclip: each window's own global embedding (default) or the whole "
+                          "image's (reference code; one more encoder pass).")
+    readouts.add_argument("--resclip-base", default=None, choices=["naclip", "clearclip", "sclip"],
+                          help="resclip: the last block's base attention (default naclip, as its "
+                          "configs).")
     from ..engine.presets import PRESETS
 
     group.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -173,6 +191,13 @@ def settings_from_args(args: argparse.Namespace):
         pos_embed_resize=getattr(args, "pos_embed_resize", None) or "grid",
         partial_patches=getattr(args, "partial_patches", None) or "pad",
         resize_antialias=getattr(args, "resize_antialias", None) is not False,
+        refine_guide=getattr(args, "refine_guide", None) or "original",
+        rfclip_global=getattr(args, "rfclip_global", None) or "window",
+        resclip_base=getattr(args, "resclip_base", None) or "naclip",
+        tlp=getattr(args, "tlp", False),
+        tlp_iterations=getattr(args, "tlp_iterations", 25),
+        tlp_grid=getattr(args, "tlp_grid", 80),
+        region_vote=getattr(args, "region_vote", "mean"),
     )
     preset = getattr(args, "preset", None)
     if preset:
@@ -193,7 +218,9 @@ _PRESET_OPTIONS = {"mode": "mode", "templates": "templates", "logit_scale": "tem
                    "short_side": "short_side", "window": "window", "stride": "stride",
                    "pamr": "pamr", "pamr_iterations": "pamr_iterations",
                    "pamr_dilations": "pamr_dilations", "pos_embed_resize": "pos_embed_resize",
-                   "partial_patches": "partial_patches", "resize_antialias": "resize_antialias"}
+                   "partial_patches": "partial_patches", "resize_antialias": "resize_antialias",
+                   "refine_guide": "refine_guide", "rfclip_global": "rfclip_global",
+                   "resclip_base": "resclip_base"}
 
 
 

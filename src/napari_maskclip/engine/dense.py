@@ -14,6 +14,10 @@ ViT (open_clip ``VisionTransformer``), last block, per ``mode``:
   patches, zero for the class token); residual and MLP removed.
 * ``scclip``: SC-CLIP (anomaly tokens fixed, intermediate-layer similarity, multi-level
   fusion; see ``scclip.py``); residual and MLP removed.
+* ``rfclip``: RF-CLIP (distraction tokens fixed after every block, refocused layer-averaged
+  k-k attention; see ``rfclip.py``); also returns each image's global embedding.
+* ``resclip``: ResCLIP's last block without its text feedback (see ``resclip.py``); the state
+  its query-time semantic feedback needs is returned with the features.
 * ``naive``: the unmodified last block (the baseline MaskCLIP improves on).
 
 then ``feat = ln_post(z[:, 1:]) @ proj``, L2-normalised; the class token is dropped. Positional
@@ -36,7 +40,7 @@ Keys for key smoothing are the last layer's keys of the patches (``W_k ln_1(x) +
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -44,7 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
+from .attention_bias import NACLIP_SIGMA, naclip_gaussian
 from .modes import MODES, VIT_ONLY_MODES
+from .resclip import resclip_encode
+from .rfclip import distraction_channels, rfclip_tokens
 from .scclip import scclip_tokens
 
 __all__ = [
@@ -58,7 +65,6 @@ __all__ = [
     "NACLIP_SIGMA",
 ]
 
-NACLIP_SIGMA = 5.0
 #: Modes whose last block mixes patches, so attention can be restricted to regions.
 ATTENTION_REGION_MODES = ("sclip", "clearclip", "naclip")
 
@@ -68,10 +74,12 @@ _ATTN_BLOCK_ELEMENTS = 1 << 25
 
 @dataclass
 class DenseOutput:
-    """Dense features ``B x D x h x w`` (float32, unit norm over D) and optional keys ``B x N x C``."""
+    """Dense features ``B x D x h x w`` (float32, unit norm over D) and optional keys ``B x N x C``;
+    ``state``: what a text-aware mode's query-time read-out needs besides (batch first)."""
 
     features: torch.Tensor
     keys: Optional[torch.Tensor] = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def interpolate_pos_embed(
@@ -117,28 +125,6 @@ def interpolate_pos_embed(
         patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(-1, width).to(pos.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
-
-
-def naclip_gaussian(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, *, device=None,
-                    dtype=torch.float32, rows: Optional[slice] = None) -> torch.Tensor:
-    """NACLIP's additive attention bias over ``1 + gh*gw`` tokens (zero row/column for the class).
-
-    ``G[i, j] = exp(-|p_i - p_j|^2 / (2 sigma^2))`` for patches i, j at grid positions p.
-    ``rows`` selects a block of query rows (token indices) to bound memory.
-    """
-    gh, gw = grid
-    n = gh * gw
-    ys = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
-    xs = torch.arange(gw, device=device, dtype=torch.float32).repeat(gh)
-    rows = rows or slice(0, n + 1)
-    token_rows = torch.arange(n + 1, device=device)[rows]
-    out = torch.zeros(len(token_rows), n + 1, device=device, dtype=torch.float32)
-    patch_rows = token_rows >= 1
-    if patch_rows.any():
-        idx = token_rows[patch_rows] - 1
-        d2 = (ys[idx, None] - ys[None, :]) ** 2 + (xs[idx, None] - xs[None, :]) ** 2
-        out[patch_rows, 1:] = torch.exp(-d2 / (2.0 * sigma * sigma))
-    return out.to(dtype)
 
 
 def attnpool_value_features(attnpool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -234,7 +220,8 @@ def _vit_embed(visual: nn.Module, pixels: torch.Tensor,
 
 def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool,
                pos_embed_resize: str = "grid", partial_patches: str = "pad",
-               token_regions: Optional[torch.Tensor] = None) -> DenseOutput:
+               token_regions: Optional[torch.Tensor] = None,
+               options: Optional[dict] = None) -> DenseOutput:
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
     if partial_patches != "drop" and (pixels.shape[-2] % patch or pixels.shape[-1] % patch):
         raise InvalidInputError(
@@ -255,6 +242,8 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
     transformer = visual.transformer
     batch_first = getattr(transformer, "batch_first", True)
     blocks = transformer.resblocks
+    if mode in ("rfclip", "resclip"):  # batch-first tokens in, whatever the layout
+        return _text_aware_dense(visual, pixels, x, grid, mode, with_keys, options or {})
     if not batch_first:
         x = x.transpose(0, 1)
     inter = []  # intermediate outputs (batch-first), kept for SC-CLIP only
@@ -302,6 +291,43 @@ def _vit_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bo
     return DenseOutput(features=feat, keys=keys)
 
 
+def _run_block(batch_first: bool):
+    """Call a block on batch-first tokens whatever the transformer's layout."""
+    if batch_first:
+        return lambda block, t: block(t)
+    return lambda block, t: block(t.transpose(0, 1)).transpose(0, 1)
+
+
+def _text_aware_dense(visual: nn.Module, pixels: torch.Tensor, x: torch.Tensor,
+                      grid: tuple[int, int], mode: str, with_keys: bool, options: dict) -> DenseOutput:
+    """rfclip and resclip (their math in :mod:`.rfclip`, :mod:`.resclip`): features, keys of the
+    last block's input, and the state their query-time read-out needs."""
+    blocks = visual.transformer.resblocks
+    run = _run_block(getattr(visual.transformer, "batch_first", True))
+    if mode == "rfclip":
+        channels = distraction_channels(visual, options.get("channels"))
+        z, last_in, cls = rfclip_tokens(blocks, x, grid, channels, run,
+                                        global_only=bool(options.get("global_only")))
+        state = {"global": F.normalize((visual.ln_post(cls) @ visual.proj).float(), dim=-1)}
+    else:
+        z, last_in, state = resclip_encode(blocks, x, grid, options.get("base", "naclip"),
+                                           tuple(options.get("rcs_weights", (2.0, 0.4))), run)
+        state = {**state, "pixels": pixels}
+    keys = None
+    if with_keys:
+        y = blocks[-1].ln_1(last_in)
+        width = y.shape[-1]
+        attn = blocks[-1].attn
+        b_k = attn.in_proj_bias[width:2 * width] if attn.in_proj_bias is not None else None
+        keys = F.normalize(F.linear(y[:, 1:], attn.in_proj_weight[width:2 * width], b_k).float(), dim=-1)
+    b = x.shape[0]
+    if z is None:  # the global embedding only
+        return DenseOutput(features=torch.zeros(b, 0, *grid), keys=keys, state=state)
+    feat = F.normalize((visual.ln_post(z) @ visual.proj).float(), dim=-1)
+    return DenseOutput(features=feat.transpose(1, 2).reshape(b, -1, grid[0], grid[1]), keys=keys,
+                       state=state)
+
+
 def _resnet_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys: bool) -> DenseOutput:
     if mode != "maskclip":
         raise UnsupportedModelError(
@@ -327,7 +353,7 @@ def _resnet_dense(visual: nn.Module, pixels: torch.Tensor, mode: str, with_keys:
 def dense_features(
     visual: nn.Module, pixels: torch.Tensor, mode: str = "maskclip", *, with_keys: bool = False,
     pos_embed_resize: str = "grid", partial_patches: str = "pad",
-    token_regions: Optional[torch.Tensor] = None,
+    token_regions: Optional[torch.Tensor] = None, mode_options: Optional[dict] = None,
 ) -> DenseOutput:
     """Dense, L2-normalised embeddings of ``pixels`` (B x 3 x H x W, normalised, padded).
 
@@ -337,6 +363,8 @@ def dense_features(
     patch convolution does) are the ViT conventions of :class:`~.settings.SegmentSettings`.
     ``token_regions`` (``B x gh x gw`` region ids of the patches) restricts the last block's
     attention to patches of the same region (CorrCLIP; modes sclip, clearclip, naclip).
+    ``mode_options``: rfclip ``channels`` (distraction channels; default by width) and
+    ``global_only`` (only ``state["global"]``); resclip ``base`` and ``rcs_weights``.
     """
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
@@ -345,7 +373,7 @@ def dense_features(
         raise InvalidInputError(f"Unknown attention mode {mode!r}: use one of {', '.join(MODES)}.")
     if isinstance(visual, VisionTransformer):
         return _vit_dense(visual, pixels, mode, with_keys, pos_embed_resize, partial_patches,
-                          token_regions)
+                          token_regions, mode_options)
     if isinstance(visual, ModifiedResNet):
         return _resnet_dense(visual, pixels, mode, with_keys)
     raise UnsupportedModelError(f"Vision tower {type(visual).__name__} is not supported.")

@@ -29,6 +29,9 @@ class WindowFeatures:
     box: Box
     features: torch.Tensor
     keys: Optional[torch.Tensor] = None  # (gh*gw) x C, unit norm
+    #: What a text-aware mode reads at query time besides the features (rfclip: ``global``, the
+    #: class embedding; resclip: the last block's inputs and the window's pixels).
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -39,7 +42,7 @@ class WindowFeatures:
         size = self.features.numel() * self.features.element_size()
         if self.keys is not None:
             size += self.keys.numel() * self.keys.element_size()
-        return size
+        return size + sum(t.numel() * t.element_size() for t in self.state.values())
 
 
 @dataclass
@@ -60,6 +63,8 @@ class ImageFeatures:
     source: Optional[Any] = None
     #: Superpixel maps computed so far, by method and parameters (re-queries reuse them).
     regions: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Refinement guides other than the image itself, by kind (``refine_guide="resized"``).
+    guides: dict[str, np.ndarray] = field(default_factory=dict)
 
     def guide(self, y0: int = 0, y1: Optional[int] = None) -> Optional[np.ndarray]:
         """Rows ``y0..y1`` of the image as the model sees it before resizing (``h x W x 3``,
@@ -77,6 +82,7 @@ class ImageFeatures:
     @property
     def nbytes(self) -> int:
         size = sum(w.nbytes for w in self.windows)
+        size += sum(g.nbytes for g in self.guides.values())
         return size + sum(r.nbytes for r in self.regions.values())
 
 

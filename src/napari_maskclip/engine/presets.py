@@ -7,11 +7,11 @@ preset's name is recorded in ``settings["preset"]`` of every result. Kept free o
 
 The successors' presets also set the reference code's conventions (:data:`REFERENCE_CONVENTIONS`,
 engine settings ``pos_embed_resize``, ``partial_patches``, ``resize_antialias``); this project's
-own defaults are the exact grid, padding to whole patches and an antialiased downscale. What
-still differs: mmseg rounds the resized size with ``int(x + 0.5)`` (this project: Python's
-``round``), caps the long side at 2048, and cv2 resizes 8-bit images in fixed point; PAMR's
-guide is the original image here and the resized image there; MaskCLIP's code normalises with
-ImageNet's mean/std (a quirk, not reproduced). Use a ``-quickgelu`` model name
+own defaults are the exact grid, padding to whole patches and an antialiased downscale. They also
+guide PAMR and TLP by the image resized to the processing size and back (``refine_guide``), as
+the reference code does. What still differs: mmseg rounds the resized size with ``int(x + 0.5)``
+(this project: Python's ``round``), caps the long side at 2048, and cv2 resizes 8-bit images in
+fixed point; MaskCLIP's code normalises with ImageNet's mean/std (a quirk, not reproduced). Use a ``-quickgelu`` model name
 (``ViT-B-16-quickgelu``) with OpenAI weights.
 """
 
@@ -24,9 +24,10 @@ __all__ = ["PRESETS", "PRESET_SOURCES", "REFERENCE_CONVENTIONS", "preset_setting
 #: The successors' reference code (SCLIP, ClearCLIP, NACLIP, SC-CLIP; all on mmseg): positional
 #: embedding resized by the scale factor ``(grid + 0.1) / native``, a window's partial last
 #: patch left out by the patch convolution (scores stretched over the window), images resized
-#: by mmseg's cv2 bilinear (no antialiasing).
+#: by mmseg's cv2 bilinear (no antialiasing), PAMR (and TLP) guided by the network input resized
+#: back to the image (``interpolate(inputs, ori_shape)``).
 REFERENCE_CONVENTIONS = {"pos_embed_resize": "scale_factor", "partial_patches": "drop",
-                         "resize_antialias": False}
+                         "resize_antialias": False, "refine_guide": "resized"}
 
 _SUCCESSOR = {"templates": "openai80", "denoise": False, "key_smoothing": False, "short_side": 336,
               "window": 224, "stride": 112, "pamr": False, **REFERENCE_CONVENTIONS}
@@ -42,6 +43,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "naclip": {**_SUCCESSOR, "mode": "naclip", "logit_scale": 40.0, "pamr": True,
                "pamr_iterations": 10, "pamr_dilations": (8, 16)},
     "scclip": {**_SUCCESSOR, "mode": "scclip", "logit_scale": 40.0},
+    # Both 2025 read-outs: their PASCAL Context-59 configs' values (see PRESET_SOURCES).
+    "rfclip": {**_SUCCESSOR, "mode": "rfclip", "logit_scale": 40.0, "rfclip_global": "image",
+               "rfclip_global_weight": 0.25, "rfclip_text_weight": 0.04,
+               "rfclip_cluster_threshold": 0.09},
+    "resclip": {**_SUCCESSOR, "mode": "resclip", "logit_scale": 40.0, "resclip_base": "naclip",
+                "resclip_rcs_weights": (2.0, 0.4), "resclip_sfr_weights": (1.8, 0.7),
+                "resclip_temp_threshold": 0.25, "resclip_delete_same_entity": True},
 }
 
 #: Where each preset's values come from.
@@ -56,6 +64,15 @@ PRESET_SOURCES: dict[str, str] = {
               "side 336, PAMR 10 iterations at dilations 8 and 16",
     "scclip": "SuleBai/SC-CLIP scclip_segmentor.py defaults: 80 templates, scale 40, 224/112 "
               "windows at short side 336, no PAMR (per-dataset configs raise the scale)",
+    "rfclip": "liblacklucy/RF-CLIP custom_segmentor.py and configs/cfg_context59.py: 80 templates, "
+              "scale 40, 224/112 windows at short side 336, the whole image's global embedding, "
+              "global weight 0.25, text weight 0.04, cluster threshold 0.09, no PAMR (other "
+              "configs: global 0.1-0.4, text 0.01-0.05, threshold 0.02-0.14; VOC21 whole image)",
+    "resclip": "yvhangyang/ResCLIP resclip_segmentor.py and configs/cfg_context59.py: 80 "
+               "templates, scale 40, 224/112 windows at short side 336, NACLIP base attention "
+               "(wo_resi), RCS (2.0, 0.4), SFR (1.8, 0.7), temporary threshold 0.25, "
+               "same-entity decay, no PAMR (other configs: RCS lambda 0.2-0.6, SFR tau 1.8-2.2, "
+               "threshold 0.1-0.5; VOC whole image)",
 }
 
 

@@ -16,11 +16,11 @@ one image) and the student's teacher (a batch of training crops) read features t
    engine then stitches windows and resizes to the image (:mod:`.stitch`).
    :meth:`Readout.refine_pixels` - with ``pamr``, PAMR on these pixel scores (prompt cosines, or
    smoothed probabilities), guided by the image at the same size (as the official code does,
-   before the softmax).
+   before the softmax); then with ``tlp``, PEARL's text-aware propagation (:mod:`.tlp`).
 5. :meth:`Readout.decide` - class probabilities (softmax over the active prompts at the user's
    temperature, max over synonyms; or the smoothed probabilities renormalised); with region
-   voting each region's mean probabilities (:mod:`.regions`); argmax to label values, and the
-   background threshold.
+   voting each region's mean probabilities or label shares (:mod:`.regions`); argmax to label
+   values, and the background threshold.
 
 :meth:`Readout.__call__` runs 1-5 on a batch of whole crops with denoising decided per crop.
 """
@@ -38,6 +38,7 @@ from .pamr import pamr
 from .refine import class_probabilities, denoise_keep, key_smoothing
 from .regions import region_vote
 from .settings import SegmentSettings
+from .tlp import normalised_guide, text_diagonal, tlp
 
 __all__ = [
     "DENOISE_SCALE",
@@ -122,17 +123,22 @@ class Readout:
 
     ``text`` holds one unit-norm embedding per prompt (``layout.prompts`` order). Only the query
     settings are read: ``denoise``, ``denoise_threshold``, ``key_smoothing``, ``ks_threshold``,
-    ``logit_scale``, ``background_threshold``, ``pamr*`` and ``regions`` (with the
-    superpixel parameters).
+    ``logit_scale``, ``background_threshold``, ``pamr*``, ``tlp*``, ``regions`` (with the
+    superpixel parameters and ``region_vote``) and the text-aware modes' query settings.
+    ``guide_norm``: the model's (mean, std), with which TLP sees the guide as the model does.
     """
 
-    def __init__(self, layout: PromptLayout, text: torch.Tensor, settings: SegmentSettings) -> None:
+    def __init__(self, layout: PromptLayout, text: torch.Tensor, settings: SegmentSettings,
+                 guide_norm: Optional[tuple[Sequence[float], Sequence[float]]] = None) -> None:
         if text.shape[0] != len(layout.prompts):
             raise ValueError(f"{text.shape[0]} embeddings for {len(layout.prompts)} prompts")
         self.layout = layout
         self.text = text
         self.settings = settings
+        self.guide_norm = guide_norm
         self.all = ActiveClasses.of(layout, range(len(layout)))
+        #: What a query derives from the text once (prompt clusters, TLP's text diagonal, ...).
+        self.cache: dict[Any, Any] = {}
 
     # ---- 1. cosines --------------------------------------------------------------------------
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -188,15 +194,42 @@ class Readout:
                            align_corners=False)
         return up[:, :, :size[0], :size[1]]
 
-    def refine_pixels(self, scores: torch.Tensor, guide: Optional[torch.Tensor]) -> torch.Tensor:
+    def refine_pixels(self, scores: torch.Tensor, guide: Optional[torch.Tensor],
+                      active: Optional[ActiveClasses] = None) -> torch.Tensor:
         """PAMR on ``B x C x H x W`` pixel scores when ``pamr`` is on (``guide``: the image,
-        ``B x channels x H x W``, any scaling); unchanged otherwise."""
+        ``B x channels x H x W``, 0..1), then TLP on the whole of each when ``tlp`` is on
+        (``active``: whose channels the scores hold); unchanged otherwise."""
         s = self.settings
-        if not s.pamr:
+        if not (s.pamr or s.tlp):
             return scores
         if guide is None:
-            raise ValueError("PAMR needs the image as a guide")
-        return pamr(guide, scores, iterations=s.pamr_iterations, dilations=s.pamr_dilations)
+            raise ValueError("PAMR and TLP need the image as a guide")
+        if s.pamr:
+            scores = pamr(guide, scores, iterations=s.pamr_iterations, dilations=s.pamr_dilations)
+        if s.tlp:
+            scores = tlp(self.tlp_guide(guide.to(scores.device)), scores,
+                         self.tlp_diagonal(active or self.all), iterations=s.tlp_iterations,
+                         grid=s.tlp_grid)
+        return scores
+
+    def tlp_guide(self, guide: torch.Tensor) -> torch.Tensor:
+        """A 0..1 guide (``... x channels x H x W``) as the model normalises it, for TLP."""
+        mean, std = self.guide_norm or (None, None)
+        return normalised_guide(guide, mean, std)
+
+    def tlp_diagonal(self, active: ActiveClasses) -> torch.Tensor:
+        """TLP's text diagonal for the score channels of ``active``: its prompts, or with key
+        smoothing its classes (each the normalised mean of its prompts)."""
+        key = ("tlp", active.prompts, self.settings.key_smoothing)
+        if key not in self.cache:
+            text = self.text.float()
+            if self.settings.key_smoothing:
+                rows = torch.stack([F.normalize(text[list(self.layout.groups[k])], dim=-1).mean(dim=0)
+                                    for k in active.classes])
+            else:
+                rows = text[list(active.prompts)]
+            self.cache[key] = text_diagonal(rows)
+        return self.cache[key]
 
     # ---- 5. probabilities and labels ---------------------------------------------------------
     def probabilities(self, scores: torch.Tensor, active: ActiveClasses) -> torch.Tensor:
@@ -212,7 +245,9 @@ class Readout:
         with ``regions`` (one ``H x W`` id map per item, 0 = none) voted per region first."""
         probs = self.probabilities(scores, active)
         if regions is not None:
-            probs = torch.stack([region_vote(probs[i], regions[i]) for i in range(probs.shape[0])])
+            rule = self.settings.region_vote
+            probs = torch.stack([region_vote(probs[i], regions[i], rule=rule)
+                                 for i in range(probs.shape[0])])
         return self.label(probs, active)
 
     def label(self, probs: torch.Tensor, active: ActiveClasses) -> Decision:
@@ -233,14 +268,16 @@ class Readout:
         keys: Optional[torch.Tensor] = None,
         guide: Optional[torch.Tensor] = None,
         regions: Optional[Sequence[Any]] = None,
+        logits: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-5 on ``B`` crops, each read whole with prompt denoising decided per crop.
 
-        ``guide`` (``B x channels x H x W``, the crops) is needed for PAMR, ``regions`` (``B``
-        id maps) for region voting. Returns labels and confidence (``B x H x W``). Crops whose
+        ``guide`` (``B x channels x H x W``, the crops) is needed for PAMR and TLP, ``regions``
+        (``B`` id maps) for region voting; ``logits`` replaces step 1 (a text-aware mode's,
+        :mod:`.window_logits`). Returns labels and confidence (``B x H x W``). Crops whose
         denoising keeps the same classes are read together.
         """
-        logits = self.logits(features)
+        logits = self.logits(features) if logits is None else logits
         if self.settings.denoise:
             class_max = self.class_max(logits)
             actives = [self.select(class_max[i]) for i in range(logits.shape[0])]
@@ -256,8 +293,9 @@ class Readout:
             scores = self.cell_scores(logits.index_select(0, index), active, part_keys)
             pixels = self.upsample(scores, patch, size,
                                    stretch=self.settings.partial_patches == "drop")
-            if self.settings.pamr:
-                pixels = self.refine_pixels(pixels, guide.index_select(0, index.to(guide.device)))
+            if self.settings.pamr or self.settings.tlp:
+                pixels = self.refine_pixels(pixels, guide.index_select(0, index.to(guide.device)),
+                                            active)
             part_regions = None if regions is None else [regions[i] for i in rows]
             decision = self.decide(pixels, active, part_regions)
             labels[index] = decision.labels

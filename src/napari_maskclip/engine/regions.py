@@ -1,10 +1,15 @@
-"""Region voting: every pixel of a class-agnostic region gets the region's mean class probabilities.
+"""Region voting: every pixel of a class-agnostic region gets the region's vote.
 
 Regions come from superpixels of the image (scikit-image SLIC or Felzenszwalb, on the CPU) or
 from the user (any label image of the same size: SAM, micro-sam or Cellpose output, a napari
 Labels layer). Region 0 of a user's label image means "no region": those pixels keep their own
-probabilities. Voting averages probabilities, not labels, so a region's label is the class with
-the highest mean probability (CorrCLIP's per-region voting, without its extra backbones).
+probabilities. Two rules (``SegmentSettings.region_vote``):
+
+* ``mean`` (default): the region's mean class probabilities, so its label is the class with
+  the highest mean probability;
+* ``majority``: CorrCLIP's vote, the most frequent per-pixel label (argmax) of the region (ties:
+  the lowest class index); the maps then hold each class's share of the region's pixels, so
+  the confidence is the winner's share.
 
 Voting runs in two passes over row blocks (:class:`RegionVote`), so it needs ``K x regions``
 floats beyond the probabilities, whatever the image size.
@@ -75,7 +80,11 @@ def check_regions(regions: Any, shape: tuple[int, int]) -> np.ndarray:
 class RegionVote:
     """Two passes over row blocks: :meth:`add` every block's probabilities, then :meth:`apply`."""
 
-    def __init__(self, regions: np.ndarray, channels: int, device: Any = "cpu") -> None:
+    def __init__(self, regions: np.ndarray, channels: int, device: Any = "cpu",
+                 rule: str = "mean") -> None:
+        if rule not in ("mean", "majority"):
+            raise InvalidInputError(f"Unknown region vote {rule!r}: use mean or majority.")
+        self.rule = rule
         self.regions = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.int64))
         n = int(self.regions.max()) + 1 if self.regions.numel() else 1
         self.sums = torch.zeros(channels, n, dtype=torch.float64, device=device)
@@ -87,7 +96,10 @@ class RegionVote:
     def add(self, probs: torch.Tensor, y0: int) -> None:
         """Accumulate ``K x rows x W`` probabilities of rows ``y0..``."""
         ids = self._ids(y0, y0 + probs.shape[1], self.sums.device)
-        self.sums.index_add_(1, ids, probs.reshape(probs.shape[0], -1).to(self.sums))
+        flat = probs.reshape(probs.shape[0], -1).to(self.sums)
+        if self.rule == "majority":  # one vote per pixel, for its most probable class
+            flat = torch.zeros_like(flat).scatter_(0, flat.argmax(dim=0, keepdim=True), 1.0)
+        self.sums.index_add_(1, ids, flat)
         self.counts.index_add_(0, ids, torch.ones_like(ids, dtype=self.counts.dtype))
 
     def covers(self, y0: int, y1: int) -> bool:
@@ -109,9 +121,11 @@ class RegionVote:
         return torch.where(own[None], probs, voted)
 
 
-def region_vote(probs: torch.Tensor, regions: np.ndarray, block: Optional[int] = None) -> torch.Tensor:
-    """``K x H x W`` probabilities voted within ``regions`` (``H x W`` ids, 0 = no region)."""
-    vote = RegionVote(regions, probs.shape[0], probs.device)
+def region_vote(probs: torch.Tensor, regions: np.ndarray, block: Optional[int] = None,
+                rule: str = "mean") -> torch.Tensor:
+    """``K x H x W`` probabilities voted within ``regions`` (``H x W`` ids, 0 = no region) by
+    ``rule`` (``mean`` or ``majority``)."""
+    vote = RegionVote(regions, probs.shape[0], probs.device, rule)
     h = probs.shape[1]
     step = block or h
     for y0 in range(0, h, step):

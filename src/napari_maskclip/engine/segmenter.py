@@ -33,10 +33,10 @@ from ..classes import ClassesLike, ClassSpec, parse_classes
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..progress import Progress, run_to_completion
 from .dense import dense_features
-from .modes import VIT_ONLY_MODES
+from .modes import TEXT_AWARE_MODES, VIT_ONLY_MODES
 from .features import FeatureCache, ImageFeatures, WindowFeatures, image_digest
 from .loading import LoadedModel, load_clip
-from .pamr import pamr_halo
+from .pamr import pamr, pamr_halo
 from .precision import model_in, precision_dtype, run_precision
 from .preprocess import check_image_array, plan_image
 from .readout import ActiveClasses, PromptLayout, Readout
@@ -46,6 +46,8 @@ from .settings import ENCODE_FIELDS, SegmentSettings
 from .templates import resolve_templates
 from .text import TextEmbeddingCache, TextEncoder
 from .stitch import RowStitcher
+from .tlp import TLPGrid
+from .window_logits import mode_options, window_logits as mode_window_logits
 from .windows import Box, window_boxes
 
 __all__ = ["Segmenter"]
@@ -158,7 +160,8 @@ class Segmenter:
         return ((x - mean) / std).to(self.loaded.device)
 
     def _encode_batch(self, crops: list[torch.Tensor], mode: str, with_keys: bool,
-                      precision: str = "fp32", s: Optional[SegmentSettings] = None):
+                      precision: str = "fp32", s: Optional[SegmentSettings] = None,
+                      global_only: bool = False):
         s = s or self.settings
         patch = self.loaded.patch_size
         h, w = crops[0].shape[-2:]
@@ -174,7 +177,9 @@ class Segmenter:
         return dense_features(visual, batch, mode, with_keys=with_keys,
                               pos_embed_resize=s.pos_embed_resize,
                               partial_patches="drop" if self._drops_partial(s) else "pad",
-                              token_regions=token_regions)
+                              token_regions=token_regions,
+                              mode_options={**mode_options(s, self.loaded.visual),
+                                            "global_only": global_only})
 
     def _token_regions(self, crops: list[torch.Tensor], s: SegmentSettings) -> torch.Tensor:
         """``B x gh x gw`` superpixel ids of each crop's patches (``attention_regions``): the
@@ -254,7 +259,11 @@ class Segmenter:
                     full_w = out.features.shape[-1]
                     grid_keys = out.keys[i].reshape(out.features.shape[-2], full_w, -1)
                     keys = grid_keys[:gh, :gw].reshape(gh * gw, -1).contiguous()
-                encoded.append(WindowFeatures(box=box, features=feat, keys=keys))
+                state = {name: t[i] for name, t in out.state.items()}
+                if mode == "resclip" and (gh, gw) != tuple(out.features.shape[-2:]):
+                    raise InvalidInputError("ResCLIP reads windows of one size per batch: use "
+                                            "window_batch=1.")  # pragma: no cover - guard
+                encoded.append(WindowFeatures(box=box, features=feat, keys=keys, state=state))
             yield encoded
 
     def encode_iter(
@@ -288,10 +297,48 @@ class Segmenter:
                                    precision, s):
             windows.extend(group)
             yield Progress("encode", len(windows), total, f"window {len(windows)}/{total}")
+        if self._image_global(s, plan):  # RF-CLIP's global embedding of the whole image
+            glob = self._rfclip_image_global(image, channel_axis, channels, proc, s, precision)
+            for w in windows:
+                w.state["global"] = glob
         features = self._features(key, shape, proc, plan, s, windows, precision)
         features.source = plan_image(image, channel_axis=channel_axis, channels=channels)
         self.features_cache.put(features)
         return features
+
+    @staticmethod
+    def _image_global(s: SegmentSettings, plan: dict[str, Any]) -> bool:
+        """Whether RF-CLIP's windows take the whole image's global embedding (not their own)."""
+        return s.mode == "rfclip" and s.rfclip_global == "image" and plan["inference"] == "sliding"
+
+    def _rfclip_image_global(self, image: np.ndarray, channel_axis: Optional[int],
+                             channels: Optional[Sequence[int]], proc: tuple[int, int],
+                             s: SegmentSettings, precision: str) -> torch.Tensor:
+        """RF-CLIP's global embedding (``D``) of the whole image at processing size (scaled down
+        to ``max_whole_pixels`` when larger: one bounded encoder pass)."""
+        prepared = plan_image(image, channel_axis=channel_axis, channels=channels)
+        size = proc
+        if proc[0] * proc[1] > s.max_whole_pixels:
+            f = math.sqrt(s.max_whole_pixels / (proc[0] * proc[1]))
+            size = (max(self.loaded.patch_size, int(proc[0] * f)),
+                    max(self.loaded.patch_size, int(proc[1] * f)))
+        pixels = self._pixels(prepared.whole(), size, s.resize_antialias)
+        out = self._encode_batch([pixels], "rfclip", False, precision,
+                                 s.replace(attention_regions=None), global_only=True)
+        return out.state["global"][0]
+
+    def _window_logits(self, query: "_Query", window: WindowFeatures,
+                       encoded: dict[str, Any]) -> torch.Tensor:
+        """``1 x Q x gh x gw`` logits of one window (:mod:`.window_logits`); ``encoded``: the
+        encode settings of its features."""
+        mode = encoded.get("mode", "maskclip")
+        if mode not in TEXT_AWARE_MODES:
+            return query.logits(window.features)
+        state = {k: v[None] for k, v in window.state.items()}
+        precision = encoded.get("precision") or self.precision()
+        visual = model_in(self.loaded, precision).visual
+        return mode_window_logits(query.readout, window.features[None], state, mode, encoded,
+                             visual, self.loaded.patch_size)
 
     def _features(
         self, key: str, shape: tuple[int, int], proc: tuple[int, int], plan: dict[str, Any],
@@ -304,7 +351,7 @@ class Segmenter:
             patch=self.loaded.patch_size,
             windows=windows,
             model_identity=self.loaded.identity,
-            encode_settings={name: getattr(s, name) for name in ENCODE_FIELDS
+            encode_settings={name: _plain(getattr(s, name)) for name in ENCODE_FIELDS
                              if name != "precision"} | {"precision": precision},
             plan=plan,
         )
@@ -328,7 +375,8 @@ class Segmenter:
         layout = PromptLayout.from_classes(fg, bg)
         templates = resolve_templates(s.templates)
         text = self.text.embed_texts(list(layout.prompts), templates, precision=precision)  # Q x D
-        return _Query(fg, bg, Readout(layout, text, s), templates)
+        norm = (tuple(self.loaded.mean), tuple(self.loaded.std))
+        return _Query(fg, bg, Readout(layout, text, s, guide_norm=norm), templates)
 
     def segment_iter(
         self,
@@ -368,7 +416,8 @@ class Segmenter:
         # Text in the precision of the image features (what the result records).
         query = self._query(fg, bg, s, features.encode_settings.get("precision", self.precision(s)))
         windows = features.windows
-        window_logits = [query.logits(w.features) for w in windows]
+        encoded = features.encode_settings
+        window_logits = [self._window_logits(query, w, encoded) for w in windows]
         result = yield from self._read(query, s, features, [w.box for w in windows], window_logits,
                                        lambda i: windows[i].keys, probabilities, region_map)
         return result
@@ -428,10 +477,11 @@ class Segmenter:
         stitch = RowStitcher(channels, features.proc_shape, features.image_shape, features.plan,
                              device=device)
         out = _Outputs(features.image_shape, readout, active, probabilities)
-        refine = s.pamr or regions is not None
-        if refine:  # PAMR and region voting need neighbouring rows / every row: keep the scores
-            if s.pamr and features.source is None:
-                raise InvalidInputError("These features hold no image to guide PAMR; encode again.")
+        refine = s.pamr or s.tlp or regions is not None
+        if refine:  # PAMR, TLP and region voting need other rows / every row: keep the scores
+            if (s.pamr or s.tlp) and features.source is None:
+                raise InvalidInputError("These features hold no image to guide PAMR or TLP; "
+                                        "encode again.")
             full = torch.zeros(channels, *features.image_shape, dtype=torch.float32, device=device)
 
             def finish(y0: int, y1: int, block: torch.Tensor) -> None:
@@ -453,7 +503,7 @@ class Segmenter:
         for y0, y1, block in stitch.close():
             finish(y0, y1, block)
         if refine:
-            _refined(full, out, readout, active, features.guide, regions)
+            _refined(full, out, readout, active, self._guide(features, s), regions)
 
         return SegmentationResult(
             labels=out.labels,
@@ -463,6 +513,26 @@ class Segmenter:
             removed_classes=removed,
             settings=self._settings_record(s, features, query.templates),
         )
+
+    def _guide(self, features: ImageFeatures, s: SegmentSettings) -> Callable[[int, int], np.ndarray]:
+        """PAMR's and TLP's guide, rows ``y0..y1`` (``h x W x 3``, 0..1): the image as encoded,
+        or with ``refine_guide="resized"`` resized to the processing size and back (the
+        reference code's guide; computed once per features and kept with them)."""
+        if s.refine_guide != "resized" or features.source is None:
+            return features.guide
+        key = f"resized|{features.proc_shape}|{s.resize_antialias}"
+        if key not in features.guides:
+            height, width = features.image_shape
+            unit = features.source.whole()
+            x = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32)).permute(2, 0, 1)[None]
+            proc = tuple(features.proc_shape)
+            if proc != (height, width):
+                down = s.resize_antialias and (proc[0] < height or proc[1] < width)
+                x = F.interpolate(x, size=proc, mode="bilinear", align_corners=False, antialias=down)
+                x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+            features.guides[key] = x[0].permute(1, 2, 0).contiguous().numpy()
+        guide = features.guides[key]
+        return lambda y0, y1: guide[y0:y1]
 
     def _settings_record(
         self, s: SegmentSettings, features: ImageFeatures, templates: Sequence[str]
@@ -517,10 +587,10 @@ class Segmenter:
         self._class_lists(classes, background)
         image = check_image_array(image)
         if self._feature_bytes(image.shape, channel_axis, s) > self.stream_bytes:
-            if s.pamr or s.regions is not None or regions is not None:
+            if s.pamr or s.tlp or s.regions is not None or regions is not None:
                 raise InvalidInputError(
-                    "PAMR and region voting need the whole image's scores, which a streamed image "
-                    "this large does not keep: turn them off, or segment a smaller image."
+                    "PAMR, TLP and region voting need the whole image's scores, which a streamed "
+                    "image this large does not keep: turn them off, or segment a smaller image."
                 )
             result = yield from self._stream_iter(image, classes, background, channel_axis,
                                                   channels, s, probabilities)
@@ -559,6 +629,12 @@ class Segmenter:
         dim = int(getattr(self.loaded.visual, "output_dim", 512) or 512)
         itemsize = torch.finfo(precision_dtype(self.precision(s))).bits // 8
         per_cell = dim * (2 if s.key_smoothing else 1) * itemsize
+        if s.mode == "resclip" and self.loaded.kind == "vit":  # its state: tokens and pixels
+            from .resclip import state_bytes_per_cell
+
+            visual = self.loaded.visual
+            per_cell += state_bytes_per_cell(int(visual.conv1.weight.shape[0]),
+                                             len(visual.transformer.resblocks), patch, itemsize)
         return cells * per_cell
 
     def _stream_iter(
@@ -579,8 +655,14 @@ class Segmenter:
         total = len(boxes)
         yield Progress("encode", 0, total, f"encoding {total} window(s), streamed")
         window_logits: list[Optional[torch.Tensor]] = []
+        encoded = {name: getattr(s, name) for name in ENCODE_FIELDS} | {"precision": precision}
+        glob = (self._rfclip_image_global(image, channel_axis, channels, proc, s, precision)
+                if self._image_global(s, plan) else None)
         for group in self._encoded(boxes, crop, s.mode, False, s.window_batch, precision, s):
-            window_logits.extend(query.logits(w.features) for w in group)
+            for w in group:
+                if glob is not None:
+                    w.state["global"] = glob
+                window_logits.append(self._window_logits(query, w, encoded))
             yield Progress("encode", len(window_logits), total, f"window {len(window_logits)}/{total}")
 
         def keys_of(i: int) -> Optional[torch.Tensor]:  # key smoothing: encode the window again
@@ -597,6 +679,11 @@ class Segmenter:
 
 
 ProbabilitiesOut = Union[bool, Callable[[int, int, np.ndarray], None]]
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it (tuples as lists), for the settings a result records."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 
@@ -664,18 +751,35 @@ def _refined(
     rows = max(_REFINE_ROWS, 4 * halo)  # the halo's rows cost at most 1.5x
     if s.pamr and height * width <= _PAMR_WHOLE_PIXELS:
         rows = height  # small enough to refine at once: no halo rows at all
+    grid = None
+    if s.tlp:  # blocks start at multiples of TLP's pooling rows
+        grid = TLPGrid(height, width, scores.shape[0], grid=s.tlp_grid, device=scores.device)
+        step = grid.factors[0]
+        rows = -(-rows // step) * step
 
-    def block_probs(y0: int, y1: int) -> torch.Tensor:
+    def block_scores(y0: int, y1: int) -> torch.Tensor:
         a0, a1 = max(0, y0 - halo), min(height, y1 + halo)
         block = scores[:, a0:a1]
         if s.pamr:
             g = torch.from_numpy(guide(a0, a1)).permute(2, 0, 1)[None]
-            block = readout.refine_pixels(block[None], g.to(block.device))[0]
-        return readout.probabilities(block[None, :, y0 - a0:y1 - a0], active)[0]
+            block = pamr(g.to(block.device), block[None], iterations=s.pamr_iterations,
+                         dilations=s.pamr_dilations)[0]
+        return block[:, y0 - a0:y1 - a0]
+
+    if grid is not None:  # pass 0: every block pooled into TLP's cells, then one solve
+        for y0 in range(0, height, rows):
+            y1 = min(height, y0 + rows)
+            g = torch.from_numpy(guide(y0, y1)).permute(2, 0, 1).to(scores.device)
+            grid.add(block_scores(y0, y1), readout.tlp_guide(g), y0)
+        grid.solve(readout.tlp_diagonal(active), s.tlp_iterations)
+
+    def block_probs(y0: int, y1: int) -> torch.Tensor:
+        block = grid.rows(y0, y1) if grid is not None else block_scores(y0, y1)
+        return readout.probabilities(block[None], active)[0]
 
     vote = None
     if regions is not None:
-        vote = RegionVote(regions, len(active.classes), scores.device)
+        vote = RegionVote(regions, len(active.classes), scores.device, s.region_vote)
         for y0 in range(0, height, rows):
             vote.add(block_probs(y0, min(height, y0 + rows)), y0)
     for y0 in range(0, height, rows):

@@ -1,10 +1,11 @@
 """The settings of a MaskCLIP run, with the paper's defaults.
 
 Settings split in two groups. *Encode* settings change the image features (attention mode,
-windows, resizing, precision, whether keys are kept for key smoothing); changing one re-runs the
-image encoder. *Query* settings (denoising, temperature, templates, background, PAMR, region
-voting) only change how cached features are read against text, so changing them needs no encoder
-pass.
+windows, resizing, precision, whether keys are kept for key smoothing, RF-CLIP's channels and
+global embedding, ResCLIP's base attention and RCS weights); changing one re-runs the image
+encoder. *Query* settings (denoising, temperature, templates, background, PAMR, TLP, region
+voting, RF-CLIP's and ResCLIP's text-side weights) only change how cached features are read
+against text, so changing them needs no encoder pass.
 """
 
 from __future__ import annotations
@@ -14,21 +15,37 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ..errors import InvalidInputError
-from .modes import MODES
+from .modes import MODES, RESCLIP_BASES
 from .precision import PRECISIONS
 from .templates import TEMPLATE_SETS, resolve_templates
 
-__all__ = ["SegmentSettings", "ENCODE_FIELDS", "REGION_SOURCES", "POS_EMBED_RESIZES", "PARTIAL_PATCHES"]
+__all__ = ["SegmentSettings", "ENCODE_FIELDS", "REGION_SOURCES", "POS_EMBED_RESIZES", "PARTIAL_PATCHES",
+           "REGION_VOTES", "REFINE_GUIDES", "RFCLIP_GLOBALS"]
 
 #: Fields whose change requires re-encoding the image.
 ENCODE_FIELDS = ("mode", "window", "stride", "short_side", "max_whole_pixels", "auto_window",
                  "precision", "pos_embed_resize", "partial_patches", "resize_antialias",
-                 "attention_regions")
+                 "attention_regions", "rfclip_channels", "rfclip_global", "resclip_base",
+                 "resclip_rcs_weights")
 #: Where region voting's regions come from (kept torch- and skimage-free for UIs and CLIs).
 REGION_SOURCES = ("slic", "felzenszwalb", "labels")
 #: Fields added after CLI results were first written; left out of a run's request digest at
 #: their defaults (see :meth:`SegmentSettings.request_dict`). Append every new field here.
-LATE_FIELDS = ("pos_embed_resize", "partial_patches", "resize_antialias", "attention_regions")
+LATE_FIELDS = ("pos_embed_resize", "partial_patches", "resize_antialias", "attention_regions",
+               "rfclip_channels", "rfclip_global", "rfclip_global_weight", "rfclip_text_weight",
+               "rfclip_cluster_threshold", "resclip_base", "resclip_rcs_weights",
+               "resclip_sfr_weights", "resclip_temp_threshold", "resclip_delete_same_entity",
+               "tlp", "tlp_iterations", "tlp_grid", "refine_guide", "region_vote")
+#: Region voting's rule: mean probability per region, or CorrCLIP's most frequent label.
+REGION_VOTES = ("mean", "majority")
+#: The image PAMR and TLP are guided by: as given, or resized to the processing size and back
+#: (the reference code's ``interpolate(inputs, ori_shape)``).
+REFINE_GUIDES = ("original", "resized")
+#: RF-CLIP's global embedding: each window's own, or the whole image's at processing size.
+RFCLIP_GLOBALS = ("window", "image")
+#: Fields holding tuples (lists in JSON).
+_TUPLE_FIELDS = ("templates", "pamr_dilations", "rfclip_channels", "resclip_rcs_weights",
+                 "resclip_sfr_weights")
 #: Conventions (see :mod:`.presets`): this project's first, then the reference code's.
 POS_EMBED_RESIZES = ("grid", "scale_factor")
 PARTIAL_PATCHES = ("pad", "drop")
@@ -103,6 +120,40 @@ class SegmentSettings:
     #: superpixel (``slic`` / ``felzenszwalb`` with the parameters below, per window, sampled
     #: at patch centres); modes sclip, clearclip, naclip. Encode-time: it changes the features.
     attention_regions: Optional[str] = None
+    #: RF-CLIP (mode ``rfclip``): the distraction channels (None: the published ones for the
+    #: model's width, ViT-B/16 and ViT-L/14, else an estimate; see :mod:`.rfclip`). Encode-time.
+    rfclip_channels: Optional[tuple[int, ...]] = None
+    #: Whose class embedding enters the logits: each window's own (``window``) or the whole
+    #: image's at processing size (``image``, the reference's sliding-window inference; more
+    #: encoder work). Encode-time.
+    rfclip_global: str = "window"
+    #: Query-time weights (defaults: its PASCAL Context config): of the global image-text
+    #: similarity in every cell's logits, of the patch mean in each cluster's adjusted prompt,
+    #: and the cosine distance that cuts the prompt clustering.
+    rfclip_global_weight: float = 0.25
+    rfclip_text_weight: float = 0.04
+    rfclip_cluster_threshold: float = 0.09
+    #: ResCLIP (mode ``resclip``): the last block's base attention (``naclip`` as its configs,
+    #: ``clearclip``, ``sclip``) and the RCS weights (tau, lambda): encode-time.
+    resclip_base: str = "naclip"
+    resclip_rcs_weights: tuple[float, float] = (2.0, 0.4)
+    #: Query-time (its text feedback; defaults: its PASCAL Context config): SFR weights (tau,
+    #: lambda), the probability below which a pixel's temporary label is prompt 0, and whether
+    #: same-label patches not joined by a straight same-label path are decayed.
+    resclip_sfr_weights: tuple[float, float] = (1.8, 0.7)
+    resclip_temp_threshold: float = 0.25
+    resclip_delete_same_entity: bool = True
+    #: TLP (PEARL's text-aware Laplacian propagation, :mod:`.tlp`): a few conjugate-gradient
+    #: steps on a grid of about ``tlp_grid`` cells a side, after PAMR. Query-time.
+    tlp: bool = False
+    tlp_iterations: int = 25
+    tlp_grid: int = 80
+    #: PAMR's and TLP's guide: the image as given (``original``) or resized to the processing size
+    #: and back (``resized``, the reference code's; the successors' presets set it).
+    refine_guide: str = "original"
+    #: Region voting's rule: each region's mean probabilities (``mean``), or its most frequent
+    #: label (``majority``, CorrCLIP's; the maps then hold each class's share of the region).
+    region_vote: str = "mean"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -116,7 +167,7 @@ class SegmentSettings:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise InvalidInputError(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
-        for name in ("templates", "pamr_dilations"):
+        for name in _TUPLE_FIELDS:
             if isinstance(changes.get(name), list):
                 changes[name] = tuple(changes[name])
         return dataclasses.replace(self, **changes)
@@ -173,7 +224,34 @@ class SegmentSettings:
         if self.partial_patches not in PARTIAL_PATCHES:
             raise InvalidInputError(f"partial_patches must be one of {', '.join(PARTIAL_PATCHES)}, "
                                     f"got {self.partial_patches!r}.")
+        self._validate_readouts()
         return self
+
+    def _validate_readouts(self) -> None:
+        """RF-CLIP's and ResCLIP's settings."""
+        channels = self.rfclip_channels
+        if channels is not None and (not channels or any(
+                not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in channels)):
+            raise InvalidInputError(f"rfclip_channels must be channel indices >= 0, got {channels!r}.")
+        if self.rfclip_global not in RFCLIP_GLOBALS:
+            raise InvalidInputError(f"rfclip_global must be one of {', '.join(RFCLIP_GLOBALS)}, "
+                                    f"got {self.rfclip_global!r}.")
+        for name in ("rfclip_global_weight", "rfclip_text_weight", "resclip_temp_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise InvalidInputError(f"{name} must lie in 0..1, got {value!r}.")
+        if not isinstance(self.rfclip_cluster_threshold, (int, float)) or not 0.0 <= self.rfclip_cluster_threshold <= 2.0:
+            raise InvalidInputError("rfclip_cluster_threshold is a cosine distance in 0..2, got "
+                                    f"{self.rfclip_cluster_threshold!r}.")
+        if self.resclip_base not in RESCLIP_BASES:
+            raise InvalidInputError(f"resclip_base must be one of {', '.join(RESCLIP_BASES)}, "
+                                    f"got {self.resclip_base!r}.")
+        for name in ("resclip_rcs_weights", "resclip_sfr_weights"):
+            value = getattr(self, name)
+            if (not isinstance(value, tuple) or len(value) != 2
+                    or any(not isinstance(v, (int, float)) for v in value)
+                    or not value[0] > 0 or not 0.0 <= value[1] <= 1.0):
+                raise InvalidInputError(f"{name} must be (tau > 0, lambda in 0..1), got {value!r}.")
 
     def _validate_refinements(self) -> None:
         if not isinstance(self.pamr_iterations, int) or self.pamr_iterations < 0:
@@ -185,6 +263,16 @@ class SegmentSettings:
             raise InvalidInputError(
                 f"Unknown regions {self.regions!r}: use {', '.join(REGION_SOURCES)} or none."
             )
+        if not isinstance(self.tlp_iterations, int) or self.tlp_iterations < 0:
+            raise InvalidInputError(f"tlp_iterations must be a whole number >= 0, got {self.tlp_iterations!r}.")
+        if not isinstance(self.tlp_grid, int) or not 1 <= self.tlp_grid <= 1024:
+            raise InvalidInputError(f"tlp_grid must be a whole number of cells in 1..1024, got {self.tlp_grid!r}.")
+        if self.refine_guide not in REFINE_GUIDES:
+            raise InvalidInputError(f"refine_guide must be one of {', '.join(REFINE_GUIDES)}, "
+                                    f"got {self.refine_guide!r}.")
+        if self.region_vote not in REGION_VOTES:
+            raise InvalidInputError(f"region_vote must be one of {', '.join(REGION_VOTES)}, "
+                                    f"got {self.region_vote!r}.")
         if self.slic_segments < 1 or self.felzenszwalb_min_size < 1:
             raise InvalidInputError("slic_segments and felzenszwalb_min_size must be at least 1.")
         if not (self.slic_compactness > 0 and self.felzenszwalb_scale > 0 and self.felzenszwalb_sigma >= 0):
@@ -212,7 +300,7 @@ class SegmentSettings:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for name in ("templates", "pamr_dilations"):
+        for name in _TUPLE_FIELDS:
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out
@@ -229,7 +317,7 @@ class SegmentSettings:
     def from_dict(cls, data: dict[str, Any]) -> "SegmentSettings":
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in names}
-        for name in ("templates", "pamr_dilations"):
+        for name in _TUPLE_FIELDS:
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)

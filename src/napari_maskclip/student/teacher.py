@@ -5,8 +5,9 @@ flipping), as MaskCLIP+ does, so they match the student's input pixel for pixel.
 crops goes through the image encoder in one pass and is read by the engine's own read-out
 (:class:`~napari_maskclip.engine.readout.Readout`: cosine logits per prompt, softmax with the
 teacher's temperature, max over synonyms, prompt denoising and key smoothing per crop when the
-teacher's settings ask for them; PAMR guided by the crop and region voting on the crop's
-superpixels likewise). Pixels whose winning probability is below an optional confidence
+teacher's settings ask for them; PAMR and TLP guided by the crop and region voting on the
+crop's superpixels likewise; the text-aware modes' logits as :mod:`~napari_maskclip.engine.window_logits`
+gives them, each crop its own image). Pixels whose winning probability is below an optional confidence
 threshold are ignored.
 
 The teacher also provides the student's frozen classifier: one text embedding per class (the
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from ..classes import ClassSpec, parse_classes
 from ..errors import InvalidInputError
 from ..engine.dense import dense_features
+from ..engine.modes import TEXT_AWARE_MODES
 from ..engine.loading import LoadedModel
 from ..engine.precision import model_in, precision_dtype, run_precision
 from ..engine.readout import PromptLayout, Readout
@@ -32,6 +34,7 @@ from ..engine.regions import patch_regions, superpixels
 from ..engine.settings import SegmentSettings
 from ..engine.templates import resolve_templates
 from ..engine.text import TextEmbeddingCache, TextEncoder
+from ..engine.window_logits import mode_options, window_logits
 from .data import IGNORE
 
 __all__ = ["Teacher"]
@@ -77,7 +80,8 @@ class Teacher:
         self._layout = PromptLayout.from_classes(self.classes, self.background)
         self._prompt_embeddings = self.text.embed_texts(list(self._layout.prompts), self.templates,
                                                         precision=self.precision)  # Q x D
-        self._readout = Readout(self._layout, self._prompt_embeddings, self.settings)
+        self._readout = Readout(self._layout, self._prompt_embeddings, self.settings,
+                                guide_norm=(tuple(loaded.mean), tuple(loaded.std)))
 
     # ---- the student's classifier ------------------------------------------------------------
     def class_embeddings(self) -> torch.Tensor:
@@ -129,14 +133,19 @@ class Teacher:
                 (cells(height), cells(width)), patch)) for c in unit]).long()
         dense = dense_features(visual, x, s.mode, with_keys=s.key_smoothing,
                                pos_embed_resize=s.pos_embed_resize, partial_patches=s.partial_patches,
-                               token_regions=token_regions)
+                               token_regions=token_regions,
+                               mode_options=mode_options(s, loaded.visual))
+        logits = None
+        if s.mode in TEXT_AWARE_MODES:  # each crop read whole: its own global embedding
+            logits = window_logits(self._readout, dense.features, dense.state, s.mode,
+                                   s.to_dict(), visual, patch)
         regions = None
         if s.regions is not None:  # superpixels of each crop, as the engine makes of an image
             crops = _half_guide(images, "cpu").permute(0, 2, 3, 1).numpy()
             regions = [superpixels(c, s.regions, **s.region_params()) for c in crops]
+        guide = _half_guide(images, loaded.device) if (s.pamr or s.tlp) else None
         labels, confidence = self._readout(dense.features, patch, (height, width), dense.keys,
-                                           guide=_half_guide(images, loaded.device) if s.pamr else None,
-                                           regions=regions)
+                                           guide=guide, regions=regions, logits=logits)
         if self.confidence_threshold is not None:
             labels = labels.masked_fill(confidence < self.confidence_threshold, IGNORE)
         return labels.to(out_device)

@@ -503,10 +503,13 @@ NO_PRESET = "no preset"
 #: How the widget labels the settings a preset sets (for the "changed" note).
 _FIELD_LABELS = {"logit_scale": "temperature", "short_side": "short side",
                  "key_smoothing": "key smoothing", "denoise": "prompt denoising", "pamr": "PAMR",
-                 "window": "window", "stride": "stride"}
+                 "tlp": "TLP", "window": "window", "stride": "stride"}
 #: Settings a preset sets that have no control of their own (kept while its values stay chosen).
 _HIDDEN_PRESET_FIELDS = ("pamr_iterations", "pamr_dilations", "pos_embed_resize",
-                         "partial_patches", "resize_antialias")
+                         "partial_patches", "resize_antialias", "refine_guide", "rfclip_global",
+                         "rfclip_global_weight", "rfclip_text_weight", "rfclip_cluster_threshold",
+                         "resclip_base", "resclip_rcs_weights", "resclip_sfr_weights",
+                         "resclip_temp_threshold", "resclip_delete_same_entity")
 
 
 class SettingsSection(QGroupBox):
@@ -611,6 +614,12 @@ class SettingsSection(QGroupBox):
             "Pixel-adaptive mask refinement: scores refined by local colour affinity (10 "
             "iterations, dilations 8 and 16 px). Query-time: no re-encode; seconds on large images."
         )
+        self.tlp = QCheckBox("TLP")
+        self.tlp.setChecked(defaults.tlp)
+        self.tlp.setToolTip(
+            "PEARL's text-aware Laplacian propagation: scores smoothed on a grid of about 80 cells "
+            "a side, along edges the image and the class names agree on (after PAMR). Query-time."
+        )
         self.regions = QComboBox()
         self.regions.addItems([NO_REGIONS, *REGION_METHOD_ITEMS])
         self.regions.setToolTip(
@@ -649,7 +658,7 @@ class SettingsSection(QGroupBox):
         form.addRow("templates", self.templates)
         form.addRow("temperature", self.temperature)
         form.addRow("min confidence", self.min_confidence)
-        form.addRow("refine", self.pamr)
+        form.addRow("refine", row(self.pamr, self.tlp))
         form.addRow("regions", self.regions)  # own row: a layer's name needs the width
         form.addRow(self.region_results)
         form.addRow("precision", self.precision)
@@ -664,7 +673,7 @@ class SettingsSection(QGroupBox):
                        self.key_smoothing.toggled, self.inference.currentTextChanged,
                        self.window.valueChanged, self.stride.valueChanged,
                        self.short_side.valueChanged, self.templates.currentTextChanged,
-                       self.temperature.valueChanged, self.pamr.toggled):
+                       self.temperature.valueChanged, self.pamr.toggled, self.tlp.toggled):
             signal.connect(self._check_preset)
         self.regions.currentIndexChanged.connect(self._on_regions_changed)
         self.region_results.toggled.connect(lambda _: self._list_region_layers())
@@ -701,7 +710,7 @@ class SettingsSection(QGroupBox):
         if "logit_scale" in values:
             self.temperature.setValue(float(values["logit_scale"]))
         for name, box in (("denoise", self.denoise), ("key_smoothing", self.key_smoothing),
-                          ("pamr", self.pamr)):
+                          ("pamr", self.pamr), ("tlp", self.tlp)):
             if name in values:
                 box.setChecked(bool(values[name]))
         if "short_side" in values:
@@ -739,7 +748,8 @@ class SettingsSection(QGroupBox):
             conventions = all(PRESETS[name].get(k) == v for k, v in REFERENCE_CONVENTIONS.items())
             source = PRESET_SOURCES[name].split(":")[0]
             kept = ("its conventions (positional embedding by scale factor, partial patches "
-                    "dropped, no antialiasing)" if conventions else "")
+                    "dropped, no antialiasing, PAMR and TLP guided by the resized image)"
+                    if conventions else "")
             if changed:
                 self.preset.addItem(f"{name}, changed")
                 self.preset.setCurrentIndex(self.preset.count() - 1)
@@ -764,6 +774,7 @@ class SettingsSection(QGroupBox):
             "denoise": self.denoise.isChecked(),
             "key_smoothing": self.key_smoothing.isChecked(),
             "pamr": self.pamr.isChecked(),
+            "tlp": self.tlp.isChecked(),
             "short_side": int(self.short_side.value()) or None,
             "window": int(self.window.value()) if sliding else None,
             "stride": int(self.stride.value()) if sliding else None,
@@ -836,7 +847,8 @@ class SettingsSection(QGroupBox):
         for control in (self.preset, self.mode, self.denoise, self.denoise_threshold,
                         self.key_smoothing, self.ks_threshold, self.inference, self.window,
                         self.stride, self.short_side, self.templates, self.temperature,
-                        self.min_confidence, self.pamr, self.regions, self.region_results):
+                        self.min_confidence, self.pamr, self.tlp, self.regions,
+                        self.region_results):
             control.setEnabled(not student)
         if not student:
             self.denoise_threshold.setEnabled(self.denoise.isChecked())
@@ -878,6 +890,7 @@ class SettingsSection(QGroupBox):
             "window": None,
             "stride": None,
             "pamr": self.pamr.isChecked(),
+            "tlp": self.tlp.isChecked(),
             "regions": (None if regions == NO_REGIONS
                         else "labels" if regions.startswith(LAYER_PREFIX) else regions),
             "precision": self.precision.currentText(),
